@@ -1,0 +1,266 @@
+"""GPTQ as ExLlamaV2's AdaptiveGPTQ computes it, as pure torch functions (CPU or CUDA).
+
+Shapes follow the reference's convention: a linear's HF weight ``W`` is ``[out, in]``; GPTQ works on
+``Wt = W^T`` of shape ``[K, N]`` with K = in_features and N = out_features padded to a multiple of 32.
+"Permuted" means rows of ``Wt`` reordered by the act-order permutation ``perm``.
+
+Several candidate QParams of one linear are quantized together (:func:`quantize_many`): they share
+the weight, the Hessian inverse and the row order, so one pass over the rows serves them all. The
+arithmetic per row is ExLlamaV2's (reference 5.4-5.5); only the order in which the lazy block
+updates are summed differs (every 32 rows instead of at each group end), which changes float32
+rounding, not the maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exl2conv.errors import Exl2Error
+from exl2conv.qparams import Group, QParams
+
+PERCDAMP = 0.12
+DAMP_MIN = 1e-5
+DAMP_RETRIES = 10
+P_GRID = torch.linspace(0.70, 1.20, 97, dtype=torch.float64)  # exact 0.70 + 0.50 * j / 96
+ERR_NORM = 3.5
+BLOCK = 32  # every group boundary is a multiple of 32 rows
+
+
+def qzero(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+def maxq(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+# -- Hessian ----------------------------------------------------------------------------------------
+
+
+class Hessian:
+    """Accumulates ``X^T X`` in float32 over calibration rows (one call per row)."""
+
+    def __init__(self, k: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: ``[..., K]``, any float dtype; counted as one row (batch) of calibration data."""
+        x = x.reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
+        self.h.addmm_(x.T, x)
+        self.rows += 1
+
+    def add_rows(self, x: torch.Tensor) -> None:
+        """x: ``[B, L, K]``: B calibration rows at once (same result as B calls to :meth:`add`)."""
+        flat = x.reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
+        self.h.addmm_(flat.T, flat)
+        self.rows += x.shape[0]
+
+    def normalized(self) -> torch.Tensor:
+        """H divided by the number of rows (ExLlamaV2 normalizes by rows, not tokens); the
+        identity when no rows were seen."""
+        if self.rows == 0:
+            return torch.eye(self.h.shape[0], dtype=torch.float32, device=self.h.device)
+        return self.h / self.rows
+
+
+@dataclass
+class Prepared:
+    """What quantizing a linear needs from its Hessian: the act-order permutation and the upper
+    Cholesky factor ``U`` of the damped inverse (``H^-1 = U^T U``), in permuted order."""
+
+    perm: torch.Tensor  # int64 [K]
+    u: torch.Tensor     # float32 [K, K], upper triangular
+
+    @property
+    def invperm(self) -> torch.Tensor:
+        return torch.argsort(self.perm)
+
+
+def prepare(h: torch.Tensor, name: str = "") -> Prepared:
+    """Act-order permutation and damped inverse Cholesky factor of a normalized Hessian ``[K, K]``.
+
+    Damping adds ``max(0.12 * mean(diag H), 1e-5)`` to the diagonal, once more on every failed
+    attempt, up to 10 attempts (reference 5.2)."""
+    h = h.to(torch.float32)
+    diag = torch.diagonal(h)
+    # stable sort: equal diagonals (dead input features) keep their order, so runs repeat exactly
+    perm = torch.argsort(diag, descending=True, stable=True)
+    hp = h[perm][:, perm].clone()
+    damp = max(PERCDAMP * torch.mean(torch.diagonal(hp)).item(), DAMP_MIN)
+    if not math.isfinite(damp):
+        raise Exl2Error(f"{name}: the calibration statistics hold NaN or Inf; the input states are broken")
+    idx = torch.arange(hp.shape[0], device=hp.device)
+    for _ in range(DAMP_RETRIES):
+        hp[idx, idx] += damp
+        try:
+            lower = torch.linalg.cholesky(hp)
+            hinv = torch.cholesky_inverse(lower)
+            if not torch.isfinite(hinv).all():
+                continue
+            u = torch.linalg.cholesky(hinv, upper=True)
+            if torch.isfinite(u).all():
+                return Prepared(perm=perm, u=u)
+        except torch.linalg.LinAlgError:
+            continue
+    raise Exl2Error(f"{name}: the Hessian is not invertible even after {DAMP_RETRIES} rounds of damping; "
+                    "the calibration data may be degenerate (try another dataset)")
+
+
+# -- scales -----------------------------------------------------------------------------------------
+
+
+def fp16_scale(qs: torch.Tensor, qscale_max: torch.Tensor) -> torch.Tensor:
+    """Effective scale exactly as the runtime computes it, widened to float32.
+
+    qs: int ``[..., N]`` in 1..16; qscale_max: ``[...]`` (any float, rounded to fp16 first)."""
+    qmax16 = qscale_max.to(torch.float16)
+    inner = (qmax16 * torch.tensor(1.0 / 256, dtype=torch.float16, device=qmax16.device))
+    sq = (qs * qs).to(torch.float16)
+    return (sq * inner.unsqueeze(-1)).to(torch.float32)
+
+
+def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group scale search (reference 5.4).
+
+    x: float32 ``[rows, N]``, the group's current (error-compensated) rows.
+    Returns ``(qs int64 [N] in 1..16, qscale_max float16 scalar tensor, scale float32 [N])``."""
+    m, z = maxq(bits), qzero(bits)
+    amax = x.abs().amax(dim=0) + 1e-12
+    base = amax / (m / 2)
+    s_max = base.max()
+    qs = torch.clamp(torch.round(16 * torch.sqrt(base / s_max)), 1, 16)
+    cand = (qs / 16) ** 2 * s_max  # [N]
+    grid = P_GRID.to(device=x.device, dtype=torch.float32)
+    err = torch.empty(grid.numel(), dtype=torch.float32, device=x.device)
+    p_chunk = max(1, min(grid.numel(), (1 << 24) // x.numel()))  # bound the [P, rows, N] temporaries
+    for j0 in range(0, grid.numel(), p_chunk):
+        p = grid[j0:j0 + p_chunk].view(-1, 1, 1)
+        s = cand.view(1, 1, -1) * p  # [P, 1, N]
+        q = torch.clamp(torch.round(x.unsqueeze(0) / s), -z, m - z)
+        d = (q * s - x.unsqueeze(0)).abs_()
+        err[j0:j0 + p_chunk] = (d * d * d * torch.sqrt(d)).sum(dim=(1, 2))
+    best = int(torch.argmin(err).item())
+    qscale_max = (s_max * grid[best]).to(torch.float16)
+    qs_i = qs.to(torch.int64)
+    return qs_i, qscale_max, fp16_scale(qs_i, qscale_max)
+
+
+def dequant(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``fp16(fp16(code - zero) * fp16(scale))`` widened to float32; shapes broadcast."""
+    return ((codes - zero).to(torch.float16) * scale.to(torch.float16)).to(torch.float32)
+
+
+# -- GPTQ -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantResult:
+    """One quantized linear. Rows are in permuted order except ``weight``.
+
+    codes: int16 ``[K, N]`` (0 .. 2^b - 1); qs: int64 ``[G, N]`` (1..16); qscale_max: float16 ``[G]``;
+    groups: the layout; weight: float32 ``[K, N]`` dequantized ``Wt`` in original row order."""
+
+    qparams: QParams
+    groups: list[Group]
+    codes: torch.Tensor
+    qs: torch.Tensor
+    qscale_max: torch.Tensor
+    perm: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def invperm(self) -> torch.Tensor:
+        return torch.argsort(self.perm)
+
+
+def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
+                  keep_codes: bool = True) -> list[QuantResult]:
+    """GPTQ of one weight for several candidate settings in a single pass over the rows.
+
+    wt: ``[K, N]`` float (original row order, N a multiple of 32); prep: from :func:`prepare`.
+    Returns one :class:`QuantResult` per candidate, in order."""
+    k, n = wt.shape
+    if k % BLOCK or n % 32:
+        raise ValueError(f"GPTQ needs K and N multiples of 32, got K={k}, N={n}")
+    dev = wt.device
+    c_count = len(candidates)
+    u = prep.u.to(dev)
+    perm = prep.perm.to(dev)
+    w = wt.to(torch.float32)[perm].unsqueeze(0).repeat(c_count, 1, 1)  # [C, K, N] working copy
+    q_out = torch.empty_like(w)
+    codes_out = torch.empty((c_count, k, n), dtype=torch.int16, device=dev) if keep_codes else None
+
+    layouts = [q.groups(k) for q in candidates]
+    # per candidate: row -> (group index), bits per row, group starts
+    starts = []
+    row_bits = torch.empty((c_count, k), dtype=torch.int64)
+    for ci, groups in enumerate(layouts):
+        pos, st = 0, {}
+        for gi, g in enumerate(groups):
+            st[pos] = gi
+            row_bits[ci, pos:pos + g.rows] = g.bits
+            pos += g.rows
+        starts.append(st)
+    row_bits = row_bits.to(dev)
+    zero_rows = (1 << (row_bits - 1))            # [C, K]
+    max_rows = (1 << row_bits) - 1
+
+    qs_out = [[None] * len(g) for g in layouts]
+    qmax_out = [[None] * len(g) for g in layouts]
+    scale = torch.empty((c_count, n), dtype=torch.float32, device=dev)
+    err_blk = torch.empty((c_count, BLOCK, n), dtype=torch.float32, device=dev)
+    floor = torch.zeros((c_count, 1), dtype=torch.int64, device=dev)
+
+    for a in range(0, k, BLOCK):
+        b = a + BLOCK
+        for ci in range(c_count):
+            gi = starts[ci].get(a)
+            if gi is not None:
+                g = layouts[ci][gi]
+                qs, qmax, sc = find_params(w[ci, a:a + g.rows], g.bits)
+                qs_out[ci][gi], qmax_out[ci][gi] = qs, qmax
+                scale[ci] = sc
+        for c in range(a, b):
+            z = zero_rows[:, c:c + 1]
+            row = w[:, c, :]
+            q = torch.clamp(torch.round(row / scale) + z, floor, max_rows[:, c:c + 1])
+            qv = dequant(q, z, scale)
+            err = (row - qv) / u[c, c]
+            q_out[:, c, :] = qv
+            err_blk[:, c - a, :] = err
+            if codes_out is not None:
+                codes_out[:, c, :] = q.to(torch.int16)
+            if c + 1 < b:
+                w[:, c + 1:b, :] -= u[c, c + 1:b].view(1, -1, 1) * err.unsqueeze(1)
+        if b < k:  # lazy update of every later row: W[b:] -= U[a:b, b:]^T Err[a:b]
+            w[:, b:, :] -= torch.matmul(u[a:b, b:].T.unsqueeze(0), err_blk)
+
+    invperm = torch.argsort(perm)
+    results = []
+    for ci, q in enumerate(candidates):
+        results.append(QuantResult(
+            qparams=q,
+            groups=layouts[ci],
+            codes=codes_out[ci] if codes_out is not None else None,
+            qs=torch.stack(qs_out[ci]),
+            qscale_max=torch.stack(qmax_out[ci]),
+            perm=perm,
+            weight=q_out[ci][invperm],
+        ))
+    return results
+
+
+def quantize(wt: torch.Tensor, prep: Prepared, qparams: QParams) -> QuantResult:
+    """GPTQ of one weight ``[K, N]`` with one setting; see :func:`quantize_many`."""
+    return quantize_many(wt, prep, [qparams])[0]
+
+
+def proxy_error(wt: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """``trace((W - Q) H (W - Q)^T)`` with ``W = wt^T``: the output error GPTQ minimises.
+    wt, q: ``[K, N]``; h: ``[K, K]``."""
+    d = (wt.to(torch.float64) - q.to(torch.float64))
+    return float(torch.einsum("kn,kl,ln->", d, h.to(torch.float64), d))
