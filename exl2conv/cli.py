@@ -1,0 +1,136 @@
+"""Command line: ``exl2conv -i MODEL -o WORKDIR -b BITS ...`` (convert.py's flags), plus the
+subcommands ``inspect``. ``main(argv)`` returns an exit code; only :func:`entry` exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error
+
+SUBCOMMANDS = ("inspect",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="exl2conv",
+        description="Convert a Hugging Face model folder to EXL2 (ExLlamaV2's format). Re-running the same "
+                    "command resumes an interrupted job. Other commands: exl2conv inspect PATH.",
+    )
+    # Defaults are None so that a resumed run can tell given arguments from absent ones; the real
+    # defaults live in exl2conv.job.ARGS and are shown here for --help.
+    p.add_argument("-i", "--in_dir", type=str, help="input model folder (config.json, tokenizer, *.safetensors); "
+                   "needed to start a job, optional to resume one")
+    p.add_argument("-o", "--out_dir", type=str, help="working folder (job state, temporary files, and the output "
+                   "unless -cf is given); required")
+    p.add_argument("-res", "--resume", action="store_true", help="accepted for compatibility: resuming is automatic")
+    p.add_argument("-nr", "--no_resume", action="store_true", help="start a new job: empties the working folder "
+                   "first, but only if it is empty or holds an exl2conv job")
+    p.add_argument("-cf", "--compile_full", type=str, help="write a complete model folder here: the shards, the "
+                   "input's non-weight files, and config.json with quantization_config")
+    p.add_argument("-c", "--cal_dataset", type=str, help="calibration data, a parquet file (default: the built-in "
+                   "dataset)")
+    p.add_argument("-b", "--bits", type=float, help="target average bits per weight of the decoder linears, "
+                   "overheads included (default 4.125)")
+    p.add_argument("-ss", "--shard_size", type=float, help="maximum shard size in MB, 0 for unlimited (default 8192)")
+    p.add_argument("-rs", "--rope_scale", type=float, help="linear RoPE scaling factor used for calibration")
+    p.add_argument("-ra", "--rope_alpha", type=float, help="NTK RoPE alpha used for calibration")
+    p.add_argument("-hb", "--head_bits", type=int, help="head (lm_head) layout: 2, 3, 4, 5, 6 or 8 (default 6)")
+    p.add_argument("-om", "--output_measurement", type=str, help="measure only, then also save measurement.json "
+                   "to this path (a folder gets measurement.json inside)")
+    p.add_argument("-m", "--measurement", type=str, help="reuse this measurement.json (ours or ExLlamaV2's) and "
+                   "skip the measurement pass")
+    p.add_argument("-r", "--dataset_rows", type=int, help="calibration rows for quantization, parquet only "
+                   "(default 100)")
+    p.add_argument("-mr", "--measurement_rows", type=int, help="calibration rows for measurement, parquet only "
+                   "(default 16)")
+    p.add_argument("-l", "--length", type=int, help="tokens per calibration row for quantization (default 2048)")
+    p.add_argument("-ml", "--measurement_length", type=int, help="tokens per calibration row for measurement "
+                   "(default 2048)")
+    p.add_argument("-so", "--status_output", action="store_true", default=None,
+                   help="print machine-readable [STATUS] lines")
+    p.add_argument("-cpi", "--checkpoint_interval", type=float, help="seconds between checkpoints of the "
+                   "calibration states (default 180)")
+    p.add_argument("-hsol", "--hidden_state_offload_layers", type=int, help="accepted for compatibility; no effect "
+                   "(exl2conv keeps the states on the GPU when they fit)")
+    p.add_argument("-fst", "--fast_safetensors", action="store_true", help="accepted for compatibility; no effect")
+    p.add_argument("--device", type=str, help="torch device to compute on (default: cuda if available, else cpu)")
+    return p
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exl2conv inspect",
+                                description="Show the bit layout and bits per weight of every quantized linear "
+                                            "in an EXL2 model folder or .safetensors file.")
+    p.add_argument("path", type=str, help="EXL2 model folder or .safetensors file")
+    p.add_argument("--fp16", type=str, help="the original model folder: also print each linear's relative error")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def _values(args: argparse.Namespace) -> dict:
+    return {
+        "in_dir": args.in_dir, "cal_dataset": args.cal_dataset, "bits": args.bits,
+        "dataset_rows": args.dataset_rows, "measurement_rows": args.measurement_rows,
+        "length": args.length, "measurement_length": args.measurement_length,
+        "head_bits": args.head_bits, "shard_size": args.shard_size, "compile_full": args.compile_full,
+        "rope_scale": args.rope_scale, "rope_alpha": args.rope_alpha,
+        "output_measurement": args.output_measurement, "reuse_measurement": args.measurement,
+        "status_output": args.status_output, "checkpoint_interval": args.checkpoint_interval,
+    }
+
+
+def run_convert(argv: list[str]) -> int:
+    from exl2conv.convert import convert, format_summary
+    from exl2conv.report import Reporter
+
+    args = build_parser().parse_args(argv)
+    if not args.out_dir:
+        raise Exl2Error("-o WORKDIR is required: the working folder of the job (new, empty, or an interrupted "
+                        "job to resume)")
+    rep = Reporter(status_output=bool(args.status_output))
+    summary = convert(_values(args), args.out_dir, no_resume=args.no_resume, device=args.device, rep=rep)
+    print(format_summary(summary), flush=True)
+    return EXIT_OK
+
+
+def run_inspect(argv: list[str]) -> int:
+    from exl2conv.inspect import format_report, inspect
+
+    args = inspect_parser().parse_args(argv)
+    result = inspect(Path(args.path), Path(args.fp16) if args.fp16 else None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "inspect":
+            return run_inspect(argv[1:])
+        return run_convert(argv)
+    except Exl2Error as exc:
+        print(f" ## Error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(" ## Interrupted: the last checkpoint is kept; run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (MemoryError, _cuda_oom()):
+        print(" ## Error: out of memory; use a machine with more memory or shorter calibration rows (-l, -ml)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _cuda_oom() -> type:
+    import torch
+
+    return getattr(torch.cuda, "OutOfMemoryError", MemoryError)
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Compile: gather the output tensors in module order, plan the shards, write them atomically,
+and with -cf make a complete model folder (reference 6.8-6.10)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from exl2conv import EXL2_FORMAT_VERSION, atomic
+from exl2conv.errors import Exl2Error
+
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2, "I64": 8, "U8": 1, "I8": 1}
+SKIP_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output: its name, byte size, and how to load it."""
+
+    name: str
+    nbytes: int
+    load: Callable[[], torch.Tensor]
+
+
+def plan_shards(tensors: list[OutTensor], module_ends: list[int], limit: int) -> list[list[OutTensor]]:
+    """ExLlamaV2's shard rule: after each module, once the pending tensors exceed ``limit`` bytes,
+    flush a shard taking (in order) every pending tensor that still fits; the rest wait. All that
+    remains at the end goes into one last shard. ``module_ends[i]`` is the index one past the last
+    tensor of module i."""
+    shards: list[list[OutTensor]] = []
+    pending: list[OutTensor] = []
+    start = 0
+    for end in module_ends:
+        pending.extend(tensors[start:end])
+        start = end
+        if sum(t.nbytes for t in pending) > limit:
+            shard, rest, size = [], [], 0
+            for t in pending:
+                if size + t.nbytes <= limit:
+                    shard.append(t)
+                    size += t.nbytes
+                else:
+                    rest.append(t)
+            if not shard:
+                big = max(pending, key=lambda t: t.nbytes)
+                raise Exl2Error(f"tensor {big.name} ({big.nbytes / 2**20:.1f} MB) is larger than the shard "
+                                f"size; raise -ss to at least {big.nbytes // 2**20 + 1}")
+            shards.append(shard)
+            pending = rest
+    pending.extend(tensors[start:])
+    if pending:
+        shards.append(pending)
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["output.safetensors"]
+    return [f"output-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def tensor_file_entries(path: Path) -> list[OutTensor]:
+    """The tensors of one out_tensor file, sizes from its header (nothing loaded yet)."""
+    out = []
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            nbytes = DTYPE_BYTES[sl.get_dtype()]
+            for d in sl.get_shape():
+                nbytes *= d
+            out.append(OutTensor(name, nbytes, _loader(path, name)))
+    order = {"q_weight": 0, "q_scale": 1, "q_scale_max": 2, "q_groups": 3, "q_invperm": 4, "bias": 5}
+    out.sort(key=lambda t: order.get(t.name.rsplit(".", 1)[-1], 9))
+    return out
+
+
+def _loader(path: Path, name: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+    return load
+
+
+def write_shards(shards: list[list[OutTensor]], dest: Path, on_shard=None) -> list[tuple[str, int]]:
+    """Write each shard atomically under its final name; returns (file name, bytes) pairs.
+    Older output*.safetensors in ``dest`` that the new plan does not name are removed."""
+    names = shard_names(len(shards))
+    written = []
+    for i, (shard, fname) in enumerate(zip(shards, names)):
+        tensors = {t.name: t.load() for t in shard}
+        atomic.save_tensors(dest / fname, tensors)
+        written.append((fname, (dest / fname).stat().st_size))
+        if on_shard:
+            on_shard(i + 1, len(shards))
+        del tensors
+    for stale in dest.glob("output*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    return written
+
+
+def copy_model_files(in_dir: Path, dest: Path) -> list[str]:
+    """-cf: copy every regular non-weight file of the input folder. Weight files and their index
+    files are left out (the index would name files that do not exist in the output)."""
+    copied = []
+    for src in sorted(Path(in_dir).iterdir()):
+        if not src.is_file() or src.name.endswith(SKIP_SUFFIXES) or src.name.startswith("."):
+            continue
+        atomic.write_via_path(dest / src.name, lambda tmp, s=src: shutil.copyfile(s, tmp))
+        copied.append(src.name)
+    return copied
+
+
+def write_quant_config(dest: Path, bits: float, head_bits: int, rows: int, length: int, dataset: str | None) -> None:
+    """config.json in ``dest`` gains (or replaces) ``quantization_config``; nothing else changes."""
+    path = dest / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Exl2Error(f"{path}: cannot read the copied config.json ({exc})") from None
+    cfg["quantization_config"] = {
+        "quant_method": "exl2",
+        "version": EXL2_FORMAT_VERSION,
+        "bits": float(bits),
+        "head_bits": int(head_bits),
+        "calibration": {
+            "rows": int(rows),
+            "length": int(length),
+            "dataset": Path(dataset).name if dataset else "(default)",
+        },
+    }
+    atomic.write_json(path, cfg, indent=4, ensure_ascii=True)

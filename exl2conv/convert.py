@@ -1,0 +1,704 @@
+"""The conversion job: validate everything, then run the stages in order, resumably.
+
+Stages and their files (reference 1.3): begin -> initial_embeddings -> measure_quant -> optimize
+-> tokens_cal -> embeddings -> quant -> compile -> finished. Each stage is a function of the
+context that ends by advancing the job; the job file is saved atomically at every transition and
+at every checkpoint, so an interruption at any instant resumes from the last saved state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from exl2conv import atomic, calibration, compile as compile_mod, faults, solver
+from exl2conv.errors import Exl2Error, Interrupted
+from exl2conv.gptq import prepare
+from exl2conv.job import ARGS, Job, Stage, clear_work_dir, is_ours, new_job_data, resume_conflicts
+from exl2conv.layers import Module, module_list
+from exl2conv.measure import measure_module
+from exl2conv.model import arch, forward
+from exl2conv.model.config import load_config
+from exl2conv.model.weights import WeightIndex
+from exl2conv.qparams import ATTN_LINEARS, HEAD_OPTIONS, MLP_LINEARS, QParams
+from exl2conv.quantize import head_hessian, quantize_linear, quantize_module
+from exl2conv.report import Reporter, Timer, fmt_seconds
+from exl2conv.tokenizer import load_tokenizer
+
+CAL_MEASURE = "cal_measure.safetensors"
+CAL_QUANT = "cal_quant.safetensors"
+MEASUREMENT = "measurement.json"
+OUT_TENSOR = "out_tensor"
+
+
+# -- validation before any work ------------------------------------------------------------------
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_paths(values: dict[str, Any], out_dir: Path) -> None:
+    """Refuse folder combinations that would write into the input or mix outputs."""
+    in_dir = values.get("in_dir")
+    if in_dir is not None:
+        src = Path(in_dir).expanduser().resolve()
+        if not src.is_dir():
+            raise Exl2Error(f"-i {in_dir}: no such folder; give the Hugging Face model folder "
+                            "(config.json, tokenizer, *.safetensors)")
+        if _inside(out_dir, src):
+            raise Exl2Error(f"-o {out_dir} is inside (or equal to) the input folder {src}; the input "
+                            "is never written to: choose a working folder elsewhere")
+        if values.get("compile_full"):
+            cf = Path(values["compile_full"]).expanduser().resolve()
+            if _inside(cf, src):
+                raise Exl2Error(f"-cf {cf} is inside (or equal to) the input folder {src}; choose an "
+                                "output folder elsewhere")
+    if values.get("compile_full"):
+        cf = Path(values["compile_full"]).expanduser().resolve()
+        if cf.exists() and not cf.is_dir():
+            raise Exl2Error(f"-cf {cf} exists and is not a folder")
+        if cf == out_dir:
+            raise Exl2Error(f"-cf {cf} is the working folder itself; give another folder (or leave "
+                            "out -cf to write the shards into the working folder)")
+    if values.get("output_measurement") and values.get("compile_full"):
+        raise Exl2Error("-om (measure only) and -cf (compile a full model) cannot be combined: "
+                        "run -om first, then a second job with -m and -cf")
+    hb = values.get("head_bits")
+    if hb is not None and int(hb) not in HEAD_OPTIONS:
+        raise Exl2Error(f"-hb {hb} is not a head layout; choose one of {sorted(HEAD_OPTIONS)}")
+    for flag, field_, lo in (("-l", "length", 1), ("-ml", "measurement_length", 1),
+                             ("-r", "dataset_rows", 1), ("-mr", "measurement_rows", 1)):
+        v = values.get(field_)
+        if v is not None and int(v) < lo:
+            raise Exl2Error(f"{flag} {v}: must be at least {lo}")
+    b = values.get("bits")
+    if b is not None and not (math.isfinite(float(b)) and float(b) > 0):
+        raise Exl2Error(f"-b {b}: give a positive number of bits per weight, e.g. -b 4.0")
+    ss = values.get("shard_size")
+    if ss is not None and float(ss) < 0:
+        raise Exl2Error(f"-ss {ss}: the shard size in MB cannot be negative (0 means unlimited)")
+    cpi = values.get("checkpoint_interval")
+    if cpi is not None and float(cpi) < 0:
+        raise Exl2Error(f"-cpi {cpi}: the checkpoint interval in seconds cannot be negative")
+
+
+def load_measurement_file(path: Path) -> dict:
+    """A measurement.json (ours or ExLlamaV2's): its ``measurement`` and ``last_module_idx``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Exl2Error(f"-m {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Exl2Error(f"-m {path}: not a readable measurement.json ({exc.__class__.__name__}); "
+                        "measure again with -om") from None
+    if not isinstance(data, dict) or not isinstance(data.get("measurement"), dict):
+        raise Exl2Error(f"-m {path}: not a measurement file (no 'measurement' object)")
+    return data
+
+
+# -- context ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    job: Job
+    cfg: Any
+    weights: WeightIndex
+    device: torch.device
+    rep: Reporter
+    timer: Timer = field(default_factory=Timer)
+    interrupted: bool = False
+    _tok: Any = None
+
+    @property
+    def out_dir(self) -> Path:
+        return self.job.out_dir
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(Path(self.job["in_dir"]))
+        return self._tok
+
+    @property
+    def modules(self) -> list[Module]:
+        return module_list(self.cfg.num_layers)
+
+    def chunk(self, length: int) -> int:
+        width = max(self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.num_heads * self.cfg.head_dim)
+        return max(1, int((256 << 20) // (length * width * 4 * 4)))
+
+    def layer_weights(self, mod: Module) -> tuple[dict, dict]:
+        part = "attn" if mod.kind == "attn" else "mlp"
+        w = forward.load_layer_weights(self.weights, self.cfg, mod.layer, part, self.device)
+        return w, arch.layer_linears(self.cfg, mod.layer, part)
+
+    def numel_decoder(self) -> int:
+        total = 0
+        for i in range(self.cfg.num_layers):
+            for spec in arch.layer_linears(self.cfg, i).values():
+                total += spec.in_features * spec.padded_out
+        return total
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(ctx: Context, pass_: str, index: int, states: torch.Tensor | None, **fields) -> None:
+    """States after module ``index`` are written to a new file first; only then does the job name
+    it (one atomic save), and only then is the previous file removed: at every instant the job
+    names a complete checkpoint."""
+    job = ctx.job
+    old = (job["checkpoint"] or {}).get("file")
+    fname = None
+    if states is not None:
+        fname = f"states_{pass_}_{index:04d}.safetensors"
+        atomic.save_tensors(ctx.out_dir / fname, {"hidden_states": states})
+    job.data.update(fields)
+    job["checkpoint"] = {"pass": pass_, "module": index, "file": fname}
+    job.save()
+    if old and old != fname:
+        atomic.remove(ctx.out_dir / old)
+
+
+def load_checkpoint(ctx: Context, pass_: str) -> tuple[int, torch.Tensor | None]:
+    cp = ctx.job["checkpoint"]
+    if not cp or cp.get("pass") != pass_:
+        raise Exl2Error(f"{ctx.job.path}: no {pass_} checkpoint to resume from; start afresh with -nr")
+    states = None
+    if cp.get("file"):
+        path = ctx.out_dir / cp["file"]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                states = f.get_tensor("hidden_states")
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
+            raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
+        states = states.to(ctx.device)
+    return int(cp["module"]), states
+
+
+def remove_stray_checkpoints(ctx: Context) -> None:
+    """States files the job does not name are leftovers of an interrupted checkpoint."""
+    keep = (ctx.job["checkpoint"] or {}).get("file")
+    for p in ctx.out_dir.glob("states_*.safetensors"):
+        if p.name != keep:
+            atomic.remove(p)
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+
+def tokenize(ctx: Context, which: str) -> torch.Tensor:
+    job = ctx.job
+    measure = which == "measure"
+    length = job["measurement_length"] if measure else job["length"]
+    if job["cal_dataset"]:
+        rows = job["measurement_rows"] if measure else job["dataset_rows"]
+        ids = calibration.parquet_rows(ctx.tok, Path(job["cal_dataset"]), rows, length)
+    else:
+        ids = calibration.builtin_rows(ctx.tok, length, which)
+    ctx.rep.info(f"{'Measurement' if measure else 'Quantization'} calibration: {ids.shape[0]} rows x {ids.shape[1]} tokens")
+    for line in calibration.describe_rows(ctx.tok, ids).splitlines():
+        ctx.rep.info(line)
+    atomic.save_tensors(ctx.out_dir / (CAL_MEASURE if measure else CAL_QUANT), {"input_ids": ids})
+    return ids
+
+
+def load_ids(ctx: Context, which: str) -> torch.Tensor:
+    path = ctx.out_dir / (CAL_MEASURE if which == "measure" else CAL_QUANT)
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("input_ids")
+
+
+def stage_begin(ctx: Context) -> None:
+    job = ctx.job
+    if job["reuse_measurement"]:
+        ctx.rep.info("Reusing measurement")
+        job.advance(Stage.OPTIMIZE)
+        return
+    ctx.rep.info("Tokenizing samples (measurement)...")
+    ctx.rep.status("Tokenizing (1)", 0, 1)
+    ids = tokenize(ctx, "measure")
+    fields = {"cal_filename": str(ctx.out_dir / CAL_MEASURE)}
+    if not job["cal_dataset"]:
+        fields["measurement_rows"] = ids.shape[0]
+    job.advance(Stage.INITIAL_EMBEDDINGS, **fields)
+
+
+def embed_states(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
+    table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
+    return forward.embed(ids.to(ctx.device), table)
+
+
+def stage_initial_embeddings(ctx: Context) -> None:
+    ctx.rep.info("Token embeddings (measurement)...")
+    ctx.rep.status("Embeddings", 0, 1)
+    states = embed_states(ctx, load_ids(ctx, "measure"))
+    atomic.write_json(ctx.out_dir / MEASUREMENT, {"measurement": {}, "last_module_idx": 0})
+    save_checkpoint(ctx, "measure", 0, states, last_module_idx=0)
+    ctx.job.advance(Stage.MEASURE)
+
+
+def _rope(ctx: Context, length: int):
+    return forward.rope_tables(ctx.cfg, length, ctx.device)
+
+
+def _checkpoint_due(ctx: Context, last: float) -> bool:
+    return time.monotonic() - last >= float(ctx.job["checkpoint_interval"]) or ctx.interrupted
+
+
+def stage_measure(ctx: Context) -> None:
+    job = ctx.job
+    ctx.rep.info("Measuring quantization impact...")
+    start, states = load_checkpoint(ctx, "measure")
+    meas = json.loads((ctx.out_dir / MEASUREMENT).read_text())["measurement"]
+    mods = ctx.modules
+    # entries past the checkpoint belong to work that is about to be redone
+    keep = {m.meas_key for m in mods[1:start + 1]}
+    meas = {k: v for k, v in meas.items() if k in keep}
+    length = states.shape[1] if states is not None else 0
+    rope = _rope(ctx, length)
+    last_cp = time.monotonic()
+    with ctx.rep.progress("Measuring", len(mods) - 1, "Measuring", initial=start) as bar:
+        for mod in mods[start + 1:]:
+            if mod.kind in ("attn", "mlp"):
+                w, specs = ctx.layer_weights(mod)
+                entries, states = measure_module(mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key)
+                best = max(e["accuracy"] for e in entries)
+                if best < 0.1:
+                    raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
+                                    "the model's forward pass or calibration data is broken")
+                meas[mod.meas_key] = entries
+                bar.update(1, module=mod.meas_key, best=f"{best:.5f}")
+            else:
+                meas[mod.meas_key] = None
+                states = None if mod.kind == "norm" else states
+                bar.update(1)
+            final = mod.index == len(mods) - 1
+            faults.point("module")
+            if final or _checkpoint_due(ctx, last_cp):
+                atomic.write_json(ctx.out_dir / MEASUREMENT, {"measurement": meas, "last_module_idx": mod.index})
+                save_checkpoint(ctx, "measure", mod.index, states, last_module_idx=mod.index)
+                last_cp = time.monotonic()
+                if ctx.interrupted and not final:
+                    raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
+                                      "run the same command to resume")
+    if job["output_measurement"]:
+        dest = Path(job["output_measurement"])
+        if dest.is_dir():
+            dest = dest / MEASUREMENT
+        atomic.write_bytes(dest, (ctx.out_dir / MEASUREMENT).read_bytes())
+        ctx.rep.info(f"Measurement written to {dest}")
+        job.advance(Stage.FINISHED)
+    else:
+        job.advance(Stage.OPTIMIZE)
+
+
+def measurement_slots(ctx: Context, meas: dict) -> tuple[list[str], list[list[dict]]]:
+    keys, slots = [], []
+    for mod in ctx.modules:
+        if mod.kind in ("attn", "mlp"):
+            entries = meas.get(mod.meas_key)
+            if not isinstance(entries, list) or not entries:
+                raise Exl2Error(f"the measurement has no entries for {mod.meas_key}; it was made for another "
+                                "model or is incomplete: measure this model (leave out -m)")
+            keys.append(mod.meas_key)
+            slots.append(entries)
+    return keys, slots
+
+
+def check_measurement_matches(ctx: Context, keys: list[str], slots: list[list[dict]], source: str) -> None:
+    """Every entry's total_bits must equal what its settings cost on this model's shapes: a
+    measurement made for another model is refused here, before any work."""
+    for key, entries in zip(keys, slots):
+        layer = int(key.split(".")[2])
+        part = "attn" if key.endswith("self_attn") else "mlp"
+        specs = arch.layer_linears(ctx.cfg, layer, part)
+        for e in entries:
+            try:
+                bits = sum(QParams.from_dict(e[s]).total_bits(sp.in_features, sp.padded_out, sp.bias)
+                           for s, sp in specs.items())
+                ok = bits == int(e["total_bits"]) and 0 <= float(e["accuracy"]) <= 1
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise Exl2Error(f"{source}: the entry for {key} does not fit this model's shapes (its "
+                                "total_bits or settings differ); it was measured on another model: "
+                                "measure this model instead (leave out -m)")
+
+
+def stage_optimize(ctx: Context) -> None:
+    job = ctx.job
+    ctx.rep.info("Optimizing...")
+    ctx.rep.status("Optimizing", 0, 1)
+    meas = json.loads((ctx.out_dir / MEASUREMENT).read_text())["measurement"]
+    keys, slots = measurement_slots(ctx, meas)
+    check_measurement_matches(ctx, keys, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
+    numel = ctx.numel_decoder()
+    budget = int(numel * job["bits"])
+    options = [[(int(e["total_bits"]), 1.0 - float(e["accuracy"])) for e in entries] for entries in slots]
+    try:
+        sol = solver.solve(options, budget)
+    except Exl2Error as exc:
+        lo, hi = getattr(exc, "min_total", None), getattr(exc, "max_total", None)
+        if lo is None:
+            raise
+        raise Exl2Error(f"-b {job['bits']}: this model can be quantized at {lo / numel:.3f} to "
+                        f"{hi / numel:.3f} bits per weight (decoder, overheads included); choose -b in that range") from None
+    strategy = {}
+    for key, entries, c in zip(keys, slots, sol.choice):
+        strategy[key] = entries[c]
+    for key, entries, c in zip(keys, slots, sol.choice):
+        e = entries[c]
+        ctx.rep.line(f"    {key:40s} option {c:2d}  {e['total_bits'] / _slot_numel(ctx, key):.4f} bpw  err {1 - e['accuracy']:.6f}")
+    ctx.rep.info(f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error "
+                 f"sum {sol.loss:.6f} (optimality gap {sol.gap:.2g})")
+    job.advance(Stage.TOKENS_CAL, strategy=strategy,
+                solver={"bpw": sol.total_bits / numel, "loss": sol.loss, "gap": sol.gap})
+
+
+def _slot_numel(ctx: Context, key: str) -> int:
+    layer = int(key.split(".")[2])
+    part = "attn" if key.endswith("self_attn") else "mlp"
+    return sum(s.in_features * s.padded_out for s in arch.layer_linears(ctx.cfg, layer, part).values())
+
+
+def stage_tokens_cal(ctx: Context) -> None:
+    job = ctx.job
+    ctx.rep.info("Tokenizing samples...")
+    ctx.rep.status("Tokenizing (2)", 0, 1)
+    ids = tokenize(ctx, "quant")
+    fields = {"cal_filename": str(ctx.out_dir / CAL_QUANT)}
+    if not job["cal_dataset"]:
+        fields["dataset_rows"] = ids.shape[0]
+    job.advance(Stage.EMBEDDINGS, **fields)
+
+
+def stage_embeddings(ctx: Context) -> None:
+    ctx.rep.info("Token embeddings again...")
+    ctx.rep.status("Embeddings", 0, 1)
+    states = embed_states(ctx, load_ids(ctx, "quant"))
+    save_checkpoint(ctx, "quant", 0, states, q_last_module_idx=0, quant_log=[])
+    ctx.job.advance(Stage.QUANT)
+
+
+def save_linear(ctx: Context):
+    out = ctx.out_dir / OUT_TENSOR
+
+    def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        atomic.save_tensors(out / f"{name}.safetensors", {f"{name}.{k}": v for k, v in tensors.items()})
+    return save
+
+
+def stage_quant(ctx: Context) -> None:
+    job = ctx.job
+    ctx.rep.info("Quantizing...")
+    start, states = load_checkpoint(ctx, "quant")
+    log = list(job["quant_log"] or [])
+    log = [e for e in log if e["index"] <= start]
+    mods = ctx.modules
+    length = states.shape[1] if states is not None else 0
+    rope = _rope(ctx, length)
+    save = save_linear(ctx)
+    last_cp = time.monotonic()
+    with ctx.rep.progress("Quantizing", len(mods) - 1, "Quantizing", initial=start) as bar:
+        for mod in mods[start + 1:]:
+            record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
+            if mod.kind in ("attn", "mlp"):
+                w, specs = ctx.layer_weights(mod)
+                entry = job["strategy"][mod.meas_key]
+                states, rfn, reports = quantize_module(mod.kind, states, w, specs, entry, ctx.cfg, rope,
+                                                       ctx.chunk(length), save)
+                record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
+                bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
+            elif mod.kind == "norm":
+                w = ctx.weights.get(arch.final_norm_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
+                states = forward.final_norm(states, w, ctx.cfg.rms_norm_eps)
+                bar.update(1)
+            else:
+                record.update(quantize_head(ctx, states, save))
+                states = None
+                bar.update(1, ppl=f"{record['ppl']:.3f}")
+            log.append(record)
+            final = mod.index == len(mods) - 1
+            faults.point("module")
+            if final or _checkpoint_due(ctx, last_cp):
+                save_checkpoint(ctx, "quant", mod.index, states, q_last_module_idx=mod.index, quant_log=log)
+                last_cp = time.monotonic()
+                if ctx.interrupted and not final:
+                    raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
+                                      "run the same command to resume")
+    job.advance(Stage.COMPILE)
+
+
+def quantize_head(ctx: Context, states: torch.Tensor, save) -> dict:
+    """The head with the fixed -hb layout, then the calibration perplexity on the first
+    measurement_rows rows of the quantization set (reference 5.7 step 7)."""
+    spec = arch.head_spec(ctx.cfg, ctx.weights)
+    w = ctx.weights.get(spec.tensor, dtype=torch.float32, device=ctx.device)
+    h = head_hessian(states, spec.in_features)
+    prep = prepare(h.normalized(), spec.name)
+    del h
+    qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
+    tensors, decoded, rep = quantize_linear(w, None, spec, prep, qparams)
+    save(spec.name, tensors)
+    ids = load_ids(ctx, "quant").to(ctx.device)
+    rows = min(int(ctx.job["measurement_rows"]), ids.shape[0])
+    nll, count = 0.0, 0
+    vocab = ctx.cfg.vocab_size
+    for r in range(rows):
+        logits = forward.logits(states[r:r + 1], decoded)[0, :-1, :vocab].float()
+        logp = torch.log_softmax(logits + 1e-10, dim=-1)
+        target = ids[r, 1:].clamp(0, vocab - 1)
+        nll -= float(logp.gather(-1, target.unsqueeze(-1)).sum())
+        count += target.numel()
+    ppl = math.exp(nll / max(count, 1))
+    return {"ppl": ppl, "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
+
+
+def stage_compile(ctx: Context) -> None:
+    job = ctx.job
+    ctx.rep.info("Compiling output file...")
+    cfg = ctx.cfg
+    dest = Path(job["compile_full"]) if job["compile_full"] else ctx.out_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors: list[compile_mod.OutTensor] = []
+    ends: list[int] = []
+
+    def fp16(name: str) -> compile_mod.OutTensor:
+        shape = ctx.weights.shape(name)
+        n = 2
+        for d in shape:
+            n *= d
+        return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=torch.float16))
+
+    def linear(name: str) -> None:
+        tensors.extend(compile_mod.tensor_file_entries(ctx.out_dir / OUT_TENSOR / f"{name}.safetensors"))
+
+    tensors.append(fp16(arch.embedding_tensor(cfg)))
+    ends.append(len(tensors))
+    for i in range(cfg.num_layers):
+        norm_1, norm_2 = arch.unquantized_tensors(cfg, i)
+        for part, norm in (("attn", norm_1), ("mlp", norm_2)):
+            tensors.append(fp16(norm))
+            for spec in arch.layer_linears(cfg, i, part).values():
+                linear(spec.name)
+            ends.append(len(tensors))
+    tensors.append(fp16(arch.final_norm_tensor(cfg)))
+    linear("lm_head")
+    ends.append(len(tensors))
+
+    limit = int(float(job["shard_size"]) * 1024 ** 2)
+    shards = compile_mod.plan_shards(tensors, ends, limit)
+    ctx.rep.status("Compiling", 0, len(shards))
+    written = compile_mod.write_shards(shards, dest, on_shard=lambda i, n: ctx.rep.status("Compiling", i, n))
+    for fname, size in written:
+        ctx.rep.info(f"Wrote {dest / fname} ({size / 2**20:.1f} MB)")
+    if job["compile_full"]:
+        copied = compile_mod.copy_model_files(Path(job["in_dir"]), dest)
+        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], job["dataset_rows"], job["length"],
+                                       job["cal_dataset"])
+        ctx.rep.info(f"Copied {', '.join(copied)}")
+    job.advance(Stage.FINISHED, output_files=[str(dest / f) for f, _ in written])
+
+
+STAGES = {
+    Stage.BEGIN: stage_begin,
+    Stage.INITIAL_EMBEDDINGS: stage_initial_embeddings,
+    Stage.MEASURE: stage_measure,
+    Stage.OPTIMIZE: stage_optimize,
+    Stage.TOKENS_CAL: stage_tokens_cal,
+    Stage.EMBEDDINGS: stage_embeddings,
+    Stage.QUANT: stage_quant,
+    Stage.COMPILE: stage_compile,
+}
+
+
+# -- the job ------------------------------------------------------------------------------------------
+
+
+def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Reporter) -> Job:
+    """Create a new job or resume the saved one, enforcing the resume rules."""
+    if no_resume:
+        clear_work_dir(out_dir)
+    if (out_dir / "job.json").exists():
+        job = Job.load(out_dir)
+        conflicts = resume_conflicts(job.data, values)
+        if conflicts:
+            raise Exl2Error("the arguments differ from the saved job in " + str(out_dir) + ":\n" + "\n".join(conflicts)
+                            + "\nrun the same command as before to resume, or add -nr to start a new job "
+                            "(this deletes the job's files in " + str(out_dir) + ")")
+        for arg in ARGS:
+            if arg.may_change and values.get(arg.field) is not None:
+                job[arg.field] = values[arg.field]
+        rep.info(f"Resuming job in {out_dir} (stage: {job.stage.value})")
+        return job
+    if not values.get("in_dir"):
+        raise Exl2Error(f"no job to resume in {out_dir}; give the model folder with -i to start one")
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_ours(out_dir):
+        raise Exl2Error(f"-o {out_dir} already holds files that are not an exl2conv job; choose an empty "
+                        "or new working folder (exl2conv never writes over files it did not make)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = Job(out_dir, new_job_data(values))
+    if values.get("reuse_measurement"):
+        data = load_measurement_file(Path(values["reuse_measurement"]))
+        atomic.write_json(out_dir / MEASUREMENT, {"measurement": data["measurement"],
+                                                  "last_module_idx": data.get("last_module_idx")})
+        job["last_module_idx"] = data.get("last_module_idx")
+    job.save()
+    rep.info(f"Starting new job in {out_dir}")
+    return job
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    output_files: list[str]
+    decoder_bpw: float | None
+    head_bpw: float | None
+    expected_error: float | None
+    calibration_ppl: float | None
+    times: dict[str, float]
+    measurement_only: bool = False
+
+
+def summarize(ctx: Context) -> Summary:
+    job = ctx.job
+    dec_bits = dec_numel = head_bits = head_numel = 0
+    ppl = None
+    for rec in job["quant_log"] or []:
+        for name, _desc, bits, numel in rec.get("linears", []):
+            if name.endswith("lm_head"):
+                head_bits, head_numel = head_bits + bits, head_numel + numel
+            else:
+                dec_bits, dec_numel = dec_bits + bits, dec_numel + numel
+        if "ppl" in rec:
+            ppl = rec["ppl"]
+    solver_info = job["solver"] or {}
+    return Summary(
+        out_dir=ctx.out_dir,
+        output_files=list(job["output_files"] or []),
+        decoder_bpw=dec_bits / dec_numel if dec_numel else None,
+        head_bpw=head_bits / head_numel if head_numel else None,
+        expected_error=solver_info.get("loss"),
+        calibration_ppl=ppl,
+        times=dict(job["times"] or {}),
+        measurement_only=bool(job["output_measurement"]),
+    )
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise Exl2Error(f"--device {name}: no CUDA device is available here; leave --device out to use the CPU")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_determinism() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+
+
+def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False, device: str | None = None,
+            rep: Reporter | None = None) -> Summary:
+    """Run (or resume) a conversion job. ``values`` maps job fields (see :data:`exl2conv.job.ARGS`)
+    to the values given; None means not given. Raises :class:`Exl2Error` on bad input."""
+    rep = rep or Reporter(status_output=bool(values.get("status_output")))
+    out = Path(out_dir).expanduser().resolve()
+    check_paths(values, out)
+    configure_determinism()
+    job = open_job(values, out, no_resume, rep)
+    if job.stage == Stage.FINISHED:
+        rep.info(f"The job in {out} has already finished; use -nr to start a new one")
+        ctx = Context(job, None, None, torch.device("cpu"), rep)  # type: ignore[arg-type]
+        return summarize(ctx)
+    rep.status_output = bool(job["status_output"])
+    cfg = load_config(Path(job["in_dir"]), job["rope_scale"], job["rope_alpha"])
+    weights = WeightIndex(Path(job["in_dir"]))
+    weights.check(arch.expected_tensors(cfg))
+    ctx = Context(job, cfg, weights, pick_device(device), rep)
+    (out / OUT_TENSOR).mkdir(exist_ok=True)
+    remove_stray_checkpoints(ctx)
+    _print_plan(ctx)
+
+    def on_sigint(signum, frame):
+        if ctx.interrupted:
+            raise KeyboardInterrupt
+        ctx.interrupted = True
+        rep.warn("Ctrl-C: stopping at the next safe point (press again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    try:
+        while job.stage != Stage.FINISHED:
+            stage = job.stage
+            t0 = time.monotonic()
+            STAGES[stage](ctx)
+            faults.point("stage")
+            times = dict(job["times"] or {})
+            times[stage.value] = times.get(stage.value, 0.0) + time.monotonic() - t0
+            job["times"] = times
+            job.save()
+            if ctx.interrupted and job.stage != Stage.FINISHED:
+                raise Interrupted(f"interrupted; state saved in {out}: run the same command to resume")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return summarize(ctx)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _print_plan(ctx: Context) -> None:
+    job, rep = ctx.job, ctx.rep
+    rep.info(f"Input: {job['in_dir']}")
+    rep.info(f"Output: {job['compile_full'] or ctx.out_dir}")
+    ds = job["cal_dataset"] or "(default)"
+    rep.info(f"Calibration dataset: {ds}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
+             f"length {job['length']} / {job['measurement_length']}")
+    if job["output_measurement"]:
+        rep.info(f"Measurement will be saved to {job['output_measurement']}")
+    else:
+        rep.info(f"Target bits per weight: {job['bits']} (decoder), {job['head_bits']} (head)")
+        rep.info(f"Max shard size: {job['shard_size']:.0f} MB")
+    if job["rope_scale"]:
+        rep.info(f"RoPE scale: {job['rope_scale']:.2f}")
+    if job["rope_alpha"]:
+        rep.info(f"RoPE alpha: {job['rope_alpha']:.2f}")
+    rep.info(f"Device: {ctx.device}")
+
+
+def format_summary(s: Summary) -> str:
+    lines = ["", " == Finished" + (" (measurement only)" if s.measurement_only else "")]
+    if s.decoder_bpw is not None:
+        lines.append(f"    decoder: {s.decoder_bpw:.4f} bpw    head: {s.head_bpw:.4f} bpw")
+    if s.expected_error is not None:
+        lines.append(f"    expected error (sum over modules): {s.expected_error:.6f}")
+    if s.calibration_ppl is not None:
+        lines.append(f"    calibration perplexity (quantized): {s.calibration_ppl:.4f}")
+    if s.times:
+        lines.append("    time: " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in s.times.items())
+                     + f"; total {fmt_seconds(sum(s.times.values()))}")
+    for f in s.output_files:
+        lines.append(f"    output: {f}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""The module list and running one module over the calibration states.
+
+Modules are indexed as ExLlamaV2 indexes them (reference 3.1), because measurement.json's
+``last_module_idx`` and the job's checkpoints count in these indices: 0 the embedding, then an
+attention and an MLP per layer, then the final norm and the head (``2L + 2`` for L layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exl2conv.gptq import Hessian
+from exl2conv.model import forward
+from exl2conv.model.arch import LinearSpec
+
+MODES = {"embed": None, "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear"}
+
+
+@dataclass(frozen=True)
+class Module:
+    index: int
+    kind: str          # embed | attn | mlp | norm | head
+    key: str           # "model.layers.3", "model.norm", "lm_head"
+    layer: int | None = None
+
+    @property
+    def mode(self) -> str | None:
+        return MODES[self.kind]
+
+    @property
+    def meas_key(self) -> str:
+        """The module's key in measurement.json and in the job's strategy."""
+        return f"{self.key}.{self.mode}"
+
+
+def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: str = "model.norm",
+                head_key: str = "lm_head", embed_key: str = "model.embed_tokens") -> list[Module]:
+    mods = [Module(0, "embed", embed_key)]
+    for i in range(num_layers):
+        mods.append(Module(len(mods), "attn", f"{layers_prefix}.{i}", i))
+        mods.append(Module(len(mods), "mlp", f"{layers_prefix}.{i}", i))
+    mods.append(Module(len(mods), "norm", norm_key))
+    mods.append(Module(len(mods), "head", head_key))
+    return mods
+
+
+def padded_wt(w: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
+    """HF weight ``[out, in]`` -> ``Wt`` ``[K, N]`` float32 with zero columns up to the padded N."""
+    wt = torch.zeros(spec.in_features, spec.padded_out, dtype=torch.float32, device=w.device)
+    wt[:, : spec.out_features] = w.T.to(torch.float32)
+    return wt
+
+
+def padded_bias(b: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
+    out = torch.zeros(spec.padded_out, dtype=torch.float16, device=b.device)
+    out[: spec.out_features] = b.to(torch.float16)
+    return out
+
+
+def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool = False):
+    fn = forward.attention if kind == "attn" else forward.mlp
+    return fn(x, w, cfg, rope, capture=capture)
+
+
+def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
+              hessians: dict[str, Hessian] | None = None, ref: torch.Tensor | None = None,
+              keep_output: bool = True):
+    """Run an attention or MLP module over all rows of ``states`` ``[R, L, H]``, ``chunk`` rows at
+    a time, on the states' device.
+
+    hessians: intermediate name -> accumulator fed with that intermediate (one count per row).
+    ref: when given, also returns each row's relative Frobenius error against it.
+    Returns ``(outputs [R, L, H] or None, errors [R] float64 or None)``."""
+    rows = states.shape[0]
+    out = torch.empty_like(states) if keep_output else None
+    errs = torch.empty(rows, dtype=torch.float64) if ref is not None else None
+    for r0 in range(0, rows, chunk):
+        x = states[r0:r0 + chunk]
+        y, inter = block_forward(kind, x, w, cfg, rope, capture=hessians is not None)
+        if hessians is not None:
+            for name, h in hessians.items():
+                h.add_rows(inter[name])
+        if ref is not None:
+            r = ref[r0:r0 + chunk]
+            num = torch.linalg.vector_norm((y - r).flatten(1), dim=1)
+            den = torch.linalg.vector_norm(r.flatten(1), dim=1)
+            errs[r0:r0 + chunk] = (num / den).double().cpu()
+        if out is not None:
+            out[r0:r0 + chunk] = y
+    return out, errs

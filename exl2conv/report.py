@@ -1,0 +1,87 @@
+"""Console output: progress lines, warnings, -so status lines and progress bars with an ETA.
+
+Lines start as ExLlamaV2's do (" -- " progress, " !! " warning) so logs read the same. No maths
+module prints: they return records and the stages report them here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from tqdm import tqdm
+
+
+class Reporter:
+    def __init__(self, status_output: bool = False, stream=None, quiet: bool = False):
+        self.status_output = status_output
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(f" -- {msg}", file=self.stream, flush=True)
+
+    def warn(self, msg: str) -> None:
+        print(f" !! Warning: {msg}", file=sys.stderr, flush=True)
+
+    def line(self, msg: str = "") -> None:
+        if not self.quiet:
+            print(msg, file=self.stream, flush=True)
+
+    def status(self, stage: str, done: int, total: int) -> None:
+        """-so: machine-readable progress, ExLlamaV2's format."""
+        if self.status_output:
+            obj = {"stage": stage, "completion": round(done / max(total, 1), 4)}
+            print("[STATUS]", json.dumps(obj), "[/STATUS]", file=self.stream, flush=True)
+
+    @contextmanager
+    def progress(self, desc: str, total: int, stage: str | None = None, initial: int = 0) -> Iterator["_Progress"]:
+        bar = tqdm(total=total, initial=initial, desc=f" -- {desc}", unit="mod", file=sys.stderr,
+                   disable=self.quiet, dynamic_ncols=True, smoothing=0.1,
+                   bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+        p = _Progress(self, bar, stage, total)
+        try:
+            yield p
+        finally:
+            bar.close()
+
+
+class _Progress:
+    def __init__(self, rep: Reporter, bar, stage: str | None, total: int):
+        self.rep, self.bar, self.stage, self.total = rep, bar, stage, total
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        if self.stage:
+            self.rep.status(self.stage, self.bar.n, self.total)
+
+
+class Timer:
+    """Wall time per stage, for the closing summary."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.monotonic() - t0
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s"
