@@ -10,7 +10,7 @@ from pathlib import Path
 
 from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error
 
-SUBCOMMANDS = ("inspect",)
+SUBCOMMANDS = ("inspect", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +70,57 @@ def inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exl2conv eval",
+                                description="Decode an EXL2 model, run it and its FP16 original in float32 on the "
+                                            "same text, and report perplexity, KL(FP16 || EXL2) per token and top-1 "
+                                            "agreement.")
+    p.add_argument("model_dir", type=str, help="EXL2 model folder (or a .safetensors file of EXL2 tensors)")
+    p.add_argument("--fp16", type=str, required=True, help="the original FP16 model folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", type=str, help="a UTF-8 text file to evaluate on (default: a built-in English text "
+                     "that the calibration data does not contain)")
+    src.add_argument("-c", "--cal_dataset", type=str, help="a parquet file to evaluate on instead")
+    p.add_argument("--ctx", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--rows", type=int, default=20, help="number of windows (default 20)")
+    p.add_argument("--device", type=str, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def run_eval(argv: list[str]) -> int:
+    from exl2conv import calibration
+    from exl2conv.evaluate import DEFAULT_EVAL_TEXT, evaluate, text_windows
+    from exl2conv.inspect import inspect
+    from exl2conv.tokenizer import load_tokenizer
+
+    args = eval_parser().parse_args(argv)
+    fp16 = Path(args.fp16)
+    tok = load_tokenizer(fp16)
+    if args.cal_dataset:
+        ids = calibration.parquet_rows(tok, Path(args.cal_dataset), args.rows, args.ctx)
+    else:
+        path = Path(args.text) if args.text else DEFAULT_EVAL_TEXT
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise Exl2Error(f"--text {path}: cannot read it ({exc.strerror})") from None
+        ids = text_windows(tok, text, args.ctx, args.rows)
+    scores = evaluate(Path(args.model_dir), fp16, ids, args.device)
+    bits = inspect(Path(args.model_dir))
+    result = {"ppl": scores["ppl"], "kl": scores["kl"], "top1": scores["top1"],
+              "decoder_bpw": bits["decoder_bpw"], "head_bpw": bits["head_bpw"],
+              "fp16_ppl": scores["fp16_ppl"], "windows": int(ids.shape[0]), "ctx": int(ids.shape[1])}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"windows {result['windows']} x {result['ctx']} tokens")
+        print(f"perplexity {result['ppl']:.4f} (FP16 {result['fp16_ppl']:.4f})")
+        print(f"mean KL(FP16 || EXL2) {result['kl']:.5f} nats/token, top-1 agreement {100 * result['top1']:.2f} %")
+        print(f"decoder {result['decoder_bpw']:.4f} bpw, head {result['head_bpw']:.4f} bpw")
+    return EXIT_OK
+
+
 def _values(args: argparse.Namespace) -> dict:
     return {
         "in_dir": args.in_dir, "cal_dataset": args.cal_dataset, "bits": args.bits,
@@ -113,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "inspect":
             return run_inspect(argv[1:])
+        if argv and argv[0] == "eval":
+            return run_eval(argv[1:])
         return run_convert(argv)
     except Exl2Error as exc:
         print(f" ## Error: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,136 @@
+"""`exl2conv eval`: how close an EXL2 model is to its FP16 original.
+
+The EXL2 weights are decoded exactly as ExLlamaV2's runtime dequantizes them, then both models run
+in float32, layer by layer in lockstep over the same token windows; we report the quantized model's
+perplexity, the mean KL divergence KL(FP16 || EXL2) per token, and top-1 agreement with FP16.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from exl2conv.errors import Exl2Error, FormatError
+from exl2conv.model import arch, forward
+from exl2conv.model.config import load_config
+from exl2conv.model.weights import WeightIndex
+from exl2conv.pack import LINEAR_KEYS, decode_linear
+
+DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "eval" / "lcet10.txt"
+
+
+class Exl2Weights:
+    """Tensors of an EXL2 folder (or file) by name, decoded linears as float32 ``[out, in]``;
+    tensors it lacks (the fixture holds linears only) come from the FP16 model."""
+
+    def __init__(self, path: Path, fallback: WeightIndex, stack: ExitStack):
+        path = Path(path)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files:
+            raise Exl2Error(f"{path}: no .safetensors files; give an EXL2 model folder or file")
+        self.where: dict[str, object] = {}
+        for f in files:
+            try:
+                h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            except Exception as exc:  # noqa: BLE001
+                raise FormatError(f"{f}: not a readable safetensors file ({exc})") from None
+            for k in h.keys():
+                self.where[k] = h
+        self.fallback = fallback
+
+    def linear(self, name: str, out_features: int, device) -> torch.Tensor:
+        if f"{name}.q_weight" not in self.where:
+            raise FormatError(f"{name}.q_weight is missing: the EXL2 model does not hold this linear")
+        tensors = {k: self.where[f"{name}.{k}"].get_tensor(f"{name}.{k}")
+                   for k in LINEAR_KEYS if f"{name}.{k}" in self.where}
+        wt = decode_linear(tensors, name)
+        return wt[:, :out_features].T.to(device=device, dtype=torch.float32)
+
+    def plain(self, name: str, device) -> torch.Tensor:
+        if name in self.where:
+            return self.where[name].get_tensor(name).to(device=device, dtype=torch.float32)
+        return self.fallback.get(name, device=device)
+
+
+def text_windows(tok, text: str, ctx: int, rows: int) -> torch.Tensor:
+    """The first ``rows`` windows of ``ctx`` tokens of ``text`` (no BOS), as ``[rows, ctx]``."""
+    ids = tok.encode(text)
+    have = len(ids) // ctx
+    if have == 0:
+        raise Exl2Error(f"the evaluation text has {len(ids)} tokens, fewer than one window of {ctx}; "
+                        "give a longer text or a smaller --ctx")
+    rows = min(rows, have)
+    return torch.tensor(ids[: rows * ctx], dtype=torch.long).view(rows, ctx)
+
+
+@torch.inference_mode()
+def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | None = None) -> dict:
+    """ids: ``[W, L]`` token windows. Returns ppl, kl, top1 (and fp16_ppl) as floats."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(fp16_dir)
+    ref = WeightIndex(fp16_dir)
+    with ExitStack() as stack:
+        q = Exl2Weights(exl2_path, ref, stack)
+        emb_ref = ref.get(arch.embedding_tensor(cfg), device=dev)
+        x_ref = forward.embed(ids.to(dev), emb_ref)
+        x_q = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev))
+        del emb_ref
+        rope = forward.rope_tables(cfg, ids.shape[1], dev)
+        for i in range(cfg.num_layers):
+            for part in ("attn", "mlp"):
+                w_ref = forward.load_layer_weights(ref, cfg, i, part, dev)
+                w_q = {}
+                specs = arch.layer_linears(cfg, i, part)
+                for key in w_ref:
+                    short = key.split(".")[0]
+                    if short in specs and key == short:
+                        w_q[key] = q.linear(specs[short].name, specs[short].out_features, dev)
+                    elif short in specs:  # bias: stored padded in the EXL2 tensors
+                        w_q[key] = q.plain(f"{specs[short].name}.bias", dev)[: specs[short].out_features]
+                    else:
+                        w_q[key] = q.plain(_norm_name(cfg, i, part), dev)
+                fn = forward.attention if part == "attn" else forward.mlp
+                x_ref = _batched(fn, x_ref, w_ref, cfg, rope)
+                x_q = _batched(fn, x_q, w_q, cfg, rope)
+        norm_name = arch.final_norm_tensor(cfg)
+        x_ref = forward.final_norm(x_ref, ref.get(norm_name, device=dev), cfg.rms_norm_eps)
+        x_q = forward.final_norm(x_q, q.plain(norm_name, dev), cfg.rms_norm_eps)
+        head = arch.head_spec(cfg, ref)
+        w_head_ref = ref.get(head.tensor, device=dev)
+        w_head_q = q.linear("lm_head", head.out_features, dev)
+        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg.vocab_size)
+
+
+def _norm_name(cfg, i: int, part: str) -> str:
+    norm_1, norm_2 = arch.unquantized_tensors(cfg, i)
+    return norm_1 if part == "attn" else norm_2
+
+
+def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for r in range(0, x.shape[0], chunk):
+        out[r:r + chunk], _ = fn(x[r:r + chunk], w, cfg, rope)
+    return out
+
+
+def _scores(x_ref, x_q, w_ref, w_q, ids, vocab) -> dict:
+    kl_sum = nll_q = nll_ref = 0.0
+    agree = tokens = 0
+    for r in range(ids.shape[0]):
+        lr = forward.logits(x_ref[r:r + 1], w_ref)[0, :, :vocab]
+        lq = forward.logits(x_q[r:r + 1], w_q)[0, :, :vocab]
+        lp_r = torch.log_softmax(lr, dim=-1)
+        lp_q = torch.log_softmax(lq, dim=-1)
+        kl_sum += float((lp_r.exp() * (lp_r - lp_q)).sum(dim=-1).double().sum())
+        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        tgt = ids[r, 1:].unsqueeze(-1)
+        nll_q -= float(lp_q[:-1].gather(-1, tgt).double().sum())
+        nll_ref -= float(lp_r[:-1].gather(-1, tgt).double().sum())
+        tokens += lr.shape[0]
+    preds = tokens - ids.shape[0]
+    return {"ppl": math.exp(nll_q / preds), "fp16_ppl": math.exp(nll_ref / preds),
+            "kl": kl_sum / tokens, "top1": agree / tokens}
