@@ -699,6 +699,17 @@ def format_summary(s: Summary) -> str:
     if s.times:
         lines.append("    time: " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in s.times.items())
                      + f"; total {fmt_seconds(sum(s.times.values()))}")
+    lines.append("    peak memory: " + peak_memory())
     for f in s.output_files:
         lines.append(f"    output: {f}")
     return "\n".join(lines)
+
+
+def peak_memory() -> str:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    text = f"RSS {rss:.2f} GiB"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return text

