@@ -66,12 +66,13 @@ def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool 
 
 def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
               hessians: dict[str, Hessian] | None = None, ref: torch.Tensor | None = None,
-              keep_output: bool = True):
+              keep_output: bool = True, err_weight: torch.Tensor | None = None):
     """Run an attention or MLP module over all rows of ``states`` ``[R, L, H]``, ``chunk`` rows at
     a time, on the states' device.
 
     hessians: intermediate name -> accumulator fed with that intermediate (one count per row).
-    ref: when given, also returns each row's relative Frobenius error against it.
+    ref: when given, also returns each row's relative Frobenius error against it, with each
+    hidden channel weighted by ``err_weight`` ``[H]`` when given (see :func:`error_weight`).
     Returns ``(outputs [R, L, H] or None, errors [R] float64 or None)``."""
     rows = states.shape[0]
     out = torch.empty_like(states) if keep_output else None
@@ -84,9 +85,21 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
                 h.add_rows(inter[name])
         if ref is not None:
             r = ref[r0:r0 + chunk]
-            num = torch.linalg.vector_norm((y - r).flatten(1), dim=1)
+            d = y - r
+            if err_weight is not None:
+                d, r = d * err_weight, r * err_weight
+            num = torch.linalg.vector_norm(d.flatten(1), dim=1)
             den = torch.linalg.vector_norm(r.flatten(1), dim=1)
             errs[r0:r0 + chunk] = (num / den).double().cpu()
         if out is not None:
             out[r0:r0 + chunk] = y
     return out, errs
+
+
+def error_weight(next_norm: torch.Tensor | None) -> torch.Tensor | None:
+    """Channel weights for a module's output error: the weight of the RMSNorm that next reads
+    the residual stream (absolute values). The next layer sees an error ``e`` in the residual as
+    ``g * e / rms(x)``, so ``||g * e|| / ||g * y||`` is the relative error it actually receives.
+    Unweighted, a few massive channels (SmolLM2 carries 24,000 in channel 507, where the norm
+    weight is 3e-4) dominate ``||y||`` and make real errors look negligible."""
+    return None if next_norm is None else next_norm.abs().to(torch.float32)

@@ -26,10 +26,11 @@ def hessians_for(specs: dict[str, LinearSpec], device) -> dict[str, Hessian]:
 
 
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str = "") -> tuple[list[dict], torch.Tensor]:
+                   chunk: int, name: str = "", err_weight: torch.Tensor | None = None) -> tuple[list[dict], torch.Tensor]:
     """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
     float32 weights by name (HF orientation); specs: its linears by short name, in table column
-    order. Returns the measurement entries (one per table row, ExLlamaV2's schema) and the
+    order; err_weight: channel weights of the output error (:func:`layers.error_weight`).
+    Returns the measurement entries (one per table row, ExLlamaV2's schema) and the
     reference outputs ``[R, L, H]`` that feed the next module."""
     hess = hessians_for(specs, states.device)
     y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=hess)
@@ -58,7 +59,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             if current.get(short) != row[c]:
                 trial[short] = candidates[short][row[c]].to(torch.float32)
                 current[short] = row[c]
-        _, errs = run_block(kind, states, trial, cfg, rope, chunk, ref=y_ref, keep_output=False)
+        _, errs = run_block(kind, states, trial, cfg, rope, chunk, ref=y_ref, keep_output=False,
+                            err_weight=err_weight)
         accuracy = max(1e-6, 1.0 - float(errs.mean()))
         entry = {"accuracy": accuracy,
                  "total_bits": sum(bits[short][row[c]] for c, short in enumerate(cols))}

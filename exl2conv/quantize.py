@@ -47,7 +47,8 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec
 
 
 def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], entry: dict,
-                    cfg, rope, chunk: int, save) -> tuple[torch.Tensor, float, list[LinearReport]]:
+                    cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, float, list[LinearReport]]:
     """kind: "attn" or "mlp"; entry: the chosen measurement entry (per-linear QParams dicts);
     save(name, tensors) stores one linear's packed tensors. Returns the module's outputs on the
     quantized weights ``[R, L, H]``, its mean relative error against the unquantized outputs
@@ -67,7 +68,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
         save(spec.name, tensors)
         quantized[short] = decoded
         reports.append(rep)
-    y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref=y_ref)
+    y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref=y_ref, err_weight=err_weight)
     return y_q, float(errs.mean()), reports
 
 

@@ -1,0 +1,239 @@
+"""config.json -> ModelConfig, checked for what EXL2 conversion needs.
+
+Every failure is one :class:`Exl2Error` line naming config.json and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Exl2Error
+from .arch import ARCHS, PAD
+
+# RoPE scaling types we compute (spec 8.1's Llama family). "dynamic" NTK equals plain RoPE up to
+# max_position_embeddings, and calibration rows are at most 2048 tokens, so it computes as none.
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the converter reads from config.json (plus the -rs/-ra calibration overrides).
+
+    ``rope_scale`` is the linear position divisor in effect: the config's "linear" factor, or
+    -rs when given (which replaces it, as ExLlamaV2's ``scale_pos_emb``). ``rope_alpha`` is the
+    NTK alpha (-ra): the effective base is ``rope_theta * alpha ** (head_dim / (head_dim - 2))``.
+    ``rope_scaling`` is the config's dict with its type under "rope_type", or None.
+    ``sliding_window`` is read for Mistral only; at the calibration lengths (<= 2048) it matters
+    only for windows shorter than the row, which :func:`forward.attention` then applies."""
+
+    model_dir: Path
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    sliding_window: int | None
+    rope_scale: float = 1.0
+    rope_alpha: float = 1.0
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def rope_base(self) -> float:
+        """rope_theta with the NTK alpha applied."""
+        if self.rope_alpha == 1.0:
+            return self.rope_theta
+        return self.rope_theta * self.rope_alpha ** (self.head_dim / (self.head_dim - 2))
+
+
+class _Reader:
+    """Typed field access on the parsed JSON, with errors that name the file and the field."""
+
+    def __init__(self, path: Path, raw: dict):
+        self.path, self.raw = path, raw
+
+    def fail(self, what: str) -> Exl2Error:
+        return Exl2Error(f"{self.path}: {what}")
+
+    def int(self, key: str, default: Any = _REQUIRED, positive: bool = True) -> Any:
+        v = self.raw.get(key)
+        if v is None:
+            if default is _REQUIRED:
+                raise self.fail(f"required field {key!r} is missing")
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or (positive and v <= 0):
+            raise self.fail(f"field {key!r} must be a positive integer, not {v!r}")
+        return v
+
+    def float(self, key: str, default: float) -> float:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise self.fail(f"field {key!r} must be a positive number, not {v!r}")
+        return float(v)
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.fail(f"field {key!r} must be true or false, not {v!r}")
+        return v
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise Exl2Error(f"{path} not found; -i must name a Hugging Face model folder with config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise Exl2Error(f"{path} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise Exl2Error(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise Exl2Error(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+def _arch(r: _Reader) -> str:
+    archs = r.raw.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise r.fail("required field 'architectures' is missing or not a list of names; "
+                     f"supported: {', '.join(ARCHS)}")
+    if archs[0] not in ARCHS:
+        raise r.fail(f"architectures[0] is {archs[0]!r}, which exl2conv does not support; "
+                     f"supported: {', '.join(ARCHS)}")
+    return archs[0]
+
+
+def _rope(r: _Reader) -> tuple[float, dict | None]:
+    """(rope_theta, normalized rope_scaling or None). Reads the classic ``rope_theta`` +
+    ``rope_scaling`` fields and the newer ``rope_parameters`` dict (transformers 5)."""
+    theta = r.float("rope_theta", 10000.0)
+    scaling = r.raw.get("rope_scaling")
+    key = "rope_scaling"
+    params = r.raw.get("rope_parameters")
+    if scaling is None and isinstance(params, dict):
+        key = "rope_parameters"
+        if params.get("rope_theta") is not None:
+            theta = _Reader(r.path, params).float("rope_theta", theta)
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is None:
+        return theta, None
+    if not isinstance(scaling, dict):
+        raise r.fail(f"field {key!r} must be an object, not {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise r.fail(f"{key}.rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if kind == "default":
+        return theta, None
+    scaling = {k: v for k, v in scaling.items() if k != "type"} | {"rope_type": kind}
+    sr = _Reader(r.path, scaling)
+    needed = {"linear": ("factor",), "dynamic": (), "llama3": _LLAMA3_KEYS, "yarn": ("factor",)}[kind]
+    for k in needed:
+        if scaling.get(k) is None:
+            raise r.fail(f"{key} of type {kind!r} needs field {k!r}")
+        sr.float(k, 1.0)
+    return theta, scaling
+
+
+def _eos(r: _Reader) -> tuple[int, ...]:
+    v = r.raw.get("eos_token_id")
+    ids = v if isinstance(v, list) else [] if v is None else [v]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise r.fail(f"field 'eos_token_id' must be an integer or a list of integers, not {v!r}")
+    return tuple(ids)
+
+
+def _check_dims(r: _Reader, hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int):
+    if heads % kv_heads:
+        raise r.fail(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    if head_dim % 2:
+        raise r.fail(f"head_dim ({head_dim}) must be even for rotary embeddings")
+    for name, k in (("hidden_size", hidden), ("intermediate_size", inter),
+                    ("num_attention_heads * head_dim", heads * head_dim)):
+        if k % PAD:
+            raise r.fail(f"{name} is {k}, not a multiple of {PAD}; EXL2 quantizes input features "
+                         f"in groups of {PAD}, so this model cannot be converted")
+
+
+def load_config(model_dir: str | Path, rope_scale: float | None = None,
+                rope_alpha: float | None = None) -> ModelConfig:
+    """Read and check ``model_dir/config.json``. ``rope_scale`` (-rs) and ``rope_alpha`` (-ra)
+    set the RoPE used for calibration (see :class:`ModelConfig`)."""
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    r = _Reader(path, _read_json(path))
+    arch = _arch(r)
+    hidden = r.int("hidden_size")
+    inter = r.int("intermediate_size")
+    heads = r.int("num_attention_heads")
+    kv_heads = r.int("num_key_value_heads", heads)
+    if r.raw.get("head_dim") is None and hidden % heads:
+        raise r.fail(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) "
+                     f"and there is no head_dim field")
+    head_dim = r.int("head_dim", hidden // heads)
+    _check_dims(r, hidden, inter, heads, kv_heads, head_dim)
+    act = r.raw.get("hidden_act", r.raw.get("hidden_activation", "silu"))
+    if act != ARCHS[arch].act:
+        raise r.fail(f"hidden_act is {act!r}; {arch} is supported with {ARCHS[arch].act!r} only")
+    theta, scaling = _rope(r)
+    scale = float(scaling["factor"]) if scaling and scaling["rope_type"] == "linear" else 1.0
+    for flag, v in (("-rs/--rope_scale", rope_scale), ("-ra/--rope_alpha", rope_alpha)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise Exl2Error(f"{flag} must be a positive number, not {v}")
+    bos = r.raw.get("bos_token_id")
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+        raise r.fail(f"field 'bos_token_id' must be an integer, not {bos!r}")
+    window = r.int("sliding_window", None) if ARCHS[arch].sliding_window else None
+    return ModelConfig(
+        model_dir=model_dir,
+        arch=arch,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=r.int("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=r.int("vocab_size"),
+        rms_norm_eps=r.float("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=r.int("max_position_embeddings", 2048),
+        tie_word_embeddings=r.bool("tie_word_embeddings"),
+        attention_bias=r.bool("attention_bias"),
+        mlp_bias=r.bool("mlp_bias"),
+        bos_token_id=bos,
+        eos_token_ids=_eos(r),
+        sliding_window=window,
+        rope_scale=float(rope_scale) if rope_scale is not None else scale,
+        rope_alpha=float(rope_alpha) if rope_alpha is not None else 1.0,
+        raw=r.raw,
+    )

@@ -1,0 +1,181 @@
+"""A lazy index of a model's safetensors tensors.
+
+Only headers are read up front (the 8-byte length, then the JSON header), so opening a 70B
+model costs a few kilobytes of RAM. A tensor is read when asked for, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import Exl2Error, FormatError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype string -> (torch dtype, bytes per element). Reading supports the float ones.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+READABLE = ("F16", "BF16", "F32", "F64")
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse one safetensors header and check it against the file size, so a truncated or
+    corrupt file fails here, naming the file, rather than halfway through a conversion."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or n > min(size - 8, MAX_HEADER):
+                raise FormatError(f"{path} is not a safetensors file (bad or truncated header); "
+                                  f"download it again")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise Exl2Error(f"{path} cannot be read: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FormatError(f"{path} has a corrupt safetensors header; download it again") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} has a corrupt safetensors header; download it again")
+    data_size = size - 8 - n
+    out: dict[str, TensorEntry] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            nbytes = math.prod(shape) * DTYPES[dtype][1] if dtype in DTYPES else end - begin
+            ok = 0 <= begin <= end and end - begin == nbytes
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise FormatError(f"{path}: header entry for {name!r} is corrupt; download the file again")
+        if end > data_size:
+            raise FormatError(f"{path} is truncated ({size} bytes, tensor {name!r} ends at byte "
+                              f"{8 + n + end}); download it again")
+        out[name] = TensorEntry(path, dtype, shape)
+    return out
+
+
+class WeightIndex:
+    """name -> (file, dtype, shape) over a model folder's safetensors files.
+
+    With ``model.safetensors.index.json`` only the shards it names are used (every one must
+    exist); otherwise every ``*.safetensors`` file in the folder is."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise Exl2Error(f"{self.model_dir} is not a folder; -i must name a Hugging Face model folder")
+        self.entries: dict[str, TensorEntry] = {}
+        self._weight_map: dict[str, str] = {}
+        for file in self._files():
+            for name, entry in read_header(file).items():
+                if name in self.entries:
+                    raise Exl2Error(f"tensor {name!r} is in both {self.entries[name].file.name} and "
+                                    f"{file.name} in {self.model_dir}; remove the stray file")
+                self.entries[name] = entry
+        self._check_index_names()
+
+    def _files(self) -> list[Path]:
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            return self._files_from_index(index)
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if files:
+            return files
+        if any(next(self.model_dir.glob(p), None) for p in ("*.bin", "*.pt", "*.pth")):
+            raise Exl2Error(f"{self.model_dir} holds only PyTorch pickle weights (.bin/.pt); convert "
+                            f"them first with `exl2conv to-safetensors {self.model_dir}`")
+        raise Exl2Error(f"{self.model_dir} has no *.safetensors weight files")
+
+    def _files_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise Exl2Error(f"{index} is not a valid index (no 'weight_map' object); fix or "
+                            f"delete it") from None
+        self._weight_map = weight_map
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            path = self.model_dir / str(shard)
+            if not path.is_file():
+                raise Exl2Error(f"{index.name} names shard {shard!r}, which is missing from "
+                                f"{self.model_dir}; download it")
+            files.append(path)
+        return files
+
+    def _check_index_names(self):
+        for name, shard in self._weight_map.items():
+            entry = self.entries.get(name)
+            if entry is None or entry.file != self.model_dir / str(shard):
+                raise Exl2Error(f"{INDEX_FILE} puts {name!r} in {shard}, but that file does not "
+                                f"hold it; the index and the shards do not match")
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return name in self.entries
+
+    __contains__ = has
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise Exl2Error(f"tensor {name!r} is not in the safetensors files in {self.model_dir}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entry(name).shape
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise one Exl2Error for the first missing or misshapen tensor (and count the rest),
+        before any work starts."""
+        problems = []
+        for name, shape in expected.items():
+            e = self.entries.get(name)
+            if e is None:
+                problems.append(f"tensor {name!r} is missing from the safetensors files in {self.model_dir}")
+            elif tuple(e.shape) != tuple(shape):
+                problems.append(f"tensor {name!r} in {e.file} has shape {list(e.shape)}, but "
+                                f"config.json implies {list(shape)}")
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise Exl2Error(problems[0] + more)
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32,
+            device: torch.device | str | None = None) -> torch.Tensor:
+        """Read one tensor from disk and return it as ``dtype`` on ``device`` (CPU if None)."""
+        e = self.entry(name)
+        if e.dtype not in READABLE:
+            raise Exl2Error(f"tensor {name!r} in {e.file} is {e.dtype}; only float16, bfloat16 and "
+                            f"float32 sources can be converted")
+        try:
+            with safe_open(str(e.file), framework="pt", device="cpu") as f:
+                t = f.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error type or OSError
+            raise FormatError(f"{e.file}: reading {name!r} failed ({err}); download the file again") from None
+        # Move before casting: the copy to a GPU is then at the (smaller) source width.
+        return t.to(device=device).to(dtype) if device is not None else t.to(dtype)

@@ -1,0 +1,140 @@
+"""A tiny random Llama/Mistral model folder for tests: config.json, safetensors weights (one file
+or shards with an index), and a byte-level BPE tokenizer. Deterministic for a seed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+BOS, EOS = "<s>", "</s>"
+BYTE_TOKENS = 256
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte: printable Latin-1 bytes map to themselves, the
+    rest to code points from 256 upwards, in byte order."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)}
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def write_tokenizer(path: Path) -> int:
+    """tokenizer.json (256 byte tokens, then <s>=256 and </s>=257, no merges) and
+    tokenizer_config.json. Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "add_bos_token": False, "add_eos_token": False, "model_max_length": 2048,
+    }, indent=2))
+    return tok.get_vocab_size()
+
+
+def _weights(cfg: dict, seed: int, dtype: torch.dtype, mlp_bias: bool) -> dict[str, torch.Tensor]:
+    """Linears ~ N(0, 1/fan_in) so attention scores are O(1) (softmax far from uniform, so RoPE
+    and masking errors show); norms ~ 1 + N(0, 0.1); biases ~ N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, vocab = cfg.get("head_dim") or h // heads, cfg["vocab_size"]
+
+    def lin(out: int, fan_in: int) -> torch.Tensor:
+        return torch.randn(out, fan_in, generator=g) / math.sqrt(fan_in)
+
+    def vec(n: int, mean: float = 0.0) -> torch.Tensor:
+        return mean + 0.1 * torch.randn(n, generator=g)
+
+    t = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g)}
+    shapes = {"self_attn.q_proj": (heads * d, h), "self_attn.k_proj": (kv * d, h),
+              "self_attn.v_proj": (kv * d, h), "self_attn.o_proj": (h, heads * d),
+              "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = vec(h, 1.0)
+        t[f"{p}.post_attention_layernorm.weight"] = vec(h, 1.0)
+        for suffix, (out, fan_in) in shapes.items():
+            name = f"{p}.{suffix}"
+            t[f"{name}.weight"] = lin(out, fan_in)
+            biased = cfg["attention_bias"] if suffix.startswith("self_attn") else mlp_bias
+            if biased:
+                t[f"{name}.bias"] = vec(out)
+    t["model.norm.weight"] = vec(h, 1.0)
+    if not cfg["tie_word_embeddings"]:
+        t["lm_head.weight"] = lin(vocab, h)
+    return {k: v.to(dtype).contiguous() for k, v in t.items()}
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    if shards <= 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s * per:(s + 1) * per]}
+        save_file(part, str(path / file), metadata={"format": "pt"})
+        weight_map |= {n: file for n in part}
+        total += sum(v.numel() * v.element_size() for v in part.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def make_tiny_llama(path, *, seed: int = 0, hidden: int = 64, intermediate: int = 128,
+                    layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int | None = None,
+                    tie: bool = False, dtype: torch.dtype = torch.float16, attention_bias: bool = False,
+                    mlp_bias: bool = False, arch: str = "LlamaForCausalLM",
+                    rope_scaling: dict | None = None, shards: int = 1,
+                    extra_config: dict | None = None) -> Path:
+    """Write a tiny model folder at ``path`` and return it. ``vocab`` defaults to the tokenizer's
+    258 tokens; ``extra_config`` entries are merged into config.json last (e.g. rope_theta,
+    sliding_window, or a broken field for an error test)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n_tokens = write_tokenizer(path)
+    cfg = {
+        "architectures": [arch],
+        "model_type": MODEL_TYPES.get(arch, "llama"),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab or n_tokens,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": tie,
+        "attention_bias": attention_bias,
+        "mlp_bias": mlp_bias,
+        "bos_token_id": BYTE_TOKENS,
+        "eos_token_id": BYTE_TOKENS + 1,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if arch == "MistralForCausalLM":
+        cfg["sliding_window"] = None
+    cfg |= extra_config or {}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    _save(path, _weights(cfg, seed, dtype, mlp_bias), shards)
+    return path
