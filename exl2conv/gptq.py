@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exl2conv import kernels
 from exl2conv.errors import Exl2Error
 from exl2conv.qparams import Group, QParams
 
@@ -135,6 +136,20 @@ def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     qs = torch.clamp(torch.round(16 * torch.sqrt(base / s_max)), 1, 16)
     cand = (qs / 16) ** 2 * s_max  # [N]
     grid = P_GRID.to(device=x.device, dtype=torch.float32)
+    ext = kernels.get() if x.is_cuda else None
+    if ext is not None:
+        err = ext.pgrid_err(x.contiguous(), cand.contiguous(), grid, bits)
+    else:
+        err = pgrid_errors(x, cand, grid, z, m)
+    best = int(torch.argmin(err).item())
+    qscale_max = (s_max * grid[best]).to(torch.float16)
+    qs_i = qs.to(torch.int64)
+    return qs_i, qscale_max, fp16_scale(qs_i, qscale_max)
+
+
+def pgrid_errors(x: torch.Tensor, cand: torch.Tensor, grid: torch.Tensor, z: int, m: int) -> torch.Tensor:
+    """Torch reference of the p-grid search: ``E_j = sum |clamp(rint(x / s_j)) * s_j - x| ** 3.5``
+    with ``s_j = cand * p_j``. x: ``[rows, N]``; cand: ``[N]``; grid: ``[P]``. Returns ``[P]``."""
     err = torch.empty(grid.numel(), dtype=torch.float32, device=x.device)
     p_chunk = max(1, min(grid.numel(), (1 << 24) // x.numel()))  # bound the [P, rows, N] temporaries
     for j0 in range(0, grid.numel(), p_chunk):
@@ -143,10 +158,7 @@ def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
         q = torch.clamp(torch.round(x.unsqueeze(0) / s), -z, m - z)
         d = (q * s - x.unsqueeze(0)).abs_()
         err[j0:j0 + p_chunk] = (d * d * d * torch.sqrt(d)).sum(dim=(1, 2))
-    best = int(torch.argmin(err).item())
-    qscale_max = (s_max * grid[best]).to(torch.float16)
-    qs_i = qs.to(torch.int64)
-    return qs_i, qscale_max, fp16_scale(qs_i, qscale_max)
+    return err
 
 
 def dequant(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -214,6 +226,12 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
     scale = torch.empty((c_count, n), dtype=torch.float32, device=dev)
     err_blk = torch.empty((c_count, BLOCK, n), dtype=torch.float32, device=dev)
     floor = torch.zeros((c_count, 1), dtype=torch.int64, device=dev)
+    ext = kernels.get() if wt.is_cuda else None
+    if ext is not None:
+        u = u.contiguous()
+        zero32 = zero_rows.to(torch.int32).contiguous()
+        max32 = max_rows.to(torch.int32).contiguous()
+        no_codes = torch.empty(0, dtype=torch.int16, device=dev)
 
     for a in range(0, k, BLOCK):
         b = a + BLOCK
@@ -224,18 +242,11 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
                 qs, qmax, sc = find_params(w[ci, a:a + g.rows], g.bits)
                 qs_out[ci][gi], qmax_out[ci][gi] = qs, qmax
                 scale[ci] = sc
-        for c in range(a, b):
-            z = zero_rows[:, c:c + 1]
-            row = w[:, c, :]
-            q = torch.clamp(torch.round(row / scale) + z, floor, max_rows[:, c:c + 1])
-            qv = dequant(q, z, scale)
-            err = (row - qv) / u[c, c]
-            q_out[:, c, :] = qv
-            err_blk[:, c - a, :] = err
-            if codes_out is not None:
-                codes_out[:, c, :] = q.to(torch.int16)
-            if c + 1 < b:
-                w[:, c + 1:b, :] -= u[c, c + 1:b].view(1, -1, 1) * err.unsqueeze(1)
+        if ext is not None:
+            ext.gptq_block(w, scale, zero32, max32, u, q_out, codes_out if codes_out is not None else no_codes,
+                           err_blk, a)
+        else:
+            gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, err_blk, a)
         if b < k:  # lazy update of every later row: W[b:] -= U[a:b, b:]^T Err[a:b]
             w[:, b:, :] -= torch.matmul(u[a:b, b:].T.unsqueeze(0), err_blk)
 
@@ -252,6 +263,26 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
             weight=q_out[ci][invperm],
         ))
     return results
+
+
+def gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, err_blk, a: int) -> None:
+    """Torch reference of one 32-row GPTQ block for C candidates (csrc/quantize.cu
+    ``gptq_block_kernel``): quantize each row, dequantize with the runtime's fp16 arithmetic, and
+    push the scaled error onto the block's later rows. w, q_out: ``[C, K, N]``; scale: ``[C, N]``;
+    zero_rows, max_rows: ``[C, K]``; err_blk: ``[C, 32, N]`` (written)."""
+    b = a + BLOCK
+    for c in range(a, b):
+        z = zero_rows[:, c:c + 1]
+        row = w[:, c, :]
+        q = torch.clamp(torch.round(row / scale) + z, floor, max_rows[:, c:c + 1])
+        qv = dequant(q, z, scale)
+        err = (row - qv) / u[c, c]
+        q_out[:, c, :] = qv
+        err_blk[:, c - a, :] = err
+        if codes_out is not None:
+            codes_out[:, c, :] = q.to(torch.int16)
+        if c + 1 < b:
+            w[:, c + 1:b, :] -= u[c, c + 1:b].view(1, -1, 1) * err.unsqueeze(1)
 
 
 def quantize(wt: torch.Tensor, prep: Prepared, qparams: QParams) -> QuantResult:

@@ -1,0 +1,142 @@
+"""Conversion speed on a GPU: exl2conv and (when importable) ExLlamaV2 0.3.2 on the same input.
+
+    python benchmarks/bench_convert.py --smollm2 DIR          # SmolLM2-135M, default settings
+    python benchmarks/bench_convert.py --llama7b-layers 4     # random weights, Llama-2-7B layer shapes
+
+Prints a table: wall time of the measurement pass and of the quantization pass, seconds per layer
+for each, peak GPU memory and peak RSS, and the ratio exl2conv / ExLlamaV2 for each figure.
+Each tool runs twice: measurement only (-om), then quantization reusing that measurement (-m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+PEAK = ("import resource, runpy, sys, torch, json, atexit\n"
+        "def _r():\n"
+        "    g = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_initialized() else 0.0\n"
+        "    print('BENCH_PEAK ' + json.dumps({'gpu_gib': g, 'rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)\n"
+        "atexit.register(_r)\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def run(module: str, args: list[str], log: Path) -> dict:
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-c", PEAK, module, *args], stdout=f, stderr=subprocess.STDOUT,
+                             cwd=REPO)
+    wall = time.monotonic() - t0
+    text = log.read_text(errors="replace")
+    peak = {"gpu_gib": float("nan"), "rss_gib": float("nan")}
+    for m in re.finditer(r"BENCH_PEAK (\{.*\})", text):
+        peak = json.loads(m.group(1))
+    if rc != 0:
+        print(text[-3000:])
+        raise SystemExit(f"{module} failed (rc {rc}); log: {log}")
+    return {"wall": wall, **peak}
+
+
+def make_llama7b(path: Path, layers: int, tokenizer_from: Path | None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    h, i, v = 4096, 11008, 32000
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, generator=g, device="cuda") * std).half().cpu()
+
+    t = {"model.embed_tokens.weight": rnd(v, h, std=0.02), "model.norm.weight": torch.ones(h, dtype=torch.float16),
+         "lm_head.weight": rnd(v, h, std=0.02)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{name}.weight"] = rnd(h, h, std=h ** -0.5)
+        t[p + "mlp.gate_proj.weight"] = rnd(i, h, std=h ** -0.5)
+        t[p + "mlp.up_proj.weight"] = rnd(i, h, std=h ** -0.5)
+        t[p + "mlp.down_proj.weight"] = rnd(h, i, std=i ** -0.5)
+    save_file(t, str(path / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": layers, "vocab_size": v,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "hidden_act": "silu",
+           "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer_from:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (tokenizer_from / f).exists():
+                shutil.copy(tokenizer_from / f, path / f)
+    else:
+        sys.path.insert(0, str(REPO))
+        from tests.tinymodel import make_tiny_llama  # its byte-level tokenizer
+        tmp = Path(tempfile.mkdtemp())
+        make_tiny_llama(tmp / "m")
+        shutil.copy(tmp / "m" / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: bool) -> dict:
+    rows = {}
+    tools = [("exl2conv", "exl2conv")]
+    if exllamav2:
+        tools.append(("ExLlamaV2", "exllamav2.conversion.convert_exl2"))
+    for name, module in tools:
+        w = work / name
+        shutil.rmtree(w, ignore_errors=True)
+        m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra], w.parent / f"{name}_m.log") \
+            if (w.mkdir(parents=True) or True) else None
+        q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0", *extra],
+                w.parent / f"{name}_q.log")
+        rows[name] = {"measure_s": m["wall"], "quant_s": q["wall"], "measure_per_layer": m["wall"] / layers,
+                      "quant_per_layer": q["wall"] / layers, "gpu_gib": max(m["gpu_gib"], q["gpu_gib"]),
+                      "rss_gib": max(m["rss_gib"], q["rss_gib"])}
+    return rows
+
+
+def table(title: str, rows: dict) -> str:
+    keys = ["measure_s", "quant_s", "measure_per_layer", "quant_per_layer", "gpu_gib", "rss_gib"]
+    out = [f"\n{title}", f"{'figure':20s}" + "".join(f"{n:>12s}" for n in rows) + ("   ratio" if len(rows) == 2 else "")]
+    for k in keys:
+        vals = [rows[n][k] for n in rows]
+        line = f"{k:20s}" + "".join(f"{v:12.2f}" for v in vals)
+        if len(vals) == 2 and vals[1]:
+            line += f"   {vals[0] / vals[1]:.3f}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.gguf.smollm2_fp16)")
+    ap.add_argument("--llama7b-layers", type=int, default=0, help="layers of a random Llama-2-7B-shaped model")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
+    ap.add_argument("--no-exllamav2", action="store_true")
+    args = ap.parse_args()
+    try:
+        import exllamav2  # noqa: F401
+        have = not args.no_exllamav2
+    except ImportError:
+        have = False
+    if args.smollm2:
+        print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], have)), flush=True)
+    if args.llama7b_layers:
+        model = make_llama7b(args.work / "llama7b", args.llama7b_layers, args.smollm2)
+        print(table(f"Llama-2-7B shapes, {args.llama7b_layers} layers, random weights (-b 4.0)",
+                    bench(model, args.llama7b_layers, args.work / "l7", [], have)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+// GPTQ kernels for exl2conv. Each has a torch reference in exl2conv/gptq.py that defines the
+// arithmetic; tests/gpu/test_kernels.py checks parity. Every float operation that the torch
+// reference rounds separately is written with an explicit _rn intrinsic so that nvcc cannot fuse
+// it into an FMA: the codes must come out as the reference computes them.
+
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp16.h>
+
+#include "checks.h"
+
+namespace {
+
+constexpr int BLOCK_ROWS = 32;  // every EXL2 group boundary is a multiple of 32 rows
+constexpr int THREADS = 128;
+
+// One 32-row block of GPTQ for C candidates of one weight.
+// w:      [C, K, N] f32, working weights (rows a..a+31 read)
+// scale:  [C, N]    f32, the current group's effective scale per candidate
+// zero:   [C, K]    i32, 2^(bits-1) of each row; maxq: [C, K] i32, 2^bits - 1
+// u:      [K, K]    f32, upper Cholesky factor of the damped inverse Hessian (permuted order)
+// q_out:  [C, K, N] f32, dequantized rows a..a+31 (written)
+// codes:  [C, K, N] i16 or null; err: [C, 32, N] f32, the block's scaled errors (written)
+// One thread owns one column of one candidate and keeps the block's 32 rows in registers.
+__global__ void gptq_block_kernel(const float* __restrict__ w, const float* __restrict__ scale,
+                                  const int* __restrict__ zero, const int* __restrict__ maxq,
+                                  const float* __restrict__ u, float* __restrict__ q_out,
+                                  int16_t* __restrict__ codes, float* __restrict__ err,
+                                  int K, int N, int a)
+{
+    __shared__ float us[BLOCK_ROWS][BLOCK_ROWS + 1];
+    __shared__ int zs[BLOCK_ROWS], ms[BLOCK_ROWS];
+    const int c = blockIdx.y;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int t = threadIdx.x; t < BLOCK_ROWS * BLOCK_ROWS; t += blockDim.x)
+        us[t / BLOCK_ROWS][t % BLOCK_ROWS] = u[(size_t)(a + t / BLOCK_ROWS) * K + a + t % BLOCK_ROWS];
+    for (int t = threadIdx.x; t < BLOCK_ROWS; t += blockDim.x)
+    {
+        zs[t] = zero[(size_t)c * K + a + t];
+        ms[t] = maxq[(size_t)c * K + a + t];
+    }
+    __syncthreads();
+    if (n >= N) return;
+
+    float r[BLOCK_ROWS];
+    const float* wc = w + ((size_t)c * K + a) * N + n;
+    #pragma unroll
+    for (int i = 0; i < BLOCK_ROWS; i++) r[i] = wc[(size_t)i * N];
+    const float s = scale[(size_t)c * N + n];
+    const __half hs = __float2half_rn(s);
+
+    #pragma unroll
+    for (int i = 0; i < BLOCK_ROWS; i++)
+    {
+        const float z = (float) zs[i];
+        const float x = r[i];
+        float q = __fadd_rn(rintf(__fdiv_rn(x, s)), z);
+        q = fminf(fmaxf(q, 0.0f), (float) ms[i]);
+        const __half hq = __float2half_rn(__fsub_rn(q, z));
+        const float qv = __half2float(__hmul(hq, hs));
+        const float e = __fdiv_rn(__fsub_rn(x, qv), us[i][i]);
+        const size_t o = ((size_t)c * K + a + i) * N + n;
+        q_out[o] = qv;
+        if (codes) codes[o] = (int16_t) q;
+        err[((size_t)c * BLOCK_ROWS + i) * N + n] = e;
+        #pragma unroll
+        for (int j = i + 1; j < BLOCK_ROWS; j++) r[j] = __fsub_rn(r[j], __fmul_rn(us[i][j], e));
+    }
+}
+
+// The p-grid scale search's error sums, one partial sum per (p, block of columns); the host adds
+// the partials in a fixed order, so the result does not depend on scheduling.
+// x: [rows, N] f32; cand: [N] f32; p: [P] f32; partial: [P, gridDim.x] f32
+__global__ void pgrid_err_kernel(const float* __restrict__ x, const float* __restrict__ cand,
+                                 const float* __restrict__ p, float* __restrict__ partial,
+                                 int rows, int N, float lo, float hi)
+{
+    __shared__ float sh[THREADS];
+    const int j = blockIdx.y;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    float acc = 0.0f;
+    if (n < N)
+    {
+        const float s = __fmul_rn(cand[n], p[j]);
+        for (int i = 0; i < rows; i++)
+        {
+            const float xv = x[(size_t)i * N + n];
+            float q = rintf(__fdiv_rn(xv, s));
+            q = fminf(fmaxf(q, lo), hi);
+            const float d = fabsf(__fsub_rn(__fmul_rn(q, s), xv));
+            const float d3 = __fmul_rn(__fmul_rn(d, d), d);
+            acc = __fadd_rn(acc, __fmul_rn(d3, __fsqrt_rn(d)));
+        }
+    }
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int st = THREADS / 2; st > 0; st >>= 1)
+    {
+        if (threadIdx.x < st) sh[threadIdx.x] = __fadd_rn(sh[threadIdx.x], sh[threadIdx.x + st]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[(size_t)j * gridDim.x + blockIdx.x] = sh[0];
+}
+
+}  // namespace
+
+void gptq_block(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, torch::Tensor maxq, torch::Tensor u,
+                torch::Tensor q_out, torch::Tensor codes, torch::Tensor err, int64_t a)
+{
+    const at::cuda::OptionalCUDAGuard guard(device_of(w));
+    CHECK_CUDA_F32(w, 3); CHECK_CUDA_F32(scale, 2); CHECK_CUDA_F32(u, 2); CHECK_CUDA_F32(q_out, 3); CHECK_CUDA_F32(err, 3);
+    CHECK_CUDA_DTYPE(zero, torch::kInt32, 2); CHECK_CUDA_DTYPE(maxq, torch::kInt32, 2);
+    const int C = w.size(0), K = w.size(1), N = w.size(2);
+    TORCH_CHECK(a >= 0 && a + BLOCK_ROWS <= K, "gptq_block: rows ", a, "..", a + BLOCK_ROWS, " outside K=", K);
+    TORCH_CHECK(scale.size(0) == C && scale.size(1) == N, "gptq_block: scale must be [C, N]");
+    TORCH_CHECK(zero.size(0) == C && zero.size(1) == K && maxq.size(0) == C && maxq.size(1) == K, "gptq_block: zero/maxq must be [C, K]");
+    TORCH_CHECK(u.size(0) == K && u.size(1) == K, "gptq_block: u must be [K, K]");
+    TORCH_CHECK(err.size(0) == C && err.size(1) == BLOCK_ROWS && err.size(2) == N, "gptq_block: err must be [C, 32, N]");
+    TORCH_CHECK(q_out.sizes() == w.sizes(), "gptq_block: q_out must be shaped like w");
+    int16_t* codes_ptr = nullptr;
+    if (codes.numel())
+    {
+        CHECK_CUDA_DTYPE(codes, torch::kInt16, 3);
+        TORCH_CHECK(codes.sizes() == w.sizes(), "gptq_block: codes must be shaped like w");
+        codes_ptr = codes.data_ptr<int16_t>();
+    }
+    dim3 grid((N + THREADS - 1) / THREADS, C);
+    gptq_block_kernel<<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<float>(), scale.data_ptr<float>(), zero.data_ptr<int>(), maxq.data_ptr<int>(), u.data_ptr<float>(),
+        q_out.data_ptr<float>(), codes_ptr, err.data_ptr<float>(), K, N, (int) a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+torch::Tensor pgrid_err(torch::Tensor x, torch::Tensor cand, torch::Tensor p, int64_t bits)
+{
+    const at::cuda::OptionalCUDAGuard guard(device_of(x));
+    CHECK_CUDA_F32(x, 2); CHECK_CUDA_F32(cand, 1); CHECK_CUDA_F32(p, 1);
+    TORCH_CHECK(bits >= 2 && bits <= 8, "pgrid_err: bits must be 2..8, got ", bits);
+    const int rows = x.size(0), N = x.size(1), P = p.size(0);
+    TORCH_CHECK(cand.size(0) == N, "pgrid_err: cand must be [N]");
+    const int nblk = (N + THREADS - 1) / THREADS;
+    auto partial = torch::empty({P, nblk}, x.options());
+    const float z = (float) (1 << (bits - 1)), m = (float) ((1 << bits) - 1);
+    dim3 grid(nblk, P);
+    pgrid_err_kernel<<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<float>(), cand.data_ptr<float>(), p.data_ptr<float>(), partial.data_ptr<float>(), rows, N, -z, m - z);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return partial.sum(1);
+}

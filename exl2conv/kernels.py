@@ -1,0 +1,85 @@
+"""The CUDA extension (csrc/): built on first use into a cache, under a file lock, with a torch
+fallback for every kernel.
+
+``get()`` returns the loaded module, or None when the kernels cannot be used here (no CUDA, no
+toolchain, no csrc/ beside the package, or ``EXL2CONV_NO_KERNELS=1``); callers then run the torch
+reference in :mod:`exl2conv.gptq`, which defines the arithmetic the kernels reproduce.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+NAME = "exl2conv_ext"
+_state: dict = {}
+log = logging.getLogger("exl2conv")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EXL2CONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "exl2conv")
+    import torch
+
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{(torch.version.cuda or 'none').replace('.', '')}"
+    return Path(base) / "ext" / tag
+
+
+def sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.cu"))
+
+
+def get():
+    """The extension module, or None (then the torch path is used)."""
+    if "mod" in _state:
+        return _state["mod"]
+    _state["mod"] = None
+    if os.environ.get("EXL2CONV_NO_KERNELS") == "1":
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or not sources():
+        return None
+    try:
+        _state["mod"] = _build()
+    except Exception as exc:  # noqa: BLE001 - any build failure falls back, loudly
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+        print(f" !! Warning: the CUDA kernels could not be built ({msg}); using the slower torch path. "
+              "Install a CUDA toolkit (nvcc) matching torch and ninja to enable them.", file=sys.stderr)
+    return _state["mod"]
+
+
+def _build():
+    import torch
+    from torch.utils import cpp_extension
+
+    build = cache_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}.{minor}"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch)
+    t0 = time.monotonic()
+    with open(build / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
+        try:
+            mod = cpp_extension.load(
+                name=NAME,
+                sources=[str(s) for s in sources()],
+                build_directory=str(build),
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-lineinfo"],
+                verbose=False,
+            )
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    for fn in ("gptq_block", "pgrid_err"):
+        if not hasattr(mod, fn):
+            raise RuntimeError(f"the built extension lacks {fn}")
+    took = time.monotonic() - t0
+    if took > 5:
+        print(f" -- Built CUDA kernels in {took:.0f} s (cached in {build})", file=sys.stderr)
+    return mod
