@@ -96,8 +96,9 @@ def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: boo
     for name, module in tools:
         w = work / name
         shutil.rmtree(w, ignore_errors=True)
-        m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra], w.parent / f"{name}_m.log") \
-            if (w.mkdir(parents=True) or True) else None
+        w.mkdir(parents=True)
+        m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra],
+                w.parent / f"{name}_m.log")
         q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0", *extra],
                 w.parent / f"{name}_q.log")
         rows[name] = {"measure_s": m["wall"], "quant_s": q["wall"], "measure_per_layer": m["wall"] / layers,
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.gguf.smollm2_fp16)")
     ap.add_argument("--llama7b-layers", type=int, default=0, help="layers of a random Llama-2-7B-shaped model")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
-    ap.add_argument("--no-exllamav2", action="store_true")
+    ap.add_argument("--no-exllamav2", action="store_true", help="time exl2conv alone")
     args = ap.parse_args()
     try:
         import exllamav2  # noqa: F401
