@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,10 @@ from safetensors.torch import save_file
 
 from exl2conv import faults
 from exl2conv.errors import Exl2Error
+
+TEMP_SUFFIX = ".tmp"
+# tempfile.mkstemp adds 8 random characters from [a-z0-9_]
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,30 +48,77 @@ def write_with(path: Path, writer: Callable[[Any], None]) -> None:
     write_via_path(path, to_file)
 
 
+def _umask() -> int:
+    # reading the umask means setting it; it is read once, before any thread of ours writes
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
 def write_via_path(path: Path, writer: Callable[[str], None]) -> None:
     """Atomically create or replace ``path``; ``writer(tmp_path)`` writes the content to a
-    temporary path in the same folder."""
+    temporary path in the same folder (named ``.<name>.<random>.tmp``, see :func:`remove_temps`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        # mkstemp makes the file 0600; a model folder should get the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        faults.point("write")
+        faults.point("write", tmp)
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise Exl2Error(f"no space left on the device while writing {path}; free some space and "
-                            "run the same command again to resume") from None
-        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise Exl2Error(f"cannot write {path}: {exc.strerror}; choose a writable folder") from None
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        err = user_error(exc, path)
+        if err is not None:
+            raise err from None
         raise
     _fsync_dir(path.parent)
+
+
+def user_error(exc: BaseException, path: Path) -> Exl2Error | None:
+    """The one-line error for a failed write of ``path`` that the user can fix (disk full, no
+    permission, missing folder), or None. safetensors reports I/O errors as its own exception
+    type with the OS message inside, so the message is checked too."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text:
+        return Exl2Error(f"no space left on the device while writing {path}; nothing was damaged: free "
+                         "some space and run the same command again to resume")
+    if code in (errno.EACCES, errno.EROFS, errno.EPERM) or "Permission denied" in text:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "permission denied"
+        return Exl2Error(f"cannot write {path}: {reason}; choose a writable folder")
+    if code == errno.ENOENT and not Path(path).parent.is_dir():
+        return Exl2Error(f"cannot write {path}: the folder {Path(path).parent} does not exist (was it "
+                         "removed while the job ran?); run the same command again to resume")
+    return None
+
+
+def remove_temps(folder: Path) -> list[str]:
+    """Remove the temporary files an interrupted write left in ``folder`` (only names of the
+    form ``.<name>.<random>.tmp`` that :func:`write_via_path` makes); returns their names."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+            remove(p)
+            removed.append(p.name)
+    return removed
 
 
 def write_bytes(path: Path, data: bytes) -> None:

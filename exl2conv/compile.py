@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from exl2conv import EXL2_FORMAT_VERSION, atomic
+from exl2conv import EXL2_FORMAT_VERSION, atomic, faults
 from exl2conv.errors import Exl2Error
 
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2, "I64": 8, "U8": 1, "I8": 1}
@@ -95,6 +95,7 @@ def write_shards(shards: list[list[OutTensor]], dest: Path, on_shard=None) -> li
     for i, (shard, fname) in enumerate(zip(shards, names)):
         tensors = {t.name: t.load() for t in shard}
         atomic.save_tensors(dest / fname, tensors)
+        faults.point("shard")
         written.append((fname, (dest / fname).stat().st_size))
         if on_shard:
             on_shard(i + 1, len(shards))

@@ -23,9 +23,10 @@ from safetensors import safe_open
 from exl2conv import atomic, calibration, compile as compile_mod, faults, solver
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import prepare
-from exl2conv.job import ARGS, Job, Stage, clear_work_dir, is_ours, new_job_data, resume_conflicts
+from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
+                          measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
 from exl2conv.layers import Module, error_weight, module_list
-from exl2conv.measure import measure_module
+from exl2conv.measure import check_finite, measure_module
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
@@ -67,6 +68,8 @@ def check_paths(values: dict[str, Any], out_dir: Path) -> None:
             if _inside(cf, src):
                 raise Exl2Error(f"-cf {cf} is inside (or equal to) the input folder {src}; choose an "
                                 "output folder elsewhere")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Exl2Error(f"-o {out_dir} is a file, not a folder; give a new or empty working folder")
     if values.get("compile_full"):
         cf = Path(values["compile_full"]).expanduser().resolve()
         if cf.exists() and not cf.is_dir():
@@ -85,6 +88,13 @@ def check_paths(values: dict[str, Any], out_dir: Path) -> None:
         v = values.get(field_)
         if v is not None and int(v) < lo:
             raise Exl2Error(f"{flag} {v}: must be at least {lo}")
+    if not values.get("cal_dataset"):
+        for flag, field_ in (("-l", "length"), ("-ml", "measurement_length")):
+            v = values.get(field_)
+            if v is not None and min(int(v), calibration.MAX_CTX) % calibration.CHUNK:
+                raise Exl2Error(f"{flag} {v}: the built-in calibration set needs a row length that is a multiple "
+                                f"of {calibration.CHUNK} (e.g. {max(calibration.CHUNK, int(v) // calibration.CHUNK * calibration.CHUNK)}), "
+                                "or give a parquet dataset with -c")
     b = values.get("bits")
     if b is not None and not (math.isfinite(float(b)) and float(b) > 0):
         raise Exl2Error(f"-b {b}: give a positive number of bits per weight, e.g. -b 4.0")
@@ -155,7 +165,7 @@ class Context:
             name = arch.unquantized_tensors(self.cfg, mod.layer + 1)[0]
         else:
             name = arch.final_norm_tensor(self.cfg)
-        return error_weight(self.weights.get(name, dtype=torch.float32, device=self.device))
+        return error_weight(forward.load_norm(self.weights, self.cfg, name, self.device))
 
     def numel_decoder(self) -> int:
         total = 0
@@ -178,6 +188,7 @@ def save_checkpoint(ctx: Context, pass_: str, index: int, states: torch.Tensor |
     if states is not None:
         fname = f"states_{pass_}_{index:04d}.safetensors"
         atomic.save_tensors(ctx.out_dir / fname, {"hidden_states": states})
+    faults.point("checkpoint")
     job.data.update(fields)
     job["checkpoint"] = {"pass": pass_, "module": index, "file": fname}
     job.save()
@@ -197,6 +208,9 @@ def load_checkpoint(ctx: Context, pass_: str) -> tuple[int, torch.Tensor | None]
                 states = f.get_tensor("hidden_states")
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
             raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
+        if not bool(torch.isfinite(states).all()):
+            raise Exl2Error(f"{path}: the checkpointed calibration states hold NaN or Inf values (a damaged "
+                            "file); start afresh with -nr")
         states = states.to(ctx.device)
     return int(cp["module"]), states
 
@@ -207,6 +221,29 @@ def remove_stray_checkpoints(ctx: Context) -> None:
     for p in ctx.out_dir.glob("states_*.safetensors"):
         if p.name != keep:
             atomic.remove(p)
+
+
+def measurement_doc(ctx: Context, meas: dict, last_module_idx: int | None) -> dict:
+    """measurement.json's content: ExLlamaV2's two keys, plus our fingerprint under a key it
+    ignores, so that -m can tell a measurement of another model."""
+    return {"measurement": meas, "last_module_idx": last_module_idx,
+            FINGERPRINT_KEY: {"model_fingerprint": (ctx.job["fingerprint"] or {}).get("model"),
+                              "calibration": calibration_settings(ctx.job.data)}}
+
+
+def read_measurement(ctx: Context) -> dict:
+    """The ``measurement`` object of the working folder's measurement.json."""
+    path = ctx.out_dir / MEASUREMENT
+    try:
+        meas = json.loads(path.read_text(encoding="utf-8"))["measurement"]
+        if not isinstance(meas, dict):
+            raise TypeError
+    except FileNotFoundError:
+        raise Exl2Error(f"{path} is missing; the job cannot go on without it: start afresh with -nr") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise Exl2Error(f"{path} is corrupt (not a measurement.json); start afresh with -nr "
+                        "(or give a good measurement with -m)") from None
+    return meas
 
 
 # -- stages ------------------------------------------------------------------------------------------
@@ -251,14 +288,15 @@ def stage_begin(ctx: Context) -> None:
 
 def embed_states(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
     table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
-    return forward.embed(ids.to(ctx.device), table)
+    return forward.embed(ids.to(ctx.device), table, ctx.cfg.embed_scale)
 
 
 def stage_initial_embeddings(ctx: Context) -> None:
     ctx.rep.info("Token embeddings (measurement)...")
     ctx.rep.status("Embeddings", 0, 1)
     states = embed_states(ctx, load_ids(ctx, "measure"))
-    atomic.write_json(ctx.out_dir / MEASUREMENT, {"measurement": {}, "last_module_idx": 0})
+    check_finite(states, "the token embeddings")
+    atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, {}, 0))
     save_checkpoint(ctx, "measure", 0, states, last_module_idx=0)
     ctx.job.advance(Stage.MEASURE)
 
@@ -275,7 +313,7 @@ def stage_measure(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Measuring quantization impact...")
     start, states = load_checkpoint(ctx, "measure")
-    meas = json.loads((ctx.out_dir / MEASUREMENT).read_text())["measurement"]
+    meas = read_measurement(ctx)
     mods = ctx.modules
     # entries past the checkpoint belong to work that is about to be redone
     keep = {m.meas_key for m in mods[1:start + 1]}
@@ -302,7 +340,8 @@ def stage_measure(ctx: Context) -> None:
             final = mod.index == len(mods) - 1
             faults.point("module")
             if final or _checkpoint_due(ctx, last_cp):
-                atomic.write_json(ctx.out_dir / MEASUREMENT, {"measurement": meas, "last_module_idx": mod.index})
+                atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, meas, mod.index))
+                faults.point("measurement")
                 save_checkpoint(ctx, "measure", mod.index, states, last_module_idx=mod.index)
                 last_cp = time.monotonic()
                 if ctx.interrupted and not final:
@@ -356,13 +395,19 @@ def stage_optimize(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Optimizing...")
     ctx.rep.status("Optimizing", 0, 1)
-    meas = json.loads((ctx.out_dir / MEASUREMENT).read_text())["measurement"]
+    meas = read_measurement(ctx)
     keys, slots = measurement_slots(ctx, meas)
     check_measurement_matches(ctx, keys, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
     numel = ctx.numel_decoder()
     budget = int(numel * job["bits"])
     errs = [[1.0 - float(e["accuracy"]) for e in entries] for entries in slots]
     costs = [[int(e["total_bits"]) for e in entries] for entries in slots]
+    lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    if budget > hi:
+        # every module would take its largest option and the target would still not be met:
+        # the user asked for something else than they would get
+        raise Exl2Error(f"-b {job['bits']}: this model can be quantized at {lo / numel:.3f} to {hi / numel:.3f} "
+                        "bits per weight (decoder, overheads included); choose -b in that range")
     try:
         sol = solve_budget(costs, errs, budget)
     except Exl2Error as exc:
@@ -459,7 +504,7 @@ def stage_quant(ctx: Context) -> None:
                 record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
                 bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
             elif mod.kind == "norm":
-                w = ctx.weights.get(arch.final_norm_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
+                w = forward.load_norm(ctx.weights, ctx.cfg, arch.final_norm_tensor(ctx.cfg), ctx.device)
                 states = forward.final_norm(states, w, ctx.cfg.rms_norm_eps)
                 bar.update(1)
             else:
@@ -494,7 +539,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save) -> dict:
     nll, count = 0.0, 0
     vocab = ctx.cfg.vocab_size
     for r in range(rows):
-        logits = forward.logits(states[r:r + 1], decoded)[0, :-1, :vocab].float()
+        logits = forward.logits(states[r:r + 1], decoded, ctx.cfg.final_softcap)[0, :-1, :vocab].float()
         logp = torch.log_softmax(logits + 1e-10, dim=-1)
         target = ids[r, 1:].clamp(0, vocab - 1)
         nll -= float(logp.gather(-1, target.unsqueeze(-1)).sum())
@@ -512,12 +557,16 @@ def stage_compile(ctx: Context) -> None:
     tensors: list[compile_mod.OutTensor] = []
     ends: list[int] = []
 
-    def fp16(name: str) -> compile_mod.OutTensor:
+    def fp16(name: str, repeat: int = 0, dtype: torch.dtype = torch.float16) -> compile_mod.OutTensor:
+        """A tensor copied unquantized; ``repeat`` > 0 expands a q/k norm [d] to [repeat, d]
+        (ExLlamaV2 saves the loaded, per-head form; spec 6.8)."""
         shape = ctx.weights.shape(name)
-        n = 2
+        n = torch.empty((), dtype=dtype).element_size() * max(repeat, 1)
         for d in shape:
             n *= d
-        return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=torch.float16))
+        if repeat:
+            return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=dtype).repeat(repeat, 1))
+        return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=dtype))
 
     def linear(name: str) -> None:
         tensors.extend(compile_mod.tensor_file_entries(ctx.out_dir / OUT_TENSOR / f"{name}.safetensors"))
@@ -525,14 +574,18 @@ def stage_compile(ctx: Context) -> None:
     tensors.append(fp16(arch.embedding_tensor(cfg)))
     ends.append(len(tensors))
     for i in range(cfg.num_layers):
-        norm_1, norm_2 = arch.unquantized_tensors(cfg, i)
-        for part, norm in (("attn", norm_1), ("mlp", norm_2)):
-            tensors.append(fp16(norm))
+        for part in ("attn", "mlp"):
+            tensors.extend(fp16(norm) for norm in arch.norm_tensors(cfg, i, part))
             for spec in arch.layer_linears(cfg, i, part).values():
                 linear(spec.name)
+            if part == "attn":
+                q_norm, k_norm = arch.head_norm_tensors(cfg, i) or (None, None)
+                if q_norm:
+                    tensors += [fp16(q_norm, cfg.num_heads), fp16(k_norm, cfg.num_kv_heads)]
             ends.append(len(tensors))
     tensors.append(fp16(arch.final_norm_tensor(cfg)))
-    linear("lm_head")
+    linear(arch.head_spec(cfg, ctx.weights).name)
+    tensors.extend(fp16(name, dtype=ctx.weights.source_dtype(name)) for name in arch.extra_tensors(cfg, ctx.weights))
     ends.append(len(tensors))
 
     limit = int(float(job["shard_size"]) * 1024 ** 2)
@@ -564,20 +617,22 @@ STAGES = {
 # -- the job ------------------------------------------------------------------------------------------
 
 
-def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Reporter) -> Job:
-    """Create a new job or resume the saved one, enforcing the resume rules."""
+def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Reporter,
+             fingerprint: str | None = None) -> Job:
+    """Create a new job or resume the saved one, enforcing the resume rules. ``fingerprint`` is
+    the model's (:func:`model_fingerprint_of`), needed to start a job."""
     if no_resume:
         clear_work_dir(out_dir)
     if (out_dir / "job.json").exists():
         job = Job.load(out_dir)
         conflicts = resume_conflicts(job.data, values)
         if conflicts:
-            raise Exl2Error("the arguments differ from the saved job in " + str(out_dir) + ":\n" + "\n".join(conflicts)
-                            + "\nrun the same command as before to resume, or add -nr to start a new job "
-                            "(this deletes the job's files in " + str(out_dir) + ")")
+            raise Exl2Error(f"the arguments differ from the saved job in {out_dir} ({'; '.join(conflicts)}); "
+                            "run the same command as before to resume, or add -nr to start a new job "
+                            f"(this deletes the job's files in {out_dir})")
         for arg in ARGS:
-            if arg.may_change and values.get(arg.field) is not None:
-                job[arg.field] = values[arg.field]
+            if arg.changeable(job.stage) and values.get(arg.field) is not None:
+                job[arg.field] = normalize(arg.field, values[arg.field])
         rep.info(f"Resuming job in {out_dir} (stage: {job.stage.value})")
         return job
     if not values.get("in_dir"):
@@ -585,16 +640,63 @@ def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Report
     if out_dir.exists() and any(out_dir.iterdir()) and not is_ours(out_dir):
         raise Exl2Error(f"-o {out_dir} already holds files that are not an exl2conv job; choose an empty "
                         "or new working folder (exl2conv never writes over files it did not make)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job = Job(out_dir, new_job_data(values))
+    data = None
     if values.get("reuse_measurement"):
         data = load_measurement_file(Path(values["reuse_measurement"]))
-        atomic.write_json(out_dir / MEASUREMENT, {"measurement": data["measurement"],
-                                                  "last_module_idx": data.get("last_module_idx")})
+        check_measurement_fingerprint(data, fingerprint, values)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Exl2Error(f"-o {out_dir}: cannot create the working folder ({exc.strerror}); choose a "
+                        "writable folder") from None
+    job = Job(out_dir, new_job_data(values))
+    job["fingerprint"] = {"model": fingerprint, "calibration": calibration_settings(job.data)}
+    if data is not None:
+        doc = {"measurement": data["measurement"], "last_module_idx": data.get("last_module_idx")}
+        if isinstance(data.get(FINGERPRINT_KEY), dict):
+            doc[FINGERPRINT_KEY] = data[FINGERPRINT_KEY]
+        atomic.write_json(out_dir / MEASUREMENT, doc)
         job["last_module_idx"] = data.get("last_module_idx")
     job.save()
     rep.info(f"Starting new job in {out_dir}")
     return job
+
+
+def check_measurement_fingerprint(data: dict, fingerprint: str | None, values: dict[str, Any]) -> None:
+    """-m with a measurement of another model is refused, unless --force-measurement. ExLlamaV2's
+    own files carry no fingerprint: they are checked by their total_bits only (stage optimize)."""
+    theirs = measurement_fingerprint(data)
+    if theirs is None or fingerprint is None or theirs == fingerprint or values.get("force_measurement"):
+        return
+    raise Exl2Error(f"-m {values['reuse_measurement']}: this measurement was made for another model (its "
+                    f"fingerprint {theirs[:12]} is not {fingerprint[:12]}, the fingerprint of the tensor names, "
+                    f"shapes and config of {values['in_dir']}); measure this model (leave out -m), or add "
+                    "--force-measurement if you know it fits")
+
+
+def load_model(in_dir: Path, rope_scale: float | None, rope_alpha: float | None) -> tuple[Any, WeightIndex]:
+    """config.json and the safetensors index of ``in_dir``, checked against each other (headers
+    only: no tensor data is read)."""
+    cfg = load_config(in_dir, rope_scale, rope_alpha)
+    weights = WeightIndex(in_dir)
+    weights.check(arch.expected_tensors(cfg))
+    return cfg, weights
+
+
+def model_fingerprint_of(cfg: Any, weights: WeightIndex) -> str:
+    return model_fingerprint(cfg.raw, {n: (e.dtype, e.shape) for n, e in weights.entries.items()})
+
+
+def check_model_unchanged(job: Job, cfg: Any, weights: WeightIndex) -> None:
+    """A resumed job must find the model it started with."""
+    fp = model_fingerprint_of(cfg, weights)
+    saved = (job["fingerprint"] or {}).get("model")
+    if saved is None:
+        job["fingerprint"] = {"model": fp, "calibration": calibration_settings(job.data)}
+        job.save()
+    elif saved != fp:
+        raise Exl2Error(f"the model in {job['in_dir']} is not the one this job started with (its tensor "
+                        "names, shapes, dtypes or config.json changed); restore it, or start afresh with -nr")
 
 
 @dataclass
@@ -658,18 +760,27 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     out = Path(out_dir).expanduser().resolve()
     check_paths(values, out)
     configure_determinism()
-    job = open_job(values, out, no_resume, rep)
+    fingerprint = None
+    if values.get("in_dir"):
+        # the model is checked before anything is created or cleared (-nr)
+        in_dir = Path(values["in_dir"]).expanduser().resolve()
+        fingerprint = model_fingerprint_of(*load_model(in_dir, values.get("rope_scale"), values.get("rope_alpha")))
+        load_tokenizer(in_dir)
+    job = open_job(values, out, no_resume, rep, fingerprint)
     if job.stage == Stage.FINISHED:
         rep.info(f"The job in {out} has already finished; use -nr to start a new one")
         ctx = Context(job, None, None, torch.device("cpu"), rep)  # type: ignore[arg-type]
         return summarize(ctx)
     rep.status_output = bool(job["status_output"])
-    cfg = load_config(Path(job["in_dir"]), job["rope_scale"], job["rope_alpha"])
-    weights = WeightIndex(Path(job["in_dir"]))
-    weights.check(arch.expected_tensors(cfg))
+    cfg, weights = load_model(Path(job["in_dir"]), job["rope_scale"], job["rope_alpha"])
+    check_model_unchanged(job, cfg, weights)
     ctx = Context(job, cfg, weights, pick_device(device), rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     remove_stray_checkpoints(ctx)
+    # temporary files of writes that a crash cut short
+    for folder in (out, out / OUT_TENSOR, Path(job["compile_full"]) if job["compile_full"] else None):
+        if folder is not None:
+            atomic.remove_temps(folder)
     _print_plan(ctx)
 
     def on_sigint(signum, frame):

@@ -1,26 +1,73 @@
 """Fault injection for the crash-safety tests.
 
-``EXL2CONV_FAULT=<point>:<n>`` makes the process kill itself with SIGKILL the n-th time it reaches
-``<point>`` (``write``: a file fully written but not yet renamed into place; ``module``: a module
-finished, before its checkpoint; ``stage``: a stage finished, before the job advances). Unset, a
-point costs one dictionary lookup.
+``EXL2CONV_FAULT=<point>:<n>[:<action>]`` acts the n-th time the process reaches ``<point>``.
+Several specs may be given, separated by commas. Actions:
+
+- ``kill`` (default): SIGKILL, as a power cut or the OOM killer would;
+- ``sigint``: SIGINT to itself, as Ctrl-C would;
+- ``enospc``: an ``OSError(ENOSPC)`` raised at the point (where the point names a file being
+  written, that file is first cut to half its size: a disk that filled up mid-write).
+
+Points: ``write`` (a file fully written but not yet renamed into place), ``module`` (a module
+finished, before its checkpoint), ``measurement`` (measurement.json saved, before the
+checkpoint that goes with it), ``checkpoint`` (the states file written, before the job names
+it), ``shard`` (an output shard written, before the next), ``stage`` (a stage finished, before
+the job records its time). Unset, a point costs one environment lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+from pathlib import Path
+
+ENV = "EXL2CONV_FAULT"
+POINTS = ("write", "module", "measurement", "checkpoint", "shard", "stage")
+ACTIONS = ("kill", "sigint", "enospc")
 
 _counts: dict[str, int] = {}
 
 
-def point(name: str) -> None:
-    spec = os.environ.get("EXL2CONV_FAULT")
+def reset() -> None:
+    """Forget how often each point was reached (for in-process tests)."""
+    _counts.clear()
+
+
+def parse(spec: str) -> list[tuple[str, int, str]]:
+    """``"write:3,module:2:sigint"`` -> ``[("write", 3, "kill"), ("module", 2, "sigint")]``."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        fields = part.split(":")
+        if len(fields) not in (2, 3) or fields[0] not in POINTS or not fields[1].isdigit():
+            raise ValueError(f"{ENV}={spec!r}: each fault is <point>:<n>[:<action>], point one of {POINTS}")
+        action = fields[2] if len(fields) == 3 else "kill"
+        if action not in ACTIONS:
+            raise ValueError(f"{ENV}={spec!r}: action {action!r} is not one of {ACTIONS}")
+        out.append((fields[0], int(fields[1]), action))
+    return out
+
+
+def point(name: str, path: str | Path | None = None) -> None:
+    """Reached ``name``; ``path`` is the file being written there, if any."""
+    spec = os.environ.get(ENV)
     if not spec:
         return
-    want, _, n = spec.rpartition(":")
-    if want != name:
+    faults = [f for f in parse(spec) if f[0] == name]
+    if not faults:
         return
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == int(n):
+    for _, n, action in faults:
+        if _counts[name] == n:
+            _act(action, path)
+
+
+def _act(action: str, path: str | Path | None) -> None:
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        if path is not None and os.path.isfile(path):
+            os.truncate(path, os.path.getsize(path) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)

@@ -8,6 +8,7 @@ and a resumed run refuses arguments that contradict the saved job instead of ign
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,18 +46,23 @@ class Arg:
     default: Any
     may_change: bool = False
     is_path: bool = False
+    open_until: str | None = None  # the last stage (value) at which it may still change
+
+    def changeable(self, stage: "Stage") -> bool:
+        return self.may_change or (self.open_until is not None and
+                                   STAGE_ORDER.index(stage) <= STAGE_ORDER.index(Stage(self.open_until)))
 
 
 ARGS: tuple[Arg, ...] = (
     Arg("in_dir", "-i", None, is_path=True),
     Arg("cal_dataset", "-c", None, is_path=True),
-    Arg("bits", "-b", 4.125),
+    Arg("bits", "-b", 4.125, open_until="optimize"),  # chosen at optimize: a bad -b costs no measurement
     Arg("dataset_rows", "-r", 100),
     Arg("measurement_rows", "-mr", 16),
     Arg("length", "-l", 2048),
     Arg("measurement_length", "-ml", 2048),
-    Arg("head_bits", "-hb", 6),
-    Arg("shard_size", "-ss", 8192.0),
+    Arg("head_bits", "-hb", 6, open_until="embeddings"),
+    Arg("shard_size", "-ss", 8192.0, open_until="compile"),
     Arg("compile_full", "-cf", None, is_path=True),
     Arg("rope_scale", "-rs", None),
     Arg("rope_alpha", "-ra", None),
@@ -64,8 +70,10 @@ ARGS: tuple[Arg, ...] = (
     Arg("reuse_measurement", "-m", None, is_path=True),
     Arg("status_output", "-so", False, may_change=True),
     Arg("checkpoint_interval", "-cpi", 180.0, may_change=True),
+    Arg("force_measurement", "--force-measurement", False, may_change=True),
 )
 ARG_BY_FIELD = {a.field: a for a in ARGS}
+STAGE_ORDER = list(Stage)
 UNLIMITED_SHARD_MB = 1024 ** 3  # what ExLlamaV2 stores for -ss 0
 
 
@@ -146,16 +154,17 @@ def new_job_data(values: dict[str, Any]) -> dict:
 
 
 def resume_conflicts(saved: dict, given: dict[str, Any]) -> list[str]:
-    """Arguments given on the command line that contradict the saved job, as lines
-    ``flag: saved X, given Y``."""
+    """Arguments given on the command line that contradict the saved job, as
+    ``flag: saved X, given Y``. -b, -hb and -ss may still change until the stage that uses them."""
     lines = []
+    stage = Stage(saved.get("progress", Stage.BEGIN.value))
     for arg in ARGS:
-        if arg.may_change or given.get(arg.field) is None:
+        if arg.changeable(stage) or given.get(arg.field) is None:
             continue
         new = normalize(arg.field, given[arg.field])
         old = saved.get(arg.field)
         if new != old:
-            lines.append(f"  {arg.flag}: saved {old!r}, given {new!r}")
+            lines.append(f"{arg.flag}: saved {old!r}, given {new!r}")
     return lines
 
 
@@ -187,3 +196,48 @@ def clear_work_dir(out_dir: Path) -> None:
             shutil.rmtree(entry)
         else:
             os.unlink(entry)
+
+
+# -- fingerprints ---------------------------------------------------------------------------------
+
+# config.json fields that decide tensor shapes and which tensors exist: a measurement or a job is
+# tied to these, not to the weights' values (a fine-tune of the same base shares them).
+SHAPE_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                     "tie_word_embeddings", "attention_bias", "mlp_bias")
+CALIBRATION_FIELDS = ("cal_dataset", "measurement_rows", "measurement_length", "rope_scale", "rope_alpha")
+FINGERPRINT_KEY = TOOL  # the extra top-level key of measurement.json, which ExLlamaV2 ignores
+
+
+def model_fingerprint(config: dict, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """sha256 (hex) of a model's weight metadata: the shape-deciding fields of its config.json
+    and every tensor's name, dtype and shape (``tensors``: name -> (dtype, shape)). Reads no
+    tensor data, so it costs milliseconds on any model."""
+    doc = {
+        "config": {k: config.get(k) for k in SHAPE_CONFIG_KEYS if k in config},
+        "tensors": sorted([name, str(dtype), [int(d) for d in shape]] for name, (dtype, shape) in tensors.items()),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def calibration_settings(data: dict) -> dict:
+    """The settings a measurement depends on besides the model, from job data: dataset (file
+    name and size, or "(default)"), rows, length and RoPE overrides."""
+    out: dict[str, Any] = {}
+    ds = data.get("cal_dataset")
+    if ds:
+        p = Path(ds)
+        out["dataset"] = p.name
+        out["dataset_bytes"] = p.stat().st_size if p.is_file() else None
+    else:
+        out["dataset"] = "(default)"
+    for f in CALIBRATION_FIELDS[1:]:
+        out[f] = data.get(f)
+    return out
+
+
+def measurement_fingerprint(doc: dict) -> str | None:
+    """The model fingerprint a measurement.json carries, or None (ExLlamaV2's own files)."""
+    block = doc.get(FINGERPRINT_KEY)
+    fp = block.get("model_fingerprint") if isinstance(block, dict) else None
+    return fp if isinstance(fp, str) else None

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Hessian, prepare, quantize_many
 from exl2conv.layers import padded_wt, run_block
 from exl2conv.model.arch import LinearSpec
 from exl2conv.qparams import ATTN_OPTIONS, MLP_OPTIONS, distinct_columns
 
 TABLES = {"attn": ATTN_OPTIONS, "mlp": MLP_OPTIONS}
+
+
+def check_finite(states: torch.Tensor, where: str) -> None:
+    """Refuse calibration states ``[R, L, H]`` holding NaN or Inf: every later module would only
+    spread them, and GPTQ on them yields garbage. One pass over the states, cheap next to GPTQ."""
+    if not bool(torch.isfinite(states).all()):
+        raise Exl2Error(f"{where}: the calibration states hold NaN or Inf values (the model's weights "
+                        "overflow float32 on the calibration data); check the model's weights, e.g. "
+                        "run it in transformers, before converting")
 
 
 def hessians_for(specs: dict[str, LinearSpec], device) -> dict[str, Hessian]:
@@ -34,6 +44,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     reference outputs ``[R, L, H]`` that feed the next module."""
     hess = hessians_for(specs, states.device)
     y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=hess)
+    check_finite(y_ref, f"{name} output" if name else f"{kind} output")
     preps = {src: prepare(h.normalized(), f"{name} ({src})") for src, h in hess.items()}
     del hess
 

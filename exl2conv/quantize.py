@@ -12,7 +12,7 @@ import torch
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Hessian, Prepared, prepare, quantize
 from exl2conv.layers import padded_bias, padded_wt, run_block
-from exl2conv.measure import hessians_for
+from exl2conv.measure import check_finite, hessians_for
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, pack_linear
 from exl2conv.qparams import QParams
@@ -55,6 +55,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     (``rfn_error``), and per-linear reports."""
     hess = hessians_for(specs, states.device)
     y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=hess)
+    check_finite(y_ref, f"{next(iter(specs.values())).name.rsplit('.', 1)[0]} output")
     preps: dict[str, Prepared] = {}
     quantized = dict(w)
     reports = []

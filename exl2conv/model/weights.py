@@ -147,6 +147,10 @@ class WeightIndex:
         except KeyError:
             raise Exl2Error(f"tensor {name!r} is not in the safetensors files in {self.model_dir}") from None
 
+    def source_dtype(self, name: str) -> torch.dtype:
+        """The torch dtype the tensor is stored in."""
+        return DTYPES[self.entry(name).dtype][0]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entry(name).shape
 
@@ -166,16 +170,23 @@ class WeightIndex:
             raise Exl2Error(problems[0] + more)
 
     def get(self, name: str, dtype: torch.dtype = torch.float32,
-            device: torch.device | str | None = None) -> torch.Tensor:
-        """Read one tensor from disk and return it as ``dtype`` on ``device`` (CPU if None)."""
+            device: torch.device | str | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor from disk and return it as ``dtype`` on ``device`` (CPU if None).
+        ``rows`` = (start, end) reads only that range of the first dimension (one linear of a
+        fused source such as Phi-3's qkv_proj)."""
         e = self.entry(name)
         if e.dtype not in READABLE:
             raise Exl2Error(f"tensor {name!r} in {e.file} is {e.dtype}; only float16, bfloat16 and "
                             f"float32 sources can be converted")
         try:
             with safe_open(str(e.file), framework="pt", device="cpu") as f:
-                t = f.get_tensor(name)
+                t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
         except Exception as err:  # safetensors raises its own error type or OSError
             raise FormatError(f"{e.file}: reading {name!r} failed ({err}); download the file again") from None
+        if not bool(torch.isfinite(t).all()):
+            # one pass over the source tensor, cheap next to anything done with it
+            raise Exl2Error(f"tensor {name!r} in {e.file} holds NaN or Inf values; the model is broken "
+                            "(a bad download or a failed fine-tune): fix or replace it before converting")
         # Move before casting: the copy to a GPU is then at the (smaller) source width.
         return t.to(device=device).to(dtype) if device is not None else t.to(dtype)
