@@ -76,8 +76,8 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
     with ExitStack() as stack:
         q = Exl2Weights(exl2_path, ref, stack)
         emb_ref = ref.get(arch.embedding_tensor(cfg), device=dev)
-        x_ref = forward.embed(ids.to(dev), emb_ref)
-        x_q = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev))
+        x_ref = forward.embed(ids.to(dev), emb_ref, cfg.embed_scale)
+        x_q = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev), cfg.embed_scale)
         del emb_ref
         rope = forward.rope_tables(cfg, ids.shape[1], dev)
         for i in range(cfg.num_layers):
@@ -87,27 +87,30 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                 specs = arch.layer_linears(cfg, i, part)
                 for key in w_ref:
                     short = key.split(".")[0]
-                    if short in specs and key == short:
+                    if not isinstance(w_ref[key], torch.Tensor):  # the layer index
+                        w_q[key] = w_ref[key]
+                    elif short in specs and key == short:
                         w_q[key] = q.linear(specs[short].name, specs[short].out_features, dev)
                     elif short in specs:  # bias: stored padded in the EXL2 tensors
                         w_q[key] = q.plain(f"{specs[short].name}.bias", dev)[: specs[short].out_features]
-                    else:
-                        w_q[key] = q.plain(_norm_name(cfg, i, part), dev)
+                    else:  # a norm, stored without the architecture's offset
+                        w_q[key] = q.plain(_norm_name(cfg, i, part, key), dev) + cfg.norm_offset
                 fn = forward.attention if part == "attn" else forward.mlp
                 x_ref = _batched(fn, x_ref, w_ref, cfg, rope)
                 x_q = _batched(fn, x_q, w_q, cfg, rope)
         norm_name = arch.final_norm_tensor(cfg)
-        x_ref = forward.final_norm(x_ref, ref.get(norm_name, device=dev), cfg.rms_norm_eps)
-        x_q = forward.final_norm(x_q, q.plain(norm_name, dev), cfg.rms_norm_eps)
+        x_ref = forward.final_norm(x_ref, forward.load_norm(ref, cfg, norm_name, dev), cfg.rms_norm_eps)
+        x_q = forward.final_norm(x_q, q.plain(norm_name, dev) + cfg.norm_offset, cfg.rms_norm_eps)
         head = arch.head_spec(cfg, ref)
         w_head_ref = ref.get(head.tensor, device=dev)
-        w_head_q = q.linear("lm_head", head.out_features, dev)
-        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg.vocab_size)
+        w_head_q = q.linear(head.name, head.out_features, dev)
+        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg.vocab_size, cfg.final_softcap)
 
 
-def _norm_name(cfg, i: int, part: str) -> str:
-    norm_1, norm_2 = arch.unquantized_tensors(cfg, i)
-    return norm_1 if part == "attn" else norm_2
+def _norm_name(cfg, i: int, part: str, key: str) -> str:
+    """The tensor name of the norm keyed ``key`` in layer ``i``'s weight dict for ``part``."""
+    names = arch.norm_tensors(cfg, i, part) + (arch.head_norm_tensors(cfg, i) if part == "attn" else [])
+    return next(n for n in names if n.split(".")[-2] == key)
 
 
 def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.Tensor:
@@ -117,12 +120,12 @@ def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.T
     return out
 
 
-def _scores(x_ref, x_q, w_ref, w_q, ids, vocab) -> dict:
+def _scores(x_ref, x_q, w_ref, w_q, ids, vocab, cap=None) -> dict:
     kl_sum = nll_q = nll_ref = 0.0
     agree = tokens = 0
     for r in range(ids.shape[0]):
-        lr = forward.logits(x_ref[r:r + 1], w_ref)[0, :, :vocab]
-        lq = forward.logits(x_q[r:r + 1], w_q)[0, :, :vocab]
+        lr = forward.logits(x_ref[r:r + 1], w_ref, cap)[0, :, :vocab]
+        lq = forward.logits(x_q[r:r + 1], w_q, cap)[0, :, :vocab]
         lp_r = torch.log_softmax(lr, dim=-1)
         lp_q = torch.log_softmax(lq, dim=-1)
         kl_sum += float((lp_r.exp() * (lp_r - lp_q)).sum(dim=-1).double().sum())

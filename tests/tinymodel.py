@@ -138,3 +138,73 @@ def make_tiny_llama(path, *, seed: int = 0, hidden: int = 64, intermediate: int 
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     _save(path, _weights(cfg, seed, dtype, mlp_bias), shards)
     return path
+
+
+# -- other architectures, built by transformers itself ----------------------------------------------
+
+def _hf_config(tf, arch: str, common: dict, extra: dict):
+    """The transformers config object for ``arch``, tiny; ``extra`` overrides fields."""
+    gemma = {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 32}
+    if arch == "Qwen2ForCausalLM":
+        return tf.Qwen2Config(**common, **extra)
+    if arch == "Qwen3ForCausalLM":
+        return tf.Qwen3Config(**common, **({"head_dim": 16} | extra))
+    if arch == "Phi3ForCausalLM":
+        return tf.Phi3Config(**common, **({"pad_token_id": 0} | extra))
+    if arch == "Gemma2ForCausalLM":
+        return tf.Gemma2Config(**common, **(gemma | {"attn_logit_softcapping": 2.0,
+                                                     "final_logit_softcapping": 3.0} | extra))
+    text = (gemma | {"layer_types": ["sliding_attention", "full_attention"],
+                     "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 1_000_000.0},
+                                         "sliding_attention": {"rope_type": "default",
+                                                               "rope_theta": 10_000.0}}} | extra)
+    if arch == "Gemma3ForCausalLM":
+        return tf.Gemma3TextConfig(**common, **text)
+    if arch == "Gemma3ForConditionalGeneration":
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**common, **text),
+                               vision_config=vision, mm_tokens_per_image=4)
+    raise ValueError(f"no tiny builder for {arch}")
+
+
+HF_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+
+def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16,
+                 layers: int = 2, extra_config: dict | None = None) -> Path:
+    """A tiny random model of ``arch`` (one of :data:`HF_ARCHS`) written by transformers'
+    save_pretrained, with the byte-level tokenizer. Hidden 64, intermediate 128, 4 heads of 16,
+    2 KV heads, 258 tokens. Weights are redrawn as in :func:`make_tiny_llama` (linears ~
+    N(0, 1/fan_in), norms ~ 1 + N(0, 0.1) in the model's own convention, biases ~ N(0, 0.1)), so
+    attention is far from uniform; the Gemma configs get small windows and caps that bite."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n_tokens = write_tokenizer(path)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=n_tokens,
+                  rms_norm_eps=1e-5, bos_token_id=BYTE_TOKENS, eos_token_id=BYTE_TOKENS + 1)
+    config = _hf_config(tf, arch, common, extra_config or {})
+    torch.manual_seed(seed)
+    model = getattr(tf, arch)(config)
+    offset = 0.0 if arch.startswith("Gemma") else 1.0
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                continue
+            if "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif name.endswith("norm.weight"):
+                p.copy_(offset + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.to(dtype).save_pretrained(path)
+    return path

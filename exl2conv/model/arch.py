@@ -30,15 +30,21 @@ def ceil32(n: int) -> int:
 @dataclass(frozen=True)
 class ArchSpec:
     """Names and behaviour of one architecture. Tensor names are HF names; per-layer ones are
-    ``f"{layers}.{i}.{suffix}"``."""
+    ``f"{prefix}{layers}.{i}.{suffix}"``.
+
+    ``attn_norms`` / ``mlp_norms``: the module's norms, the pre-norm (which reads the residual
+    stream) first, then a post-norm on the branch output where the architecture has one
+    (Gemma2/3). ``fused``: internal linear name -> (HF fused tensor, part index); parts are
+    q/k/v row ranges of ``qkv_proj`` or the gate/up halves of ``gate_up_proj`` (spec 8.2)."""
 
     name: str
+    prefix: str = ""
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     head: str = "lm_head"
-    norm_1: str = "input_layernorm"
-    norm_2: str = "post_attention_layernorm"
+    attn_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
     attn_prefix: str = "self_attn"
     mlp_prefix: str = "mlp"
     attn_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -49,11 +55,40 @@ class ArchSpec:
     rope_style: str = "neox"
     # Whether config.json's sliding_window applies (Mistral); Llama has no such field.
     sliding_window: bool = False
+    # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
+    qk_norm: bool = False
+    fused: tuple[tuple[str, str, int], ...] = ()
+    # Gemma stores norm weights as w - 1; the norm multiplies by (w + offset).
+    norm_offset: float = 0.0
+    # Gemma multiplies the embeddings by sqrt(hidden_size).
+    embed_scale: bool = False
+    # Gemma2/3: per-layer sliding windows, attention scale from query_pre_attn_scalar, softcaps.
+    gemma: bool = False
+    # Gemma3ForConditionalGeneration: the language model's fields sit under "text_config".
+    text_config: bool = False
+    # Source tensors outside the language model, copied verbatim after the head (spec 6.8).
+    extra_prefixes: tuple[str, ...] = ()
 
+
+_PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
+               ("v_proj", "self_attn.qkv_proj", 2), ("gate_proj", "mlp.gate_up_proj", 0),
+               ("up_proj", "mlp.gate_up_proj", 1))
+_GEMMA2 = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
+               mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+               act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, gemma=True)
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
     "MistralForCausalLM": ArchSpec("MistralForCausalLM", sliding_window=True),
+    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM",
+                                 always_biased=frozenset({"q_proj", "k_proj", "v_proj"})),
+    "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", qk_norm=True),
+    "Phi3ForCausalLM": ArchSpec("Phi3ForCausalLM", fused=_PHI3_FUSED),
+    "Gemma2ForCausalLM": ArchSpec("Gemma2ForCausalLM", **_GEMMA2),
+    "Gemma3ForCausalLM": ArchSpec("Gemma3ForCausalLM", qk_norm=True, **_GEMMA2),
+    "Gemma3ForConditionalGeneration": ArchSpec(
+        "Gemma3ForConditionalGeneration", prefix="language_model.", qk_norm=True, text_config=True,
+        extra_prefixes=("vision_tower.", "multi_modal_projector."), **_GEMMA2),
 }
 
 ATTN_BIAS_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -87,7 +122,8 @@ class LinearSpec:
     """One linear to quantize.
 
     ``name`` is the output key (``model.layers.3.self_attn.q_proj``, or ``lm_head``);
-    ``tensor`` the HF weight it is read from (differs for a tied head). K = ``in_features``,
+    ``tensor`` the HF weight it is read from (differs for a tied head or a fused source, where
+    ``rows`` = (start, end) is its output-row range inside ``tensor``). K = ``in_features``,
     N = ``padded_out`` = ceil32(``out_features``). ``part`` is "attn", "mlp" or "head";
     ``hessian_input`` names the forward intermediate that feeds it."""
 
@@ -100,6 +136,7 @@ class LinearSpec:
     bias: bool
     part: str
     hessian_input: str
+    rows: tuple[int, int] | None = None
 
     @property
     def bias_tensor(self) -> str | None:
@@ -116,7 +153,8 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
 
 
 def layer_prefix(cfg: "ModelConfig", i: int) -> str:
-    return f"{spec_of(cfg).layers}.{i}"
+    spec = spec_of(cfg)
+    return f"{spec.prefix}{spec.layers}.{i}"
 
 
 def is_biased(cfg: "ModelConfig", short: str) -> bool:
@@ -128,13 +166,29 @@ def is_biased(cfg: "ModelConfig", short: str) -> bool:
     )
 
 
+def _fused_rows(cfg: "ModelConfig", short: str, part: int) -> tuple[int, int]:
+    """Output-row range of part ``part`` of a fused tensor: q, k, v of qkv_proj are
+    [0, H*d), [H*d, H*d + Hkv*d), [.., .. + Hkv*d); gate and up are the halves of gate_up_proj."""
+    if short in ("gate_proj", "up_proj"):
+        n = cfg.intermediate_size
+        return part * n, (part + 1) * n
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    start = (0, q, q + kv)[part]
+    return start, start + (q if part == 0 else kv)
+
+
 def _linear(cfg: "ModelConfig", i: int, part: str, prefix: str, short: str) -> LinearSpec:
     k, n = _SHAPES[short](cfg)
-    name = f"{layer_prefix(cfg, i)}.{prefix}.{short}"
+    lp = layer_prefix(cfg, i)
+    name = f"{lp}.{prefix}.{short}"
+    tensor, rows = f"{name}.weight", None
+    for s, fused, idx in spec_of(cfg).fused:
+        if s == short:
+            tensor, rows = f"{lp}.{fused}.weight", _fused_rows(cfg, short, idx)
     return LinearSpec(
-        name=name, short=short, tensor=f"{name}.weight", in_features=k, out_features=n,
+        name=name, short=short, tensor=tensor, in_features=k, out_features=n,
         padded_out=ceil32(n), bias=is_biased(cfg, short), part=part,
-        hessian_input=HESSIAN_INPUT[short],
+        hessian_input=HESSIAN_INPUT[short], rows=rows,
     )
 
 
@@ -154,15 +208,16 @@ def layer_linears(cfg: "ModelConfig", i: int, part: str | None = None) -> dict[s
 
 
 def head_spec(cfg: "ModelConfig", weights: "WeightIndex") -> LinearSpec:
-    """The head, always keyed ``lm_head``. It reads ``lm_head.weight`` when the checkpoint has
-    one and otherwise, for tied configs, the embedding (spec 8.1). Its row count comes from the
-    tensor itself, so N is that padded to 32."""
+    """The head, always keyed ``<prefix>lm_head``. It reads ``lm_head.weight`` when the
+    checkpoint has one and otherwise, for tied configs, the embedding (spec 8.1). Its row count
+    comes from the tensor itself, so N is that padded to 32."""
     spec = spec_of(cfg)
-    own = f"{spec.head}.weight"
+    name = f"{spec.prefix}{spec.head}"
+    own = f"{name}.weight"
     if weights.has(own):
         tensor = own
     elif cfg.tie_word_embeddings:
-        tensor = f"{spec.embed}.weight"
+        tensor = embedding_tensor(cfg)
     else:
         raise Exl2Error(
             f"{own} is missing from the safetensors files in {weights.model_dir} and config.json "
@@ -170,41 +225,72 @@ def head_spec(cfg: "ModelConfig", weights: "WeightIndex") -> LinearSpec:
         )
     rows, k = weights.shape(tensor)
     return LinearSpec(
-        name=spec.head, short="lm_head", tensor=tensor, in_features=k, out_features=rows,
+        name=name, short="lm_head", tensor=tensor, in_features=k, out_features=rows,
         padded_out=ceil32(rows), bias=False, part="head", hessian_input="final_norm",
     )
 
 
-def unquantized_tensors(cfg: "ModelConfig", i: int) -> list[str]:
-    """HF names of the tensors of layer ``i`` that are copied as FP16 (its norms, spec 6.8),
-    in output order: attention norm first, then MLP norm."""
+def norm_tensors(cfg: "ModelConfig", i: int, part: str) -> list[str]:
+    """HF names of the norms of layer ``i``'s attention (part "attn") or MLP ("mlp"): the
+    pre-norm first, then the branch post-norm where the architecture has one (Gemma2/3)."""
     spec = spec_of(cfg)
     p = layer_prefix(cfg, i)
-    return [f"{p}.{spec.norm_1}.weight", f"{p}.{spec.norm_2}.weight"]
+    return [f"{p}.{n}.weight" for n in (spec.attn_norms if part == "attn" else spec.mlp_norms)]
+
+
+def head_norm_tensors(cfg: "ModelConfig", i: int) -> list[str]:
+    """The q/k head norms of layer ``i`` (Qwen3, Gemma3), each HF shape [head_dim]; else []."""
+    if not spec_of(cfg).qk_norm:
+        return []
+    p = f"{layer_prefix(cfg, i)}.{spec_of(cfg).attn_prefix}"
+    return [f"{p}.q_norm.weight", f"{p}.k_norm.weight"]
+
+
+def unquantized_tensors(cfg: "ModelConfig", i: int) -> list[str]:
+    """HF names of the two norms of layer ``i`` that read the residual stream: the attention's
+    pre-norm, then the MLP's. Every FP16 tensor of a layer is in :func:`norm_tensors` and
+    :func:`head_norm_tensors`."""
+    return [norm_tensors(cfg, i, "attn")[0], norm_tensors(cfg, i, "mlp")[0]]
 
 
 def embedding_tensor(cfg: "ModelConfig") -> str:
-    return f"{spec_of(cfg).embed}.weight"
+    spec = spec_of(cfg)
+    return f"{spec.prefix}{spec.embed}.weight"
 
 
 def final_norm_tensor(cfg: "ModelConfig") -> str:
-    return f"{spec_of(cfg).final_norm}.weight"
+    spec = spec_of(cfg)
+    return f"{spec.prefix}{spec.final_norm}.weight"
+
+
+def extra_tensors(cfg: "ModelConfig", weights: "WeightIndex") -> list[str]:
+    """Source tensors outside the language model (Gemma3's vision tower and projector), in
+    file order; copied verbatim in their source dtype after the head (spec 6.8)."""
+    prefixes = spec_of(cfg).extra_prefixes
+    return [n for n in weights.entries if prefixes and n.startswith(prefixes)]
 
 
 def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
     """Every HF tensor the conversion reads, with its shape, in module order. The head is
-    listed only when the config does not tie it to the embedding."""
+    listed only when the config does not tie it to the embedding. A fused source is listed
+    once, with its full row count."""
     spec = spec_of(cfg)
     h = cfg.hidden_size
     out: dict[str, tuple[int, ...]] = {embedding_tensor(cfg): (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
-        for part, norm in zip(("attn", "mlp"), unquantized_tensors(cfg, i)):
-            out[norm] = (h,)
+        for part in ("attn", "mlp"):
+            for norm in norm_tensors(cfg, i, part):
+                out[norm] = (h,)
             for lin in layer_linears(cfg, i, part).values():
-                out[lin.tensor] = (lin.out_features, lin.in_features)
+                end = lin.rows[1] if lin.rows else lin.out_features
+                rows = max(end, out.get(lin.tensor, (0,))[0])
+                out[lin.tensor] = (rows, lin.in_features)
                 if lin.bias:
                     out[lin.bias_tensor] = (lin.out_features,)
+            if part == "attn":
+                for norm in head_norm_tensors(cfg, i):
+                    out[norm] = (cfg.head_dim,)
     out[final_norm_tensor(cfg)] = (h,)
     if not cfg.tie_word_embeddings:
-        out[f"{spec.head}.weight"] = (cfg.vocab_size, h)
+        out[f"{spec.prefix}{spec.head}.weight"] = (cfg.vocab_size, h)
     return out

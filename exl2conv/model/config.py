@@ -54,7 +54,31 @@ class ModelConfig:
     sliding_window: int | None
     rope_scale: float = 1.0
     rope_alpha: float = 1.0
+    # Gemma2/3: which layers use the sliding window (empty: every layer uses sliding_window),
+    # the attention-score and logit tanh caps, the attention scale (None: 1/sqrt(head_dim)),
+    # and Gemma3's RoPE base for sliding layers (plain RoPE, no scaling).
+    sliding_layers: tuple[bool, ...] = ()
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    attn_scale: float | None = None
+    rope_local_theta: float | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def norm_offset(self) -> float:
+        """Added to every RMSNorm weight at load (Gemma stores w - 1)."""
+        return ARCHS[self.arch].norm_offset
+
+    @property
+    def embed_scale(self) -> float:
+        """Factor on the embeddings: sqrt(hidden_size) for Gemma, else 1."""
+        return math.sqrt(self.hidden_size) if ARCHS[self.arch].embed_scale else 1.0
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, or None for full causal attention."""
+        if self.sliding_layers and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
 
     @property
     def rope_type(self) -> str:
@@ -133,13 +157,16 @@ def _arch(r: _Reader) -> str:
     return archs[0]
 
 
-def _rope(r: _Reader) -> tuple[float, dict | None]:
+def _rope(r: _Reader, params_key: str | None = None) -> tuple[float, dict | None]:
     """(rope_theta, normalized rope_scaling or None). Reads the classic ``rope_theta`` +
-    ``rope_scaling`` fields and the newer ``rope_parameters`` dict (transformers 5)."""
+    ``rope_scaling`` fields and the newer ``rope_parameters`` dict (transformers 5), or the
+    entry ``params_key`` of it where it is keyed by layer type (Gemma3)."""
     theta = r.float("rope_theta", 10000.0)
     scaling = r.raw.get("rope_scaling")
     key = "rope_scaling"
     params = r.raw.get("rope_parameters")
+    if params_key is not None and isinstance(params, dict):
+        params = params.get(params_key)
     if scaling is None and isinstance(params, dict):
         key = "rope_parameters"
         if params.get("rope_theta") is not None:
@@ -184,6 +211,53 @@ def _check_dims(r: _Reader, hidden: int, inter: int, heads: int, kv_heads: int, 
                          f"in groups of {PAD}, so this model cannot be converted")
 
 
+# Gemma3's text config as transformers defaults it: real config.json files leave these out.
+_GEMMA3_TEXT_DEFAULTS = {
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "sliding_window": 4096, "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 6, "tie_word_embeddings": True,
+}
+
+
+def _text_fields(raw: dict, arch: str) -> dict:
+    """The language model's fields: Gemma3ForConditionalGeneration nests them in text_config."""
+    if not ARCHS[arch].text_config:
+        return raw
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        text = {}
+    merged = dict(_GEMMA3_TEXT_DEFAULTS)
+    merged.update({k: v for k, v in raw.items() if k != "text_config"})
+    merged.update(text)
+    return merged
+
+
+def _gemma_fields(r: _Reader, num_layers: int) -> dict:
+    """Gemma2/3: per-layer windows, softcaps, attention scale, Gemma3's local RoPE base."""
+    types = r.raw.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        sliding = tuple(t == "sliding_attention" for t in types)
+    elif r.raw.get("model_type", "").startswith("gemma3") or "sliding_window_pattern" in r.raw:
+        pattern = r.int("sliding_window_pattern", r.raw.get("_sliding_window_pattern") or 6)
+        sliding = tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    else:  # Gemma2: even layers slide
+        sliding = tuple(i % 2 == 0 for i in range(num_layers))
+    local = None
+    if ARCHS[r.raw["architectures"][0]].qk_norm:  # Gemma3 has a local RoPE base
+        params = r.raw.get("rope_parameters")
+        local = r.float("rope_local_base_freq", 10_000.0)
+        if isinstance(params, dict) and isinstance(params.get("sliding_attention"), dict):
+            local = _Reader(r.path, params["sliding_attention"]).float("rope_theta", local)
+    return dict(
+        sliding_layers=sliding,
+        attn_softcap=r.float("attn_logit_softcapping", None),
+        final_softcap=r.float("final_logit_softcapping", None),
+        attn_scale=r.float("query_pre_attn_scalar", 256.0) ** -0.5,
+        rope_local_theta=local,
+    )
+
+
 def load_config(model_dir: str | Path, rope_scale: float | None = None,
                 rope_alpha: float | None = None) -> ModelConfig:
     """Read and check ``model_dir/config.json``. ``rope_scale`` (-rs) and ``rope_alpha`` (-ra)
@@ -192,6 +266,8 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     path = model_dir / "config.json"
     r = _Reader(path, _read_json(path))
     arch = _arch(r)
+    r = _Reader(path, _text_fields(r.raw, arch))
+    spec = ARCHS[arch]
     hidden = r.int("hidden_size")
     inter = r.int("intermediate_size")
     heads = r.int("num_attention_heads")
@@ -204,7 +280,8 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     act = r.raw.get("hidden_act", r.raw.get("hidden_activation", "silu"))
     if act != ARCHS[arch].act:
         raise r.fail(f"hidden_act is {act!r}; {arch} is supported with {ARCHS[arch].act!r} only")
-    theta, scaling = _rope(r)
+    nested = isinstance(r.raw.get("rope_parameters"), dict) and "full_attention" in r.raw["rope_parameters"]
+    theta, scaling = _rope(r, "full_attention" if nested else None)
     scale = float(scaling["factor"]) if scaling and scaling["rope_type"] == "linear" else 1.0
     for flag, v in (("-rs/--rope_scale", rope_scale), ("-ra/--rope_alpha", rope_alpha)):
         if v is not None and not (math.isfinite(v) and v > 0):
@@ -212,13 +289,15 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     bos = r.raw.get("bos_token_id")
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
         raise r.fail(f"field 'bos_token_id' must be an integer, not {bos!r}")
-    window = r.int("sliding_window", None) if ARCHS[arch].sliding_window else None
+    num_layers = r.int("num_hidden_layers")
+    window = r.int("sliding_window", None) if spec.sliding_window or spec.gemma else None
+    gemma = _gemma_fields(r, num_layers) if spec.gemma else {}
     return ModelConfig(
         model_dir=model_dir,
         arch=arch,
         hidden_size=hidden,
         intermediate_size=inter,
-        num_layers=r.int("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -236,4 +315,5 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         rope_scale=float(rope_scale) if rope_scale is not None else scale,
         rope_alpha=float(rope_alpha) if rope_alpha is not None else 1.0,
         raw=r.raw,
+        **gemma,
     )

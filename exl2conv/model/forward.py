@@ -13,12 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .arch import (embedding_tensor, final_norm_tensor, head_spec, layer_linears, spec_of,
-                   unquantized_tensors)
+import dataclasses
+
+from .arch import (embedding_tensor, final_norm_tensor, head_norm_tensors, head_spec, layer_linears,
+                   norm_tensors, spec_of)
 from .config import ModelConfig
 from .weights import WeightIndex
 
-ACTIVATIONS = {"silu": F.silu}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# Key of the layer index in a module's weight dict (per-layer windows and RoPE need it).
+LAYER = "layer"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,13 +30,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def embed(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """ids [B, L] int64, table [V, H] -> f32 [B, L, H] on the table's device.
+def embed(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """ids [B, L] int64, table [V, H] -> f32 [B, L, H] on the table's device, times ``scale``
+    (``cfg.embed_scale``: Gemma's sqrt(hidden)).
 
     Ids at or above V become 0 and negative ids (noise rows) look up row 0 (spec 2.4)."""
     ids = ids.to(table.device)
     ids = torch.where(ids >= table.shape[0], 0, ids).clamp(min=0)
-    return F.embedding(ids, table).float()
+    x = F.embedding(ids, table).float()
+    return x * scale if scale != 1.0 else x
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """tanh(x / cap) * cap, or x unchanged when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 # -- rotary embeddings ---------------------------------------------------------------------------
@@ -128,10 +139,10 @@ def _linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
     return F.linear(x, w[key], w.get(f"{key}.bias"))
 
 
-def _attn_mask(cfg: ModelConfig, length: int, device) -> torch.Tensor | None:
+def _attn_mask(cfg: ModelConfig, length: int, device, layer: int | None = None) -> torch.Tensor | None:
     """Boolean [L, L] mask (True = attend) when a sliding window cuts into the row; None means
     plain causal. Query i sees keys j with i - window < j <= i, as transformers' Mistral."""
-    window = cfg.sliding_window
+    window = cfg.sliding_window if layer is None else cfg.window(layer)
     if not window or length <= window:
         return None
     i = torch.arange(length, device=device).view(-1, 1)
@@ -148,25 +159,62 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     {"post_norm": [B, L, H], "attn_output": [B, L, heads*head_dim]}."""
     b, length, _ = x.shape
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    cos, sin = rope.get(length, x.device) if isinstance(rope, RotaryCache) else rope
-    cos, sin = cos[:length].to(x.device), sin[:length].to(x.device)
+    spec = spec_of(cfg)
+    layer = w.get(LAYER)
+    cos, sin = _layer_rope(cfg, rope, layer, length, x.device)
 
-    n = rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
+    n = rms_norm(x, w[spec.attn_norms[0]], cfg.rms_norm_eps)
     q = _linear(n, w, "q_proj").view(b, length, heads, d).transpose(1, 2)
     k = _linear(n, w, "k_proj").view(b, length, kv, d).transpose(1, 2)
     v = _linear(n, w, "v_proj").view(b, length, kv, d).transpose(1, 2)
+    if spec.qk_norm:
+        q = rms_norm(q, _head_norm(w["q_norm"]), cfg.rms_norm_eps)
+        k = rms_norm(k, _head_norm(w["k_norm"]), cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv != heads:
         k = k.repeat_interleave(heads // kv, dim=1)
         v = v.repeat_interleave(heads // kv, dim=1)
-    mask = _attn_mask(cfg, length, x.device)
-    if mask is None:
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = _attn_mask(cfg, length, x.device, layer)
+    if cfg.attn_softcap is None:
+        if mask is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.attn_scale)
     else:
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = _capped_attention(q, k, v, cfg, mask)
     a = a.transpose(1, 2).reshape(b, length, heads * d)
-    y = x + _linear(a, w, "o_proj")
+    o = _linear(a, w, "o_proj")
+    if len(spec.attn_norms) > 1:
+        o = rms_norm(o, w[spec.attn_norms[1]], cfg.rms_norm_eps)
+    y = x + o
     return y, ({"post_norm": n, "attn_output": a} if capture else None)
+
+
+def _head_norm(weight: torch.Tensor) -> torch.Tensor:
+    """A q/k norm weight [d] or, as the EXL2 file stores it, [heads, d] -> broadcastable over
+    [B, heads, L, d]."""
+    return weight if weight.dim() == 1 else weight.unsqueeze(1)
+
+
+def _layer_rope(cfg: ModelConfig, rope, layer: int | None, length: int, device):
+    """(cos, sin) [L, d] for ``layer``: Gemma3's sliding layers use plain RoPE on their own base."""
+    if cfg.rope_local_theta is not None and layer is not None and cfg.window(layer) is not None:
+        local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None,
+                                    rope_scale=1.0, rope_alpha=1.0)
+        return rope_tables(local, length, device)
+    cos, sin = rope.get(length, device) if isinstance(rope, RotaryCache) else rope
+    return cos[:length].to(device), sin[:length].to(device)
+
+
+def _capped_attention(q, k, v, cfg: ModelConfig, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with tanh-capped scores (Gemma2): q/k/v [B, heads, L, d] -> [B, heads, L, d]."""
+    length = q.shape[2]
+    scale = cfg.attn_scale if cfg.attn_scale is not None else q.shape[-1] ** -0.5
+    scores = softcap(q @ k.transpose(-1, -2) * scale, cfg.attn_softcap)
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
@@ -175,10 +223,14 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
     n = rmsnorm(x). Intermediates: {"post_norm": n [B, L, H], "pre_down": [B, L, intermediate]}.
     ``rope`` is unused; it is accepted so that attention and MLP share one call shape.
     pre_down is not clamped: ExLlamaV2 clamps it to the FP16 range, which float32 never needs."""
-    act = ACTIVATIONS[spec_of(cfg).act]
-    n = rms_norm(x, w["post_attention_layernorm"], cfg.rms_norm_eps)
+    spec = spec_of(cfg)
+    act = ACTIVATIONS[spec.act]
+    n = rms_norm(x, w[spec.mlp_norms[0]], cfg.rms_norm_eps)
     h = act(_linear(n, w, "gate_proj")) * _linear(n, w, "up_proj")
-    y = x + _linear(h, w, "down_proj")
+    o = _linear(h, w, "down_proj")
+    if len(spec.mlp_norms) > 1:
+        o = rms_norm(o, w[spec.mlp_norms[1]], cfg.rms_norm_eps)
+    y = x + o
     return y, ({"post_norm": n, "pre_down": h} if capture else None)
 
 
@@ -187,35 +239,46 @@ def final_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return rms_norm(x, weight, eps)
 
 
-def logits(x: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
-    """x f32 [B, L, H] (after the final norm), head_weight [V, H] -> f32 [B, L, V]."""
-    return F.linear(x, head_weight.float())
+def logits(x: torch.Tensor, head_weight: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+    """x f32 [B, L, H] (after the final norm), head_weight [V, H] -> f32 [B, L, V], tanh-capped
+    at ``cap`` (``cfg.final_softcap``, Gemma2) when given."""
+    return softcap(F.linear(x, head_weight.float()), cap)
 
 
 # -- weights -------------------------------------------------------------------------------------
 
+def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> torch.Tensor:
+    """An RMSNorm weight as the forward uses it: f32, with the architecture's offset added."""
+    w = index.get(name, device=device)
+    return w + cfg.norm_offset if cfg.norm_offset else w
+
+
 def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
                        device=None) -> dict[str, torch.Tensor]:
     """The f32 tensors :func:`attention` (part "attn") or :func:`mlp` (part "mlp") needs for
-    layer ``i``, keyed by short name: the norm, each linear's weight, "<short>.bias" if biased."""
-    spec = spec_of(cfg)
-    norm_1, norm_2 = unquantized_tensors(cfg, i)
-    norm_key, norm_tensor = (spec.norm_1, norm_1) if part == "attn" else (spec.norm_2, norm_2)
-    w = {norm_key: index.get(norm_tensor, device=device)}
+    layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
+    of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
+    architecture has them, and the layer index under :data:`LAYER`."""
+    w: dict = {LAYER: i}
+    for name in norm_tensors(cfg, i, part):
+        w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
     for short, lin in layer_linears(cfg, i, part).items():
-        w[short] = index.get(lin.tensor, device=device)
+        w[short] = index.get(lin.tensor, device=device, rows=lin.rows)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device)
+    if part == "attn":
+        for name in head_norm_tensors(cfg, i):
+            w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
     return w
 
 
 def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=None) -> torch.Tensor:
     """ids [B, L] -> f32 logits [B, L, V]: the whole model, one layer's weights in memory at a time.
     For checks and perplexity on small models; the converter drives the modules itself."""
-    x = embed(ids, index.get(embedding_tensor(cfg), device=device))
+    x = embed(ids, index.get(embedding_tensor(cfg), device=device), cfg.embed_scale)
     rope = RotaryCache(cfg)
     for i in range(cfg.num_layers):
         x, _ = attention(x, load_layer_weights(index, cfg, i, "attn", device), cfg, rope)
         x, _ = mlp(x, load_layer_weights(index, cfg, i, "mlp", device), cfg)
-    x = final_norm(x, index.get(final_norm_tensor(cfg), device=device), cfg.rms_norm_eps)
-    return logits(x, index.get(head_spec(cfg, index).tensor, device=device))
+    x = final_norm(x, load_norm(index, cfg, final_norm_tensor(cfg), device), cfg.rms_norm_eps)
+    return logits(x, index.get(head_spec(cfg, index).tensor, device=device), cfg.final_softcap)
