@@ -30,7 +30,7 @@ from exl2conv.measure import check_finite, measure_module
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
-from exl2conv.qparams import ATTN_LINEARS, HEAD_OPTIONS, MLP_LINEARS, QParams
+from exl2conv.qparams import HEAD_OPTIONS, QParams
 from exl2conv.quantize import head_hessian, quantize_linear, quantize_module
 from exl2conv.report import Reporter, Timer, fmt_seconds
 from exl2conv.tokenizer import load_tokenizer
