@@ -123,6 +123,7 @@ def test_tokenizer_special_tokens_stay_whole(our_tokenizer):
 @pytest.fixture(scope="module")
 def transformers_tokenizer(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")  # transformers reads GGUF files through the gguf package
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
