@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
 from exl2conv.qparams import HEAD_OPTIONS, QParams
 from exl2conv.quantize import head_hessian, quantize_linear, quantize_module
-from exl2conv.report import Reporter, Timer, fmt_seconds
+from exl2conv.report import Reporter, fmt_seconds
 from exl2conv.tokenizer import load_tokenizer
 
 CAL_MEASURE = "cal_measure.safetensors"
@@ -130,7 +130,6 @@ class Context:
     weights: WeightIndex
     device: torch.device
     rep: Reporter
-    timer: Timer = field(default_factory=Timer)
     interrupted: bool = False
     _tok: Any = None
 
@@ -265,6 +264,17 @@ def tokenize(ctx: Context, which: str) -> torch.Tensor:
     return ids
 
 
+def tokenize_stage(ctx: Context, which: str, next_stage: Stage) -> None:
+    """Tokenize one calibration set and advance; the built-in set fixes its own row count, which
+    replaces -mr / -r in the job (as ExLlamaV2 records it)."""
+    ids = tokenize(ctx, which)
+    measure = which == "measure"
+    fields = {"cal_filename": str(ctx.out_dir / (CAL_MEASURE if measure else CAL_QUANT))}
+    if not ctx.job["cal_dataset"]:
+        fields["measurement_rows" if measure else "dataset_rows"] = ids.shape[0]
+    ctx.job.advance(next_stage, **fields)
+
+
 def load_ids(ctx: Context, which: str) -> torch.Tensor:
     path = ctx.out_dir / (CAL_MEASURE if which == "measure" else CAL_QUANT)
     with safe_open(str(path), framework="pt") as f:
@@ -279,11 +289,7 @@ def stage_begin(ctx: Context) -> None:
         return
     ctx.rep.info("Tokenizing samples (measurement)...")
     ctx.rep.status("Tokenizing (1)", 0, 1)
-    ids = tokenize(ctx, "measure")
-    fields = {"cal_filename": str(ctx.out_dir / CAL_MEASURE)}
-    if not job["cal_dataset"]:
-        fields["measurement_rows"] = ids.shape[0]
-    job.advance(Stage.INITIAL_EMBEDDINGS, **fields)
+    tokenize_stage(ctx, "measure", Stage.INITIAL_EMBEDDINGS)
 
 
 def embed_states(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
@@ -358,26 +364,25 @@ def stage_measure(ctx: Context) -> None:
         job.advance(Stage.OPTIMIZE)
 
 
-def measurement_slots(ctx: Context, meas: dict) -> tuple[list[str], list[list[dict]]]:
-    keys, slots = [], []
+def measurement_slots(ctx: Context, meas: dict) -> tuple[list[Module], list[list[dict]]]:
+    """The measured modules in order, with their measurement entries."""
+    mods, slots = [], []
     for mod in ctx.modules:
         if mod.kind in ("attn", "mlp"):
             entries = meas.get(mod.meas_key)
             if not isinstance(entries, list) or not entries:
                 raise Exl2Error(f"the measurement has no entries for {mod.meas_key}; it was made for another "
                                 "model or is incomplete: measure this model (leave out -m)")
-            keys.append(mod.meas_key)
+            mods.append(mod)
             slots.append(entries)
-    return keys, slots
+    return mods, slots
 
 
-def check_measurement_matches(ctx: Context, keys: list[str], slots: list[list[dict]], source: str) -> None:
+def check_measurement_matches(ctx: Context, mods: list[Module], slots: list[list[dict]], source: str) -> None:
     """Every entry's total_bits must equal what its settings cost on this model's shapes: a
     measurement made for another model is refused here, before any work."""
-    for key, entries in zip(keys, slots):
-        layer = int(key.split(".")[2])
-        part = "attn" if key.endswith("self_attn") else "mlp"
-        specs = arch.layer_linears(ctx.cfg, layer, part)
+    for mod, entries in zip(mods, slots):
+        specs = arch.layer_linears(ctx.cfg, mod.layer, mod.kind)
         for e in entries:
             try:
                 bits = sum(QParams.from_dict(e[s]).total_bits(sp.in_features, sp.padded_out, sp.bias)
@@ -386,7 +391,7 @@ def check_measurement_matches(ctx: Context, keys: list[str], slots: list[list[di
             except (KeyError, TypeError, ValueError):
                 ok = False
             if not ok:
-                raise Exl2Error(f"{source}: the entry for {key} does not fit this model's shapes (its "
+                raise Exl2Error(f"{source}: the entry for {mod.meas_key} does not fit this model's shapes (its "
                                 "total_bits or settings differ); it was measured on another model: "
                                 "measure this model instead (leave out -m)")
 
@@ -396,8 +401,8 @@ def stage_optimize(ctx: Context) -> None:
     ctx.rep.info("Optimizing...")
     ctx.rep.status("Optimizing", 0, 1)
     meas = read_measurement(ctx)
-    keys, slots = measurement_slots(ctx, meas)
-    check_measurement_matches(ctx, keys, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
+    mods, slots = measurement_slots(ctx, meas)
+    check_measurement_matches(ctx, mods, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
     numel = ctx.numel_decoder()
     budget = int(numel * job["bits"])
     errs = [[1.0 - float(e["accuracy"]) for e in entries] for entries in slots]
@@ -406,27 +411,29 @@ def stage_optimize(ctx: Context) -> None:
     if budget > hi:
         # every module would take its largest option and the target would still not be met:
         # the user asked for something else than they would get
-        raise Exl2Error(f"-b {job['bits']}: this model can be quantized at {lo / numel:.3f} to {hi / numel:.3f} "
-                        "bits per weight (decoder, overheads included); choose -b in that range")
+        raise _bits_range_error(job["bits"], lo, hi, numel)
     try:
         sol = solve_budget(costs, errs, budget)
     except Exl2Error as exc:
         lo, hi = getattr(exc, "min_total", None), getattr(exc, "max_total", None)
         if lo is None:
             raise
-        raise Exl2Error(f"-b {job['bits']}: this model can be quantized at {lo / numel:.3f} to "
-                        f"{hi / numel:.3f} bits per weight (decoder, overheads included); choose -b in that range") from None
+        raise _bits_range_error(job["bits"], lo, hi, numel) from None
     strategy = {}
-    for key, entries, c in zip(keys, slots, sol.choice):
-        strategy[key] = entries[c]
-    for key, entries, c in zip(keys, slots, sol.choice):
-        e = entries[c]
-        ctx.rep.line(f"    {key:40s} option {c:2d}  {e['total_bits'] / _slot_numel(ctx, key):.4f} bpw  err {1 - e['accuracy']:.6f}")
+    for mod, entries, c in zip(mods, slots, sol.choice):
+        e = strategy[mod.meas_key] = entries[c]
+        mod_numel = sum(sp.in_features * sp.padded_out for sp in arch.layer_linears(ctx.cfg, mod.layer, mod.kind).values())
+        ctx.rep.line(f"    {mod.meas_key:40s} option {c:2d}  {e['total_bits'] / mod_numel:.4f} bpw  err {1 - e['accuracy']:.6f}")
     chosen = [1 - float(entries[c]["accuracy"]) for entries, c in zip(slots, sol.choice)]
     ctx.rep.info(f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error: "
                  f"sum {sum(chosen):.6f}, worst module {max(chosen):.6f} (optimality gap {sol.gap:.2g})")
     job.advance(Stage.TOKENS_CAL, strategy=strategy,
                 solver={"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap})
+
+
+def _bits_range_error(bits: float, lo: int, hi: int, numel: int) -> Exl2Error:
+    return Exl2Error(f"-b {bits}: this model can be quantized at {lo / numel:.3f} to {hi / numel:.3f} bits per "
+                     "weight (decoder, overheads included); choose -b in that range")
 
 
 def solve_budget(costs: list[list[int]], errs: list[list[float]], budget: int) -> solver.Solution:
@@ -449,21 +456,10 @@ def solve_budget(costs: list[list[int]], errs: list[list[float]], budget: int) -
 ALPHAS = tuple(1.0 + 0.25 * i for i in range(11))
 
 
-def _slot_numel(ctx: Context, key: str) -> int:
-    layer = int(key.split(".")[2])
-    part = "attn" if key.endswith("self_attn") else "mlp"
-    return sum(s.in_features * s.padded_out for s in arch.layer_linears(ctx.cfg, layer, part).values())
-
-
 def stage_tokens_cal(ctx: Context) -> None:
-    job = ctx.job
     ctx.rep.info("Tokenizing samples...")
     ctx.rep.status("Tokenizing (2)", 0, 1)
-    ids = tokenize(ctx, "quant")
-    fields = {"cal_filename": str(ctx.out_dir / CAL_QUANT)}
-    if not job["cal_dataset"]:
-        fields["dataset_rows"] = ids.shape[0]
-    job.advance(Stage.EMBEDDINGS, **fields)
+    tokenize_stage(ctx, "quant", Stage.EMBEDDINGS)
 
 
 def stage_embeddings(ctx: Context) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -60,21 +59,6 @@ class _Progress:
             self.bar.set_postfix(postfix, refresh=False)
         if self.stage:
             self.rep.status(self.stage, self.bar.n, self.total)
-
-
-class Timer:
-    """Wall time per stage, for the closing summary."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.monotonic() - t0
 
 
 def fmt_seconds(s: float) -> str:
