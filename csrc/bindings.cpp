@@ -1,12 +1,17 @@
-// The only module definition of exl2conv's extension (built by exl2conv/kernels.py).
-#include <torch/extension.h>
+// The only registration of exl2conv's kernels (built by exl2conv/kernels.py): operators in the
+// torch.ops.exl2conv namespace. torch/library.h instead of torch/extension.h (pybind11 and all of
+// libtorch's C++ API) keeps the first-use build short.
+#include <torch/library.h>
 
-void gptq_block(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, torch::Tensor maxq, torch::Tensor u,
-                torch::Tensor q_out, torch::Tensor codes, torch::Tensor err, int64_t a);
-torch::Tensor pgrid_err(torch::Tensor x, torch::Tensor cand, torch::Tensor p, int64_t bits);
+void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq, at::Tensor u,
+                at::Tensor q_out, at::Tensor codes, at::Tensor err, int64_t a);
+at::Tensor pgrid_err(at::Tensor x, at::Tensor cand, at::Tensor p, int64_t bits);
+at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor cand,
+                          at::Tensor p, int64_t a);
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
+TORCH_LIBRARY(exl2conv, m)
 {
-    m.def("gptq_block", &gptq_block, "GPTQ over one 32-row block for C candidates (see csrc/quantize.cu)");
-    m.def("pgrid_err", &pgrid_err, "p-grid scale search error sums (see csrc/quantize.cu)");
+    m.def("gptq_block", &gptq_block);          // one 32-row GPTQ block for C candidates
+    m.def("pgrid_err", &pgrid_err);            // p-grid error partial sums of one group
+    m.def("pgrid_err_many", &pgrid_err_many);  // the same for one group of each of B candidates
 }

@@ -7,4 +7,4 @@
     TORCH_CHECK((t).dim() == (dims), #t " must have ", (dims), " dimensions, got ", (t).dim());      \
     TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
 
-#define CHECK_CUDA_F32(t, dims) CHECK_CUDA_DTYPE(t, torch::kFloat32, dims)
+#define CHECK_CUDA_F32(t, dims) CHECK_CUDA_DTYPE(t, at::kFloat, dims)

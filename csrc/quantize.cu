@@ -3,9 +3,13 @@
 // reference rounds separately is written with an explicit _rn intrinsic so that nvcc cannot fuse
 // it into an FMA: the codes must come out as the reference computes them.
 
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+// Only the ATen core headers: torch/extension.h (all of libtorch's C++ API) would triple the
+// first-use build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_fp16.h>
 
 #include "checks.h"
@@ -103,14 +107,57 @@ __global__ void pgrid_err_kernel(const float* __restrict__ x, const float* __res
     if (threadIdx.x == 0) partial[(size_t)j * gridDim.x + blockIdx.x] = sh[0];
 }
 
+// The same error sums for several candidates at once: candidate c's group is rows
+// a..a+rows[c]-1 of w[cidx[c]], quantized at bits[c]. Each (c, p) pair computes exactly what
+// pgrid_err_kernel computes for that group, so batching changes no result.
+// w: [C, K, N] f32; cidx, rows, bits: [B] i32; cand: [B, N] f32; p: [P] f32;
+// partial: [B, P, gridDim.x] f32
+__global__ void pgrid_err_many_kernel(const float* __restrict__ w, const int* __restrict__ cidx,
+                                      const int* __restrict__ rows, const int* __restrict__ bits,
+                                      const float* __restrict__ cand, const float* __restrict__ p,
+                                      float* __restrict__ partial, int K, int N, int a)
+{
+    __shared__ float sh[THREADS];
+    const int j = blockIdx.y;
+    const int c = blockIdx.z;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = bits[c];
+    const float lo = -(float) (1 << (b - 1));
+    const float hi = (float) ((1 << b) - 1) + lo;
+    float acc = 0.0f;
+    if (n < N)
+    {
+        const float s = __fmul_rn(cand[(size_t)c * N + n], p[j]);
+        const float* x = w + ((size_t)cidx[c] * K + a) * N + n;
+        const int r = rows[c];
+        for (int i = 0; i < r; i++)
+        {
+            const float xv = x[(size_t)i * N];
+            float q = rintf(__fdiv_rn(xv, s));
+            q = fminf(fmaxf(q, lo), hi);
+            const float d = fabsf(__fsub_rn(__fmul_rn(q, s), xv));
+            const float d3 = __fmul_rn(__fmul_rn(d, d), d);
+            acc = __fadd_rn(acc, __fmul_rn(d3, __fsqrt_rn(d)));
+        }
+    }
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int st = THREADS / 2; st > 0; st >>= 1)
+    {
+        if (threadIdx.x < st) sh[threadIdx.x] = __fadd_rn(sh[threadIdx.x], sh[threadIdx.x + st]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[((size_t)c * gridDim.y + j) * gridDim.x + blockIdx.x] = sh[0];
+}
+
 }  // namespace
 
-void gptq_block(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, torch::Tensor maxq, torch::Tensor u,
-                torch::Tensor q_out, torch::Tensor codes, torch::Tensor err, int64_t a)
+void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq, at::Tensor u,
+                at::Tensor q_out, at::Tensor codes, at::Tensor err, int64_t a)
 {
-    const at::cuda::OptionalCUDAGuard guard(device_of(w));
+    const c10::cuda::OptionalCUDAGuard guard(w.device());
     CHECK_CUDA_F32(w, 3); CHECK_CUDA_F32(scale, 2); CHECK_CUDA_F32(u, 2); CHECK_CUDA_F32(q_out, 3); CHECK_CUDA_F32(err, 3);
-    CHECK_CUDA_DTYPE(zero, torch::kInt32, 2); CHECK_CUDA_DTYPE(maxq, torch::kInt32, 2);
+    CHECK_CUDA_DTYPE(zero, at::kInt, 2); CHECK_CUDA_DTYPE(maxq, at::kInt, 2);
     const int C = w.size(0), K = w.size(1), N = w.size(2);
     TORCH_CHECK(a >= 0 && a + BLOCK_ROWS <= K, "gptq_block: rows ", a, "..", a + BLOCK_ROWS, " outside K=", K);
     TORCH_CHECK(scale.size(0) == C && scale.size(1) == N, "gptq_block: scale must be [C, N]");
@@ -121,30 +168,50 @@ void gptq_block(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, torch:
     int16_t* codes_ptr = nullptr;
     if (codes.numel())
     {
-        CHECK_CUDA_DTYPE(codes, torch::kInt16, 3);
+        CHECK_CUDA_DTYPE(codes, at::kShort, 3);
         TORCH_CHECK(codes.sizes() == w.sizes(), "gptq_block: codes must be shaped like w");
         codes_ptr = codes.data_ptr<int16_t>();
     }
     dim3 grid((N + THREADS - 1) / THREADS, C);
-    gptq_block_kernel<<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gptq_block_kernel<<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
         w.data_ptr<float>(), scale.data_ptr<float>(), zero.data_ptr<int>(), maxq.data_ptr<int>(), u.data_ptr<float>(),
         q_out.data_ptr<float>(), codes_ptr, err.data_ptr<float>(), K, N, (int) a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-torch::Tensor pgrid_err(torch::Tensor x, torch::Tensor cand, torch::Tensor p, int64_t bits)
+at::Tensor pgrid_err(at::Tensor x, at::Tensor cand, at::Tensor p, int64_t bits)
 {
-    const at::cuda::OptionalCUDAGuard guard(device_of(x));
+    const c10::cuda::OptionalCUDAGuard guard(x.device());
     CHECK_CUDA_F32(x, 2); CHECK_CUDA_F32(cand, 1); CHECK_CUDA_F32(p, 1);
     TORCH_CHECK(bits >= 2 && bits <= 8, "pgrid_err: bits must be 2..8, got ", bits);
     const int rows = x.size(0), N = x.size(1), P = p.size(0);
     TORCH_CHECK(cand.size(0) == N, "pgrid_err: cand must be [N]");
     const int nblk = (N + THREADS - 1) / THREADS;
-    auto partial = torch::empty({P, nblk}, x.options());
+    auto partial = at::empty({P, nblk}, x.options());
     const float z = (float) (1 << (bits - 1)), m = (float) ((1 << bits) - 1);
     dim3 grid(nblk, P);
-    pgrid_err_kernel<<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+    pgrid_err_kernel<<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<float>(), cand.data_ptr<float>(), p.data_ptr<float>(), partial.data_ptr<float>(), rows, N, -z, m - z);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return partial.sum(1);
+    return partial;  // [P, nblk]: the caller sums the partials
+}
+
+at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor cand,
+                          at::Tensor p, int64_t a)
+{
+    const c10::cuda::OptionalCUDAGuard guard(w.device());
+    CHECK_CUDA_F32(w, 3); CHECK_CUDA_F32(cand, 2); CHECK_CUDA_F32(p, 1);
+    CHECK_CUDA_DTYPE(cidx, at::kInt, 1); CHECK_CUDA_DTYPE(rows, at::kInt, 1); CHECK_CUDA_DTYPE(bits, at::kInt, 1);
+    const int K = w.size(1), N = w.size(2), P = p.size(0), B = cidx.size(0);
+    TORCH_CHECK(rows.size(0) == B && bits.size(0) == B && cand.size(0) == B && cand.size(1) == N,
+                "pgrid_err_many: cidx, rows, bits must be [B] and cand [B, N]");
+    TORCH_CHECK(a >= 0 && a < K, "pgrid_err_many: start row ", a, " outside K=", K);
+    const int nblk = (N + THREADS - 1) / THREADS;
+    auto partial = at::empty({B, P, nblk}, w.options());
+    dim3 grid(nblk, P, B);
+    pgrid_err_many_kernel<<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<float>(), cidx.data_ptr<int>(), rows.data_ptr<int>(), bits.data_ptr<int>(), cand.data_ptr<float>(),
+        p.data_ptr<float>(), partial.data_ptr<float>(), K, N, (int) a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return partial;  // [B, P, nblk]
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NAME = "exl2conv_ext"
+OPS = ("gptq_block", "pgrid_err", "pgrid_err_many")
 _state: dict = {}
 log = logging.getLogger("exl2conv")
 
@@ -66,17 +67,20 @@ def _build():
     with open(build / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
         try:
-            mod = cpp_extension.load(
+            # registers operators under torch.ops.exl2conv (no Python module: no pybind11 to compile)
+            cpp_extension.load(
                 name=NAME,
                 sources=[str(s) for s in sources()],
                 build_directory=str(build),
                 extra_cflags=["-O3"],
                 extra_cuda_cflags=["-O3", "-lineinfo"],
+                is_python_module=False,
                 verbose=False,
             )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    for fn in ("gptq_block", "pgrid_err"):
+    mod = torch.ops.exl2conv
+    for fn in OPS:
         if not hasattr(mod, fn):
             raise RuntimeError(f"the built extension lacks {fn}")
     took = time.monotonic() - t0

@@ -128,3 +128,19 @@ def test_mlp_table_runs_on_tiny_shapes():
     res = gptq.quantize_many(wt, prep, cands, keep_codes=False)
     assert all(torch.isfinite(r.weight).all() for r in res)
     assert [sum(g.rows for g in r.groups) for r in res] == [128] * len(cands)
+
+
+def test_find_params_many_equals_one_group_at_a_time():
+    """Batching groups of different candidates, lengths and bit widths changes no value: the
+    rows past a shorter group's end must not leak into its max."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(4, 256, 96, generator=g) * torch.linspace(0.01, 3, 96)
+    w[1, 64:] *= 50  # a shorter group must not see these rows
+    cidx, rows, bits = [0, 1, 3, 2], [128, 64, 32, 256], [4, 3, 8, 2]
+    qs, qmax, scale = gptq.find_params_many(w, cidx, 0, rows, bits)
+    for i, (c, r, b) in enumerate(zip(cidx, rows, bits)):
+        q1, m1, s1 = gptq.find_params(w[c, :r], b)
+        assert torch.equal(qs[i], q1) and torch.equal(qmax[i], m1) and torch.equal(scale[i], s1)
+    # and at a later start row
+    qs, qmax, _ = gptq.find_params_many(w, [2, 0], 96, [32, 160], [5, 6])
+    assert torch.equal(qs[1], gptq.find_params(w[0, 96:256], 6)[0])
