@@ -27,6 +27,7 @@ from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_setting
                           measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
 from exl2conv.layers import Module, error_weight, module_list
 from exl2conv.measure import check_finite, measure_module
+from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
@@ -145,7 +146,12 @@ class Context:
 
     @property
     def modules(self) -> list[Module]:
-        return module_list(self.cfg.num_layers)
+        # keys carry the architecture's prefix (Gemma3ForConditionalGeneration: "language_model."),
+        # as ExLlamaV2's measurement.json does (reference 3.7)
+        spec = arch.spec_of(self.cfg)
+        p = spec.prefix
+        return module_list(self.cfg.num_layers, layers_prefix=f"{p}{spec.layers}", norm_key=f"{p}{spec.final_norm}",
+                           head_key=f"{p}{spec.head}", embed_key=f"{p}{spec.embed}", moe=spec.moe)
 
     def chunk(self, length: int) -> int:
         width = max(self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.num_heads * self.cfg.head_dim)
@@ -332,7 +338,8 @@ def stage_measure(ctx: Context) -> None:
             if mod.kind in ("attn", "mlp"):
                 w, specs = ctx.layer_weights(mod)
                 entries, states = measure_module(mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length),
-                                                 mod.meas_key, ctx.next_norm_weight(mod))
+                                                 mod.meas_key, ctx.next_norm_weight(mod),
+                                                 on_coverage=lambda cov: report_coverage(ctx.rep, cov))
                 best = max(e["accuracy"] for e in entries)
                 if best < 0.1:
                     raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
@@ -385,8 +392,9 @@ def check_measurement_matches(ctx: Context, mods: list[Module], slots: list[list
         specs = arch.layer_linears(ctx.cfg, mod.layer, mod.kind)
         for e in entries:
             try:
-                bits = sum(QParams.from_dict(e[s]).total_bits(sp.in_features, sp.padded_out, sp.bias)
-                           for s, sp in specs.items())
+                # keyed by each linear's short name: an MoE entry's "w1" covers every expert's w1
+                bits = sum(QParams.from_dict(e[sp.short]).total_bits(sp.in_features, sp.padded_out, sp.bias)
+                           for sp in specs.values())
                 ok = bits == int(e["total_bits"]) and 0 <= float(e["accuracy"]) <= 1
             except (KeyError, TypeError, ValueError):
                 ok = False
@@ -496,7 +504,8 @@ def stage_quant(ctx: Context) -> None:
                 w, specs = ctx.layer_weights(mod)
                 entry = job["strategy"][mod.meas_key]
                 states, rfn, reports = quantize_module(mod.kind, states, w, specs, entry, ctx.cfg, rope,
-                                                       ctx.chunk(length), save, ctx.next_norm_weight(mod))
+                                                       ctx.chunk(length), save, ctx.next_norm_weight(mod),
+                                                       on_coverage=lambda cov: report_coverage(ctx.rep, cov))
                 record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
                 bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
             elif mod.kind == "norm":
@@ -572,6 +581,9 @@ def stage_compile(ctx: Context) -> None:
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
             tensors.extend(fp16(norm) for norm in arch.norm_tensors(cfg, i, part))
+            router = arch.router_tensor(cfg, i) if part == "mlp" else None
+            if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (spec 6.9)
+                tensors.append(fp16(router))
             for spec in arch.layer_linears(cfg, i, part).values():
                 linear(spec.name)
             if part == "attn":

@@ -85,14 +85,17 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                 w_ref = forward.load_layer_weights(ref, cfg, i, part, dev)
                 w_q = {}
                 specs = arch.layer_linears(cfg, i, part)
-                for key in w_ref:
-                    short = key.split(".")[0]
-                    if not isinstance(w_ref[key], torch.Tensor):  # the layer index
-                        w_q[key] = w_ref[key]
-                    elif short in specs and key == short:
-                        w_q[key] = q.linear(specs[short].name, specs[short].out_features, dev)
-                    elif short in specs:  # bias: stored padded in the EXL2 tensors
-                        w_q[key] = q.plain(f"{specs[short].name}.bias", dev)[: specs[short].out_features]
+                router = arch.router_tensor(cfg, i) if part == "mlp" else None
+                for key, t in w_ref.items():
+                    base = key.removesuffix(".bias")
+                    if not isinstance(t, torch.Tensor):  # the layer index
+                        w_q[key] = t
+                    elif key in specs:
+                        w_q[key] = q.linear(specs[key].name, specs[key].out_features, dev)
+                    elif base in specs:  # bias: stored padded in the EXL2 tensors
+                        w_q[key] = q.plain(f"{specs[base].name}.bias", dev)[: specs[base].out_features]
+                    elif router and key == arch.spec_of(cfg).moe_router:  # MoE router, stored as is
+                        w_q[key] = q.plain(router, dev)
                     else:  # a norm, stored without the architecture's offset
                         w_q[key] = q.plain(_norm_name(cfg, i, part, key), dev) + cfg.norm_offset
                 fn = forward.attention if part == "attn" else forward.mlp

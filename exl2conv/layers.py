@@ -16,6 +16,7 @@ from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
 
 MODES = {"embed": None, "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear"}
+MOE_MODE = "block_sparse_moe"
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,12 @@ class Module:
     kind: str          # embed | attn | mlp | norm | head
     key: str           # "model.layers.3", "model.norm", "lm_head"
     layer: int | None = None
+    # an MoE MLP: same kind (it runs and quantizes as the MLP slot), ExLlamaV2's own mode
+    moe: bool = False
 
     @property
     def mode(self) -> str | None:
-        return MODES[self.kind]
+        return MOE_MODE if self.moe and self.kind == "mlp" else MODES[self.kind]
 
     @property
     def meas_key(self) -> str:
@@ -36,11 +39,13 @@ class Module:
 
 
 def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: str = "model.norm",
-                head_key: str = "lm_head", embed_key: str = "model.embed_tokens") -> list[Module]:
+                head_key: str = "lm_head", embed_key: str = "model.embed_tokens",
+                moe: bool = False) -> list[Module]:
+    """``moe``: the MLPs are MoE blocks, keyed ``<layer>.block_sparse_moe`` (spec 3.1, 3.7)."""
     mods = [Module(0, "embed", embed_key)]
     for i in range(num_layers):
         mods.append(Module(len(mods), "attn", f"{layers_prefix}.{i}", i))
-        mods.append(Module(len(mods), "mlp", f"{layers_prefix}.{i}", i))
+        mods.append(Module(len(mods), "mlp", f"{layers_prefix}.{i}", i, moe=moe))
     mods.append(Module(len(mods), "norm", norm_key))
     mods.append(Module(len(mods), "head", head_key))
     return mods
@@ -70,7 +75,10 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     """Run an attention or MLP module over all rows of ``states`` ``[R, L, H]``, ``chunk`` rows at
     a time, on the states' device.
 
-    hessians: intermediate name -> accumulator fed with that intermediate (one count per row).
+    hessians: intermediate name -> accumulator fed with that intermediate: its ``add_rows`` gets
+    the chunk's tensor ``[B, ...]`` (a :class:`Hessian` counts B rows); an intermediate given as a
+    list of per-row tensors (MoE, see :func:`forward.moe_mlp`) goes row by row to ``add``, and
+    rows that are None are skipped, neither added nor counted.
     ref: when given, also returns each row's relative Frobenius error against it, with each
     hidden channel weighted by ``err_weight`` ``[H]`` when given (see :func:`error_weight`).
     Returns ``(outputs [R, L, H] or None, errors [R] float64 or None)``."""
@@ -82,7 +90,7 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
         y, inter = block_forward(kind, x, w, cfg, rope, capture=hessians is not None)
         if hessians is not None:
             for name, h in hessians.items():
-                h.add_rows(inter[name])
+                feed(h, inter[name])
         if ref is not None:
             r = ref[r0:r0 + chunk]
             d = y - r
@@ -94,6 +102,16 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
         if out is not None:
             out[r0:r0 + chunk] = y
     return out, errs
+
+
+def feed(acc, value) -> None:
+    """One chunk's intermediate into an accumulator (see :func:`run_block`)."""
+    if isinstance(value, list):
+        for row in value:
+            if row is not None:
+                acc.add(row)
+    else:
+        acc.add_rows(value)
 
 
 def error_weight(next_norm: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Measurement of one attention or MLP module: every candidate of the option table, quantized
+"""Measurement of one attention, MLP or MoE module: every candidate of the option table, quantized
 by GPTQ and scored by the module's output error on the calibration states (reference 3.2-3.5).
 
 Returns records; printing is the caller's business.
@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Hessian, prepare, quantize_many
 from exl2conv.layers import padded_wt, run_block
 from exl2conv.model.arch import LinearSpec
-from exl2conv.qparams import ATTN_OPTIONS, MLP_OPTIONS, distinct_columns
+from exl2conv.model.forward import EXPERT_TOKENS
+from exl2conv.moe import ExpertCoverage
+from exl2conv.qparams import (ATTN_LINEARS, ATTN_OPTIONS, MLP_LINEARS, MLP_OPTIONS, MOE_LINEARS,
+                              distinct_columns)
 
 TABLES = {"attn": ATTN_OPTIONS, "mlp": MLP_OPTIONS}
+# Entry keys of each table's columns; an MoE block uses the MLP table under its own names.
+COLUMNS = {"attn": ATTN_LINEARS, "mlp": MLP_LINEARS, "moe": MOE_LINEARS}
 
 
 def check_finite(states: torch.Tensor, where: str) -> None:
@@ -35,46 +41,85 @@ def hessians_for(specs: dict[str, LinearSpec], device) -> dict[str, Hessian]:
     return out
 
 
-def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str = "", err_weight: torch.Tensor | None = None) -> tuple[list[dict], torch.Tensor]:
-    """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
-    float32 weights by name (HF orientation); specs: its linears by short name, in table column
-    order; err_weight: channel weights of the output error (:func:`layers.error_weight`).
-    Returns the measurement entries (one per table row, ExLlamaV2's schema) and the
-    reference outputs ``[R, L, H]`` that feed the next module."""
+def is_moe(specs: dict[str, LinearSpec]) -> bool:
+    return any(spec.expert is not None for spec in specs.values())
+
+
+def module_name(specs: dict[str, LinearSpec]) -> str:
+    """The module's HF name from its linears': "model.layers.3.self_attn", "model.layers.3.mlp",
+    "model.layers.3.block_sparse_moe"."""
+    name = next(iter(specs.values())).name
+    return name.rsplit(".experts.", 1)[0] if is_moe(specs) else name.rsplit(".", 1)[0]
+
+
+def column_keys(kind: str, specs: dict[str, LinearSpec]) -> tuple[str, ...]:
+    """The entry key of each column of ``kind``'s option table, for these linears."""
+    return COLUMNS["moe" if is_moe(specs) else kind]
+
+
+def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
+                   chunk: int, name: str, on_coverage=None) -> tuple[torch.Tensor, dict[str, Hessian]]:
+    """The unquantized outputs ``[R, L, H]`` and the filled Hessians of the module's linears, from
+    one pass over ``states`` (spec 3.2). For an MoE block, the experts' calibration coverage is
+    counted too and handed to ``on_coverage`` (an :class:`ExpertCoverage`) when given."""
     hess = hessians_for(specs, states.device)
-    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=hess)
+    accumulators: dict = dict(hess)
+    cov = None
+    if is_moe(specs):
+        cov = ExpertCoverage(name or module_name(specs), cfg.num_experts, states.shape[1])
+        accumulators[EXPERT_TOKENS] = cov
+    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=accumulators)
     check_finite(y_ref, f"{name} output" if name else f"{kind} output")
+    if cov is not None and on_coverage is not None:
+        on_coverage(cov)
+    return y_ref, hess
+
+
+def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
+                   chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
+                   on_coverage=None) -> tuple[list[dict], torch.Tensor]:
+    """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
+    float32 weights by name (HF orientation); specs: its linears (:func:`arch.layer_linears`);
+    err_weight: channel weights of the output error (:func:`layers.error_weight`);
+    on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report).
+    Returns the measurement entries (one per table row, ExLlamaV2's schema) and the
+    reference outputs ``[R, L, H]`` that feed the next module.
+
+    An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
+    every expert, and its total_bits sums over all experts (spec 3.3)."""
+    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage)
     preps = {src: prepare(h.normalized(), f"{name} ({src})") for src, h in hess.items()}
     del hess
 
-    table = TABLES[kind]
-    cols = list(specs)
-    distinct, rows = distinct_columns(table)
+    cols = column_keys(kind, specs)
+    distinct, rows = distinct_columns(TABLES[kind])
+    # many experts' candidates would crowd the accelerator: keep them in host memory (as ExLlamaV2)
+    store = torch.device("cpu") if is_moe(specs) else states.device
     candidates: dict[str, list[torch.Tensor]] = {}
     bits: dict[str, list[int]] = {}
-    for c, short in enumerate(cols):
-        spec = specs[short]
-        wt = padded_wt(w[short], spec)
-        results = quantize_many(wt, preps[spec.hessian_input], distinct[c], keep_codes=False)
+    column = {key: cols.index(spec.short) for key, spec in specs.items()}
+    for key, spec in specs.items():
+        wt = padded_wt(w[key], spec)
+        results = quantize_many(wt, preps[spec.hessian_input], distinct[column[key]], keep_codes=False)
         # dequantized values are exact in float16: keep them so, half the memory
-        candidates[short] = [r.weight[:, : spec.out_features].T.to(torch.float16) for r in results]
-        bits[short] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias) for q in distinct[c]]
+        candidates[key] = [r.weight[:, : spec.out_features].T.to(store, torch.float16) for r in results]
+        bits[key] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias)
+                     for q in distinct[column[key]]]
         del results, wt
 
+    scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight)
     entries = []
     current: dict[str, int] = {}
     trial = dict(w)
     for row in rows:
-        for c, short in enumerate(cols):
-            if current.get(short) != row[c]:
-                trial[short] = candidates[short][row[c]].to(torch.float32)
-                current[short] = row[c]
-        _, errs = run_block(kind, states, trial, cfg, rope, chunk, ref=y_ref, keep_output=False,
-                            err_weight=err_weight)
+        for key in specs:
+            choice = row[column[key]]
+            if current.get(key) != choice:
+                trial[key] = candidates[key][choice].to(states.device, torch.float32)
+                current[key] = choice
+        errs = scorer.errors(trial)
         accuracy = max(1e-6, 1.0 - float(errs.mean()))
-        entry = {"accuracy": accuracy,
-                 "total_bits": sum(bits[short][row[c]] for c, short in enumerate(cols))}
+        entry = {"accuracy": accuracy, "total_bits": sum(bits[key][row[column[key]]] for key in specs)}
         for c, short in enumerate(cols):
             entry[short] = distinct[c][row[c]].to_dict()
         entries.append(entry)

@@ -12,7 +12,7 @@ import torch
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Hessian, Prepared, prepare, quantize
 from exl2conv.layers import padded_bias, padded_wt, run_block
-from exl2conv.measure import check_finite, hessians_for
+from exl2conv.measure import module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, pack_linear
 from exl2conv.qparams import QParams
@@ -47,28 +47,32 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec
 
 
 def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], entry: dict,
-                    cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None
+                    cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None, on_coverage=None
                     ) -> tuple[torch.Tensor, float, list[LinearReport]]:
-    """kind: "attn" or "mlp"; entry: the chosen measurement entry (per-linear QParams dicts);
-    save(name, tensors) stores one linear's packed tensors. Returns the module's outputs on the
-    quantized weights ``[R, L, H]``, its mean relative error against the unquantized outputs
-    (``rfn_error``), and per-linear reports."""
-    hess = hessians_for(specs, states.device)
-    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=hess)
-    check_finite(y_ref, f"{next(iter(specs.values())).name.rsplit('.', 1)[0]} output")
+    """kind: "attn" or "mlp"; entry: the chosen measurement entry (per-linear QParams dicts, keyed
+    by each linear's ``short``: an MoE block's "w1", "w3", "w2" apply to every expert);
+    save(name, tensors) stores one linear's packed tensors; on_coverage: gets an MoE block's
+    :class:`ExpertCoverage`. Linears are quantized in ``specs`` order (an MoE block's expert by
+    expert, w1, w3, w2: spec 5.7), each Hessian prepared when first needed. Returns the module's
+    outputs on the quantized weights ``[R, L, H]``, its mean relative error against the
+    unquantized outputs (``rfn_error``), and per-linear reports."""
+    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage)
     preps: dict[str, Prepared] = {}
+    last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)
     reports = []
-    for short, spec in specs.items():
+    for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
             preps[src] = prepare(hess.pop(src).normalized(), spec.name)
-        qparams = QParams.from_dict(entry[short])
-        bias = w.get(f"{short}.bias")
-        tensors, decoded, rep = quantize_linear(w[short], bias, spec, preps[src], qparams)
+        qparams = QParams.from_dict(entry[spec.short])
+        bias = w.get(f"{key}.bias")
+        tensors, decoded, rep = quantize_linear(w[key], bias, spec, preps[src], qparams)
         save(spec.name, tensors)
-        quantized[short] = decoded
+        quantized[key] = decoded
         reports.append(rep)
+        if last_user[src] == key:  # an MoE block holds one per expert: free each when done
+            del preps[src]
     y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref=y_ref, err_weight=err_weight)
     return y_q, float(errs.mean()), reports
 

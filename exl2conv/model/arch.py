@@ -68,6 +68,10 @@ class ArchSpec:
     text_config: bool = False
     # Source tensors outside the language model, copied verbatim after the head (spec 6.8).
     extra_prefixes: tuple[str, ...] = ()
+    # Mixture of experts (Mixtral): ``mlp_prefix`` holds a router ``moe_router`` [E, H] and experts
+    # ``experts.<j>.<w1|w3|w2>`` (gate, up, down); ``mlp_linears`` are the expert linears' names.
+    moe: bool = False
+    moe_router: str = "gate"
 
 
 _PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
@@ -89,6 +93,8 @@ ARCHS: dict[str, ArchSpec] = {
     "Gemma3ForConditionalGeneration": ArchSpec(
         "Gemma3ForConditionalGeneration", prefix="language_model.", qk_norm=True, text_config=True,
         extra_prefixes=("vision_tower.", "multi_modal_projector."), **_GEMMA2),
+    "MixtralForCausalLM": ArchSpec("MixtralForCausalLM", sliding_window=True, moe=True,
+                                   mlp_prefix="block_sparse_moe", mlp_linears=("w1", "w3", "w2")),
 }
 
 ATTN_BIAS_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -103,6 +109,10 @@ _SHAPES: dict[str, Callable[["ModelConfig"], tuple[int, int]]] = {
     "gate_proj": lambda c: (c.hidden_size, c.intermediate_size),
     "up_proj": lambda c: (c.hidden_size, c.intermediate_size),
     "down_proj": lambda c: (c.intermediate_size, c.hidden_size),
+    # Mixtral's experts: intermediate_size is one expert's width
+    "w1": lambda c: (c.hidden_size, c.intermediate_size),
+    "w3": lambda c: (c.hidden_size, c.intermediate_size),
+    "w2": lambda c: (c.intermediate_size, c.hidden_size),
 }
 
 # Which intermediate of the forward pass feeds each linear: the Hessian input (spec 3.2).
@@ -116,6 +126,14 @@ HESSIAN_INPUT: dict[str, str] = {
     "down_proj": "pre_down",
 }
 
+# MoE Hessian inputs (spec 3.2): every w1 and w3 shares w1.0's, the post-norm of the rows in which
+# expert 0 received a token; w2.j reads expert j's own pre_down.
+MOE_SHARED_INPUT = "moe_post_norm"
+
+
+def moe_hessian_input(short: str, expert: int) -> str:
+    return f"pre_down.{expert}" if short == "w2" else MOE_SHARED_INPUT
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -125,7 +143,8 @@ class LinearSpec:
     ``tensor`` the HF weight it is read from (differs for a tied head or a fused source, where
     ``rows`` = (start, end) is its output-row range inside ``tensor``). K = ``in_features``,
     N = ``padded_out`` = ceil32(``out_features``). ``part`` is "attn", "mlp" or "head";
-    ``hessian_input`` names the forward intermediate that feeds it."""
+    ``hessian_input`` names the forward intermediate that feeds it. ``expert`` is the expert
+    index of an MoE linear (``short`` is then "w1", "w3" or "w2", its measurement column)."""
 
     name: str
     short: str
@@ -137,6 +156,7 @@ class LinearSpec:
     part: str
     hessian_input: str
     rows: tuple[int, int] | None = None
+    expert: int | None = None
 
     @property
     def bias_tensor(self) -> str | None:
@@ -192,14 +212,32 @@ def _linear(cfg: "ModelConfig", i: int, part: str, prefix: str, short: str) -> L
     )
 
 
+def _expert_linear(cfg: "ModelConfig", i: int, expert: int, short: str) -> LinearSpec:
+    k, n = _SHAPES[short](cfg)
+    name = f"{layer_prefix(cfg, i)}.{spec_of(cfg).mlp_prefix}.experts.{expert}.{short}"
+    return LinearSpec(
+        name=name, short=short, tensor=f"{name}.weight", in_features=k, out_features=n,
+        padded_out=ceil32(n), bias=is_biased(cfg, short), part="mlp",
+        hessian_input=moe_hessian_input(short, expert), expert=expert,
+    )
+
+
 def layer_linears(cfg: "ModelConfig", i: int, part: str | None = None) -> dict[str, LinearSpec]:
     """Linears of layer ``i`` keyed by short name, in ExLlamaV2's order (q, k, v, o, gate,
-    up, down). ``part`` ("attn" or "mlp") keeps one group only."""
+    up, down). ``part`` ("attn" or "mlp") keeps one group only. An MoE layer's experts are
+    keyed "w1.<j>", "w3.<j>", "w2.<j>", expert by expert: the order in which ExLlamaV2
+    quantizes and writes them (spec 5.7, 6.9)."""
     spec = spec_of(cfg)
     groups = (("attn", spec.attn_prefix, spec.attn_linears), ("mlp", spec.mlp_prefix, spec.mlp_linears))
     out: dict[str, LinearSpec] = {}
     for group, prefix, shorts in groups:
-        if part is None or part == group:
+        if part is not None and part != group:
+            continue
+        if group == "mlp" and spec.moe:
+            for j in range(cfg.num_experts):
+                for short in shorts:
+                    out[f"{short}.{j}"] = _expert_linear(cfg, i, j, short)
+        else:
             for short in shorts:
                 out[short] = _linear(cfg, i, group, prefix, short)
     if part is not None and not out:
@@ -236,6 +274,15 @@ def norm_tensors(cfg: "ModelConfig", i: int, part: str) -> list[str]:
     spec = spec_of(cfg)
     p = layer_prefix(cfg, i)
     return [f"{p}.{n}.weight" for n in (spec.attn_norms if part == "attn" else spec.mlp_norms)]
+
+
+def router_tensor(cfg: "ModelConfig", i: int) -> str | None:
+    """The MoE router of layer ``i``, HF shape [num_experts, hidden], kept FP16 and unpadded
+    (spec 6.8); None for a dense MLP."""
+    spec = spec_of(cfg)
+    if not spec.moe:
+        return None
+    return f"{layer_prefix(cfg, i)}.{spec.mlp_prefix}.{spec.moe_router}.weight"
 
 
 def head_norm_tensors(cfg: "ModelConfig", i: int) -> list[str]:
@@ -290,6 +337,8 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
             if part == "attn":
                 for norm in head_norm_tensors(cfg, i):
                     out[norm] = (cfg.head_dim,)
+            elif router_tensor(cfg, i):
+                out[router_tensor(cfg, i)] = (cfg.num_experts, h)
     out[final_norm_tensor(cfg)] = (h,)
     if not cfg.tie_word_embeddings:
         out[f"{spec.prefix}{spec.head}.weight"] = (cfg.vocab_size, h)

@@ -30,8 +30,11 @@ class ModelConfig:
     -rs when given (which replaces it, as ExLlamaV2's ``scale_pos_emb``). ``rope_alpha`` is the
     NTK alpha (-ra): the effective base is ``rope_theta * alpha ** (head_dim / (head_dim - 2))``.
     ``rope_scaling`` is the config's dict with its type under "rope_type", or None.
-    ``sliding_window`` is read for Mistral only; at the calibration lengths (<= 2048) it matters
-    only for windows shorter than the row, which :func:`forward.attention` then applies."""
+    ``sliding_window`` is read for Mistral and Mixtral only; at the calibration lengths (<= 2048)
+    it matters only for windows shorter than the row, which :func:`forward.attention` then applies.
+    ``num_experts`` / ``num_experts_per_tok`` are an MoE model's experts per layer and experts
+    routed per token (``num_local_experts`` and ``num_experts_per_tok`` in config.json); 0 for a
+    dense model."""
 
     model_dir: Path
     arch: str
@@ -62,6 +65,8 @@ class ModelConfig:
     final_softcap: float | None = None
     attn_scale: float | None = None
     rope_local_theta: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -258,6 +263,15 @@ def _gemma_fields(r: _Reader, num_layers: int) -> dict:
     )
 
 
+def _moe_fields(r: _Reader) -> dict:
+    """Mixtral: experts per layer and per token, checked against each other."""
+    experts = r.int("num_local_experts")
+    per_tok = r.int("num_experts_per_tok")
+    if per_tok > experts:
+        raise r.fail(f"num_experts_per_tok ({per_tok}) exceeds num_local_experts ({experts})")
+    return dict(num_experts=experts, num_experts_per_tok=per_tok)
+
+
 def load_config(model_dir: str | Path, rope_scale: float | None = None,
                 rope_alpha: float | None = None) -> ModelConfig:
     """Read and check ``model_dir/config.json``. ``rope_scale`` (-rs) and ``rope_alpha`` (-ra)
@@ -292,6 +306,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     num_layers = r.int("num_hidden_layers")
     window = r.int("sliding_window", None) if spec.sliding_window or spec.gemma else None
     gemma = _gemma_fields(r, num_layers) if spec.gemma else {}
+    moe = _moe_fields(r) if spec.moe else {}
     return ModelConfig(
         model_dir=model_dir,
         arch=arch,
@@ -316,4 +331,5 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         rope_alpha=float(rope_alpha) if rope_alpha is not None else 1.0,
         raw=r.raw,
         **gemma,
+        **moe,
     )

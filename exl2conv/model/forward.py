@@ -15,14 +15,18 @@ import torch.nn.functional as F
 
 import dataclasses
 
-from .arch import (embedding_tensor, final_norm_tensor, head_norm_tensors, head_spec, layer_linears,
-                   norm_tensors, spec_of)
+from .arch import (MOE_SHARED_INPUT, embedding_tensor, final_norm_tensor, head_norm_tensors, head_spec,
+                   layer_linears, norm_tensors, router_tensor, spec_of)
 from .config import ModelConfig
 from .weights import WeightIndex
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # Key of the layer index in a module's weight dict (per-layer windows and RoPE need it).
 LAYER = "layer"
+# A callable (x, w, key) -> y under this key of a weights dict computes every linear instead.
+LINEAR_HOOK = "linear_hook"
+# MoE capture: tokens routed to each expert in each row, int64 [B, E].
+EXPERT_TOKENS = "expert_tokens"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -136,6 +140,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # -- modules -------------------------------------------------------------------------------------
 
 def _linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
+    hook = w.get(LINEAR_HOOK)
+    if hook is not None:  # the measurement's corrected candidate forwards (exl2conv.candidates)
+        return hook(x, w, key)
     return F.linear(x, w[key], w.get(f"{key}.bias"))
 
 
@@ -222,8 +229,11 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
     """x f32 [B, L, H] -> (x + down(act(gate(n)) * up(n)) [B, L, H], intermediates or None),
     n = rmsnorm(x). Intermediates: {"post_norm": n [B, L, H], "pre_down": [B, L, intermediate]}.
     ``rope`` is unused; it is accepted so that attention and MLP share one call shape.
-    pre_down is not clamped: ExLlamaV2 clamps it to the FP16 range, which float32 never needs."""
+    pre_down is not clamped: ExLlamaV2 clamps it to the FP16 range, which float32 never needs.
+    An MoE architecture runs :func:`moe_mlp` instead."""
     spec = spec_of(cfg)
+    if spec.moe:
+        return moe_mlp(x, w, cfg, rope, capture)
     act = ACTIVATIONS[spec.act]
     n = rms_norm(x, w[spec.mlp_norms[0]], cfg.rms_norm_eps)
     h = act(_linear(n, w, "gate_proj")) * _linear(n, w, "up_proj")
@@ -232,6 +242,54 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
         o = rms_norm(o, w[spec.mlp_norms[1]], cfg.rms_norm_eps)
     y = x + o
     return y, ({"post_norm": n, "pre_down": h} if capture else None)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], router [E, H] -> (weights f32 [T, k], experts int64 [T, k]), as Mixtral routes:
+    softmax over the router logits in float32, the top k, those k weights renormalized to sum 1."""
+    probs = torch.softmax(F.linear(x, router.to(x.dtype)).float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
+            capture: bool = False) -> tuple[torch.Tensor, dict | None]:
+    """Mixtral's sparse MoE block: x f32 [B, L, H] -> (x + sum over the k routed experts of
+    weight * w2(act(w1(n)) * w3(n)) [B, L, H], intermediates or None), n = rmsnorm(x).
+    ``w`` holds the router under ``spec.moe_router`` and expert j's linears as "w1.<j>" etc.
+
+    Intermediates, for the Hessians and the coverage report (spec 3.2), per row r of the B:
+    {"post_norm": n [B, L, H]; EXPERT_TOKENS: int64 [B, E] tokens routed to each expert;
+    MOE_SHARED_INPUT: list of B, n[r] [L, H] if expert 0 got a token in row r, else None;
+    "pre_down.<j>": list of B, expert j's act(w1) * w3 on its tokens of row r [T_rj, I], or None
+    where it got none}. A None row does not count towards that Hessian's row count."""
+    spec = spec_of(cfg)
+    act = ACTIVATIONS[spec.act]
+    b, length, hidden = x.shape
+    n = rms_norm(x, w[spec.mlp_norms[0]], cfg.rms_norm_eps)
+    flat = n.reshape(-1, hidden)
+    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok)
+    out = torch.zeros_like(flat)
+    inter: dict | None = {"post_norm": n} if capture else None
+    counts = torch.zeros(b, cfg.num_experts, dtype=torch.int64)
+    for j in range(cfg.num_experts):
+        tok, slot = torch.where(experts == j)  # tokens in ascending order, so rows come in order
+        if capture:
+            per_row = torch.bincount(tok // length, minlength=b).cpu()
+            counts[:, j] = per_row
+        if tok.numel() == 0:
+            if capture:
+                inter[f"pre_down.{j}"] = [None] * b
+            continue
+        xs = flat[tok]
+        h = act(_linear(xs, w, f"w1.{j}")) * _linear(xs, w, f"w3.{j}")
+        out.index_add_(0, tok, _linear(h, w, f"w2.{j}") * weights[tok, slot, None])
+        if capture:
+            inter[f"pre_down.{j}"] = [t if t.shape[0] else None for t in h.split(per_row.tolist())]
+    if capture:
+        inter[EXPERT_TOKENS] = counts
+        inter[MOE_SHARED_INPUT] = [n[r] if counts[r, 0] else None for r in range(b)]
+    return x + out.view(b, length, hidden), inter
 
 
 def final_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -258,10 +316,14 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     """The f32 tensors :func:`attention` (part "attn") or :func:`mlp` (part "mlp") needs for
     layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
     of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
-    architecture has them, and the layer index under :data:`LAYER`."""
+    architecture has them, an MoE router [E, H] (under its short name, "gate"), and the layer
+    index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>"."""
     w: dict = {LAYER: i}
     for name in norm_tensors(cfg, i, part):
         w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
+    router = router_tensor(cfg, i) if part == "mlp" else None
+    if router:
+        w[spec_of(cfg).moe_router] = index.get(router, device=device)
     for short, lin in layer_linears(cfg, i, part).items():
         w[short] = index.get(lin.tensor, device=device, rows=lin.rows)
         if lin.bias:

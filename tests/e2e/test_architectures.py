@@ -1,6 +1,7 @@
 """End to end on tiny random models of each added architecture (built and saved by transformers):
 convert on the CPU, then check the output tensors' names and shapes against what ExLlamaV2 loads
-(reference 6.8, 8) and decode every quantized linear back to weights close to the originals."""
+(reference 6.8, 8) and decode every quantized linear back to weights close to the originals.
+Mixtral (mixture of experts) also has its measurement.json checked (reference 3.3, 3.7)."""
 
 import json
 
@@ -11,8 +12,11 @@ from safetensors import safe_open
 from exl2conv.cli import main
 from exl2conv.model import WeightIndex, layer_linears, load_config
 from exl2conv.model import arch as arch_mod
+from exl2conv.model import forward
 from exl2conv.pack import LINEAR_KEYS, decode_linear
+from exl2conv.qparams import MLP_OPTIONS, QParams
 from tests.tinymodel import HF_ARCHS, make_tiny_hf
+from tests.unit.test_architectures import make_tiny_mixtral
 
 ARGS = ["-ml", "64", "-l", "64", "-r", "8", "-mr", "4", "-b", "6.0"]
 
@@ -129,3 +133,139 @@ def test_quantized_model_runs_close_to_the_original(converted):
     res = evaluate(out, src, ids, device="cpu")
     assert res["kl"] < 0.05, res
     assert res["top1"] > 0.8, res
+
+
+# -- Mixtral (mixture of experts) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("mixtral")
+    src = make_tiny_mixtral(root / "model", seed=3)
+    cal = write_parquet(root / "cal.parquet")
+    rc = main(["-i", str(src), "-o", str(root / "work"), "-cf", str(root / "out"), "-c", str(cal), *ARGS])
+    assert rc == 0
+    return src, root / "work", root / "out"
+
+
+def test_mixtral_output_names_and_shapes(mixtral):
+    """Per layer: the norms and the router in FP16 as in the source, then every expert's w1, w3,
+    w2 quantized under ExLlamaV2's names (reference 6.8, 6.9)."""
+    src, _, out = mixtral
+    cfg, index = load_config(src), WeightIndex(src)
+    tensors = read_output(out)
+    want = expected_names(cfg, index)
+    routers = [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(cfg.num_layers)]
+    want |= {r: (4, 64) for r in routers}
+    assert set(tensors) == set(want)
+    for name, shape in want.items():
+        if shape is not None:
+            assert tuple(tensors[name].shape) == shape, name
+    experts = {n.split(".experts.")[1].rsplit(".", 1)[0] for n in tensors if ".experts." in n}
+    assert experts == {f"{j}.{s}" for j in range(4) for s in ("w1", "w3", "w2")}
+    for name in routers + arch_mod.norm_tensors(cfg, 1, "mlp"):
+        assert tensors[name].dtype == torch.float16
+        assert torch.equal(tensors[name], index.get(name, dtype=torch.float16)), name
+
+
+def test_mixtral_measurement(mixtral):
+    """One key per MoE block, ``...block_sparse_moe``, with the MLP table's 17 rows under the
+    names w1, w3, w2; each row's choice applies to all 4 experts, so its total_bits is the sum
+    over the experts."""
+    src, work, _ = mixtral
+    cfg = load_config(src)
+    doc = json.loads((work / "measurement.json").read_text())
+    keys = [f"model.layers.{i}.{m}" for i in range(cfg.num_layers) for m in ("self_attn", "block_sparse_moe")]
+    assert list(doc["measurement"]) == keys + ["model.norm.norm", "lm_head.linear"]
+    assert doc["last_module_idx"] == 2 * cfg.num_layers + 2
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    for i in range(cfg.num_layers):
+        entries = doc["measurement"][f"model.layers.{i}.block_sparse_moe"]
+        assert len(entries) == 17
+        for e, row in zip(entries, MLP_OPTIONS):
+            assert set(e) == {"accuracy", "total_bits", "w1", "w3", "w2"}
+            q = {s: QParams.from_dict(e[s]) for s in ("w1", "w3", "w2")}
+            assert [q[s].desc for s in ("w1", "w3", "w2")] == [p.desc for p in row]
+            per_expert = (q["w1"].total_bits(h, inter) + q["w3"].total_bits(h, inter)
+                          + q["w2"].total_bits(inter, h))
+            assert e["total_bits"] == 4 * per_expert
+            assert 0.5 < e["accuracy"] <= 1.0
+    job = json.loads((work / "job.json").read_text())
+    assert set(job["strategy"]) == set(keys)
+
+
+def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:
+    """Source tensor name -> the weight its quantized linear decodes to, HF [out, in] float32."""
+    specs = [s for i in range(cfg.num_layers) for s in layer_linears(cfg, i).values()]
+    specs.append(arch_mod.head_spec(cfg, index))
+    out = {}
+    for spec in specs:
+        packed = {k: tensors[f"{spec.name}.{k}"] for k in LINEAR_KEYS if f"{spec.name}.{k}" in tensors}
+        out[spec.tensor] = decode_linear(packed, spec.name).float()[:, : spec.out_features].T.contiguous()
+    return out
+
+
+def test_mixtral_decoded_weights_are_close(mixtral):
+    src, _, out = mixtral
+    cfg, index = load_config(src), WeightIndex(src)
+    decoded = _decoded(cfg, index, read_output(out))
+    assert len(decoded) == cfg.num_layers * (4 + 4 * 3) + 1
+    errs = {name: float((w - index.get(name)).norm() / index.get(name).norm()) for name, w in decoded.items()}
+    assert max(errs.values()) < 0.15, errs
+    assert sum(errs.values()) / len(errs) < 0.07, errs
+
+
+class _Swapped:
+    """A WeightIndex whose quantized linears read as their decoded EXL2 weights."""
+
+    def __init__(self, index: WeightIndex, decoded: dict[str, torch.Tensor]):
+        self.index, self.decoded = index, decoded
+
+    def get(self, name, dtype=torch.float32, device=None, rows=None):
+        if name in self.decoded:
+            return self.decoded[name].to(device=device, dtype=dtype)
+        return self.index.get(name, dtype=dtype, device=device, rows=rows)
+
+    def __getattr__(self, attr):
+        return getattr(self.index, attr)
+
+
+def test_mixtral_quantized_model_runs_close_to_the_original(mixtral):
+    """The whole model on the decoded weights (same routing code) against the source: the
+    router is FP16 and the experts ~6 bpw, so next-token distributions stay close."""
+    src, _, out = mixtral
+    cfg, index = load_config(src), WeightIndex(src)
+    quant = _Swapped(index, _decoded(cfg, index, read_output(out)))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
+    ref = torch.log_softmax(forward.run_model(index, cfg, ids), dim=-1)
+    got = torch.log_softmax(forward.run_model(quant, cfg, ids), dim=-1)
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    assert kl < 0.05 and top1 > 0.8, (kl, top1)
+    assert kl > 0  # the decoded weights really were used
+
+
+def test_measurement_keys_carry_the_architecture_prefix(converted):
+    """measurement.json is keyed as ExLlamaV2 keys it (reference 3.7): Gemma3's multimodal
+    checkpoint puts "language_model." in front of every module key."""
+    arch, src, out = converted
+    cfg = load_config(src)
+    p = arch_mod.spec_of(cfg).prefix
+    doc = json.loads((out.parent / "work" / "measurement.json").read_text())
+    want = []
+    for i in range(cfg.num_layers):
+        want += [f"{p}model.layers.{i}.self_attn", f"{p}model.layers.{i}.mlp"]
+    want += [f"{p}model.norm.norm", f"{p}lm_head.linear"]
+    assert list(doc["measurement"]) == want
+    assert doc["last_module_idx"] == 2 * cfg.num_layers + 2
+
+
+def test_mixtral_eval_scores_the_conversion(mixtral, tmp_path):
+    """`exl2conv eval` maps the router and every expert's linears (it crashed on Mixtral)."""
+    from exl2conv.evaluate import evaluate
+
+    src, _, out = mixtral
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(8))
+    res = evaluate(out, src, ids, device="cpu")
+    assert 0 < res["kl"] < 0.05 and res["top1"] > 0.8, res

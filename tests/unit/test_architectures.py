@@ -1,8 +1,11 @@
-"""Architectures beyond Llama (Qwen2, Qwen3, Phi-3, Gemma2, Gemma3): config parsing, the tensor
-table, and the float32 forward compared with transformers module by module on tiny random models
-that transformers itself builds and saves."""
+"""Architectures beyond Llama (Qwen2, Qwen3, Phi-3, Gemma2, Gemma3, Mixtral): config parsing, the
+tensor table, and the float32 forward compared with transformers module by module on tiny random
+models that transformers itself builds and saves. Mixtral's MoE also has its Hessian inputs and
+calibration-coverage rule checked on hand-routed states."""
 
+import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from exl2conv.model import arch as arch_mod
 from exl2conv.model import forward as fw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tinymodel import HF_ARCHS, make_tiny_hf, make_tiny_llama  # noqa: E402
+from tinymodel import BYTE_TOKENS, HF_ARCHS, make_tiny_hf, make_tiny_llama, write_tokenizer  # noqa: E402
 
 L = 24  # longer than the Gemma windows (8), so sliding layers differ from full ones
 
@@ -181,7 +184,7 @@ def test_unknown_architecture_is_refused_with_the_list(tmp_path):
     msg = str(e.value)
     assert "FalconForCausalLM" in msg
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                 "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration"):
+                 "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "MixtralForCausalLM"):
         assert name in msg
 
 
@@ -203,3 +206,257 @@ def test_each_gemma_feature_changes_the_result(models, arch, change):
     full = fw.run_model(index, cfg, ids)
     without = fw.run_model(index, dataclasses.replace(cfg, **change), ids)
     assert (full - without).abs().max() > 1e-3
+
+
+# -- Mixtral (mixture of experts) -----------------------------------------------------------------
+
+MIXTRAL = "MixtralForCausalLM"
+
+
+def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16, layers: int = 2,
+                      experts: int = 4, per_token: int = 2, extra_config: dict | None = None) -> Path:
+    """A tiny random MixtralForCausalLM saved by transformers (which writes the checkpoint layout,
+    ``block_sparse_moe.experts.<j>.w1/w3/w2`` and ``block_sparse_moe.gate``), with the byte-level
+    tokenizer: hidden 64, 4 heads of 16, 2 KV heads, experts of width 96, 258 tokens. Linears and
+    the router ~ N(0, 1/fan_in), so routing is far from uniform; norms ~ 1 + N(0, 0.1)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n_tokens = write_tokenizer(path)
+    config = tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=n_tokens,
+                              rms_norm_eps=1e-5, bos_token_id=BYTE_TOKENS, eos_token_id=BYTE_TOKENS + 1,
+                              num_local_experts=experts, num_experts_per_tok=per_token,
+                              **(extra_config or {}))
+    torch.manual_seed(seed)
+    model = tf.MixtralForCausalLM(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2:  # in memory the experts are stacked [E, out, in]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory, tf):
+    """Float32, with a sliding window (8) shorter than the test rows (L = 24)."""
+    return make_tiny_mixtral(tmp_path_factory.mktemp("mixtral") / "m", dtype=torch.float32,
+                             extra_config={"sliding_window": 8})
+
+
+def hf_moe_trace(model, ids: torch.Tensor):
+    """transformers' logits and, per layer: input x, the residual before the MoE block (mid), the
+    MoE post-norm, the router's top-k weights and experts, and the layer output y."""
+    trace = [dict() for _ in model.model.layers]
+    hooks = []
+
+    def keep(i, key, use_input=False):
+        def hook(_mod, args, out):
+            t = args[0] if use_input else (out[0] if isinstance(out, tuple) else out)
+            trace[i][key] = t.detach().clone()
+        return hook
+
+    def keep_router(i):
+        def hook(_mod, _args, out):
+            trace[i]["route_weights"], trace[i]["route_experts"] = out[1].detach().clone(), out[2].clone()
+        return hook
+
+    def keep_layer_input(i):
+        def hook(_mod, args, kwargs):
+            trace[i]["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        hooks += [
+            layer.register_forward_pre_hook(keep_layer_input(i), with_kwargs=True),
+            layer.register_forward_hook(keep(i, "y")),
+            layer.post_attention_layernorm.register_forward_hook(keep(i, "mid", True)),
+            layer.post_attention_layernorm.register_forward_hook(keep(i, "post_norm")),
+            layer.mlp.gate.register_forward_hook(keep_router(i)),
+        ]
+    try:
+        with torch.no_grad():
+            out = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, trace
+
+
+def test_mixtral_forward_matches_transformers(tf, mixtral):
+    cfg = load_config(mixtral)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.sliding_window) == (4, 2, 8)
+    index = WeightIndex(mixtral)
+    index.check(expected_tensors(cfg))
+    ids = ids_for(cfg.vocab_size)
+    model = tf.MixtralForCausalLM.from_pretrained(mixtral, attn_implementation="eager",
+                                                  dtype=torch.float32).eval()
+    ref_logits, trace = hf_moe_trace(model, ids)
+    rope = fw.RotaryCache(cfg)
+    for i, t in enumerate(trace):
+        y, _ = fw.attention(t["x"], fw.load_layer_weights(index, cfg, i, "attn"), cfg, rope)
+        close(y, t["mid"])
+        w = fw.load_layer_weights(index, cfg, i, "mlp")
+        y, inter = fw.mlp(t["mid"], w, cfg, capture=True)
+        close(y, t["y"])
+        close(inter["post_norm"], t["post_norm"])
+        weights, experts = fw.route(inter["post_norm"].reshape(-1, cfg.hidden_size), w["gate"], 2)
+        assert torch.equal(experts, t["route_experts"].reshape(experts.shape))
+        close(weights, t["route_weights"].reshape(weights.shape))
+        # every expert is used somewhere, so each w2 Hessian gets data in this test
+        assert (inter[fw.EXPERT_TOKENS].sum(0) > 0).all()
+    close(fw.run_model(index, cfg, ids), ref_logits)
+
+
+def test_mixtral_window_and_routing_change_the_result(mixtral):
+    """Matching transformers proves the window and top-k right only if they matter here."""
+    cfg = load_config(mixtral)
+    index = WeightIndex(mixtral)
+    ids = ids_for(cfg.vocab_size)
+    full = fw.run_model(index, cfg, ids)
+    for change in ({"sliding_window": None}, {"num_experts_per_tok": 1}):
+        assert (full - fw.run_model(index, dataclasses.replace(cfg, **change), ids)).abs().max() > 1e-3
+
+
+def test_mixtral_tensor_table(mixtral):
+    from exl2conv.layers import module_list
+
+    cfg = load_config(mixtral)
+    specs = layer_linears(cfg, 1, "mlp")
+    assert list(specs) == [f"{s}.{j}" for j in range(4) for s in ("w1", "w3", "w2")]
+    w2 = specs["w2.3"]
+    assert w2.name == "model.layers.1.block_sparse_moe.experts.3.w2"
+    assert (w2.short, w2.expert, w2.in_features, w2.out_features, w2.bias) == ("w2", 3, 96, 64, False)
+    assert w2.hessian_input == "pre_down.3"
+    assert {specs[f"{s}.{j}"].hessian_input for j in range(4) for s in ("w1", "w3")} == {"moe_post_norm"}
+    assert arch_mod.router_tensor(cfg, 1) == "model.layers.1.block_sparse_moe.gate.weight"
+    assert expected_tensors(cfg)["model.layers.1.block_sparse_moe.gate.weight"] == (4, 64)
+    assert arch_mod.norm_tensors(cfg, 1, "mlp") == ["model.layers.1.post_attention_layernorm.weight"]
+    keys = [m.meas_key for m in module_list(cfg.num_layers, moe=True)]
+    assert keys[1:3] == ["model.layers.0.self_attn", "model.layers.0.block_sparse_moe"]
+    assert keys[-2:] == ["model.norm.norm", "lm_head.linear"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok (5) exceeds num_local_experts (4)"),
+    ({"num_local_experts": None}, "'num_local_experts' is missing"),
+    ({"num_experts_per_tok": 0}, "'num_experts_per_tok' must be a positive integer"),
+])
+def test_mixtral_config_checks(tmp_path, mixtral, change, field):
+    raw = json.loads((mixtral / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw | change))
+    with pytest.raises(Exl2Error) as e:
+        load_config(tmp_path)
+    assert field in str(e.value) and "config.json" in str(e.value)
+
+
+def _routed_layer(cfg, length: int = 20):
+    """A hand-made MoE layer (hidden 8, 5 experts, top 2) whose router sends each token to the two
+    experts whose hidden channels the token lights up, and states [3, length, 8] that route:
+    row 0 every token to experts (0, 1); row 1 to (1, 2); row 2 token 0 to (0, 3), the rest to
+    (1, 2). Expert 4 is never used. Returns (cfg, weights, states)."""
+    g = torch.Generator().manual_seed(0)
+    hidden, inter = 8, 16
+    cfg = dataclasses.replace(cfg, num_experts=5, num_experts_per_tok=2, hidden_size=hidden,
+                              intermediate_size=inter)
+    w = {fw.LAYER: 0, "post_attention_layernorm": torch.ones(hidden),
+         "gate": 20.0 * torch.eye(5, hidden)}
+    for j in range(5):
+        w[f"w1.{j}"] = torch.randn(inter, hidden, generator=g)
+        w[f"w3.{j}"] = torch.randn(inter, hidden, generator=g)
+        w[f"w2.{j}"] = torch.randn(hidden, inter, generator=g)
+    states = 0.01 * torch.randn(3, length, hidden, generator=g)
+    states[0, :, [0, 1]] += 1.0
+    states[1, :, [1, 2]] += 1.0
+    states[2, 1:, [1, 2]] += 1.0
+    states[2, 0, [0, 3]] += 1.0
+    return cfg, w, states
+
+
+def test_moe_hessians_follow_exllamav2(mixtral):
+    """w1.0's Hessian (shared by every w1 and w3) sums the post-norm of the rows in which expert 0
+    got a token and counts those rows only; w2.j sums expert j's pre_down over its own tokens,
+    counting the rows it was used in; an unused expert's Hessian is the identity (spec 3.2, 5.1)."""
+    from exl2conv.layers import run_block
+    from exl2conv.measure import hessians_for
+    from exl2conv.moe import ExpertCoverage
+
+    cfg, w, states = _routed_layer(load_config(mixtral))
+    hess = hessians_for(layer_linears(cfg, 0, "mlp"), "cpu")
+    assert sorted(hess) == ["moe_post_norm"] + [f"pre_down.{j}" for j in range(5)]
+    cov = ExpertCoverage("layer", 5, states.shape[1])
+    run_block("mlp", states, w, cfg, None, chunk=2, hessians={**hess, fw.EXPERT_TOKENS: cov})
+
+    n = fw.rms_norm(states, w["post_attention_layernorm"], cfg.rms_norm_eps)
+    shared = hess["moe_post_norm"]
+    assert shared.rows == 2  # rows 0 and 2
+    close(shared.h, n[0].T @ n[0] + n[2].T @ n[2], 1e-5)
+
+    def pre_down(j, x):
+        return torch.nn.functional.silu(x @ w[f"w1.{j}"].T) * (x @ w[f"w3.{j}"].T)
+
+    tokens = {0: [(0, slice(None)), (2, slice(0, 1))], 3: [(2, slice(0, 1))],
+              2: [(1, slice(None)), (2, slice(1, None))]}
+    for j, parts in tokens.items():
+        want = sum(pre_down(j, n[r, t]).T @ pre_down(j, n[r, t]) for r, t in parts)
+        assert hess[f"pre_down.{j}"].rows == len(parts)
+        close(hess[f"pre_down.{j}"].h, want, 1e-5)
+    assert hess["pre_down.1"].rows == 3
+    assert hess["pre_down.4"].rows == 0
+    assert torch.equal(hess["pre_down.4"].normalized(), torch.eye(16))
+
+    # coverage: expert 0 has no token in row 1 and 1 of 20 (< 2) in row 2; expert 2 none in row 0;
+    # expert 3 has 0, 0, 1; with 3 rows, one uncalibrated row (33%) is already too many
+    assert cov.rows == 3 and cov.tokens.tolist() == [21, 59, 39, 1, 0]
+    assert cov.uncalibrated.tolist() == [2, 0, 1, 3, 3]
+    assert cov.flagged() == [0, 2, 3, 4]
+
+
+def test_moe_coverage_rule():
+    """Uncalibrated in a row: no token, or fewer than a tenth of the row's tokens (strictly);
+    warned: uncalibrated in more than 20% of the rows (strictly). ExLlamaV2 measure.py/quantize.py."""
+    from exl2conv.moe import ExpertCoverage, uncalibrated
+
+    length = 30
+    counts = torch.tensor([[0, 2, 3, 30]])
+    assert uncalibrated(counts, length).tolist() == [[True, True, False, False]]
+    assert uncalibrated(torch.tensor([[4, 5]]), 50).tolist() == [[True, False]]
+
+    # 10 rows; expert 0 uncalibrated in 2 (20%: fine), expert 1 in 3 (30%: warned), expert 2 never
+    cov = ExpertCoverage("model.layers.7.block_sparse_moe", 3, length)
+    rows = torch.full((10, 3), 10)
+    rows[:2, 0] = 2
+    rows[:3, 1] = 0
+    cov.add_rows(rows[:4])
+    cov.add_rows(rows[4:])
+    assert cov.rows == 10 and cov.uncalibrated.tolist() == [2, 3, 0]
+    assert cov.flagged() == [1]
+    msg = cov.warning()
+    assert msg.count("\n") == 0
+    assert msg.startswith("model.layers.7.block_sparse_moe: expert 1 got under 1/10 of a row's tokens")
+    assert "(3/10 rows)" in msg and "more than 20%" in msg
+    assert "calibration tokens routed to experts 0..2" in cov.summary()
+
+    fine = ExpertCoverage("x", 3, length)
+    fine.add_rows(torch.full((5, 3), 3))
+    assert fine.warning() is None and fine.flagged() == []
+
+
+def test_moe_coverage_is_reported(capsys):
+    from exl2conv.moe import ExpertCoverage, report_coverage
+    from exl2conv.report import Reporter
+
+    cov = ExpertCoverage("model.layers.0.block_sparse_moe", 2, 10)
+    cov.add_rows(torch.tensor([[10, 0], [10, 0]]))
+    report_coverage(Reporter(), cov)
+    out, err = capsys.readouterr()
+    assert "model.layers.0.block_sparse_moe: calibration tokens routed to experts 0..1: 100% 0%" in out
+    assert len(err.strip().splitlines()) == 1 and "expert 1 got under 1/10" in err

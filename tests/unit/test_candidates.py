@@ -1,0 +1,70 @@
+"""The measurement's corrected candidate forwards (exl2conv.candidates) give the errors that the
+plain float32 forwards give: exactly up to float32 rounding with float32 corrections, and to about
+three digits with the bfloat16 corrections the GPU uses."""
+
+import pytest
+import torch
+
+from exl2conv.candidates import CandidateScorer
+from exl2conv.layers import run_block
+from exl2conv.model import WeightIndex, forward, layer_linears, load_config
+from tests.tinymodel import make_tiny_llama
+
+
+def module(src, part, layer=1):
+    cfg, index = load_config(src), WeightIndex(src)
+    w = forward.load_layer_weights(index, cfg, layer, part, "cpu")
+    return cfg, w, layer_linears(cfg, layer, part)
+
+
+def perturbed(w, keys, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    trial = dict(w)
+    for key in keys:
+        trial[key] = w[key] + torch.randn(w[key].shape, generator=g) * scale * w[key].std()
+    return trial
+
+
+def check(cfg, w, specs, part, tol_f32=1e-5, tol_bf16=2e-2):
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
+    rope = forward.RotaryCache(cfg)
+    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
+    keys = list(specs)
+    weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
+    plain = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=False)
+    exact = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.float32)
+    fast = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.bfloat16)
+    assert exact.corrected and fast.corrected and not plain.corrected
+    for seed, scale in enumerate((0.3, 0.03, 0.003)):
+        trial = perturbed(w, keys, scale, seed)
+        want = plain.errors(trial)
+        assert want.min() > 0
+        torch.testing.assert_close(exact.errors(trial), want, rtol=tol_f32, atol=0)
+        got = fast.errors(trial)
+        torch.testing.assert_close(got, want, rtol=tol_bf16, atol=0)
+        assert not torch.equal(got, want)  # the bfloat16 corrections really ran
+    # unchanged weights: no error at all
+    assert exact.errors(dict(w)).abs().max() == 0
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_corrected_errors_equal_plain_llama(tmp_path, part):
+    src = make_tiny_llama(tmp_path / "m", seed=4, hidden=64, intermediate=128, layers=2)
+    check(*module(src, part), part)
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"])
+def test_corrected_errors_equal_plain_other_archs(tmp_path, arch):
+    """Post-norms after o_proj/down (Gemma2), q/k head norms (Qwen3), split fused linears (Phi-3)
+    and routed experts (Mixtral) all sit between or after the corrected linears."""
+    pytest.importorskip("transformers")
+    from tests.tinymodel import make_tiny_hf
+
+    if arch == "MixtralForCausalLM":
+        from tests.unit.test_architectures import make_tiny_mixtral
+        src = make_tiny_mixtral(tmp_path / "m", dtype=torch.float32)
+    else:
+        src = make_tiny_hf(tmp_path / "m", arch, seed=2, dtype=torch.float32)
+    for part in ("attn", "mlp"):
+        check(*module(src, part, layer=0), part)
