@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -134,6 +135,26 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """safetensors file written atomically; tensors are moved to CPU and made contiguous."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     write_via_path(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def save_tensor_streamed(path: Path, name: str, tensor: torch.Tensor, rows_per_write: int = 1) -> None:
+    """One float32 tensor as a safetensors file, written atomically a few rows (along dim 0) at a
+    time: a device tensor of several GiB (the calibration states) never needs a host copy, nor
+    does serialization build one. The file is what ``safetensors.save_file`` would write."""
+    if tensor.dtype != torch.float32:
+        raise ValueError(f"save_tensor_streamed writes float32, got {tensor.dtype}")
+    nbytes = tensor.numel() * 4
+    header = json.dumps({name: {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [0, nbytes]}},
+                        separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for r in range(0, tensor.shape[0], rows_per_write):
+                f.write(tensor[r:r + rows_per_write].detach().to("cpu").contiguous().numpy().tobytes())
+    write_via_path(path, write)
 
 
 def remove(path: Path) -> None:

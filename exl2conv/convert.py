@@ -192,7 +192,7 @@ def save_checkpoint(ctx: Context, pass_: str, index: int, states: torch.Tensor |
     fname = None
     if states is not None:
         fname = f"states_{pass_}_{index:04d}.safetensors"
-        atomic.save_tensors(ctx.out_dir / fname, {"hidden_states": states})
+        atomic.save_tensor_streamed(ctx.out_dir / fname, "hidden_states", states)
     faults.point("checkpoint")
     job.data.update(fields)
     job["checkpoint"] = {"pass": pass_, "module": index, "file": fname}
@@ -217,6 +217,8 @@ def load_checkpoint(ctx: Context, pass_: str) -> tuple[int, torch.Tensor | None]
             raise Exl2Error(f"{path}: the checkpointed calibration states hold NaN or Inf values (a damaged "
                             "file); start afresh with -nr")
         states = states.to(ctx.device)
+    elif int(cp["module"]) == 0:  # the embeddings: recomputed from the saved token ids, not stored
+        states = embed_states(ctx, load_ids(ctx, pass_))
     return int(cp["module"]), states
 
 
@@ -309,7 +311,7 @@ def stage_initial_embeddings(ctx: Context) -> None:
     states = embed_states(ctx, load_ids(ctx, "measure"))
     check_finite(states, "the token embeddings")
     atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, {}, 0))
-    save_checkpoint(ctx, "measure", 0, states, last_module_idx=0)
+    save_checkpoint(ctx, "measure", 0, None, last_module_idx=0)  # cheaper to recompute than to store
     ctx.job.advance(Stage.MEASURE)
 
 
@@ -473,8 +475,8 @@ def stage_tokens_cal(ctx: Context) -> None:
 def stage_embeddings(ctx: Context) -> None:
     ctx.rep.info("Token embeddings again...")
     ctx.rep.status("Embeddings", 0, 1)
-    states = embed_states(ctx, load_ids(ctx, "quant"))
-    save_checkpoint(ctx, "quant", 0, states, q_last_module_idx=0, quant_log=[])
+    check_finite(embed_states(ctx, load_ids(ctx, "quant")), "the token embeddings")
+    save_checkpoint(ctx, "quant", 0, None, q_last_module_idx=0, quant_log=[])  # recomputed on loading
     ctx.job.advance(Stage.QUANT)
 
 
@@ -765,6 +767,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     """Run (or resume) a conversion job. ``values`` maps job fields (see :data:`exl2conv.job.ARGS`)
     to the values given; None means not given. Raises :class:`Exl2Error` on bad input."""
     rep = rep or Reporter(status_output=bool(values.get("status_output")))
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # see cli.main
     out = Path(out_dir).expanduser().resolve()
     check_paths(values, out)
     configure_determinism()

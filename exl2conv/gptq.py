@@ -133,8 +133,27 @@ def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     return qs[0], qmax[0], scale[0]
 
 
+def _group_tensors(dev, cidx: list[int], rows: list[int], bits: list[int], memo: dict | None) -> dict:
+    """Device copies of a batch's index lists (and its row mask), made once per distinct batch:
+    each host-to-device copy would otherwise stall the GPU once per block of every linear."""
+    key = (tuple(cidx), tuple(rows), tuple(bits))
+    if memo is not None and key in memo:
+        return memo[key]
+    span = max(rows)
+    i32 = dict(dtype=torch.int32, device=dev)
+    t = {"idx": torch.tensor(cidx, device=dev), "idx32": torch.tensor(cidx, **i32),
+         "rows32": torch.tensor(rows, **i32), "bits32": torch.tensor(bits, **i32),
+         "half_m": torch.tensor([maxq(b) / 2 for b in bits], dtype=torch.float32, device=dev).view(-1, 1),
+         "keep": None}
+    if min(rows) < span:  # rows past a group's end are masked out of the max
+        t["keep"] = torch.arange(span, device=dev).view(1, -1, 1) < torch.tensor(rows, device=dev).view(-1, 1, 1)
+    if memo is not None:
+        memo[key] = t
+    return t
+
+
 def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
-                     bits: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     bits: list[int], memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`find_params` for one group of each of several candidates, batched: candidate
     ``cidx[i]``'s group is rows ``a .. a + rows[i] - 1`` of ``w[cidx[i]]`` at ``bits[i]``.
 
@@ -143,23 +162,20 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     saves kernel launches (hundreds of groups per linear)."""
     dev = w.device
     span = max(rows)
-    idx = torch.tensor(cidx, device=dev)
-    x = w[idx, a:a + span]  # [B, R, N]; rows past a group's end are masked out of the max
-    if min(rows) < span:
-        keep = torch.arange(span, device=dev).view(1, -1, 1) < torch.tensor(rows, device=dev).view(-1, 1, 1)
-        x = x * keep
-    half_m = torch.tensor([maxq(b) / 2 for b in bits], dtype=torch.float32, device=dev).view(-1, 1)
+    t = _group_tensors(dev, cidx, rows, bits, memo)
+    x = w[t["idx"], a:a + span]  # [B, R, N]
+    if t["keep"] is not None:
+        x = x * t["keep"]
     amax = x.abs().amax(dim=1) + 1e-12  # [B, N]
-    base = amax / half_m
+    base = amax / t["half_m"]
     s_max = base.amax(dim=1, keepdim=True)  # [B, 1]
     qs = torch.clamp(torch.round(16 * torch.sqrt(base / s_max)), 1, 16)
     cand = (qs / 16) ** 2 * s_max  # [B, N]
     grid = P_GRID.to(device=dev, dtype=torch.float32)
     ext = kernels.get() if w.is_cuda else None
     if ext is not None:
-        i32 = dict(dtype=torch.int32, device=dev)
-        err = ext.pgrid_err_many(w.contiguous(), idx.to(torch.int32), torch.tensor(rows, **i32),
-                                 torch.tensor(bits, **i32), cand.contiguous(), grid, a).sum(dim=2)
+        err = ext.pgrid_err_many(w.contiguous(), t["idx32"], t["rows32"], t["bits32"], cand.contiguous(), grid,
+                                 a).sum(dim=2)
     else:
         err = torch.stack([pgrid_errors(w[c, a:a + r], cand[i], grid, qzero(b), maxq(b))
                            for i, (c, r, b) in enumerate(zip(cidx, rows, bits))])
@@ -262,6 +278,7 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
     scale = torch.empty((c_count, n), dtype=torch.float32, device=dev)
     err_blk = torch.empty((c_count, BLOCK, n), dtype=torch.float32, device=dev)
     floor = torch.zeros((c_count, 1), dtype=torch.int64, device=dev)
+    memo: dict = {}
     ext = kernels.get() if wt.is_cuda else None
     if ext is not None:
         u = u.contiguous()
@@ -275,17 +292,19 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
         if opening:  # the candidates whose next group starts at this block
             groups = [layouts[ci][gi] for ci, gi in opening]
             cis = [ci for ci, _ in opening]
-            qs, qmax, sc = find_params_many(w, cis, a, [g.rows for g in groups], [g.bits for g in groups])
+            rows_, bits_ = [g.rows for g in groups], [g.bits for g in groups]
+            qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_, memo)
             for i, (ci, gi) in enumerate(opening):
                 qs_out[ci][gi], qmax_out[ci][gi] = qs[i], qmax[i]
-            scale[cis] = sc
+            scale.index_copy_(0, _group_tensors(dev, cis, rows_, bits_, memo)["idx"], sc)
         if ext is not None:
             ext.gptq_block(w, scale, zero32, max32, u, q_out, codes_out if codes_out is not None else no_codes,
                            err_blk, a)
         else:
             gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, err_blk, a)
-        if b < k:  # lazy update of every later row: W[b:] -= U[a:b, b:]^T Err[a:b]
-            w[:, b:, :] -= torch.matmul(u[a:b, b:].T.unsqueeze(0), err_blk)
+        if b < k:  # lazy update of every later row: W[b:] -= U[a:b, b:]^T Err[a:b], in place (one pass
+            # over the rows instead of a product, then a subtraction: the update is memory-bound)
+            w[:, b:, :].baddbmm_(u[a:b, b:].T.unsqueeze(0).expand(c_count, -1, -1), err_blk, alpha=-1)
 
     invperm = torch.argsort(perm)
     results = []
