@@ -208,3 +208,21 @@ def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.f
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def trace_hooks(trace: list[dict]):
+    """Forward-hook factories that record a transformers model's activations into ``trace[i]``:
+    ``keep(i, key, use_input)`` stores a module's output (or first input), ``keep_layer_input(i)``
+    (a pre-hook with kwargs) stores a decoder layer's input under "x"."""
+    def keep(i, key, use_input=False):
+        def hook(_mod, args, out):
+            t = args[0] if use_input else (out[0] if isinstance(out, tuple) else out)
+            trace[i][key] = t.detach().clone()
+        return hook
+
+    def keep_layer_input(i):
+        def hook(_mod, args, kwargs):
+            trace[i]["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    return keep, keep_layer_input

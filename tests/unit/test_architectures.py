@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tinymodel import trace_hooks
+
 from exl2conv.errors import Exl2Error
 from exl2conv.model import WeightIndex, expected_tensors, layer_linears, load_config
 from exl2conv.model import arch as arch_mod
@@ -56,16 +58,7 @@ def hf_trace(model, arch: str, ids: torch.Tensor):
     trace = [dict() for _ in layers]
     hooks = []
 
-    def keep(i, key, use_input=False):
-        def hook(_mod, args, out):
-            t = args[0] if use_input else (out[0] if isinstance(out, tuple) else out)
-            trace[i][key] = t.detach().clone()
-        return hook
-
-    def keep_layer_input(i):
-        def hook(_mod, args, kwargs):
-            trace[i]["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-        return hook
+    keep, keep_layer_input = trace_hooks(trace)
 
     for i, layer in enumerate(layers):
         pre_attn, pre_mlp = getattr(layer, spec.attn_norms[0]), getattr(layer, spec.mlp_norms[0])
@@ -258,20 +251,11 @@ def hf_moe_trace(model, ids: torch.Tensor):
     trace = [dict() for _ in model.model.layers]
     hooks = []
 
-    def keep(i, key, use_input=False):
-        def hook(_mod, args, out):
-            t = args[0] if use_input else (out[0] if isinstance(out, tuple) else out)
-            trace[i][key] = t.detach().clone()
-        return hook
+    keep, keep_layer_input = trace_hooks(trace)
 
     def keep_router(i):
         def hook(_mod, _args, out):
             trace[i]["route_weights"], trace[i]["route_experts"] = out[1].detach().clone(), out[2].clone()
-        return hook
-
-    def keep_layer_input(i):
-        def hook(_mod, args, kwargs):
-            trace[i]["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         return hook
 
     for i, layer in enumerate(model.model.layers):

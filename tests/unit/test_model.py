@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tinymodel import trace_hooks
 from safetensors.torch import load_file, save_file
 
 from exl2conv.errors import Exl2Error, FormatError
@@ -63,16 +65,7 @@ def hf_trace(model, ids):
     trace = [dict() for _ in model.model.layers]
     hooks = []
 
-    def keep(i, key, use_input=False):
-        def hook(_mod, args, out):
-            t = args[0] if use_input else (out[0] if isinstance(out, tuple) else out)
-            trace[i][key] = t.detach().clone()
-        return hook
-
-    def keep_layer_input(i):
-        def hook(_mod, args, kwargs):
-            trace[i]["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-        return hook
+    keep, keep_layer_input = trace_hooks(trace)
 
     for i, layer in enumerate(model.model.layers):
         hooks += [
