@@ -139,7 +139,7 @@ def _values(args: argparse.Namespace) -> dict:
 
 
 def run_convert(argv: list[str]) -> int:
-    from exl2conv.convert import convert, format_summary
+    from exl2conv.pipeline import convert, format_summary
     from exl2conv.report import Reporter
 
     args = build_parser().parse_args(argv)
