@@ -154,7 +154,10 @@ class Context:
                            head_key=f"{p}{spec.head}", embed_key=f"{p}{spec.embed}", moe=spec.moe)
 
     def chunk(self, length: int) -> int:
-        width = max(self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.num_heads * self.cfg.head_dim)
+        """Calibration rows per forward call: about 256 MiB of the widest float32 intermediate
+        (an MoE block holds each token's activations once per routed expert)."""
+        mlp_width = self.cfg.intermediate_size * max(1, self.cfg.num_experts_per_tok)
+        width = max(self.cfg.hidden_size, mlp_width, self.cfg.num_heads * self.cfg.head_dim)
         return max(1, int((256 << 20) // (length * width * 4 * 4)))
 
     def layer_weights(self, mod: Module) -> tuple[dict, dict]:
