@@ -22,14 +22,14 @@ class Reporter:
 
     def info(self, msg: str) -> None:
         if not self.quiet:
-            print(f" -- {msg}", file=self.stream, flush=True)
+            _write(f" -- {msg}", self.stream)
 
     def warn(self, msg: str) -> None:
-        print(f" !! Warning: {msg}", file=sys.stderr, flush=True)
+        _write(f" !! Warning: {msg}", sys.stderr)
 
     def line(self, msg: str = "") -> None:
         if not self.quiet:
-            print(msg, file=self.stream, flush=True)
+            _write(msg, self.stream)
 
     def status(self, stage: str, done: int, total: int) -> None:
         """-so: machine-readable progress, ExLlamaV2's format."""
@@ -59,6 +59,13 @@ class _Progress:
             self.bar.set_postfix(postfix, refresh=False)
         if self.stage:
             self.rep.status(self.stage, self.bar.n, self.total)
+
+
+def _write(msg: str, stream) -> None:
+    """A whole line, above any progress bar on the terminal (a plain print would land inside it,
+    e.g. an MoE layer's coverage line during the measurement)."""
+    tqdm.write(msg, file=stream)
+    stream.flush()
 
 
 def fmt_seconds(s: float) -> str:
