@@ -226,3 +226,35 @@ def trace_hooks(trace: list[dict]):
         return hook
 
     return keep, keep_layer_input
+
+
+def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16, layers: int = 2,
+                      experts: int = 4, per_token: int = 2, extra_config: dict | None = None) -> Path:
+    """A tiny random MixtralForCausalLM saved by transformers (which writes the checkpoint layout,
+    ``block_sparse_moe.experts.<j>.w1/w3/w2`` and ``block_sparse_moe.gate``), with the byte-level
+    tokenizer: hidden 64, 4 heads of 16, 2 KV heads, experts of width 96, 258 tokens. Linears and
+    the router ~ N(0, 1/fan_in), so routing is far from uniform; norms ~ 1 + N(0, 0.1)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n_tokens = write_tokenizer(path)
+    config = tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=n_tokens,
+                              rms_norm_eps=1e-5, bos_token_id=BYTE_TOKENS, eos_token_id=BYTE_TOKENS + 1,
+                              num_local_experts=experts, num_experts_per_tok=per_token,
+                              **(extra_config or {}))
+    torch.manual_seed(seed)
+    model = tf.MixtralForCausalLM(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2:  # in memory the experts are stacked [E, out, in]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    model.to(dtype).save_pretrained(path)
+    return path

@@ -16,7 +16,7 @@ from exl2conv.model import forward
 from exl2conv.pack import LINEAR_KEYS, decode_linear
 from exl2conv.qparams import MLP_OPTIONS, QParams
 from tests.tinymodel import HF_ARCHS, make_tiny_hf
-from tests.unit.test_architectures import make_tiny_mixtral
+from tests.tinymodel import make_tiny_mixtral
 
 ARGS = ["-ml", "64", "-l", "64", "-r", "8", "-mr", "4", "-b", "6.0"]
 

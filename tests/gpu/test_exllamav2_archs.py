@@ -36,7 +36,7 @@ def build(arch: str, path):
     if arch == "MistralForCausalLM":
         return make_tiny_llama(path, arch=arch, seed=3)
     if arch == "MixtralForCausalLM":
-        from tests.unit.test_architectures import make_tiny_mixtral
+        from tests.tinymodel import make_tiny_mixtral
         return make_tiny_mixtral(path, seed=3)
     src = make_tiny_hf(path, arch, seed=3)
     if arch == "Gemma3ForConditionalGeneration":

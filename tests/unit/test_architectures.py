@@ -5,22 +5,16 @@ calibration-coverage rule checked on hand-routed states."""
 
 import dataclasses
 import json
-import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-from tests.tinymodel import trace_hooks
 
 from exl2conv.errors import Exl2Error
 from exl2conv.model import WeightIndex, expected_tensors, layer_linears, load_config
 from exl2conv.model import arch as arch_mod
 from exl2conv.model import forward as fw
+from tests.tinymodel import HF_ARCHS, make_tiny_hf, make_tiny_llama, make_tiny_mixtral, trace_hooks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tinymodel import BYTE_TOKENS, HF_ARCHS, make_tiny_hf, make_tiny_llama, write_tokenizer  # noqa: E402
 
 L = 24  # longer than the Gemma windows (8), so sliding layers differ from full ones
 
@@ -204,38 +198,6 @@ def test_each_gemma_feature_changes_the_result(models, arch, change):
 # -- Mixtral (mixture of experts) -----------------------------------------------------------------
 
 MIXTRAL = "MixtralForCausalLM"
-
-
-def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16, layers: int = 2,
-                      experts: int = 4, per_token: int = 2, extra_config: dict | None = None) -> Path:
-    """A tiny random MixtralForCausalLM saved by transformers (which writes the checkpoint layout,
-    ``block_sparse_moe.experts.<j>.w1/w3/w2`` and ``block_sparse_moe.gate``), with the byte-level
-    tokenizer: hidden 64, 4 heads of 16, 2 KV heads, experts of width 96, 258 tokens. Linears and
-    the router ~ N(0, 1/fan_in), so routing is far from uniform; norms ~ 1 + N(0, 0.1)."""
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    n_tokens = write_tokenizer(path)
-    config = tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, vocab_size=n_tokens,
-                              rms_norm_eps=1e-5, bos_token_id=BYTE_TOKENS, eos_token_id=BYTE_TOKENS + 1,
-                              num_local_experts=experts, num_experts_per_tok=per_token,
-                              **(extra_config or {}))
-    torch.manual_seed(seed)
-    model = tf.MixtralForCausalLM(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.dim() >= 2:  # in memory the experts are stacked [E, out, in]
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-    model.to(dtype).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_corrected_errors_equal_plain_other_archs(tmp_path, arch):
     from tests.tinymodel import make_tiny_hf
 
     if arch == "MixtralForCausalLM":
-        from tests.unit.test_architectures import make_tiny_mixtral
+        from tests.tinymodel import make_tiny_mixtral
         src = make_tiny_mixtral(tmp_path / "m", dtype=torch.float32)
     else:
         src = make_tiny_hf(tmp_path / "m", arch, seed=2, dtype=torch.float32)
