@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from exl2conv.layers import block_forward, run_block
+from exl2conv.layers import block_forward, relative_errors, run_block
 from exl2conv.model.forward import LINEAR_HOOK
 
 LOW = torch.bfloat16
@@ -56,18 +56,6 @@ class _Corrected:
         if key in self.delta:
             y = y + F.linear(x.to(self.low), self.delta[key]).to(torch.float32)
         return y
-
-
-def relative_errors(y: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor | None) -> torch.Tensor:
-    """Per-row relative Frobenius error ``||g * (y - ref)|| / ||g * ref||`` of ``[B, L, H]``
-    outputs, channels weighted by ``err_weight`` ``[H]`` when given; float64 ``[B]`` on the CPU."""
-    d = y - ref
-    r = ref
-    if err_weight is not None:
-        d, r = d * err_weight, r * err_weight
-    num = torch.linalg.vector_norm(d.flatten(1), dim=1)
-    den = torch.linalg.vector_norm(r.flatten(1), dim=1)
-    return (num / den).double().cpu()
 
 
 def _unique_bytes(io: dict) -> int:

@@ -92,16 +92,22 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
             for name, h in hessians.items():
                 feed(h, inter[name])
         if ref is not None:
-            r = ref[r0:r0 + chunk]
-            d = y - r
-            if err_weight is not None:
-                d, r = d * err_weight, r * err_weight
-            num = torch.linalg.vector_norm(d.flatten(1), dim=1)
-            den = torch.linalg.vector_norm(r.flatten(1), dim=1)
-            errs[r0:r0 + chunk] = (num / den).double().cpu()
+            errs[r0:r0 + chunk] = relative_errors(y, ref[r0:r0 + chunk], err_weight)
         if out is not None:
             out[r0:r0 + chunk] = y
     return out, errs
+
+
+def relative_errors(y: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-row relative Frobenius error ``||g * (y - ref)|| / ||g * ref||`` of ``[B, L, H]``
+    outputs, channels weighted by ``err_weight`` ``[H]`` when given; float64 ``[B]`` on the CPU."""
+    d = y - ref
+    r = ref
+    if err_weight is not None:
+        d, r = d * err_weight, r * err_weight
+    num = torch.linalg.vector_norm(d.flatten(1), dim=1)
+    den = torch.linalg.vector_norm(r.flatten(1), dim=1)
+    return (num / den).double().cpu()
 
 
 def feed(acc, value) -> None:
