@@ -78,10 +78,10 @@ class CandidateScorer:
 
     def __init__(self, kind: str, states: torch.Tensor, w: dict, linears, cfg, rope, chunk: int,
                  y_ref: torch.Tensor, err_weight: torch.Tensor | None = None, corrected: bool | None = None,
-                 low: torch.dtype = LOW):
+                 low: torch.dtype = LOW, fisher: torch.Tensor | None = None):
         self.kind, self.states, self.w, self.cfg, self.rope, self.chunk = kind, states, w, cfg, rope, chunk
         self.linears = list(linears)
-        self.y_ref, self.err_weight, self.low = y_ref, err_weight, low
+        self.y_ref, self.err_weight, self.low, self.fisher = y_ref, err_weight, low, fisher
         self.ios: list[dict] = []
         if corrected is None:
             corrected = states.is_cuda
@@ -112,10 +112,12 @@ class CandidateScorer:
         return True
 
     def errors(self, trial: dict) -> torch.Tensor:
-        """Per-row relative errors (float64 ``[R]``) of the module with ``trial``'s weights."""
+        """Per-row relative errors (float64 ``[R]``) of the module with ``trial``'s weights; with
+        ``fisher``, ``[R, 2]``: also each row's Fisher-weighted squared error (see
+        :func:`layers.relative_errors`)."""
         if not self.corrected:
             return run_block(self.kind, self.states, trial, self.cfg, self.rope, self.chunk, ref=self.y_ref,
-                             keep_output=False, err_weight=self.err_weight)[1]
+                             keep_output=False, err_weight=self.err_weight, fisher=self.fisher)[1]
         delta = {key: (trial[key].to(torch.float32) - self.w[key]).to(self.low) for key in self.linears}
         out = []
         for i, r0 in enumerate(range(0, self.states.shape[0], self.chunk)):
@@ -123,5 +125,5 @@ class CandidateScorer:
             wc[LINEAR_HOOK] = _Corrected(self.ios[i], self.base, delta, self.low)
             with torch.no_grad():
                 y, _ = block_forward(self.kind, self.states[r0:r0 + self.chunk], wc, self.cfg, self.rope)
-            out.append(relative_errors(y, self.y_ref[r0:r0 + self.chunk], self.err_weight))
+            out.append(relative_errors(y, self.y_ref[r0:r0 + self.chunk], self.err_weight, self.fisher))
         return torch.cat(out)

@@ -27,6 +27,7 @@ TOOL = "exl2conv"
 class Stage(str, Enum):
     BEGIN = "begin"
     INITIAL_EMBEDDINGS = "initial_embeddings"
+    SENSITIVITY = "sensitivity"
     MEASURE = "measure_quant"
     OPTIMIZE = "optimize"
     TOKENS_CAL = "tokens_cal"

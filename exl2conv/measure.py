@@ -17,6 +17,7 @@ from exl2conv.model.forward import EXPERT_TOKENS
 from exl2conv.moe import ExpertCoverage
 from exl2conv.qparams import (ATTN_LINEARS, ATTN_OPTIONS, MLP_LINEARS, MLP_OPTIONS, MOE_LINEARS,
                               distinct_columns)
+from exl2conv.sensitivity import predicted_kl
 
 TABLES = {"attn": ATTN_OPTIONS, "mlp": MLP_OPTIONS}
 # Entry keys of each table's columns; an MoE block uses the MLP table under its own names.
@@ -58,18 +59,21 @@ def column_keys(kind: str, specs: dict[str, LinearSpec]) -> tuple[str, ...]:
 
 
 def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str, on_coverage=None) -> tuple[torch.Tensor, dict[str, Hessian]]:
-    """The unquantized outputs ``[R, L, H]`` and the filled Hessians of the module's linears, from
-    one pass over ``states`` (spec 3.2). For an MoE block, the experts' calibration coverage is
-    counted too and handed to ``on_coverage`` (an :class:`ExpertCoverage`) when given."""
+                   chunk: int, name: str, on_coverage=None, keep_output: bool = True
+                   ) -> tuple[torch.Tensor | None, dict[str, Hessian]]:
+    """The unquantized outputs ``[R, L, H]`` (None without ``keep_output``) and the filled Hessians
+    of the module's linears, from one pass over ``states`` (spec 3.2). For an MoE block, the
+    experts' calibration coverage is counted too and handed to ``on_coverage`` (an
+    :class:`ExpertCoverage`) when given."""
     hess = hessians_for(specs, states.device)
     accumulators: dict = dict(hess)
     cov = None
     if is_moe(specs):
         cov = ExpertCoverage(name or module_name(specs), cfg.num_experts, states.shape[1])
         accumulators[EXPERT_TOKENS] = cov
-    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=accumulators)
-    check_finite(y_ref, f"{name} output" if name else f"{kind} output")
+    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=accumulators, keep_output=keep_output)
+    if y_ref is not None:
+        check_finite(y_ref, f"{name} output" if name else f"{kind} output")
     if cov is not None and on_coverage is not None:
         on_coverage(cov)
     return y_ref, hess
@@ -77,13 +81,16 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
 
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
-                   on_coverage=None) -> tuple[list[dict], torch.Tensor]:
+                   on_coverage=None, fisher: torch.Tensor | None = None
+                   ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
     """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
     float32 weights by name (HF orientation); specs: its linears (:func:`arch.layer_linears`);
     err_weight: channel weights of the output error (:func:`layers.error_weight`);
-    on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report).
-    Returns the measurement entries (one per table row, ExLlamaV2's schema) and the
-    reference outputs ``[R, L, H]`` that feed the next module.
+    on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
+    fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`).
+    Returns the measurement entries (one per table row, ExLlamaV2's schema), the reference
+    outputs ``[R, L, H]`` that feed the next module, and with ``fisher`` each entry's predicted
+    KL (nats per token; else None).
 
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
     every expert, and its total_bits sums over all experts (spec 3.3)."""
@@ -107,8 +114,11 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
                      for q in distinct[column[key]]]
         del results, wt
 
-    scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight)
-    entries = []
+    if fisher is not None:
+        fisher = fisher.to(states.device, torch.float32)
+    scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher)
+    entries, predicted = [], []
+    tokens = states.shape[0] * states.shape[1]
     current: dict[str, int] = {}
     trial = dict(w)
     for row in rows:
@@ -118,9 +128,12 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
                 trial[key] = candidates[key][choice].to(states.device, torch.float32)
                 current[key] = choice
         errs = scorer.errors(trial)
+        if fisher is not None:
+            predicted.append(predicted_kl(errs[:, 1], tokens))
+            errs = errs[:, 0]
         accuracy = max(1e-6, 1.0 - float(errs.mean()))
         entry = {"accuracy": accuracy, "total_bits": sum(bits[key][row[column[key]]] for key in specs)}
         for c, short in enumerate(cols):
             entry[short] = distinct[c][row[c]].to_dict()
         entries.append(entry)
-    return entries, y_ref
+    return entries, y_ref, (predicted if fisher is not None else None)

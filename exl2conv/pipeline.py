@@ -1,7 +1,8 @@
 """The conversion job: validate everything, then run the stages in order, resumably.
 
-Stages and their files (reference 1.3): begin -> initial_embeddings -> measure_quant -> optimize
--> tokens_cal -> embeddings -> quant -> compile -> finished. Each stage is a function of the
+Stages and their files (reference 1.3): begin -> initial_embeddings -> sensitivity ->
+measure_quant -> optimize -> tokens_cal -> embeddings -> quant -> compile -> finished (sensitivity
+is ours: exl2conv.sensitivity). Each stage is a function of the
 context that ends by advancing the job; the job file is saved atomically at every transition and
 at every checkpoint, so an interruption at any instant resumes from the last saved state.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from exl2conv import atomic, calibration, compile as compile_mod, faults, solver
+from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, solver
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import prepare
 from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
@@ -39,6 +40,8 @@ from exl2conv.tokenizer import load_tokenizer
 CAL_MEASURE = "cal_measure.safetensors"
 CAL_QUANT = "cal_quant.safetensors"
 MEASUREMENT = "measurement.json"
+SENSITIVITY = "sensitivity.safetensors"
+PREDICTED_KEY = "predicted_kl"  # under FINGERPRINT_KEY: each entry's predicted KL, by module key
 OUT_TENSOR = "out_tensor"
 
 
@@ -233,12 +236,27 @@ def remove_stray_checkpoints(ctx: Context) -> None:
             atomic.remove(p)
 
 
-def measurement_doc(ctx: Context, meas: dict, last_module_idx: int | None) -> dict:
-    """measurement.json's content: ExLlamaV2's two keys, plus our fingerprint under a key it
-    ignores, so that -m can tell a measurement of another model."""
-    return {"measurement": meas, "last_module_idx": last_module_idx,
-            FINGERPRINT_KEY: {"model_fingerprint": (ctx.job["fingerprint"] or {}).get("model"),
-                              "calibration": calibration_settings(ctx.job.data)}}
+def measurement_doc(ctx: Context, meas: dict, last_module_idx: int | None, predicted: dict | None = None) -> dict:
+    """measurement.json's content: ExLlamaV2's two keys, plus, under a key it ignores, our
+    fingerprint (so that -m can tell a measurement of another model) and each entry's predicted
+    KL (the solver's objective, see :mod:`exl2conv.sensitivity`)."""
+    ours = {"model_fingerprint": (ctx.job["fingerprint"] or {}).get("model"),
+            "calibration": calibration_settings(ctx.job.data)}
+    if predicted:
+        ours[PREDICTED_KEY] = predicted
+    return {"measurement": meas, "last_module_idx": last_module_idx, FINGERPRINT_KEY: ours}
+
+
+def read_predicted(ctx: Context) -> dict[str, list[float]]:
+    """The predicted KL of each measured entry, by module key; empty for a measurement without
+    them (ExLlamaV2's). Entries that do not parse are left out, and the solver then falls back
+    to the error objective."""
+    try:
+        doc = json.loads((ctx.out_dir / MEASUREMENT).read_text(encoding="utf-8"))
+        block = doc.get(FINGERPRINT_KEY, {}).get(PREDICTED_KEY, {})
+        return {k: [float(x) for x in v] for k, v in block.items() if isinstance(v, list)}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return {}
 
 
 def read_measurement(ctx: Context) -> dict:
@@ -315,7 +333,34 @@ def stage_initial_embeddings(ctx: Context) -> None:
     check_finite(states, "the token embeddings")
     atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, {}, 0))
     save_checkpoint(ctx, "measure", 0, None, last_module_idx=0)  # cheaper to recompute than to store
+    ctx.job.advance(Stage.SENSITIVITY)
+
+
+def stage_sensitivity(ctx: Context) -> None:
+    """The Fisher diagonal of every module's output (exl2conv.sensitivity), from the unquantized
+    model on the first measurement rows; the measurement turns it into predicted KL."""
+    ids = load_ids(ctx, "measure")
+    rows = sensitivity.rows_for(ids, ctx.cfg.hidden_size, ctx.cfg.num_layers)
+    ctx.rep.info(f"Output sensitivity of each module: {rows} rows x {ids.shape[1]} tokens, forward and backward")
+    with ctx.rep.progress("Sensitivity", 2 * ctx.cfg.num_layers, "Sensitivity") as bar:
+        fisher = sensitivity.fisher_diagonals(ctx.weights, ctx.cfg, ids, ctx.device, on_layer=lambda: bar.update(1))
+    if not bool(torch.isfinite(fisher).all()):
+        raise Exl2Error("the output sensitivity holds NaN or Inf values (the model's forward or backward pass "
+                        "overflows float32 on the calibration data); check the model's weights")
+    atomic.save_tensors(ctx.out_dir / SENSITIVITY, {"fisher": fisher})
     ctx.job.advance(Stage.MEASURE)
+
+
+def load_sensitivity(ctx: Context) -> torch.Tensor | None:
+    """``[2 * layers, H]`` from the sensitivity stage, or None when the job has none."""
+    path = ctx.out_dir / SENSITIVITY
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor("fisher")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
+        raise Exl2Error(f"{path}: unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
 
 
 def _rope(ctx: Context, length: int):
@@ -335,6 +380,8 @@ def stage_measure(ctx: Context) -> None:
     # entries past the checkpoint belong to work that is about to be redone
     keep = {m.meas_key for m in mods[1:start + 1]}
     meas = {k: v for k, v in meas.items() if k in keep}
+    fisher = load_sensitivity(ctx)
+    predicted = {k: v for k, v in read_predicted(ctx).items() if k in keep} if fisher is not None else {}
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
     last_cp = time.monotonic()
@@ -342,9 +389,12 @@ def stage_measure(ctx: Context) -> None:
         for mod in mods[start + 1:]:
             if mod.kind in ("attn", "mlp"):
                 w, specs = ctx.layer_weights(mod)
-                entries, states = measure_module(mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length),
-                                                 mod.meas_key, ctx.next_norm_weight(mod),
-                                                 on_coverage=lambda cov: report_coverage(ctx.rep, cov))
+                entries, states, pred = measure_module(
+                    mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
+                    ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
+                    fisher=None if fisher is None else fisher[mod.index - 1])
+                if pred is not None:
+                    predicted[mod.meas_key] = pred
                 best = max(e["accuracy"] for e in entries)
                 if best < 0.1:
                     raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
@@ -358,7 +408,7 @@ def stage_measure(ctx: Context) -> None:
             final = mod.index == len(mods) - 1
             faults.point("module")
             if final or _checkpoint_due(ctx, last_cp):
-                atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, meas, mod.index))
+                atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, meas, mod.index, predicted))
                 faults.point("measurement")
                 save_checkpoint(ctx, "measure", mod.index, states, last_module_idx=mod.index)
                 last_cp = time.monotonic()
@@ -420,13 +470,24 @@ def stage_optimize(ctx: Context) -> None:
     budget = int(numel * job["bits"])
     errs = [[1.0 - float(e["accuracy"]) for e in entries] for entries in slots]
     costs = [[int(e["total_bits"]) for e in entries] for entries in slots]
+    pred = read_predicted(ctx)
+    kls = [pred.get(mod.meas_key) for mod in mods]
+    if os.environ.get(OBJECTIVE_ENV) == "error" or \
+            not all(k is not None and len(k) == len(e) for k, e in zip(kls, slots)):
+        kls = None
     lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
     if budget > hi:
         # every module would take its largest option and the target would still not be met:
         # the user asked for something else than they would get
         raise _bits_range_error(job["bits"], lo, hi, numel)
+    if kls is None:
+        ctx.rep.info("Objective: ExLlamaV2's (the smallest worst-module error); the measurement has no "
+                     "predicted KL")
+    else:
+        ctx.rep.info("Objective: the smallest predicted KL from the unquantized model")
     try:
-        sol = solve_budget(costs, errs, budget)
+        sol = solve_budget(costs, errs, budget) if kls is None else solver.solve(
+            [list(zip(c, k)) for c, k in zip(costs, kls)], budget)
     except Exl2Error as exc:
         lo, hi = getattr(exc, "min_total", None), getattr(exc, "max_total", None)
         if lo is None:
@@ -438,10 +499,14 @@ def stage_optimize(ctx: Context) -> None:
         mod_numel = sum(sp.in_features * sp.padded_out for sp in arch.layer_linears(ctx.cfg, mod.layer, mod.kind).values())
         ctx.rep.line(f"    {mod.meas_key:40s} option {c:2d}  {e['total_bits'] / mod_numel:.4f} bpw  err {1 - e['accuracy']:.6f}")
     chosen = [1 - float(entries[c]["accuracy"]) for entries, c in zip(slots, sol.choice)]
-    ctx.rep.info(f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error: "
-                 f"sum {sum(chosen):.6f}, worst module {max(chosen):.6f} (optimality gap {sol.gap:.2g})")
-    job.advance(Stage.TOKENS_CAL, strategy=strategy,
-                solver={"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap})
+    info = {"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap}
+    line = (f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error: "
+            f"sum {sum(chosen):.6f}, worst module {max(chosen):.6f}")
+    if kls is not None:
+        info["predicted_kl"] = sol.loss
+        line += f"; predicted KL {sol.loss:.5f} nats/token"
+    ctx.rep.info(f"{line} (optimality gap {sol.gap:.2g})")
+    job.advance(Stage.TOKENS_CAL, strategy=strategy, solver=info)
 
 
 def _bits_range_error(bits: float, lo: int, hi: int, numel: int) -> Exl2Error:
@@ -467,6 +532,9 @@ def solve_budget(costs: list[list[int]], errs: list[list[float]], budget: int) -
 
 
 ALPHAS = tuple(1.0 + 0.25 * i for i in range(11))
+# Set to "error" to solve on the measured errors with ExLlamaV2's objective even when the
+# measurement carries predicted KL (for comparisons).
+OBJECTIVE_ENV = "EXL2CONV_OBJECTIVE"
 
 
 def stage_tokens_cal(ctx: Context) -> None:
@@ -618,6 +686,7 @@ def stage_compile(ctx: Context) -> None:
 STAGES = {
     Stage.BEGIN: stage_begin,
     Stage.INITIAL_EMBEDDINGS: stage_initial_embeddings,
+    Stage.SENSITIVITY: stage_sensitivity,
     Stage.MEASURE: stage_measure,
     Stage.OPTIMIZE: stage_optimize,
     Stage.TOKENS_CAL: stage_tokens_cal,

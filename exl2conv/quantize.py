@@ -12,7 +12,7 @@ import torch
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Hessian, Prepared, prepare, quantize
 from exl2conv.layers import padded_bias, padded_wt, run_block
-from exl2conv.measure import module_name, reference_pass
+from exl2conv.measure import check_finite, module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, pack_linear
 from exl2conv.qparams import QParams
@@ -55,8 +55,12 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     :class:`ExpertCoverage`. Linears are quantized in ``specs`` order (an MoE block's expert by
     expert, w1, w3, w2: spec 5.7), each Hessian prepared when first needed. Returns the module's
     outputs on the quantized weights ``[R, L, H]``, its mean relative error against the
-    unquantized outputs (``rfn_error``), and per-linear reports."""
-    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage)
+    unquantized outputs (``rfn_error``), and per-linear reports.
+
+    The outputs overwrite ``states`` (chunk by chunk), and the unquantized outputs are recomputed
+    beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three."""
+    _, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage,
+                             keep_output=False)
     preps: dict[str, Prepared] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)
@@ -73,7 +77,9 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
         reports.append(rep)
         if last_user[src] == key:  # an MoE block holds one per expert: free each when done
             del preps[src]
-    y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref=y_ref, err_weight=err_weight)
+    y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,
+                          out=states)
+    check_finite(y_q, f"{module_name(specs)} output")
     return y_q, float(errs.mean()), reports
 
 

@@ -67,6 +67,17 @@ def test_tiny_converts_with_full_output(tiny, reference_run):
     assert len(meas["measurement"]["model.layers.0.self_attn"]) == 19
     assert len(meas["measurement"]["model.layers.1.mlp"]) == 17
     assert meas["measurement"]["lm_head.linear"] is None
+    # each entry's predicted KL (exl2conv.sensitivity), which the solver minimized
+    pred = meas["exl2conv"]["predicted_kl"]
+    assert set(pred) == {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp")}
+    for key, kls in pred.items():
+        entries = meas["measurement"][key]
+        assert len(kls) == len(entries) and all(k >= 0 for k in kls)
+        # the most bits predict less damage than the fewest
+        most = max(range(len(entries)), key=lambda i: entries[i]["total_bits"])
+        least = min(range(len(entries)), key=lambda i: entries[i]["total_bits"])
+        assert kls[most] < kls[least]
+    assert job["solver"]["predicted_kl"] > 0 and job["solver"]["gap"] == 0
 
 
 def test_same_command_twice_gives_identical_bytes(tiny, reference_run, tmp_path):
@@ -100,6 +111,8 @@ def test_measure_only_then_reuse_at_two_bitrates(tiny, tmp_path):
         assert main(["-i", str(tiny), "-o", str(tmp_path / f"w{b}"), "-m", str(mfile), "-cf", str(out), "-b", b, *SMALL]) == 0
         res = inspect(out)
         assert res["decoder_bpw"] <= float(b)
+        # the predicted KL travelled with the measurement: the reusing job solved on it
+        assert "predicted_kl" in json.loads((tmp_path / f"w{b}" / "job.json").read_text())["solver"]
         sizes.append(res["decoder_bpw"])
     assert sizes[0] < sizes[1]
 

@@ -1,0 +1,127 @@
+"""What an error in each module's output costs at the model's output: a diagonal Fisher estimate.
+
+An error ``e`` added to the residual stream right after module i changes the model's next-token
+distributions, to second order, by
+
+    sum_t KL(p_t || p_t(e))  ~  1/2 e^T F_i e
+
+where ``F_i`` is the Fisher information of those distributions with respect to that residual
+stream. Its diagonal, averaged over the calibration tokens, gives one weight per hidden channel:
+``F_i[c] = mean_t g[t, c]^2``, with ``g`` the gradient of ``-sum_t log p_t(y_t)`` for tokens
+``y_t`` drawn from the model's own distributions. One draw per position is an unbiased estimate:
+the scores of different positions are independent with mean zero, so their cross terms vanish in
+expectation, and ``E[g g^T]`` is the Fisher matrix itself.
+
+The measurement scores every candidate by ``1/2 mean_t sum_c F_i[c] e[t, c]^2`` (predicted KL,
+nats per token, see :func:`layers.relative_errors`), and the solver adds these predictions over
+modules: a single objective in the units the user cares about, which weighs a module by how much
+its errors reach the output instead of by a proxy. The cross terms that the diagonal leaves out
+(between channels and between positions) are what the measured error cannot carry anyway.
+
+Cost: one forward and one backward of the unquantized model over a few thousand calibration
+tokens, one layer's weights at a time: a small fraction of the measurement.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exl2conv.layers import block_forward
+from exl2conv.model import forward
+from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
+
+TOKENS = 8192                # calibration tokens the estimate uses at most
+STORE_BYTES = 4 << 30        # layer inputs kept for the backward pass, at most
+HEAD_TOKENS = 512            # positions per head forward (bounds the [T, vocab] logits)
+SEED = 0
+
+
+def rows_for(ids: torch.Tensor, hidden: int, layers: int) -> int:
+    """How many calibration rows the estimate uses: at most :data:`TOKENS` tokens and
+    :data:`STORE_BYTES` of stored float32 layer inputs, at least one row."""
+    rows, length = ids.shape
+    by_tokens = TOKENS // length
+    by_bytes = STORE_BYTES // (length * hidden * 4 * max(1, layers))
+    return max(1, min(rows, by_tokens, by_bytes))
+
+
+def _store_device(device: torch.device, nbytes: int) -> torch.device:
+    """The layer inputs stay on the accelerator when they take under a quarter of its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= free // 4:
+            return device
+    return torch.device("cpu")
+
+
+def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, cfg, gen: torch.Generator
+                  ) -> torch.Tensor:
+    """x f32 [L, H] (the residual stream after the last layer) -> d/dx of ``-sum_t log p_t(y_t)``
+    [L, H], each ``y_t`` drawn from ``p_t`` with ``gen``. Positions go :data:`HEAD_TOKENS` at a
+    time: each position's logits depend on that position alone."""
+    grads = []
+    vocab = cfg.vocab_size
+    for t0 in range(0, x.shape[0], HEAD_TOKENS):
+        xs = x[t0:t0 + HEAD_TOKENS].detach().requires_grad_(True)
+        with torch.enable_grad():
+            n = forward.final_norm(xs, norm_w, cfg.rms_norm_eps)
+            logp = torch.log_softmax(forward.logits(n, head_w, cfg.final_softcap)[:, :vocab], dim=-1)
+            y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+            (-logp.gather(-1, y).sum()).backward()
+        grads.append(xs.grad)
+    return torch.cat(grads)
+
+
+def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_layer=None) -> torch.Tensor:
+    """ids: int64 ``[R, L]`` calibration rows (the first :func:`rows_for` are used). Returns float32
+    ``[2 * layers, H]`` on the CPU: row ``2i`` is the Fisher diagonal of the residual stream after
+    layer i's attention, row ``2i + 1`` after its MLP (in module order, module index - 1).
+    on_layer(): called once per layer in each of the two passes (for a progress bar)."""
+    layers, hidden = cfg.num_layers, cfg.hidden_size
+    ids = ids[: rows_for(ids, hidden, layers)]
+    rows, length = ids.shape
+    store = _store_device(device, rows * length * hidden * 4 * layers)
+    rope = forward.RotaryCache(cfg)
+    gen = torch.Generator(device=device).manual_seed(SEED)
+
+    def load(i: int, part: str) -> dict:
+        return forward.load_layer_weights(weights, cfg, i, part, device)
+
+    x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale)
+    inputs = []
+    with torch.no_grad():
+        for i in range(layers):
+            inputs.append(x.to(store))
+            for part in ("attn", "mlp"):
+                x, _ = block_forward(part, x, load(i, part), cfg, rope)
+            if on_layer:
+                on_layer()
+    norm_w = forward.load_norm(weights, cfg, final_norm_tensor(cfg), device)
+    head_w = weights.get(head_spec(cfg, weights).tensor, device=device)
+    grad = torch.stack([head_gradient(x[r], norm_w, head_w, cfg, gen) for r in range(rows)])
+    del x, head_w
+
+    fisher = torch.zeros(2 * layers, hidden, dtype=torch.float32, device=device)
+    for i in reversed(range(layers)):
+        w_attn, w_mlp = load(i, "attn"), load(i, "mlp")
+        for r in range(rows):
+            g = grad[r:r + 1]
+            fisher[2 * i + 1] += g.square().sum((0, 1))
+            xin = inputs[i][r:r + 1].to(device).requires_grad_(True)
+            with torch.enable_grad():
+                mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
+                mid_in = mid.detach().requires_grad_(True)
+                out, _ = block_forward("mlp", mid_in, w_mlp, cfg, rope)
+                out.backward(g)
+                fisher[2 * i] += mid_in.grad.square().sum((0, 1))
+                mid.backward(mid_in.grad)
+            grad[r:r + 1] = xin.grad
+        inputs[i] = None
+        if on_layer:
+            on_layer()
+    return (fisher / (rows * length)).cpu()
+
+
+def predicted_kl(cost_sums: torch.Tensor, tokens: int) -> float:
+    """Predicted KL (nats per token) from per-row sums of ``F[c] e[t, c]^2`` (float64 ``[R]``)."""
+    return 0.5 * float(cost_sums.sum()) / max(1, tokens)

@@ -1,0 +1,120 @@
+"""The output sensitivity (exl2conv.sensitivity): the layer-by-layer backward equals one backward
+through the whole model, the estimate is unbiased for the exact Fisher diagonal, and the
+predicted KL of a small output error matches the KL it really causes."""
+
+import pytest
+import torch
+
+from exl2conv import sensitivity
+from exl2conv.layers import block_forward, relative_errors
+from exl2conv.model import WeightIndex, forward, load_config
+from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
+from tests.tinymodel import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    src = make_tiny_llama(tmp_path_factory.mktemp("m") / "m", seed=5, hidden=32, intermediate=64, layers=2)
+    cfg, index = load_config(src), WeightIndex(src)
+    ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    return cfg, index, ids
+
+
+def model_outputs(cfg, index, ids, perturb=None):
+    """Whole-model forward with every module output kept in the graph: (log-probs [R, L, V],
+    outputs list). ``perturb``: (module position, tensor) added to that module's output."""
+    x = forward.embed(ids, index.get(embedding_tensor(cfg)), cfg.embed_scale)
+    x.requires_grad_(torch.is_grad_enabled())  # a graph through every module output
+    rope = forward.RotaryCache(cfg)
+    outs = []
+    for i in range(cfg.num_layers):
+        for part in ("attn", "mlp"):
+            x, _ = block_forward(part, x, forward.load_layer_weights(index, cfg, i, part), cfg, rope)
+            if perturb is not None and perturb[0] == len(outs):
+                x = x + perturb[1]
+            outs.append(x)
+    n = forward.final_norm(x, forward.load_norm(index, cfg, final_norm_tensor(cfg)), cfg.rms_norm_eps)
+    logits = forward.logits(n, index.get(head_spec(cfg, index).tensor), cfg.final_softcap)[..., :cfg.vocab_size]
+    return torch.log_softmax(logits, dim=-1), outs
+
+
+def test_layerwise_backward_equals_whole_model_backward(tiny):
+    cfg, index, ids = tiny
+    got = sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu"))
+    # the same draws, in the same order (row by row, HEAD_TOKENS positions at a time)
+    gen = torch.Generator().manual_seed(sensitivity.SEED)
+    with torch.enable_grad():
+        logp, outs = model_outputs(cfg, index, ids)
+        for o in outs:
+            o.retain_grad()
+        ys = [torch.multinomial(logp[r].detach().exp(), 1, generator=gen) for r in range(ids.shape[0])]
+        loss = -sum(logp[r].gather(-1, ys[r]).sum() for r in range(ids.shape[0]))
+        loss.backward()
+    want = torch.stack([o.grad.square().sum((0, 1)) for o in outs]) / ids.numel()
+    assert got.shape == (2 * cfg.num_layers, cfg.hidden_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    assert (got > 0).all()
+
+
+class Cached:
+    """A WeightIndex that reads each tensor once (the unbiasedness test reruns the estimate)."""
+
+    def __init__(self, index):
+        self.index, self.memo = index, {}
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    def get(self, name, dtype=torch.float32, device=None, rows=None):
+        key = (name, dtype, str(device), rows)
+        if key not in self.memo:
+            self.memo[key] = self.index.get(name, dtype=dtype, device=device, rows=rows)
+        return self.memo[key]
+
+
+def exact_fisher(cfg, index, ids):
+    """Diagonal of sum_t E_{y ~ p_t}[score score^T] at every module output, enumerating every
+    (position, token) score in one batched backward."""
+    with torch.enable_grad():
+        logp, outs = model_outputs(cfg, index, ids)
+        rows, length, vocab = logp.shape
+        basis = torch.eye(rows * length * vocab).view(-1, rows, length, vocab)
+        grads = torch.autograd.grad(logp, outs, grad_outputs=basis, is_grads_batched=True)
+    p = logp.detach().exp().reshape(-1).double()  # weight of each (position, token) score
+    return torch.stack([(p[:, None, None, None] * g.double().square()).sum((0, 1, 2)) for g in grads]) / ids.numel()
+
+
+def test_estimate_is_unbiased(tiny, monkeypatch):
+    cfg, index, _ = tiny
+    index = Cached(index)
+    ids = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(2))
+    want = exact_fisher(cfg, index, ids)
+    draws = []
+    for seed in range(100):
+        monkeypatch.setattr(sensitivity, "SEED", seed)
+        draws.append(sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu")).double())
+    mean = torch.stack(draws).mean(0)
+    # per module, summed over channels: the mean of 100 draws is within a few percent
+    rel = (mean.sum(1) - want.sum(1)).abs() / want.sum(1)
+    assert rel.max() < 0.06, rel
+    # and it is not a coincidence of the sums: channel by channel, the correlation is high
+    corr = torch.corrcoef(torch.stack([mean.flatten(), want.flatten()]))[0, 1]
+    assert corr > 0.95, corr
+
+
+def test_predicted_kl_matches_real_kl(tiny):
+    """A small random error on one module's output: half its Fisher-weighted square predicts the
+    KL it causes, to within the diagonal approximation (here within a factor of two)."""
+    cfg, index, ids = tiny
+    fisher = sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu"))
+    with torch.no_grad():
+        ref, _ = model_outputs(cfg, index, ids)
+        g = torch.Generator().manual_seed(9)
+        for module in range(2 * cfg.num_layers):
+            e = torch.randn(*ids.shape, cfg.hidden_size, generator=g) * 0.02
+            logp, _ = model_outputs(cfg, index, ids, perturb=(module, e))
+            real = float((ref.exp() * (ref - logp)).sum(-1).mean())
+            zero = torch.zeros_like(e)
+            cost = relative_errors(e + 1.0, zero + 1.0, None, fisher[module])[:, 1]
+            pred = sensitivity.predicted_kl(cost, ids.numel())
+            assert 0.5 < pred / real < 2.0, (module, pred, real)
