@@ -19,14 +19,15 @@ its errors reach the output instead of by a proxy. The cross terms that the diag
 (between channels and between positions) are what the measured error cannot carry anyway.
 
 Cost: one forward and one backward of the unquantized model over a few thousand calibration
-tokens, one layer's weights at a time: a small fraction of the measurement.
+tokens, one layer's weights at a time (on a GPU the backward's matmuls run in TF32 like the
+forward's, see :func:`layers.module_matmuls`): a small fraction of the measurement.
 """
 
 from __future__ import annotations
 
 import torch
 
-from exl2conv.layers import block_forward
+from exl2conv.layers import block_forward, module_matmuls
 from exl2conv.model import forward
 from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
 
@@ -54,6 +55,15 @@ def _store_device(device: torch.device, nbytes: int) -> torch.device:
     return torch.device("cpu")
 
 
+def sample(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per position drawn from ``exp(logp)`` ``[T, V]`` -> int64 ``[T, 1]``: the argmax of
+    the log-probabilities plus Gumbel noise, an exact draw (torch.multinomial took seconds on a
+    GPU for a large vocabulary)."""
+    u = torch.rand(logp.shape, generator=gen, device=logp.device, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+    return (logp + gumbel).argmax(-1, keepdim=True)
+
+
 def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, cfg, gen: torch.Generator
                   ) -> torch.Tensor:
     """x f32 [L, H] (the residual stream after the last layer) -> d/dx of ``-sum_t log p_t(y_t)``
@@ -66,8 +76,7 @@ def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, c
         with torch.enable_grad():
             n = forward.final_norm(xs, norm_w, cfg.rms_norm_eps)
             logp = torch.log_softmax(forward.logits(n, head_w, cfg.final_softcap)[:, :vocab], dim=-1)
-            y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-            (-logp.gather(-1, y).sum()).backward()
+            (-logp.gather(-1, sample(logp.detach(), gen)).sum()).backward()
         grads.append(xs.grad)
     return torch.cat(grads)
 
@@ -108,7 +117,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
             g = grad[r:r + 1]
             fisher[2 * i + 1] += g.square().sum((0, 1))
             xin = inputs[i][r:r + 1].to(device).requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), module_matmuls(xin.device):
                 mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
                 mid_in = mid.detach().requires_grad_(True)
                 out, _ = block_forward("mlp", mid_in, w_mlp, cfg, rope)

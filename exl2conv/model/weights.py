@@ -184,9 +184,12 @@ class WeightIndex:
                 t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
         except Exception as err:  # safetensors raises its own error type or OSError
             raise FormatError(f"{e.file}: reading {name!r} failed ({err}); download the file again") from None
+        # Move before casting: the copy to a GPU is then at the (smaller) source width, and the
+        # check below runs there (on a CPU it took longer than the copy).
+        if device is not None:
+            t = t.to(device=device)
         if not bool(torch.isfinite(t).all()):
             # one pass over the source tensor, cheap next to anything done with it
             raise Exl2Error(f"tensor {name!r} in {e.file} holds NaN or Inf values; the model is broken "
                             "(a bad download or a failed fine-tune): fix or replace it before converting")
-        # Move before casting: the copy to a GPU is then at the (smaller) source width.
-        return t.to(device=device).to(dtype) if device is not None else t.to(dtype)
+        return t.to(dtype)

@@ -47,7 +47,7 @@ def test_layerwise_backward_equals_whole_model_backward(tiny):
         logp, outs = model_outputs(cfg, index, ids)
         for o in outs:
             o.retain_grad()
-        ys = [torch.multinomial(logp[r].detach().exp(), 1, generator=gen) for r in range(ids.shape[0])]
+        ys = [sensitivity.sample(logp[r].detach(), gen) for r in range(ids.shape[0])]
         loss = -sum(logp[r].gather(-1, ys[r]).sum() for r in range(ids.shape[0]))
         loss.backward()
     want = torch.stack([o.grad.square().sum((0, 1)) for o in outs]) / ids.numel()
@@ -82,6 +82,14 @@ def exact_fisher(cfg, index, ids):
         grads = torch.autograd.grad(logp, outs, grad_outputs=basis, is_grads_batched=True)
     p = logp.detach().exp().reshape(-1).double()  # weight of each (position, token) score
     return torch.stack([(p[:, None, None, None] * g.double().square()).sum((0, 1, 2)) for g in grads]) / ids.numel()
+
+
+def test_sample_draws_from_the_distribution():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logp = p.log().expand(20000, 4)
+    y = sensitivity.sample(logp, torch.Generator().manual_seed(0))
+    freq = torch.bincount(y.flatten(), minlength=4).double() / 20000
+    torch.testing.assert_close(freq, p.double(), atol=0.012, rtol=0)
 
 
 def test_estimate_is_unbiased(tiny, monkeypatch):
