@@ -22,10 +22,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-PEAK = ("import resource, runpy, sys, torch, json, atexit\n"
+# Peak RSS is the kernel's VmHWM of this process's own address space: ru_maxrss would also count
+# the pages a forked child shared with this (large) benchmark process before it called exec.
+PEAK = ("import runpy, sys, torch, json, atexit\n"
         "def _r():\n"
         "    g = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_initialized() else 0.0\n"
-        "    print('BENCH_PEAK ' + json.dumps({'gpu_gib': g, 'rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)\n"
+        "    hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 2**20\n"
+        "    print('BENCH_PEAK ' + json.dumps({'gpu_gib': g, 'rss_gib': hwm}), flush=True)\n"
         "atexit.register(_r)\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")

@@ -932,10 +932,23 @@ def format_summary(s: Summary) -> str:
     return "\n".join(lines)
 
 
-def peak_memory() -> str:
+def peak_rss_gib() -> float:
+    """This process's peak resident memory: the kernel's high-water mark of its own address
+    space (VmHWM) where there is one; ru_maxrss elsewhere, which on Linux also counts what a
+    parent shared with it between fork and exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
     import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+def peak_memory() -> str:
+    rss = peak_rss_gib()
     text = f"RSS {rss:.2f} GiB"
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         text += f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
