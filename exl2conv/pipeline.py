@@ -472,8 +472,8 @@ def stage_optimize(ctx: Context) -> None:
     costs = [[int(e["total_bits"]) for e in entries] for entries in slots]
     pred = read_predicted(ctx)
     kls = [pred.get(mod.meas_key) for mod in mods]
-    if os.environ.get(OBJECTIVE_ENV) == "error" or \
-            not all(k is not None and len(k) == len(e) for k, e in zip(kls, slots)):
+    forced = os.environ.get(OBJECTIVE_ENV) == "error"
+    if forced or not all(k is not None and len(k) == len(e) for k, e in zip(kls, slots)):
         kls = None
     lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
     if budget > hi:
@@ -481,8 +481,8 @@ def stage_optimize(ctx: Context) -> None:
         # the user asked for something else than they would get
         raise _bits_range_error(job["bits"], lo, hi, numel)
     if kls is None:
-        ctx.rep.info("Objective: ExLlamaV2's (the smallest worst-module error); the measurement has no "
-                     "predicted KL")
+        why = f"{OBJECTIVE_ENV}=error" if forced else "the measurement has no predicted KL"
+        ctx.rep.info(f"Objective: ExLlamaV2's (the smallest worst-module error), as {why}")
     else:
         ctx.rep.info("Objective: the smallest predicted KL from the unquantized model")
     try:
