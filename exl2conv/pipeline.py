@@ -343,7 +343,10 @@ def stage_sensitivity(ctx: Context) -> None:
     rows = sensitivity.rows_for(ids, ctx.cfg.hidden_size, ctx.cfg.num_layers)
     ctx.rep.info(f"Output sensitivity of each module: {rows} rows x {ids.shape[1]} tokens, forward and backward")
     with ctx.rep.progress("Sensitivity", 2 * ctx.cfg.num_layers, "Sensitivity") as bar:
-        fisher = sensitivity.fisher_diagonals(ctx.weights, ctx.cfg, ids, ctx.device, on_layer=lambda: bar.update(1))
+        mods = ctx.modules
+        fisher = sensitivity.fisher_diagonals(
+            ctx.weights, ctx.cfg, ids, ctx.device, on_layer=lambda: bar.update(1),
+            check=lambda m, x: check_finite(x, f"{mods[m + 1].meas_key} output"))
     if not bool(torch.isfinite(fisher).all()):
         raise Exl2Error("the output sensitivity holds NaN or Inf values (the model's forward or backward pass "
                         "overflows float32 on the calibration data); check the model's weights")

@@ -81,11 +81,14 @@ def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, c
     return torch.cat(grads)
 
 
-def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_layer=None) -> torch.Tensor:
+def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_layer=None,
+                     check=None) -> torch.Tensor:
     """ids: int64 ``[R, L]`` calibration rows (the first :func:`rows_for` are used). Returns float32
     ``[2 * layers, H]`` on the CPU: row ``2i`` is the Fisher diagonal of the residual stream after
     layer i's attention, row ``2i + 1`` after its MLP (in module order, module index - 1).
-    on_layer(): called once per layer in each of the two passes (for a progress bar)."""
+    on_layer(): called once per layer in each of the two passes (for a progress bar);
+    check(m, x): called with each module's forward output ``x`` (m as the rows above), to refuse
+    non-finite states before the backward pass spreads them."""
     layers, hidden = cfg.num_layers, cfg.hidden_size
     ids = ids[: rows_for(ids, hidden, layers)]
     rows, length = ids.shape
@@ -101,8 +104,10 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     with torch.no_grad():
         for i in range(layers):
             inputs.append(x.to(store))
-            for part in ("attn", "mlp"):
+            for j, part in enumerate(("attn", "mlp")):
                 x, _ = block_forward(part, x, load(i, part), cfg, rope)
+                if check:
+                    check(2 * i + j, x)
             if on_layer:
                 on_layer()
     norm_w = forward.load_norm(weights, cfg, final_norm_tensor(cfg), device)
