@@ -120,8 +120,9 @@ def test_measure_only_then_reuse_at_two_bitrates(tiny, tmp_path):
 def test_resume_with_changed_arguments_is_refused(tiny, tmp_path, capsys):
     work = tmp_path / "w"
     args = ["-i", str(tiny), "-o", str(work), "-b", "4.0", *SMALL]
-    # stage:4 stops the job after optimize: from then on -b is frozen (before, it may change)
-    env_fault = run_cli(args, {"EXL2CONV_FAULT": "stage:4"})
+    # stage:5 stops the job after optimize (begin, initial_embeddings, sensitivity, measure_quant,
+    # optimize): from then on -b is frozen (before, it may change)
+    env_fault = run_cli(args, {"EXL2CONV_FAULT": "stage:5"})
     assert env_fault.returncode == -9
     rc = main(["-i", str(tiny), "-o", str(work), "-b", "5.0", *SMALL])
     assert rc == 1
