@@ -5,13 +5,11 @@
 
 void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq, at::Tensor u,
                 at::Tensor q_out, at::Tensor codes, at::Tensor err, int64_t a);
-at::Tensor pgrid_err(at::Tensor x, at::Tensor cand, at::Tensor p, int64_t bits);
 at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor cand,
                           at::Tensor p, int64_t a);
 
 TORCH_LIBRARY(exl2conv, m)
 {
     m.def("gptq_block", &gptq_block);          // one 32-row GPTQ block for C candidates
-    m.def("pgrid_err", &pgrid_err);            // p-grid error partial sums of one group
-    m.def("pgrid_err_many", &pgrid_err_many);  // the same for one group of each of B candidates
+    m.def("pgrid_err_many", &pgrid_err_many);  // p-grid error partial sums, one group of each of B candidates
 }

@@ -73,43 +73,11 @@ __global__ void gptq_block_kernel(const float* __restrict__ w, const float* __re
     }
 }
 
-// The p-grid scale search's error sums, one partial sum per (p, block of columns); the host adds
-// the partials in a fixed order, so the result does not depend on scheduling.
-// x: [rows, N] f32; cand: [N] f32; p: [P] f32; partial: [P, gridDim.x] f32
-__global__ void pgrid_err_kernel(const float* __restrict__ x, const float* __restrict__ cand,
-                                 const float* __restrict__ p, float* __restrict__ partial,
-                                 int rows, int N, float lo, float hi)
-{
-    __shared__ float sh[THREADS];
-    const int j = blockIdx.y;
-    const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    float acc = 0.0f;
-    if (n < N)
-    {
-        const float s = __fmul_rn(cand[n], p[j]);
-        for (int i = 0; i < rows; i++)
-        {
-            const float xv = x[(size_t)i * N + n];
-            float q = rintf(__fdiv_rn(xv, s));
-            q = fminf(fmaxf(q, lo), hi);
-            const float d = fabsf(__fsub_rn(__fmul_rn(q, s), xv));
-            const float d3 = __fmul_rn(__fmul_rn(d, d), d);
-            acc = __fadd_rn(acc, __fmul_rn(d3, __fsqrt_rn(d)));
-        }
-    }
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int st = THREADS / 2; st > 0; st >>= 1)
-    {
-        if (threadIdx.x < st) sh[threadIdx.x] = __fadd_rn(sh[threadIdx.x], sh[threadIdx.x + st]);
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partial[(size_t)j * gridDim.x + blockIdx.x] = sh[0];
-}
-
-// The same error sums for several candidates at once: candidate c's group is rows
-// a..a+rows[c]-1 of w[cidx[c]], quantized at bits[c]. Each (c, p) pair computes exactly what
-// pgrid_err_kernel computes for that group, so batching changes no result.
+// The p-grid scale search's error sums E_j = sum |clamp(rint(x / s_j)) * s_j - x|^3.5 with
+// s_j = cand * p_j, for one group of each of B candidates: candidate c's group is rows
+// a..a+rows[c]-1 of w[cidx[c]], quantized at bits[c]. One partial sum per (c, p, block of
+// columns); the host adds the partials in a fixed order, so the result does not depend on
+// scheduling, and a group's sums do not depend on the other groups of the batch.
 // w: [C, K, N] f32; cidx, rows, bits: [B] i32; cand: [B, N] f32; p: [P] f32;
 // partial: [B, P, gridDim.x] f32
 __global__ void pgrid_err_many_kernel(const float* __restrict__ w, const int* __restrict__ cidx,
@@ -177,23 +145,6 @@ void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq
         w.data_ptr<float>(), scale.data_ptr<float>(), zero.data_ptr<int>(), maxq.data_ptr<int>(), u.data_ptr<float>(),
         q_out.data_ptr<float>(), codes_ptr, err.data_ptr<float>(), K, N, (int) a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor pgrid_err(at::Tensor x, at::Tensor cand, at::Tensor p, int64_t bits)
-{
-    const c10::cuda::OptionalCUDAGuard guard(x.device());
-    CHECK_CUDA_F32(x, 2); CHECK_CUDA_F32(cand, 1); CHECK_CUDA_F32(p, 1);
-    TORCH_CHECK(bits >= 2 && bits <= 8, "pgrid_err: bits must be 2..8, got ", bits);
-    const int rows = x.size(0), N = x.size(1), P = p.size(0);
-    TORCH_CHECK(cand.size(0) == N, "pgrid_err: cand must be [N]");
-    const int nblk = (N + THREADS - 1) / THREADS;
-    auto partial = at::empty({P, nblk}, x.options());
-    const float z = (float) (1 << (bits - 1)), m = (float) ((1 << bits) - 1);
-    dim3 grid(nblk, P);
-    pgrid_err_kernel<<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<float>(), cand.data_ptr<float>(), p.data_ptr<float>(), partial.data_ptr<float>(), rows, N, -z, m - z);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return partial;  // [P, nblk]: the caller sums the partials
 }
 
 at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor cand,

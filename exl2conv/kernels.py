@@ -17,7 +17,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NAME = "exl2conv_ext"
-OPS = ("gptq_block", "pgrid_err", "pgrid_err_many")
+OPS = ("gptq_block", "pgrid_err_many")
 _state: dict = {}
 log = logging.getLogger("exl2conv")
 

@@ -28,6 +28,14 @@ def problem(k, n, seed):
     return wt, h
 
 
+def one_group(ext, x, cand, grid, bits):
+    """The p-grid partial sums ``[P, blocks]`` of one group ``x`` ``[rows, N]``: a batch of one."""
+    i32 = dict(dtype=torch.int32, device="cuda")
+    return ext.pgrid_err_many(x.unsqueeze(0).contiguous(), torch.tensor([0], **i32),
+                              torch.tensor([x.shape[0]], **i32), torch.tensor([bits], **i32),
+                              cand.view(1, -1).contiguous(), grid, 0)[0]
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_pgrid_kernel_matches_torch(ext, bits):
     g = torch.Generator().manual_seed(bits)
@@ -38,13 +46,13 @@ def test_pgrid_kernel_matches_torch(ext, bits):
     cand = (qs / 16) ** 2 * base.max()
     grid = gptq.P_GRID.to("cuda", torch.float32)
     ref = gptq.pgrid_errors(x, cand, grid, 1 << (bits - 1), (1 << bits) - 1)
-    got = ext.pgrid_err(x, cand, grid, bits).sum(1)
+    got = one_group(ext, x, cand, grid, bits).sum(1)
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
     assert int(torch.argmin(got)) == int(torch.argmin(ref))
 
 
 def test_pgrid_many_kernel_equals_one_group_at_a_time(ext):
-    """The batched search gives, bit for bit, the single-group kernel's sums for each group."""
+    """The batched search gives, bit for bit, each group's sums as a batch of one gives them."""
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(3, 512, 1000, generator=g) * 0.03).cuda()  # N not a multiple of the block
     cidx, rows, bits = [2, 0, 1], [32, 256, 128], [3, 8, 5]
@@ -54,7 +62,7 @@ def test_pgrid_many_kernel_equals_one_group_at_a_time(ext):
     many = ext.pgrid_err_many(w, torch.tensor(cidx, **i32), torch.tensor(rows, **i32), torch.tensor(bits, **i32),
                               cand, grid, 64)
     for i, (c, r, b) in enumerate(zip(cidx, rows, bits)):
-        one = ext.pgrid_err(w[c, 64:64 + r].contiguous(), cand[i].contiguous(), grid, b)
+        one = one_group(ext, w[c, 64:64 + r].contiguous(), cand[i].contiguous(), grid, b)
         assert torch.equal(many[i], one), (c, r, b)
     # and the torch path of find_params_many agrees on the chosen scales
     fast = gptq.find_params_many(w, cidx, 64, rows, bits)
