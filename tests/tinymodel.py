@@ -228,6 +228,17 @@ def trace_hooks(trace: list[dict]):
     return keep, keep_layer_input
 
 
+def logits_with_hooks(model, ids: torch.Tensor, hooks: list) -> torch.Tensor:
+    """``model(ids).logits`` without gradients, then every handle in ``hooks`` removed (also when
+    the forward raises), so that the traced model can run again untraced."""
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16, layers: int = 2,
                       experts: int = 4, per_token: int = 2, extra_config: dict | None = None) -> Path:
     """A tiny random MixtralForCausalLM saved by transformers (which writes the checkpoint layout,

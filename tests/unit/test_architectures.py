@@ -13,7 +13,8 @@ from exl2conv.errors import Exl2Error
 from exl2conv.model import WeightIndex, expected_tensors, layer_linears, load_config
 from exl2conv.model import arch as arch_mod
 from exl2conv.model import forward as fw
-from tests.tinymodel import HF_ARCHS, make_tiny_hf, make_tiny_llama, make_tiny_mixtral, trace_hooks
+from tests.tinymodel import (HF_ARCHS, logits_with_hooks, make_tiny_hf, make_tiny_llama, make_tiny_mixtral,
+                            trace_hooks)
 
 
 L = 24  # longer than the Gemma windows (8), so sliding layers differ from full ones
@@ -65,13 +66,7 @@ def hf_trace(model, arch: str, ids: torch.Tensor):
             pre_mlp.register_forward_hook(keep(i, "mlp_post_norm")),
             layer.mlp.down_proj.register_forward_hook(keep(i, "pre_down", True)),
         ]
-    try:
-        with torch.no_grad():
-            out = model(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, trace
+    return logits_with_hooks(model, ids, hooks), trace
 
 
 def ids_for(vocab, rows=2, length=L, seed=1):
@@ -228,13 +223,7 @@ def hf_moe_trace(model, ids: torch.Tensor):
             layer.post_attention_layernorm.register_forward_hook(keep(i, "post_norm")),
             layer.mlp.gate.register_forward_hook(keep_router(i)),
         ]
-    try:
-        with torch.no_grad():
-            out = model(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, trace
+    return logits_with_hooks(model, ids, hooks), trace
 
 
 def test_mixtral_forward_matches_transformers(tf, mixtral):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tinymodel import trace_hooks
+from tests.tinymodel import logits_with_hooks, trace_hooks
 from safetensors.torch import load_file, save_file
 
 from exl2conv.errors import Exl2Error, FormatError
@@ -77,13 +77,7 @@ def hf_trace(model, ids):
             layer.post_attention_layernorm.register_forward_hook(keep(i, "mlp_post_norm")),
             layer.mlp.down_proj.register_forward_hook(keep(i, "pre_down", use_input=True)),
         ]
-    try:
-        with torch.no_grad():
-            out = model(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, trace
+    return logits_with_hooks(model, ids, hooks), trace
 
 
 def compare_with_transformers(tf, path: Path, ours_cfg=None, hf_path: Path | None = None,
