@@ -247,23 +247,30 @@ def measurement_doc(ctx: Context, meas: dict, last_module_idx: int | None, predi
     return {"measurement": meas, "last_module_idx": last_module_idx, FINGERPRINT_KEY: ours}
 
 
-def read_predicted(ctx: Context) -> dict[str, list[float]]:
-    """The predicted KL of each measured entry, by module key; empty for a measurement without
-    them (ExLlamaV2's). Entries that do not parse are left out, and the solver then falls back
-    to the error objective."""
-    try:
-        doc = json.loads((ctx.out_dir / MEASUREMENT).read_text(encoding="utf-8"))
-        block = doc.get(FINGERPRINT_KEY, {}).get(PREDICTED_KEY, {})
-        return {k: [float(x) for x in v] for k, v in block.items() if isinstance(v, list)}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return {}
+def predicted_of(doc: dict) -> dict[str, list[float]]:
+    """The predicted KL of each measured entry in a measurement.json ``doc``, by module key; empty
+    for a measurement without them (ExLlamaV2's). Entries that do not parse are left out, and the
+    solver then falls back to the error objective."""
+    block = doc.get(FINGERPRINT_KEY)
+    block = block.get(PREDICTED_KEY) if isinstance(block, dict) else None
+    out = {}
+    for key, values in (block.items() if isinstance(block, dict) else ()):
+        if not isinstance(values, list):
+            continue
+        try:
+            out[key] = [float(x) for x in values]
+        except (TypeError, ValueError):
+            pass
+    return out
 
 
-def read_measurement(ctx: Context) -> dict:
-    """The ``measurement`` object of the working folder's measurement.json."""
+def read_measurement(ctx: Context) -> tuple[dict, dict[str, list[float]]]:
+    """The ``measurement`` object of the working folder's measurement.json, and its entries'
+    predicted KL (:func:`predicted_of`), from one read of the file."""
     path = ctx.out_dir / MEASUREMENT
     try:
-        meas = json.loads(path.read_text(encoding="utf-8"))["measurement"]
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        meas = doc["measurement"]
         if not isinstance(meas, dict):
             raise TypeError
     except FileNotFoundError:
@@ -271,7 +278,7 @@ def read_measurement(ctx: Context) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise Exl2Error(f"{path} is corrupt (not a measurement.json); start afresh with -nr "
                         "(or give a good measurement with -m)") from None
-    return meas
+    return meas, predicted_of(doc)
 
 
 # -- stages ------------------------------------------------------------------------------------------
@@ -378,13 +385,13 @@ def stage_measure(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Measuring quantization impact...")
     start, states = load_checkpoint(ctx, "measure")
-    meas = read_measurement(ctx)
+    meas, predicted = read_measurement(ctx)
     mods = ctx.modules
     # entries past the checkpoint belong to work that is about to be redone
     keep = {m.meas_key for m in mods[1:start + 1]}
     meas = {k: v for k, v in meas.items() if k in keep}
     fisher = load_sensitivity(ctx)
-    predicted = {k: v for k, v in read_predicted(ctx).items() if k in keep} if fisher is not None else {}
+    predicted = {k: v for k, v in predicted.items() if k in keep} if fisher is not None else {}
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
     last_cp = time.monotonic()
@@ -466,14 +473,13 @@ def stage_optimize(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Optimizing...")
     ctx.rep.status("Optimizing", 0, 1)
-    meas = read_measurement(ctx)
+    meas, pred = read_measurement(ctx)
     mods, slots = measurement_slots(ctx, meas)
     check_measurement_matches(ctx, mods, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
     numel = ctx.numel_decoder()
     budget = int(numel * job["bits"])
     errs = [[1.0 - float(e["accuracy"]) for e in entries] for entries in slots]
     costs = [[int(e["total_bits"]) for e in entries] for entries in slots]
-    pred = read_predicted(ctx)
     kls = [pred.get(mod.meas_key) for mod in mods]
     forced = os.environ.get(OBJECTIVE_ENV) == "error"
     if forced or not all(k is not None and len(k) == len(e) for k, e in zip(kls, slots)):
