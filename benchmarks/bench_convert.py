@@ -22,13 +22,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Peak RSS is the kernel's VmHWM of this process's own address space: ru_maxrss would also count
-# the pages a forked child shared with this (large) benchmark process before it called exec.
+# Peak RSS as the job's summary reads it (exl2conv.report.peak_rss_gib, the process's own VmHWM):
+# ru_maxrss would also count the pages a forked child shared with this (large) benchmark process
+# before it called exec.
 PEAK = ("import runpy, sys, torch, json, atexit\n"
         "def _r():\n"
+        "    from exl2conv.report import peak_rss_gib\n"
         "    g = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_initialized() else 0.0\n"
-        "    hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 2**20\n"
-        "    print('BENCH_PEAK ' + json.dumps({'gpu_gib': g, 'rss_gib': hwm}), flush=True)\n"
+        "    print('BENCH_PEAK ' + json.dumps({'gpu_gib': g, 'rss_gib': peak_rss_gib()}), flush=True)\n"
         "atexit.register(_r)\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")

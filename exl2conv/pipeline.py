@@ -34,7 +34,7 @@ from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
 from exl2conv.qparams import HEAD_OPTIONS, QParams
 from exl2conv.quantize import head_hessian, quantize_linear, quantize_module
-from exl2conv.report import Reporter, fmt_seconds
+from exl2conv.report import Reporter, fmt_seconds, peak_rss_gib
 from exl2conv.tokenizer import load_tokenizer
 
 CAL_MEASURE = "cal_measure.safetensors"
@@ -939,21 +939,6 @@ def format_summary(s: Summary) -> str:
     for f in s.output_files:
         lines.append(f"    output: {f}")
     return "\n".join(lines)
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory: the kernel's high-water mark of its own address
-    space (VmHWM) where there is one; ru_maxrss elsewhere, which on Linux also counts what a
-    parent shared with it between fork and exec."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # KiB -> GiB
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def peak_memory() -> str:

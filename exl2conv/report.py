@@ -76,3 +76,18 @@ def fmt_seconds(s: float) -> str:
         return f"{m}m{s:02d}s"
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s"
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory: the kernel's high-water mark of its own address
+    space (VmHWM) where there is one; ru_maxrss elsewhere, which on Linux also counts what a
+    parent shared with it between fork and exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
