@@ -21,19 +21,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, solver
+from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, solver, tweak
 from exl2conv.errors import Exl2Error, Interrupted
-from exl2conv.gptq import prepare
+from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
                           measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
-from exl2conv.layers import Module, error_weight, module_list
+from exl2conv.layers import Module, error_weight, module_list, run_block
 from exl2conv.measure import check_finite, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
 from exl2conv.qparams import HEAD_OPTIONS, QParams
-from exl2conv.quantize import head_hessian, quantize_linear, quantize_module
+from exl2conv.quantize import quantize_linear, quantize_module
 from exl2conv.report import Reporter, fmt_seconds, peak_rss_gib
 from exl2conv.tokenizer import load_tokenizer
 
@@ -578,6 +578,8 @@ def stage_quant(ctx: Context) -> None:
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
     save = save_linear(ctx)
+    # the unquantized model's residual stream on the first rows, the target of norm tweaking
+    stream = unquantized_stream(ctx, mods[1:start + 1]) if tweak.enabled() else None
     last_cp = time.monotonic()
     with ctx.rep.progress("Quantizing", len(mods) - 1, "Quantizing", initial=start) as bar:
         for mod in mods[start + 1:]:
@@ -585,18 +587,22 @@ def stage_quant(ctx: Context) -> None:
             if mod.kind in ("attn", "mlp"):
                 w, specs = ctx.layer_weights(mod)
                 entry = job["strategy"][mod.meas_key]
-                states, rfn, reports = quantize_module(mod.kind, states, w, specs, entry, ctx.cfg, rope,
-                                                       ctx.chunk(length), save, ctx.next_norm_weight(mod),
-                                                       on_coverage=lambda cov: report_coverage(ctx.rep, cov))
+                if stream is not None:
+                    stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
+                states, rfn, reports, tweaked = quantize_module(
+                    mod.kind, states, w, specs, entry, ctx.cfg, rope, ctx.chunk(length), save,
+                    ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream)
+                if tweaked is not None:
+                    norm = arch.norm_tensors(ctx.cfg, mod.layer, "attn" if mod.kind == "attn" else "mlp")[0]
+                    save_norm(ctx, norm, tweaked.weight)
+                    record["tweak"] = [tweaked.before, tweaked.after]
                 record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
                 bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
             elif mod.kind == "norm":
-                w = forward.load_norm(ctx.weights, ctx.cfg, arch.final_norm_tensor(ctx.cfg), ctx.device)
-                states = forward.final_norm(states, w, ctx.cfg.rms_norm_eps)
-                bar.update(1)
+                bar.update(1)  # the head applies the final norm (it may tweak it first)
             else:
-                record.update(quantize_head(ctx, states, save))
-                states = None
+                record.update(quantize_head(ctx, states, save, stream))
+                states = stream = None
                 bar.update(1, ppl=f"{record['ppl']:.3f}")
             log.append(record)
             final = mod.index == len(mods) - 1
@@ -610,29 +616,67 @@ def stage_quant(ctx: Context) -> None:
     job.advance(Stage.COMPILE)
 
 
-def quantize_head(ctx: Context, states: torch.Tensor, save) -> dict:
+def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor | None = None) -> dict:
     """The head with the fixed -hb layout, then the calibration perplexity on the first
-    measurement_rows rows of the quantization set (reference 5.7 step 7)."""
-    spec = arch.head_spec(ctx.cfg, ctx.weights)
+    measurement_rows rows of the quantization set (reference 5.7 step 7). ``states``: the
+    residual stream before the final norm; with ``stream`` (the unquantized model's on the first
+    rows), the final norm is tweaked for the quantized head (:mod:`exl2conv.tweak`)."""
+    cfg = ctx.cfg
+    spec = arch.head_spec(cfg, ctx.weights)
+    norm_name = arch.final_norm_tensor(cfg)
+    g = forward.load_norm(ctx.weights, cfg, norm_name, ctx.device)
     w = ctx.weights.get(spec.tensor, dtype=torch.float32, device=ctx.device)
-    h = head_hessian(states, spec.in_features)
+    h = Hessian(spec.in_features, states.device)
+    for r in range(states.shape[0]):
+        h.add(forward.final_norm(states[r], g, cfg.rms_norm_eps))
     prep = prepare(h.normalized(), spec.name)
     del h
     qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
     tensors, decoded, rep = quantize_linear(w, None, spec, prep, qparams)
     save(spec.name, tensors)
+    out: dict[str, Any] = {}
+    if stream is not None:
+        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]], stream, g, w, decoded, cfg)
+        save_norm(ctx, norm_name, g)
+        out["tweak"] = [before, after]
+    del w
     ids = load_ids(ctx, "quant").to(ctx.device)
     rows = min(int(ctx.job["measurement_rows"]), ids.shape[0])
     nll, count = 0.0, 0
-    vocab = ctx.cfg.vocab_size
+    vocab = cfg.vocab_size
     for r in range(rows):
-        logits = forward.logits(states[r:r + 1], decoded, ctx.cfg.final_softcap)[0, :-1, :vocab].float()
+        x = forward.final_norm(states[r:r + 1], g, cfg.rms_norm_eps)
+        logits = forward.logits(x, decoded, cfg.final_softcap)[0, :-1, :vocab].float()
         logp = torch.log_softmax(logits + 1e-10, dim=-1)
         target = ids[r, 1:].clamp(0, vocab - 1)
         nll -= float(logp.gather(-1, target.unsqueeze(-1)).sum())
         count += target.numel()
     ppl = math.exp(nll / max(count, 1))
-    return {"ppl": ppl, "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
+    return {**out, "ppl": ppl, "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
+
+
+def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
+    """The unquantized model's residual stream after the modules ``done`` (a resumed pass's),
+    on the first rows of the quantization set that norm tweaking fits on."""
+    ids = load_ids(ctx, "quant")
+    ids = ids[:tweak.rows_for(ids.shape[0], ids.shape[1], ctx.device, ctx.numel_decoder() // ctx.cfg.num_layers)]
+    x = embed_states(ctx, ids)
+    rope = _rope(ctx, ids.shape[1])
+    for mod in done:
+        if mod.kind in ("attn", "mlp"):
+            w, _ = ctx.layer_weights(mod)
+            x, _ = run_block(mod.kind, x, w, ctx.cfg, rope, ctx.chunk(ids.shape[1]))
+    return x
+
+
+def save_norm(ctx: Context, name: str, weight: torch.Tensor) -> None:
+    """A tweaked norm weight (as the forward uses it), stored as the compile will write it."""
+    atomic.save_tensors(ctx.out_dir / OUT_TENSOR / tweaked_norm_file(name),
+                        {name: tweak.stored(weight, ctx.cfg.norm_offset).cpu()})
+
+
+def tweaked_norm_file(name: str) -> str:
+    return f"{name.removesuffix('.weight')}.safetensors"
 
 
 def stage_compile(ctx: Context) -> None:
@@ -655,6 +699,11 @@ def stage_compile(ctx: Context) -> None:
             return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=dtype).repeat(repeat, 1))
         return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=dtype))
 
+    def norm_entry(name: str) -> compile_mod.OutTensor:
+        """A norm as the quantization pass tweaked it, else copied."""
+        path = ctx.out_dir / OUT_TENSOR / tweaked_norm_file(name)
+        return compile_mod.tensor_file_entries(path)[0] if path.is_file() else fp16(name)
+
     def linear(name: str) -> None:
         tensors.extend(compile_mod.tensor_file_entries(ctx.out_dir / OUT_TENSOR / f"{name}.safetensors"))
 
@@ -662,7 +711,7 @@ def stage_compile(ctx: Context) -> None:
     ends.append(len(tensors))
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
-            tensors.extend(fp16(norm) for norm in arch.norm_tensors(cfg, i, part))
+            tensors.extend(norm_entry(norm) for norm in arch.norm_tensors(cfg, i, part))
             router = arch.router_tensor(cfg, i) if part == "mlp" else None
             if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (spec 6.9)
                 tensors.append(fp16(router))
@@ -673,7 +722,7 @@ def stage_compile(ctx: Context) -> None:
                 if q_norm:
                     tensors += [fp16(q_norm, cfg.num_heads), fp16(k_norm, cfg.num_kv_heads)]
             ends.append(len(tensors))
-    tensors.append(fp16(arch.final_norm_tensor(cfg)))
+    tensors.append(norm_entry(arch.final_norm_tensor(cfg)))
     linear(arch.head_spec(cfg, ctx.weights).name)
     tensors.extend(fp16(name, dtype=ctx.weights.source_dtype(name)) for name in arch.extra_tensors(cfg, ctx.weights))
     ends.append(len(tensors))

@@ -9,13 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
+from exl2conv import tweak
 from exl2conv.errors import Exl2Error
-from exl2conv.gptq import Hessian, Prepared, prepare, quantize
+from exl2conv.gptq import Prepared, prepare, quantize
 from exl2conv.layers import padded_bias, padded_wt, run_block
 from exl2conv.measure import check_finite, module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, pack_linear
 from exl2conv.qparams import QParams
+
+# The tweak's forward and backward take this many times the pass's chunk of rows per call: fewer,
+# larger calls (its autograd keeps a few intermediates per chunk, the pass's chunk sizes one).
+TWEAK_CHUNK = 4
 
 
 @dataclass
@@ -46,16 +51,29 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec
     return tensors, decoded[:, : spec.out_features].T.contiguous(), rep
 
 
+@dataclass
+class Tweak:
+    """A module's norm weight after norm tweaking (:mod:`exl2conv.tweak`)."""
+    key: str               # in the module's weight dict
+    weight: torch.Tensor   # as the forward uses it
+    before: float          # relative loss on the tweak's rows
+    after: float
+
+
 def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], entry: dict,
-                    cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None, on_coverage=None
-                    ) -> tuple[torch.Tensor, float, list[LinearReport]]:
+                    cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None, on_coverage=None,
+                    target: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, float, list[LinearReport], Tweak | None]:
     """kind: "attn" or "mlp"; entry: the chosen measurement entry (per-linear QParams dicts, keyed
     by each linear's ``short``: an MoE block's "w1", "w3", "w2" apply to every expert);
     save(name, tensors) stores one linear's packed tensors; on_coverage: gets an MoE block's
     :class:`ExpertCoverage`. Linears are quantized in ``specs`` order (an MoE block's expert by
     expert, w1, w3, w2: spec 5.7), each Hessian prepared when first needed. Returns the module's
     outputs on the quantized weights ``[R, L, H]``, its mean relative error against the
-    unquantized outputs (``rfn_error``), and per-linear reports.
+    unquantized outputs (``rfn_error``), per-linear reports, and with ``target`` (the unquantized
+    model's outputs of this module on the first ``S`` rows, ``[S, L, H]``) the module's input norm
+    tweaked towards it (:mod:`exl2conv.tweak`; not for MoE blocks, whose norm feeds the router);
+    the outputs are then computed with the tweaked norm.
 
     The outputs overwrite ``states`` (chunk by chunk), and the unquantized outputs are recomputed
     beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three."""
@@ -77,14 +95,14 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
         reports.append(rep)
         if last_user[src] == key:  # an MoE block holds one per expert: free each when done
             del preps[src]
+    tweaked = None
+    if target is not None and not any(spec.expert is not None for spec in specs.values()):
+        g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]], target, quantized, cfg, rope,
+                                            TWEAK_CHUNK * chunk, err_weight)
+        tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
+        quantized[tweaked.key] = g
     y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,
                           out=states)
     check_finite(y_q, f"{module_name(specs)} output")
-    return y_q, float(errs.mean()), reports
+    return y_q, float(errs.mean()), reports, tweaked
 
-
-def head_hessian(states: torch.Tensor, k: int) -> Hessian:
-    h = Hessian(k, states.device)
-    for r in range(states.shape[0]):
-        h.add(states[r])
-    return h

@@ -85,12 +85,26 @@ def test_output_names_and_shapes(converted):
     assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
 
 
+def tweaked_norms(cfg) -> set[str]:
+    """The norms that norm tweaking adjusts (exl2conv.tweak): each module's input norm (not an
+    MoE MLP's, which also feeds the router) and the final norm."""
+    out = {arch_mod.final_norm_tensor(cfg)}
+    for i in range(cfg.num_layers):
+        for part in ("attn", "mlp"):
+            if part == "attn" or not cfg.num_experts:
+                out.add(arch_mod.norm_tensors(cfg, i, part)[0])
+    return out
+
+
 def test_unquantized_tensors_are_the_source_values(converted):
     """Norms (Gemma's without the +1), the embedding (without sqrt(hidden)) and the q/k norms
-    (repeated per head) are the source tensors in FP16; vision tensors keep their dtype."""
+    (repeated per head) are the source tensors in FP16; vision tensors keep their dtype. The
+    tweaked norms are the source's scaled by a few percent at most, in the stored convention."""
     _, src, out = converted
     cfg, index = load_config(src), WeightIndex(src)
     tensors = read_output(out)
+    tweaked = tweaked_norms(cfg)
+    moved = 0
     for name, t in tensors.items():
         if name.rsplit(".", 1)[-1] in LINEAR_KEYS:
             continue
@@ -101,7 +115,13 @@ def test_unquantized_tensors_are_the_source_values(converted):
             assert t.dtype == ref.dtype
         else:
             assert t.dtype == torch.float16
-        assert torch.equal(t, ref.to(t.dtype)), name
+        if name in tweaked:
+            eff, eff_ref = t.float() + cfg.norm_offset, ref.float() + cfg.norm_offset
+            assert ((eff - eff_ref).abs() <= 0.1 * eff_ref.abs() + 1e-3).all(), name
+            moved += not torch.equal(t, ref.to(t.dtype))
+        else:
+            assert torch.equal(t, ref.to(t.dtype)), name
+    assert moved >= len(tweaked) // 2  # the tweak did act
 
 
 def test_decoded_weights_are_close(converted):
