@@ -849,13 +849,23 @@ class Summary:
     calibration_ppl: float | None
     times: dict[str, float]
     measurement_only: bool = False
+    # norm tweaking: mean relative drop of the modules' losses, and the head's KL before/after
+    tweak_gain: float | None = None
+    head_kl: tuple[float, float] | None = None
 
 
 def summarize(ctx: Context) -> Summary:
     job = ctx.job
     dec_bits = dec_numel = head_bits = head_numel = 0
-    ppl = None
+    ppl = head_kl = None
+    gains = []
     for rec in job["quant_log"] or []:
+        if "tweak" in rec:
+            before, after = rec["tweak"]
+            if "ppl" in rec:
+                head_kl = (before, after)
+            elif before > 0:
+                gains.append(1 - after / before)
         for name, _desc, bits, numel in rec.get("linears", []):
             if name.endswith("lm_head"):
                 head_bits, head_numel = head_bits + bits, head_numel + numel
@@ -873,6 +883,8 @@ def summarize(ctx: Context) -> Summary:
         calibration_ppl=ppl,
         times=dict(job["times"] or {}),
         measurement_only=bool(job["output_measurement"]),
+        tweak_gain=sum(gains) / len(gains) if gains else None,
+        head_kl=head_kl,
     )
 
 
@@ -981,6 +993,11 @@ def format_summary(s: Summary) -> str:
         lines.append(f"    expected error (sum over modules): {s.expected_error:.6f}")
     if s.calibration_ppl is not None:
         lines.append(f"    calibration perplexity (quantized): {s.calibration_ppl:.4f}")
+    if s.tweak_gain is not None:
+        text = f"    norm tweaking: module output error on its rows -{100 * s.tweak_gain:.1f} % (mean)"
+        if s.head_kl is not None:
+            text += f"; KL at the head {s.head_kl[0]:.4f} -> {s.head_kl[1]:.4f} nats/token"
+        lines.append(text)
     if s.times:
         lines.append("    time: " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in s.times.items())
                      + f"; total {fmt_seconds(sum(s.times.values()))}")

@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
+from exl2conv import pipeline
 from exl2conv.cli import main
 from exl2conv.inspect import inspect
+from exl2conv.model import WeightIndex
 from tests.tinymodel import make_tiny_llama
 
 SMALL = ["-ml", "128", "-l", "128"]
@@ -78,6 +82,30 @@ def test_tiny_converts_with_full_output(tiny, reference_run):
         least = min(range(len(entries)), key=lambda i: entries[i]["total_bits"])
         assert kls[most] < kls[least]
     assert job["solver"]["predicted_kl"] > 0 and job["solver"]["gap"] == 0
+    # norm tweaking (exl2conv.tweak): every module and the head fitted, no loss raised, some lowered
+    tweaks = [r["tweak"] for r in job["quant_log"] if "tweak" in r]
+    assert len(tweaks) == 2 * 2 + 1
+    assert all(after <= before for before, after in tweaks) and any(after < before for before, after in tweaks)
+    done = pipeline.Context(pipeline.Job.load(work), None, None, torch.device("cpu"), None)  # type: ignore[arg-type]
+    summary = pipeline.format_summary(pipeline.summarize(done))
+    assert "norm tweaking: module output error on its rows -" in summary and "KL at the head" in summary
+
+
+def test_no_tweak_keeps_the_source_norms(tiny, reference_run, tmp_path):
+    """EXL2CONV_NO_TWEAK=1 on the same measurement: the norms are the source's, and the
+    tweaked ones of the default run differ from them."""
+    work, out = reference_run
+    plain = tmp_path / "out"
+    r = run_cli(["-i", str(tiny), "-o", str(tmp_path / "w"), "-cf", str(plain), "-b", "4.0", *SMALL,
+                 "-m", str(work / "measurement.json")], {"EXL2CONV_NO_TWEAK": "1"})
+    assert r.returncode == 0, r.stderr
+    src = WeightIndex(tiny)
+    with safe_open(str(plain / "output.safetensors"), framework="pt") as a, \
+            safe_open(str(out / "output.safetensors"), framework="pt") as b:
+        for name in ("model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+                     "model.norm.weight"):
+            assert torch.equal(a.get_tensor(name), src.get(name, dtype=torch.float16)), name
+            assert not torch.equal(b.get_tensor(name), a.get_tensor(name)), name
 
 
 def test_same_command_twice_gives_identical_bytes(tiny, reference_run, tmp_path):
