@@ -90,6 +90,25 @@ def module_matmuls(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+@contextmanager
+def grad_pass(device: torch.device):
+    """Where a forward and backward through modules run (the sensitivity stage, norm tweaking): TF32
+    matmuls as in :func:`module_matmuls`, and attention by the plain "math" kernels. On CUDA, float32
+    attention otherwise runs the memory-efficient kernel, whose backward adds partial gradients with
+    atomics in whatever order the threads finish, so the same job gave other bytes run to run (also
+    with torch's deterministic-algorithms switch on: tests/gpu/test_determinism.py). The math
+    kernels hold the ``[B, heads, L, L]`` scores: callers keep B small (:func:`grad_rows`)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with module_matmuls(device), sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def grad_rows(cfg, length: int, budget: int = 1 << 30) -> int:
+    """Rows per :func:`grad_pass` call whose float32 attention scores take at most ``budget`` bytes."""
+    return max(1, budget // (cfg.num_heads * length * length * 4))
+
+
 def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool = False):
     fn = forward.attention if kind == "attn" else forward.mlp
     with module_matmuls(x.device):

@@ -12,7 +12,7 @@ import torch
 from exl2conv import tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, prepare, quantize
-from exl2conv.layers import padded_bias, padded_wt, run_block
+from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
 from exl2conv.measure import check_finite, module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, pack_linear
@@ -97,8 +97,9 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
             del preps[src]
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
+        rows = min(TWEAK_CHUNK * chunk, grad_rows(cfg, states.shape[1])) if kind == "attn" else TWEAK_CHUNK * chunk
         g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]], target, quantized, cfg, rope,
-                                            TWEAK_CHUNK * chunk, err_weight)
+                                            rows, err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
     y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,

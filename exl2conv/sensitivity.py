@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from exl2conv.layers import block_forward, module_matmuls
+from exl2conv.layers import block_forward, grad_pass
 from exl2conv.model import forward
 from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
 
@@ -122,7 +122,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
             g = grad[r:r + 1]
             fisher[2 * i + 1] += g.square().sum((0, 1))
             xin = inputs[i][r:r + 1].to(device).requires_grad_(True)
-            with torch.enable_grad(), module_matmuls(xin.device):
+            with torch.enable_grad(), grad_pass(xin.device):
                 mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
                 mid_in = mid.detach().requires_grad_(True)
                 out, _ = block_forward("mlp", mid_in, w_mlp, cfg, rope)

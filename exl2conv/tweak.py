@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from exl2conv.layers import block_forward, module_matmuls
+from exl2conv.layers import block_forward, grad_pass, module_matmuls
 from exl2conv.model import forward
 from exl2conv.model.arch import spec_of
 
@@ -114,9 +114,9 @@ def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg,
         wt[key] = g
         total = 0.0
         for r in rows:
-            y, _ = block_forward(kind, x_q[r:r + chunk], wt, cfg, rope)
-            loss = ((y - target[r:r + chunk]) * cw).square().sum() / den
-            with module_matmuls(x_q.device):
+            with grad_pass(x_q.device):
+                y, _ = block_forward(kind, x_q[r:r + chunk], wt, cfg, rope)
+                loss = ((y - target[r:r + chunk]) * cw).square().sum() / den
                 loss.backward()
             total += float(loss.detach())
         return total
@@ -149,7 +149,7 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
             with torch.no_grad():
                 ref = logp(xf[t:t + HEAD_TOKENS], g0, head)
             kl = (ref.exp() * (ref - logp(xq[t:t + HEAD_TOKENS], g, head_q))).sum() / n
-            with module_matmuls(xq.device):
+            with grad_pass(xq.device):
                 kl.backward()
             total += float(kl.detach())
         return total

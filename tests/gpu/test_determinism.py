@@ -1,0 +1,47 @@
+"""The same command twice on one GPU gives the same bytes (run on the device machine; skipped
+elsewhere). The sensitivity stage and norm tweaking run backward passes through attention, whose
+float32 memory-efficient CUDA kernel sums gradients with atomics; they use the math kernels
+(:func:`exl2conv.layers.grad_pass`)."""
+
+import hashlib
+
+import pytest
+import torch
+
+from exl2conv.cli import main
+from tests.tinymodel import make_tiny_llama
+
+pytestmark = pytest.mark.gpu
+
+
+def digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob("*")) if p.suffix in (".safetensors", ".json")}
+
+
+def test_two_runs_give_the_same_bytes_on_cuda(tmp_path):
+    src = make_tiny_llama(tmp_path / "m", seed=4, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run / "out"
+        rc = main(["-i", str(src), "-o", str(tmp_path / run / "w"), "-cf", str(out), "-b", "4.0",
+                   "-l", "256", "-ml", "256", "--device", "cuda"])
+        assert rc == 0
+        outs.append((digest(out), (tmp_path / run / "w" / "measurement.json").read_text()))
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][1] == outs[1][1]
+
+
+def test_attention_backward_repeats_bit_for_bit():
+    from exl2conv.layers import grad_pass
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 8, 1024, 64, device="cuda", generator=g, requires_grad=True) for _ in range(3))
+    grads = []
+    for _ in range(3):
+        for t in (q, k, v):
+            t.grad = None
+        with torch.enable_grad(), grad_pass(q.device):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum().backward()
+        grads.append(torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()]))
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
