@@ -41,8 +41,8 @@ NO_TWEAK_ENV = "EXL2CONV_NO_TWEAK"
 TOKENS = 32768     # calibration tokens the tweak fits on (16 rows of 2048), at most
 CPU_TOKENS = 512   # on a CPU: every step is a forward and a backward, ~100x the pass's own cost
 # tokens x parameters of a layer, at most: the cost of the fit grows with both. SmolLM2-135M
-# (3.5M per layer) gets all of TOKENS; a Llama-2-7B layer (202M) gets one row of 2048 tokens,
-# which keeps the fit at about 0.5 s per layer on an H100 (16 rows took 8 s per layer).
+# (3.5M per layer) gets all of TOKENS; a Llama-2-7B layer (202M) gets one row of 2048 tokens
+# (16 rows took 8 s per layer on an H100, one row should take about a sixteenth of that).
 WORK = TOKENS * 4_000_000
 STEPS = 30
 LR = 2e-3
