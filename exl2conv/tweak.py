@@ -75,25 +75,25 @@ def stored(g: torch.Tensor, offset: float) -> torch.Tensor:
 
 def _fit(loss_of, g0: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:
     """Adam on ``g = g0 (1 + s)``; ``loss_of(g)`` runs the forward and backward (into ``g.grad``)
-    and returns the loss as a float. Returns the best ``g`` seen (``g0`` included) and the losses at ``g0`` and
-    at the best ``g``."""
+    and returns the loss, a float64 scalar tensor on ``g``'s device. Returns the best ``g`` seen
+    (``g0`` included; the first of equal losses) and the losses at ``g0`` and at the best ``g``.
+    Losses and tried values stay on the device until the end: no host sync per step, so a GPU
+    queues the next step's kernels while it runs this one's."""
     s = torch.zeros_like(g0, requires_grad=True)
     opt = torch.optim.Adam([s], lr=lr)
-    first = best = None
-    best_s = s.detach().clone()
+    losses = torch.empty(steps + 1, dtype=torch.float64, device=g0.device)
+    tried = torch.empty((steps + 1, *g0.shape), dtype=g0.dtype, device=g0.device)
     for step in range(steps + 1):
         # a leaf that every chunk's backward adds into; then the chain rule into s
         g = (g0 * (1 + s.detach())).requires_grad_()
         with torch.enable_grad():
-            loss = loss_of(g)
+            losses[step] = loss_of(g)
         s.grad = g.grad * g0
-        if first is None:
-            first = best = loss
-        elif loss < best:
-            best, best_s = loss, s.detach().clone()
+        tried[step] = s.detach()
         if step < steps:
             opt.step()
-    return g0 * (1 + best_s), first, best
+    best = int(torch.argmin(losses.nan_to_num(nan=float("inf"))))
+    return g0 * (1 + tried[best]), float(losses[0]), float(losses[best])
 
 
 def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg, rope, chunk: int,
@@ -109,16 +109,16 @@ def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg,
     rows = range(0, x_q.shape[0], chunk)
     den = sum(float((target[r:r + chunk] * cw).square().sum()) for r in rows)
 
-    def loss_of(g: torch.Tensor) -> float:
+    def loss_of(g: torch.Tensor) -> torch.Tensor:
         wt = dict(w)
         wt[key] = g
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=g.device)
         for r in rows:
             with grad_pass(x_q.device):
                 y, _ = block_forward(kind, x_q[r:r + chunk], wt, cfg, rope)
                 loss = ((y - target[r:r + chunk]) * cw).square().sum() / den
                 loss.backward()
-            total += float(loss.detach())
+            total += loss.detach().double()
         return total
 
     g, first, best = _fit(loss_of, g0, steps, lr)
@@ -143,15 +143,15 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
             logits = forward.logits(forward.final_norm(h, g, eps), weight, cap)[:, :vocab]
         return torch.log_softmax(logits.float(), -1)
 
-    def loss_of(g: torch.Tensor) -> float:
-        total = 0.0
+    def loss_of(g: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=g.device)
         for t in spans:
             with torch.no_grad():
                 ref = logp(xf[t:t + HEAD_TOKENS], g0, head)
             kl = (ref.exp() * (ref - logp(xq[t:t + HEAD_TOKENS], g, head_q))).sum() / n
             with grad_pass(xq.device):
                 kl.backward()
-            total += float(kl.detach())
+            total += kl.detach().double()
         return total
 
     g, first, best = _fit(loss_of, g0.detach(), steps, lr)
