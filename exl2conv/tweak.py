@@ -146,6 +146,8 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
     def loss_of(g: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=g.device)
         for t in spans:
+            # recomputed every step: kept, the reference log-probabilities would take tokens x vocab
+            # floats (6.4 GB for SmolLM2's 16 rows)
             with torch.no_grad():
                 ref = logp(xf[t:t + HEAD_TOKENS], g0, head)
             kl = (ref.exp() * (ref - logp(xq[t:t + HEAD_TOKENS], g, head_q))).sum() / n
