@@ -560,11 +560,15 @@ def stage_embeddings(ctx: Context) -> None:
     ctx.job.advance(Stage.QUANT)
 
 
-def save_linear(ctx: Context):
-    out = ctx.out_dir / OUT_TENSOR
+def out_tensor_file(ctx: Context, prefix: str) -> Path:
+    """The quantization pass's file of the tensors named ``<prefix>.*`` (a linear's packed
+    tensors, a tweaked norm's weight), which the compile copies into the output."""
+    return ctx.out_dir / OUT_TENSOR / f"{prefix}.safetensors"
 
+
+def save_linear(ctx: Context):
     def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        atomic.save_tensors(out / f"{name}.safetensors", {f"{name}.{k}": v for k, v in tensors.items()})
+        atomic.save_tensors(out_tensor_file(ctx, name), {f"{name}.{k}": v for k, v in tensors.items()})
     return save
 
 
@@ -594,7 +598,7 @@ def stage_quant(ctx: Context) -> None:
                     ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream)
                 if tweaked is not None:
                     norm = arch.norm_tensors(ctx.cfg, mod.layer, "attn" if mod.kind == "attn" else "mlp")[0]
-                    save_norm(ctx, norm, tweaked.weight)
+                    save_norm(ctx, save, norm, tweaked.weight)
                     record["tweak"] = [tweaked.before, tweaked.after]
                 record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
                 bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
@@ -637,7 +641,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     out: dict[str, Any] = {}
     if stream is not None:
         g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]], stream, g, w, decoded, cfg)
-        save_norm(ctx, norm_name, g)
+        save_norm(ctx, save, norm_name, g)
         out["tweak"] = [before, after]
     del w
     ids = load_ids(ctx, "quant").to(ctx.device)
@@ -669,14 +673,10 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     return x
 
 
-def save_norm(ctx: Context, name: str, weight: torch.Tensor) -> None:
-    """A tweaked norm weight (as the forward uses it), stored as the compile will write it."""
-    atomic.save_tensors(ctx.out_dir / OUT_TENSOR / tweaked_norm_file(name),
-                        {name: tweak.stored(weight, ctx.cfg.norm_offset).cpu()})
-
-
-def tweaked_norm_file(name: str) -> str:
-    return f"{name.removesuffix('.weight')}.safetensors"
+def save_norm(ctx: Context, save, name: str, weight: torch.Tensor) -> None:
+    """A tweaked norm weight (as the forward uses it) through ``save`` (:func:`save_linear`), in
+    the dtype and convention the compile writes."""
+    save(name.removesuffix(".weight"), {"weight": tweak.stored(weight, ctx.cfg.norm_offset).cpu()})
 
 
 def stage_compile(ctx: Context) -> None:
@@ -701,11 +701,11 @@ def stage_compile(ctx: Context) -> None:
 
     def norm_entry(name: str) -> compile_mod.OutTensor:
         """A norm as the quantization pass tweaked it, else copied."""
-        path = ctx.out_dir / OUT_TENSOR / tweaked_norm_file(name)
+        path = out_tensor_file(ctx, name.removesuffix(".weight"))
         return compile_mod.tensor_file_entries(path)[0] if path.is_file() else fp16(name)
 
     def linear(name: str) -> None:
-        tensors.extend(compile_mod.tensor_file_entries(ctx.out_dir / OUT_TENSOR / f"{name}.safetensors"))
+        tensors.extend(compile_mod.tensor_file_entries(out_tensor_file(ctx, name)))
 
     tensors.append(fp16(arch.embedding_tensor(cfg)))
     ends.append(len(tensors))

@@ -75,6 +75,11 @@ def stored(g: torch.Tensor, offset: float) -> torch.Tensor:
     return (g - offset).to(torch.float16)
 
 
+def as_stored(g: torch.Tensor, offset: float) -> torch.Tensor:
+    """A norm weight as the forward uses it, rounded to what the model file can store."""
+    return stored(g, offset).to(torch.float32) + offset
+
+
 def _fit(loss_of, g0: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:
     """Adam on ``g = g0 (1 + s)``; ``loss_of(g)`` runs the forward and backward (into ``g.grad``)
     and returns the loss, a float64 scalar tensor on ``g``'s device. Returns the best ``g`` seen
@@ -124,7 +129,7 @@ def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg,
         return total
 
     g, first, best = _fit(loss_of, g0, steps, lr)
-    return stored(g, cfg.norm_offset).to(torch.float32) + cfg.norm_offset, first, best
+    return as_stored(g, cfg.norm_offset), first, best
 
 
 def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head: torch.Tensor,
@@ -159,4 +164,4 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
         return total
 
     g, first, best = _fit(loss_of, g0.detach(), steps, lr)
-    return stored(g, cfg.norm_offset).to(torch.float32) + cfg.norm_offset, first, best
+    return as_stored(g, cfg.norm_offset), first, best
