@@ -70,12 +70,10 @@ def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, c
     [L, H], each ``y_t`` drawn from ``p_t`` with ``gen``. Positions go :data:`HEAD_TOKENS` at a
     time: each position's logits depend on that position alone."""
     grads = []
-    vocab = cfg.vocab_size
     for t0 in range(0, x.shape[0], HEAD_TOKENS):
         xs = x[t0:t0 + HEAD_TOKENS].detach().requires_grad_(True)
         with torch.enable_grad():
-            n = forward.final_norm(xs, norm_w, cfg.rms_norm_eps)
-            logp = torch.log_softmax(forward.logits(n, head_w, cfg.final_softcap)[:, :vocab], dim=-1)
+            logp = forward.log_probs(xs, norm_w, head_w, cfg)
             (-logp.gather(-1, sample(logp.detach(), gen)).sum()).backward()
         grads.append(xs.grad)
     return torch.cat(grads)

@@ -142,13 +142,12 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
     that KL (nats per token) before and after."""
     xq = x_q.reshape(-1, x_q.shape[-1])
     xf = x.reshape(-1, x.shape[-1])
-    n, vocab, eps, cap = xq.shape[0], cfg.vocab_size, cfg.rms_norm_eps, cfg.final_softcap
+    n = xq.shape[0]
     spans = range(0, n, HEAD_TOKENS)
 
     def logp(h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         with module_matmuls(h.device):
-            logits = forward.logits(forward.final_norm(h, g, eps), weight, cap)[:, :vocab]
-        return torch.log_softmax(logits.float(), -1)
+            return forward.log_probs(h, g, weight, cfg)
 
     def loss_of(g: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=g.device)

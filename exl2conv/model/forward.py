@@ -303,6 +303,14 @@ def logits(x: torch.Tensor, head_weight: torch.Tensor, cap: float | None = None)
     return softcap(F.linear(x, head_weight.float()), cap)
 
 
+def log_probs(x: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, cfg: ModelConfig
+              ) -> torch.Tensor:
+    """x f32 [..., H] (the residual stream before the final norm) -> next-token log-probabilities
+    f32 [..., vocab_size]: final norm, head, softcap, the padded vocabulary rows cut off."""
+    out = logits(final_norm(x, norm_weight, cfg.rms_norm_eps), head_weight, cfg.final_softcap)
+    return torch.log_softmax(out[..., :cfg.vocab_size], dim=-1)
+
+
 # -- weights -------------------------------------------------------------------------------------
 
 def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> torch.Tensor:
