@@ -1,6 +1,6 @@
 """The first quick-start command, `exl2conv demo`, end to end on the real SmolLM2-135M: the
 measurement pass, the solver, the quantization pass and the compile, on the CPU in CI with the
-demo's CPU settings (rows of 128 tokens; about 10-12 minutes on 2 cores with norm tweaking).
+demo's CPU settings (rows of 128 tokens; about 9 minutes on 2 cores).
 """
 
 import json
