@@ -68,6 +68,7 @@ def padded_bias(b: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
 
 # Set to 1 to run the modules' GPU matmuls in full float32 (slower; see `module_matmuls`).
 NO_TF32_ENV = "EXL2CONV_NO_TF32"
+NO_HALF_ATTENTION_ENV = "EXL2CONV_NO_HALF_ATTENTION"
 
 
 @contextmanager
@@ -92,20 +93,34 @@ def module_matmuls(device: torch.device):
 
 @contextmanager
 def grad_pass(device: torch.device):
-    """Where a forward and backward through modules run (the sensitivity stage, norm tweaking): TF32
-    matmuls as in :func:`module_matmuls`, and attention by the plain "math" kernels. On CUDA, float32
-    attention otherwise runs the memory-efficient kernel, whose backward adds partial gradients with
-    atomics in whatever order the threads finish, so the same job gave other bytes run to run (also
-    with torch's deterministic-algorithms switch on: tests/gpu/test_determinism.py). The math
-    kernels hold the ``[B, heads, L, L]`` scores: callers keep B small (:func:`grad_rows`)."""
+    """Where a forward and backward through modules run (the sensitivity stage, norm tweaking).
+
+    On CUDA: TF32 matmuls as in :func:`module_matmuls`, and causal attention in float16 through
+    the flash kernels with their deterministic backward (:func:`forward.half_attention`; float16
+    attention is what ExLlamaV2's runtime computes). Float32 attention would otherwise run the
+    memory-efficient kernel, whose backward adds partial gradients with atomics in whatever order
+    the threads finish, so the same job gave other bytes run to run (also with torch's
+    deterministic-algorithms switch on: tests/gpu/test_determinism.py). Attention that the flash
+    kernels cannot run (a sliding window, softcapped scores) runs the plain "math" kernels, which
+    hold the ``[B, heads, L, L]`` scores: callers keep B small (:func:`grad_rows`).
+    ``EXL2CONV_NO_HALF_ATTENTION=1`` keeps all attention in float32 on the math kernels."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with module_matmuls(device), sdpa_kernel([SDPBackend.MATH]):
+    with module_matmuls(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
+            forward.half_attention(half_attention_on(device)):
         yield
 
 
-def grad_rows(cfg, length: int, budget: int = 1 << 30) -> int:
-    """Rows per :func:`grad_pass` call whose float32 attention scores take at most ``budget`` bytes."""
+def half_attention_on(device: torch.device) -> bool:
+    """Whether :func:`grad_pass` runs causal attention in float16 on ``device``."""
+    return device.type == "cuda" and os.environ.get(NO_HALF_ATTENTION_ENV, "") in ("", "0")
+
+
+def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> int | None:
+    """Rows per :func:`grad_pass` call whose float32 attention scores take at most ``budget``
+    bytes; None (no limit) where the flash kernels run every layer's attention."""
+    if half_attention_on(device) and forward.plain_causal(cfg, length):
+        return None
     return max(1, budget // (cfg.num_heads * length * length * 4))
 
 

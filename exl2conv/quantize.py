@@ -97,7 +97,9 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
             del preps[src]
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
-        rows = min(TWEAK_CHUNK * chunk, grad_rows(cfg, states.shape[1])) if kind == "attn" else TWEAK_CHUNK * chunk
+        rows = TWEAK_CHUNK * chunk
+        limit = grad_rows(cfg, states.shape[1], states.device) if kind == "attn" else None
+        rows = rows if limit is None else min(rows, limit)
         g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]], target, quantized, cfg, rope,
                                             rows, err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)

@@ -8,12 +8,13 @@ Weights are HF-oriented ``[out, in]``, unpadded, float32.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-
-import dataclasses
 
 from .arch import (MOE_SHARED_INPUT, embedding_tensor, final_norm_tensor, head_norm_tensors, head_spec,
                    layer_linears, norm_tensors, router_tensor, spec_of)
@@ -27,6 +28,52 @@ LAYER = "layer"
 LINEAR_HOOK = "linear_hook"
 # MoE capture: tokens routed to each expert in each row, int64 [B, E].
 EXPERT_TOKENS = "expert_tokens"
+# Set by :func:`half_attention`: causal attention on CUDA runs in float16 (see there).
+_HALF_ATTENTION = contextvars.ContextVar("exl2conv_half_attention", default=False)
+
+
+@contextmanager
+def half_attention(on: bool = True):
+    """Within this block, plain causal attention on CUDA (no window, no softcap) runs on float16
+    q/k/v through PyTorch's flash kernels, as ExLlamaV2's runtime runs it, and its backward runs
+    the flash kernels' deterministic variant (:class:`_HalfAttention`). For the passes that
+    backpropagate through attention (layers.grad_pass): float32 attention has no deterministic
+    CUDA backward but the "math" kernels, which hold the ``[B, heads, L, L]`` scores and are
+    several times slower."""
+    token = _HALF_ATTENTION.set(on)
+    try:
+        yield
+    finally:
+        _HALF_ATTENTION.reset(token)
+
+
+class _HalfAttention(torch.autograd.Function):
+    """Causal attention of float32 q/k/v ``[B, heads, L, d]`` computed in float16; the backward
+    scales the incoming gradient by a power of two into float16's range and back, and runs with
+    torch's deterministic algorithms on, under which the flash backward adds its partial sums in a
+    fixed order."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        with torch.enable_grad():
+            leaves = [t.detach().half().requires_grad_() for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
+        ctx.graph = (leaves, out)
+        return out.detach().float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaves, out = ctx.graph
+        ctx.graph = None
+        # a power of two: exact in both directions
+        s = torch.exp2(torch.ceil(torch.log2(grad.abs().amax().clamp_min(1e-30))))
+        prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            grads = torch.autograd.grad(out, leaves, (grad / s).half())
+        finally:
+            torch.use_deterministic_algorithms(prev, warn_only=warn)
+        return grads[0].float() * s, grads[1].float() * s, grads[2].float() * s, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -157,6 +204,15 @@ def _attn_mask(cfg: ModelConfig, length: int, device, layer: int | None = None) 
     return (j <= i) & (i - j < window)
 
 
+def plain_causal(cfg: ModelConfig, length: int) -> bool:
+    """Whether every layer's attention over rows of ``length`` is plain causal attention (no
+    sliding window cutting in, no softcapped scores): what :func:`half_attention` covers."""
+    if cfg.attn_softcap is not None:
+        return False
+    windows = [cfg.sliding_window] + [cfg.window(i) for i in range(cfg.num_layers)]
+    return all(not w or length <= w for w in windows)
+
+
 def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope,
               capture: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """x f32 [B, L, H] -> (x + o_proj(attn(rmsnorm(x))) [B, L, H], intermediates or None).
@@ -183,7 +239,9 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
         v = v.repeat_interleave(heads // kv, dim=1)
     mask = _attn_mask(cfg, length, x.device, layer)
     if cfg.attn_softcap is None:
-        if mask is None:
+        if mask is None and q.is_cuda and _HALF_ATTENTION.get():
+            a = _HalfAttention.apply(q, k, v, cfg.attn_scale)
+        elif mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.attn_scale)

@@ -1,6 +1,7 @@
 """The same command twice on one GPU gives the same bytes (run on the device machine; skipped
 elsewhere). The sensitivity stage and norm tweaking run backward passes through attention, whose
-float32 memory-efficient CUDA kernel sums gradients with atomics; they use the math kernels
+float32 memory-efficient CUDA kernel sums gradients with atomics; they run causal attention in
+float16 on the flash kernels' deterministic backward, other attention on the math kernels
 (:func:`exl2conv.layers.grad_pass`)."""
 
 import hashlib
@@ -45,3 +46,39 @@ def test_attention_backward_repeats_bit_for_bit():
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum().backward()
         grads.append(torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()]))
     assert all(torch.equal(grads[0], x) for x in grads[1:])
+
+
+def _attention_grads(half: bool, monkeypatch, repeats: int = 3):
+    """Input gradients of one GQA attention module under grad_pass, ``repeats`` times."""
+    from exl2conv.layers import NO_HALF_ATTENTION_ENV, grad_pass
+    from exl2conv.model import forward
+    from exl2conv.model.config import load_config
+    from exl2conv.model.weights import WeightIndex
+
+    monkeypatch.setenv(NO_HALF_ATTENTION_ENV, "0" if half else "1")
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        src = make_tiny_llama(Path(d), seed=2, hidden=256, intermediate=512, layers=1, heads=8, kv_heads=2)
+        cfg = load_config(src)
+        w = forward.load_layer_weights(WeightIndex(src), cfg, 0, "attn", "cuda")
+    rope = forward.RotaryCache(cfg)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x0 = torch.randn(4, 1024, 256, device="cuda", generator=g)
+    target = torch.randn(4, 1024, 256, device="cuda", generator=g)
+    grads = []
+    for _ in range(repeats):
+        x = x0.clone().requires_grad_()
+        with torch.enable_grad(), grad_pass(x.device):
+            y, _ = forward.attention(x, w, cfg, rope)
+            ((y - target).square().sum() * 1e-9).backward()  # small: the half path scales it
+        grads.append(x.grad)
+    return grads
+
+
+def test_half_attention_backward_repeats_and_matches_float32(monkeypatch):
+    half = _attention_grads(True, monkeypatch)
+    assert all(torch.equal(half[0], x) for x in half[1:])
+    full = _attention_grads(False, monkeypatch, repeats=1)[0]
+    rel = float((half[0] - full).norm() / full.norm())
+    assert rel < 5e-3, rel
