@@ -68,7 +68,7 @@ def padded_bias(b: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
 
 # Set to 1 to run the modules' GPU matmuls in full float32 (slower; see `module_matmuls`).
 NO_TF32_ENV = "EXL2CONV_NO_TF32"
-NO_HALF_ATTENTION_ENV = "EXL2CONV_NO_HALF_ATTENTION"
+HALF_ATTENTION_ENV = "EXL2CONV_HALF_ATTENTION"
 
 
 @contextmanager
@@ -95,15 +95,18 @@ def module_matmuls(device: torch.device):
 def grad_pass(device: torch.device):
     """Where a forward and backward through modules run (the sensitivity stage, norm tweaking).
 
-    On CUDA: TF32 matmuls as in :func:`module_matmuls`, and causal attention in float16 through
-    the flash kernels with their deterministic backward (:func:`forward.half_attention`; float16
-    attention is what ExLlamaV2's runtime computes). Float32 attention would otherwise run the
-    memory-efficient kernel, whose backward adds partial gradients with atomics in whatever order
-    the threads finish, so the same job gave other bytes run to run (also with torch's
-    deterministic-algorithms switch on: tests/gpu/test_determinism.py). Attention that the flash
-    kernels cannot run (a sliding window, softcapped scores) runs the plain "math" kernels, which
-    hold the ``[B, heads, L, L]`` scores: callers keep B small (:func:`grad_rows`).
-    ``EXL2CONV_NO_HALF_ATTENTION=1`` keeps all attention in float32 on the math kernels."""
+    On CUDA: TF32 matmuls as in :func:`module_matmuls`, and attention on the plain "math"
+    kernels. Float32 attention would otherwise run the memory-efficient kernel, whose backward adds
+    partial gradients with atomics in whatever order the threads finish, so the same job gave other
+    bytes run to run (also with torch's deterministic-algorithms switch on:
+    tests/gpu/test_determinism.py). The math kernels hold the ``[B, heads, L, L]`` scores: callers
+    keep B small (:func:`grad_rows`).
+
+    ``EXL2CONV_HALF_ATTENTION=1`` runs causal attention in float16 on the flash kernels with their
+    deterministic backward instead (:func:`forward.half_attention`; float16 attention is what
+    ExLlamaV2's runtime computes): on SmolLM2 the norm-tweak fits took a quarter of the time, but
+    the KL from FP16 came out 0.7 % (4.0 bpw) and 1.7 % (6.0 bpw) higher on the same measurement
+    (docs/performance.md), so it is not the default."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with module_matmuls(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
@@ -113,7 +116,7 @@ def grad_pass(device: torch.device):
 
 def half_attention_on(device: torch.device) -> bool:
     """Whether :func:`grad_pass` runs causal attention in float16 on ``device``."""
-    return device.type == "cuda" and os.environ.get(NO_HALF_ATTENTION_ENV, "") in ("", "0")
+    return device.type == "cuda" and os.environ.get(HALF_ATTENTION_ENV, "") not in ("", "0")
 
 
 def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> int | None:

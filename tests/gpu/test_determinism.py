@@ -1,8 +1,8 @@
 """The same command twice on one GPU gives the same bytes (run on the device machine; skipped
 elsewhere). The sensitivity stage and norm tweaking run backward passes through attention, whose
-float32 memory-efficient CUDA kernel sums gradients with atomics; they run causal attention in
-float16 on the flash kernels' deterministic backward, other attention on the math kernels
-(:func:`exl2conv.layers.grad_pass`)."""
+float32 memory-efficient CUDA kernel sums gradients with atomics; they use the math kernels, or
+with EXL2CONV_HALF_ATTENTION=1 float16 causal attention on the flash kernels' deterministic
+backward (:func:`exl2conv.layers.grad_pass`)."""
 
 import hashlib
 
@@ -50,12 +50,12 @@ def test_attention_backward_repeats_bit_for_bit():
 
 def _attention_grads(half: bool, monkeypatch, repeats: int = 3):
     """Input gradients of one GQA attention module under grad_pass, ``repeats`` times."""
-    from exl2conv.layers import NO_HALF_ATTENTION_ENV, grad_pass
+    from exl2conv.layers import HALF_ATTENTION_ENV, grad_pass
     from exl2conv.model import forward
     from exl2conv.model.config import load_config
     from exl2conv.model.weights import WeightIndex
 
-    monkeypatch.setenv(NO_HALF_ATTENTION_ENV, "0" if half else "1")
+    monkeypatch.setenv(HALF_ATTENTION_ENV, "1" if half else "0")
     import tempfile
     from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
