@@ -209,3 +209,20 @@ def test_synthetic_80_layers(fixture_dir):
         assert previous is None or sol.loss < previous
         previous = sol.loss
     assert solve(slots, int(numel * 4.25)).choice == solve(slots, int(numel * 4.25)).choice
+
+
+def test_choose_drops_the_predicted_kl_past_its_range():
+    """pipeline.choose: the smallest predicted KL while it stays under KL_TRUST; past it, the
+    error objective's choice (smallest worst-module error), and the rejected value is reported."""
+    from exl2conv.pipeline import KL_TRUST, choose
+    costs = [[1, 2], [1, 2]]
+    errs = [[0.5, 0.1], [0.3, 0.2]]
+    kls = [[0.3, 0.25], [0.45, 0.05]]  # KL optimum: option 0 then 1, predicted 0.35
+    sol, rejected = choose(costs, errs, kls, 3)
+    assert list(sol.choice) == [0, 1] and rejected is None
+    scaled = [[k * 4 * KL_TRUST for k in row] for row in kls]  # same choice, predicted 1.4
+    sol, rejected = choose(costs, errs, scaled, 3)
+    assert list(sol.choice) == [1, 0]  # worst error 0.3 against 0.5
+    assert rejected == pytest.approx(1.4 * KL_TRUST)
+    sol, rejected = choose(costs, errs, None, 3)
+    assert list(sol.choice) == [1, 0] and rejected is None
