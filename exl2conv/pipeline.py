@@ -489,22 +489,22 @@ def stage_optimize(ctx: Context) -> None:
         # every module would take its largest option and the target would still not be met:
         # the user asked for something else than they would get
         raise _bits_range_error(job["bits"], lo, hi, numel)
-    if kls is None:
-        why = f"{OBJECTIVE_ENV}=error" if forced else "the measurement has no predicted KL"
-        ctx.rep.info(f"Objective: ExLlamaV2's (the smallest worst-module error), as {why}")
-    else:
-        ctx.rep.info("Objective: the smallest predicted KL from the unquantized model")
     try:
         sol, rejected = choose(costs, errs, kls, budget)
-        if rejected is not None:
-            ctx.rep.info(f"Predicted KL {rejected:.3f} nats/token is past the range where it predicts well "
-                         f"(> {KL_TRUST}): solving for the smallest worst-module error instead")
-            kls = None
     except Exl2Error as exc:
         lo, hi = getattr(exc, "min_total", None), getattr(exc, "max_total", None)
         if lo is None:
             raise
         raise _bits_range_error(job["bits"], lo, hi, numel) from None
+    if rejected is not None:
+        ctx.rep.info(f"Objective: ExLlamaV2's (the smallest worst-module error), as the smallest predicted KL, "
+                     f"{rejected:.3f} nats/token, is past the range where it predicts well (> {KL_TRUST})")
+        kls = None
+    elif kls is None:
+        why = f"{OBJECTIVE_ENV}=error" if forced else "the measurement has no predicted KL"
+        ctx.rep.info(f"Objective: ExLlamaV2's (the smallest worst-module error), as {why}")
+    else:
+        ctx.rep.info("Objective: the smallest predicted KL from the unquantized model")
     strategy = {}
     for mod, entries, c in zip(mods, slots, sol.choice):
         e = strategy[mod.meas_key] = entries[c]
@@ -514,6 +514,8 @@ def stage_optimize(ctx: Context) -> None:
     info = {"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap}
     line = (f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error: "
             f"sum {sum(chosen):.6f}, worst module {max(chosen):.6f}")
+    if rejected is not None:
+        info["rejected_predicted_kl"] = rejected
     if kls is not None:
         info["predicted_kl"] = sol.loss
         line += f"; predicted KL {sol.loss:.5f} nats/token"
