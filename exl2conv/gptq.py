@@ -60,12 +60,13 @@ class Hessian:
         self.h.addmm_(flat.T, flat)
         self.rows += x.shape[0]
 
-    def normalized(self) -> torch.Tensor:
+    def normalized(self, in_place: bool = False) -> torch.Tensor:
         """H divided by the number of rows (ExLlamaV2 normalizes by rows, not tokens); the
-        identity when no rows were seen."""
+        identity when no rows were seen. ``in_place``: divides the accumulator itself (no second
+        ``[K, K]`` copy; the accumulator is then spent)."""
         if self.rows == 0:
             return torch.eye(self.h.shape[0], dtype=torch.float32, device=self.h.device)
-        return self.h / self.rows
+        return self.h.div_(self.rows) if in_place else self.h / self.rows
 
 
 @dataclass
@@ -90,7 +91,7 @@ def prepare(h: torch.Tensor, name: str = "") -> Prepared:
     diag = torch.diagonal(h)
     # stable sort: equal diagonals (dead input features) keep their order, so runs repeat exactly
     perm = torch.argsort(diag, descending=True, stable=True)
-    hp = h[perm][:, perm].clone()
+    hp = h[perm][:, perm]  # indexing copies: h itself is left alone
     damp = max(PERCDAMP * torch.mean(torch.diagonal(hp)).item(), DAMP_MIN)
     if not math.isfinite(damp):
         raise Exl2Error(f"{name}: the calibration statistics hold NaN or Inf; the input states are broken")
@@ -100,9 +101,11 @@ def prepare(h: torch.Tensor, name: str = "") -> Prepared:
         try:
             lower = torch.linalg.cholesky(hp)
             hinv = torch.cholesky_inverse(lower)
+            del lower  # each [K, K] float32 is 0.45 GiB for a Llama-2-7B down_proj
             if not torch.isfinite(hinv).all():
                 continue
             u = torch.linalg.cholesky(hinv, upper=True)
+            del hinv
             if torch.isfinite(u).all():
                 return Prepared(perm=perm, u=u)
         except torch.linalg.LinAlgError:

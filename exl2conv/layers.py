@@ -137,7 +137,7 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
               hessians: dict[str, Hessian] | None = None, ref: torch.Tensor | None = None,
               keep_output: bool = True, err_weight: torch.Tensor | None = None,
               ref_weights: dict | None = None, out: torch.Tensor | None = None,
-              fisher: torch.Tensor | None = None):
+              fisher: torch.Tensor | None = None, device: torch.device | None = None):
     """Run an attention or MLP module over all rows of ``states`` ``[R, L, H]``, ``chunk`` rows at
     a time, on the states' device.
 
@@ -153,6 +153,8 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     overwritten); by default a new tensor.
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`); with it,
     errors are ``[R, 2]``: each row's relative error and its sum of ``F[c] e[t, c]^2``.
+    device: where the module runs, when ``states`` (and ``out``) live elsewhere (host memory):
+    each chunk is copied in, and its outputs copied back.
     Returns ``(outputs [R, L, H] or None, errors [R] or [R, 2] float64 or None)``."""
     rows = states.shape[0]
     if keep_output and out is None:
@@ -163,6 +165,8 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     errs = torch.empty(shape, dtype=torch.float64) if ref is not None or ref_weights is not None else None
     for r0 in range(0, rows, chunk):
         x = states[r0:r0 + chunk]
+        if device is not None and x.device != device:
+            x = x.to(device, non_blocking=True)
         y, inter = block_forward(kind, x, w, cfg, rope, capture=hessians is not None)
         if hessians is not None:
             for name, h in hessians.items():

@@ -207,7 +207,9 @@ def save_checkpoint(ctx: Context, pass_: str, index: int, states: torch.Tensor |
         atomic.remove(ctx.out_dir / old)
 
 
-def load_checkpoint(ctx: Context, pass_: str) -> tuple[int, torch.Tensor | None]:
+def load_checkpoint(ctx: Context, pass_: str, home: torch.device | None = None) -> tuple[int, torch.Tensor | None]:
+    """The module index and the calibration states of the job's checkpoint of ``pass_``, on
+    ``home`` (default: the compute device; pinned when the CPU stands in for a GPU)."""
     cp = ctx.job["checkpoint"]
     if not cp or cp.get("pass") != pass_:
         raise Exl2Error(f"{ctx.job.path}: no {pass_} checkpoint to resume from; start afresh with -nr")
@@ -222,9 +224,12 @@ def load_checkpoint(ctx: Context, pass_: str) -> tuple[int, torch.Tensor | None]
         if not bool(torch.isfinite(states).all()):
             raise Exl2Error(f"{path}: the checkpointed calibration states hold NaN or Inf values (a damaged "
                             "file); start afresh with -nr")
-        states = states.to(ctx.device)
+        if home is None or home == ctx.device:
+            states = states.to(ctx.device)
+        elif ctx.device.type == "cuda":
+            states = states.pin_memory()
     elif int(cp["module"]) == 0:  # the embeddings: recomputed from the saved token ids, not stored
-        states = embed_states(ctx, load_ids(ctx, pass_))
+        states = embed_states(ctx, load_ids(ctx, pass_), home)
     return int(cp["module"]), states
 
 
@@ -328,9 +333,45 @@ def stage_begin(ctx: Context) -> None:
     tokenize_stage(ctx, "measure", Stage.INITIAL_EMBEDDINGS)
 
 
-def embed_states(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
+def embed_states(ctx: Context, ids: torch.Tensor, home: torch.device | None = None) -> torch.Tensor:
+    """The token embeddings of ``ids`` ``[R, L]``: ``[R, L, H]`` float32 on ``ctx.device``, or
+    computed there a row at a time into pinned host memory when ``home`` is the CPU and the
+    device is not."""
     table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
-    return forward.embed(ids.to(ctx.device), table, ctx.cfg.embed_scale)
+    if home is None or home == ctx.device:
+        return forward.embed(ids.to(ctx.device), table, ctx.cfg.embed_scale)
+    out = torch.empty((*ids.shape, table.shape[1]), dtype=torch.float32, pin_memory=True)
+    for r in range(ids.shape[0]):
+        out[r] = forward.embed(ids[r:r + 1].to(ctx.device), table, ctx.cfg.embed_scale)[0]
+    return out
+
+
+STATES_ENV = "EXL2CONV_STATES"  # "gpu", "host" or "auto" (the default)
+STATES_GPU_SHARE = 0.25  # auto: the states stay on the GPU while they take at most this share of it
+
+
+def states_mode() -> str:
+    """``EXL2CONV_STATES``, checked: "auto" when unset."""
+    mode = os.environ.get(STATES_ENV, "") or "auto"
+    if mode not in ("auto", "gpu", "host"):
+        raise Exl2Error(f"{STATES_ENV}={mode}: give gpu, host or auto (or leave it unset)")
+    return mode
+
+
+def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
+    """Where the quantization pass keeps its calibration states of ``nbytes`` bytes: on the
+    compute device, or in host memory when they would take more than :data:`STATES_GPU_SHARE`
+    of the GPU (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns the device and,
+    for host memory, why."""
+    mode = states_mode()
+    if ctx.device.type != "cuda" or mode == "gpu":
+        return ctx.device, None
+    if mode == "host":
+        return torch.device("cpu"), f"{STATES_ENV}=host"
+    total = torch.cuda.get_device_properties(ctx.device).total_memory
+    if nbytes > STATES_GPU_SHARE * total:
+        return torch.device("cpu"), f"more than {STATES_GPU_SHARE:.0%} of the GPU's {total / 2**30:.1f} GiB"
+    return ctx.device, None
 
 
 def stage_initial_embeddings(ctx: Context) -> None:
@@ -580,7 +621,14 @@ def stage_tokens_cal(ctx: Context) -> None:
 def stage_embeddings(ctx: Context) -> None:
     ctx.rep.info("Token embeddings again...")
     ctx.rep.status("Embeddings", 0, 1)
-    check_finite(embed_states(ctx, load_ids(ctx, "quant")), "the token embeddings")
+    # checked a few rows at a time, not kept: the quantization pass recomputes them (the
+    # embeddings of 115 rows of 2048 tokens take 3.6 GiB for Llama-2-7B)
+    ids = load_ids(ctx, "quant")
+    table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
+    step = ctx.chunk(ids.shape[1])
+    for r in range(0, ids.shape[0], step):
+        check_finite(forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale), "the token embeddings")
+    del table
     save_checkpoint(ctx, "quant", 0, None, q_last_module_idx=0, quant_log=[])  # recomputed on loading
     ctx.job.advance(Stage.QUANT)
 
@@ -600,7 +648,13 @@ def save_linear(ctx: Context):
 def stage_quant(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Quantizing...")
-    start, states = load_checkpoint(ctx, "quant")
+    ids_shape = load_ids(ctx, "quant").shape
+    nbytes = ids_shape[0] * ids_shape[1] * ctx.cfg.hidden_size * 4
+    home, why = states_home(ctx, nbytes)
+    if why is not None:
+        ctx.rep.info(f"Calibration states ({nbytes / 2**30:.2f} GiB) kept in host memory ({why}): every module "
+                     "copies its rows to the GPU and back")
+    start, states = load_checkpoint(ctx, "quant", home)
     log = list(job["quant_log"] or [])
     log = [e for e in log if e["index"] <= start]
     mods = ctx.modules
@@ -620,7 +674,8 @@ def stage_quant(ctx: Context) -> None:
                     stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
                 states, rfn, reports, tweaked = quantize_module(
                     mod.kind, states, w, specs, entry, ctx.cfg, rope, ctx.chunk(length), save,
-                    ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream)
+                    ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream,
+                    device=ctx.device)
                 if tweaked is not None:
                     norm = arch.norm_tensors(ctx.cfg, mod.layer, "attn" if mod.kind == "attn" else "mlp")[0]
                     save_norm(ctx, save, norm, tweaked.weight)
@@ -655,17 +710,18 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     norm_name = arch.final_norm_tensor(cfg)
     g = forward.load_norm(ctx.weights, cfg, norm_name, ctx.device)
     w = ctx.weights.get(spec.tensor, dtype=torch.float32, device=ctx.device)
-    h = Hessian(spec.in_features, states.device)
+    dev = ctx.device
+    h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
-        h.add(forward.final_norm(states[r], g, cfg.rms_norm_eps))
-    prep = prepare(h.normalized(), spec.name)
+        h.add(forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps))
+    prep = prepare(h.normalized(in_place=True), spec.name)
     del h
     qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
     tensors, decoded, rep = quantize_linear(w, None, spec, prep, qparams)
     save(spec.name, tensors)
     out: dict[str, Any] = {}
     if stream is not None:
-        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]], stream, g, w, decoded, cfg)
+        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]].to(dev), stream, g, w, decoded, cfg)
         save_norm(ctx, save, norm_name, g)
         out["tweak"] = [before, after]
     del w
@@ -674,7 +730,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     nll, count = 0.0, 0
     vocab = cfg.vocab_size
     for r in range(rows):
-        x = forward.final_norm(states[r:r + 1], g, cfg.rms_norm_eps)
+        x = forward.final_norm(states[r:r + 1].to(dev), g, cfg.rms_norm_eps)
         logits = forward.logits(x, decoded, cfg.final_softcap)[0, :-1, :vocab].float()
         logp = torch.log_softmax(logits + 1e-10, dim=-1)
         target = ids[r, 1:].clamp(0, vocab - 1)
@@ -937,6 +993,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # see cli.main
     out = Path(out_dir).expanduser().resolve()
     check_paths(values, out)
+    states_mode()
     configure_determinism()
     fingerprint = None
     if values.get("in_dir"):

@@ -62,7 +62,7 @@ class Tweak:
 
 def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], entry: dict,
                     cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None, on_coverage=None,
-                    target: torch.Tensor | None = None
+                    target: torch.Tensor | None = None, device: torch.device | None = None
                     ) -> tuple[torch.Tensor, float, list[LinearReport], Tweak | None]:
     """kind: "attn" or "mlp"; entry: the chosen measurement entry (per-linear QParams dicts, keyed
     by each linear's ``short``: an MoE block's "w1", "w3", "w2" apply to every expert);
@@ -76,9 +76,11 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     the outputs are then computed with the tweaked norm.
 
     The outputs overwrite ``states`` (chunk by chunk), and the unquantized outputs are recomputed
-    beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three."""
+    beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three.
+    device: where the module runs when ``states`` live in host memory (chunks are copied in and out)."""
+    dev = device or states.device
     _, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage,
-                             keep_output=False)
+                             keep_output=False, device=dev)
     preps: dict[str, Prepared] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)
@@ -86,7 +88,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
-            preps[src] = prepare(hess.pop(src).normalized(), spec.name)
+            preps[src] = prepare(hess.pop(src).normalized(in_place=True), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
         tensors, decoded, rep = quantize_linear(w[key], bias, spec, preps[src], qparams)
@@ -98,14 +100,16 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
         rows = TWEAK_CHUNK * chunk
-        limit = grad_rows(cfg, states.shape[1], states.device) if kind == "attn" else None
+        limit = grad_rows(cfg, states.shape[1], dev) if kind == "attn" else None
         rows = rows if limit is None else min(rows, limit)
-        g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]], target, quantized, cfg, rope,
+        g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]].to(dev), target, quantized, cfg, rope,
                                             rows, err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
     y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,
-                          out=states)
-    check_finite(y_q, f"{module_name(specs)} output")
+                          out=states, device=dev)
+    # a NaN or Inf anywhere in a row's outputs makes its relative error NaN or Inf: the check
+    # needs no second pass over the outputs (which may be in host memory)
+    check_finite(errs, f"{module_name(specs)} output")
     return y_q, float(errs.mean()), reports, tweaked
 

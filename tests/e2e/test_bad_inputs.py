@@ -417,6 +417,11 @@ def shard_size_negative(env):
     return base(env, "-ss", "-1"), "cannot be negative"
 
 
+def states_env_invalid(env):
+    env.monkeypatch.setenv("EXL2CONV_STATES", "vram")  # type: ignore[attr-defined]
+    return base(env), "EXL2CONV_STATES=vram: give gpu, host or auto"
+
+
 CASES = [config_missing, config_not_json, config_unreadable, config_not_an_object, config_field_missing,
          unknown_architecture, no_weights, only_pytorch_bin, truncated_safetensors, corrupt_safetensors_length,
          corrupt_safetensors_header, index_names_missing_shard, index_corrupt, tensor_missing, tensor_wrong_shape,
@@ -428,7 +433,8 @@ CASES = [config_missing, config_not_json, config_unreadable, config_not_an_objec
          job_json_foreign, job_json_unknown_stage, measurement_json_corrupt_in_job, measurement_file_corrupt,
          measurement_file_not_a_measurement, measurement_file_missing, measurement_of_another_model,
          measurement_of_another_model_forced, resume_with_other_arguments, model_changed_since_job_started,
-         nothing_to_resume, out_dir_not_given, input_folder_missing, tokenizer_missing, shard_size_negative]
+         nothing_to_resume, out_dir_not_given, input_folder_missing, tokenizer_missing, shard_size_negative,
+         states_env_invalid]
 
 
 def run_case(case, pristine, measurement, tmp_path, monkeypatch, capsys) -> tuple[Env, str]:
