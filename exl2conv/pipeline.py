@@ -31,7 +31,7 @@ from exl2conv.measure import check_finite, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
-from exl2conv.model.weights import WeightIndex
+from exl2conv.model.weights import WeightIndex, all_finite
 from exl2conv.qparams import HEAD_OPTIONS, QParams
 from exl2conv.quantize import quantize_linear, quantize_module
 from exl2conv.report import Reporter, fmt_seconds, peak_rss_gib
@@ -221,7 +221,7 @@ def load_checkpoint(ctx: Context, pass_: str, home: torch.device | None = None) 
                 states = f.get_tensor("hidden_states")
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
             raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
-        if not bool(torch.isfinite(states).all()):
+        if not all_finite(states):
             raise Exl2Error(f"{path}: the checkpointed calibration states hold NaN or Inf values (a damaged "
                             "file); start afresh with -nr")
         if home is None or home == ctx.device:
@@ -333,16 +333,23 @@ def stage_begin(ctx: Context) -> None:
     tokenize_stage(ctx, "measure", Stage.INITIAL_EMBEDDINGS)
 
 
+def embedded_rows(ctx: Context, ids: torch.Tensor, step: int):
+    """The token embeddings of ``ids`` ``[R, L]`` on ``ctx.device``, ``step`` rows at a time:
+    yields ``(first row, [<=step, L, H] float32)``; the table is read once."""
+    table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
+    for r in range(0, ids.shape[0], step):
+        yield r, forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale)
+
+
 def embed_states(ctx: Context, ids: torch.Tensor, home: torch.device | None = None) -> torch.Tensor:
     """The token embeddings of ``ids`` ``[R, L]``: ``[R, L, H]`` float32 on ``ctx.device``, or
     computed there a row at a time into pinned host memory when ``home`` is the CPU and the
     device is not."""
-    table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
     if home is None or home == ctx.device:
-        return forward.embed(ids.to(ctx.device), table, ctx.cfg.embed_scale)
-    out = torch.empty((*ids.shape, table.shape[1]), dtype=torch.float32, pin_memory=True)
-    for r in range(ids.shape[0]):
-        out[r] = forward.embed(ids[r:r + 1].to(ctx.device), table, ctx.cfg.embed_scale)[0]
+        return next(embedded_rows(ctx, ids, ids.shape[0]))[1]
+    out = torch.empty((*ids.shape, ctx.cfg.hidden_size), dtype=torch.float32, pin_memory=True)
+    for r, x in embedded_rows(ctx, ids, 1):
+        out[r:r + 1] = x
     return out
 
 
@@ -624,11 +631,8 @@ def stage_embeddings(ctx: Context) -> None:
     # checked a few rows at a time, not kept: the quantization pass recomputes them (the
     # embeddings of 115 rows of 2048 tokens take 3.6 GiB for Llama-2-7B)
     ids = load_ids(ctx, "quant")
-    table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
-    step = ctx.chunk(ids.shape[1])
-    for r in range(0, ids.shape[0], step):
-        check_finite(forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale), "the token embeddings")
-    del table
+    for _, x in embedded_rows(ctx, ids, ctx.chunk(ids.shape[1])):
+        check_finite(x, "the token embeddings")
     save_checkpoint(ctx, "quant", 0, None, q_last_module_idx=0, quant_log=[])  # recomputed on loading
     ctx.job.advance(Stage.QUANT)
 
