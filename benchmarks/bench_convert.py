@@ -1,6 +1,7 @@
 """Conversion speed on a GPU: exl2conv and (when importable) ExLlamaV2 0.3.2 on the same input.
 
     python benchmarks/bench_convert.py --smollm2 DIR          # SmolLM2-135M, default settings
+    python benchmarks/bench_convert.py --smollm2 DIR --full   # the same as one job per tool
     python benchmarks/bench_convert.py --llama7b-layers 4     # random weights, Llama-2-7B layer shapes
 
 Prints a table: wall time of the measurement pass and of the quantization pass, seconds per layer
@@ -111,8 +112,27 @@ def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: boo
     return rows
 
 
+def bench_full(model: Path, work: Path, exllamav2: bool) -> dict:
+    """One default job per tool, measurement and quantization in one process (-b 4.0, -cf):
+    what a user runs."""
+    rows = {}
+    tools = [("exl2conv", "exl2conv")]
+    if exllamav2:
+        tools.append(("ExLlamaV2", "exllamav2.conversion.convert_exl2"))
+    for name, module in tools:
+        w = work / name
+        shutil.rmtree(w, ignore_errors=True)
+        w.mkdir(parents=True)
+        r = run(module, ["-i", str(model), "-o", str(w / "work"), "-cf", str(w / "out"), "-b", "4.0"],
+                w.parent / f"{name}_full.log")
+        rows[name] = {"job_s": r["wall"], "gpu_gib": r["gpu_gib"], "rss_gib": r["rss_gib"]}
+    return rows
+
+
 def table(title: str, rows: dict) -> str:
-    keys = ["measure_s", "quant_s", "measure_per_layer", "quant_per_layer", "gpu_gib", "rss_gib"]
+    first = next(iter(rows.values()))
+    keys = [k for k in ["job_s", "measure_s", "quant_s", "measure_per_layer", "quant_per_layer", "gpu_gib",
+                        "rss_gib"] if k in first]
     out = [f"\n{title}", f"{'figure':20s}" + "".join(f"{n:>12s}" for n in rows) + ("   ratio" if len(rows) == 2 else "")]
     for k in keys:
         vals = [rows[n][k] for n in rows]
@@ -129,13 +149,19 @@ def main() -> None:
     ap.add_argument("--llama7b-layers", type=int, default=0, help="layers of a random Llama-2-7B-shaped model")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
     ap.add_argument("--no-exllamav2", action="store_true", help="time exl2conv alone")
+    ap.add_argument("--full", action="store_true",
+                    help="SmolLM2: one default job per tool (measurement and quantization in one process) "
+                         "instead of a measurement job and a quantization job")
     args = ap.parse_args()
     try:
         import exllamav2  # noqa: F401
         have = not args.no_exllamav2
     except ImportError:
         have = False
-    if args.smollm2:
+    if args.smollm2 and args.full:
+        print(table("SmolLM2-135M, one default job (-b 4.0)", bench_full(args.smollm2, args.work / "smolfull", have)),
+              flush=True)
+    elif args.smollm2:
         print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], have)), flush=True)
     if args.llama7b_layers:
         model = make_llama7b(args.work / "llama7b", args.llama7b_layers, args.smollm2)

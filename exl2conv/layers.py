@@ -69,6 +69,7 @@ def padded_bias(b: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
 # Set to 1 to run the modules' GPU matmuls in full float32 (slower; see `module_matmuls`).
 NO_TF32_ENV = "EXL2CONV_NO_TF32"
 HALF_ATTENTION_ENV = "EXL2CONV_HALF_ATTENTION"
+GRAD_ATTENTION_ENV = "EXL2CONV_GRAD_ATTENTION"
 
 
 @contextmanager
@@ -95,12 +96,16 @@ def module_matmuls(device: torch.device):
 def grad_pass(device: torch.device):
     """Where a forward and backward through modules run (the sensitivity stage, norm tweaking).
 
-    On CUDA: TF32 matmuls as in :func:`module_matmuls`, and attention on the plain "math"
-    kernels. Float32 attention would otherwise run the memory-efficient kernel, whose backward adds
-    partial gradients with atomics in whatever order the threads finish, so the same job gave other
-    bytes run to run (also with torch's deterministic-algorithms switch on:
-    tests/gpu/test_determinism.py). The math kernels hold the ``[B, heads, L, L]`` scores: callers
-    keep B small (:func:`grad_rows`).
+    On CUDA: TF32 matmuls as in :func:`module_matmuls`, and causal attention in float32 on
+    :class:`forward._BlockedAttention` (query blocks against the keys they see, probabilities kept
+    for a backward that adds its partial sums in a fixed order). PyTorch's float32 attention would
+    otherwise run the memory-efficient kernel, whose backward adds partial gradients with atomics
+    in whatever order the threads finish, so the same job gave other bytes run to run (also with
+    torch's deterministic-algorithms switch on: tests/gpu/test_determinism.py); with that switch
+    strictly on, it was no faster than the blocked attention on SmolLM2's shapes and 2.2x slower
+    on Llama-2-7B's (docs/performance.md). Attention with a mask (sliding windows) or softcapped
+    scores runs PyTorch's "math" kernels. Both hold attention scores: callers keep their rows
+    under :func:`grad_rows`. ``EXL2CONV_GRAD_ATTENTION=math`` runs the math kernels for all.
 
     ``EXL2CONV_HALF_ATTENTION=1`` runs causal attention in float16 on the flash kernels with their
     deterministic backward instead (:func:`forward.half_attention`; float16 attention is what
@@ -109,8 +114,9 @@ def grad_pass(device: torch.device):
     (docs/performance.md), so it is not the default."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    blocked = os.environ.get(GRAD_ATTENTION_ENV, "") != "math"
     with module_matmuls(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
-            forward.half_attention(half_attention_on(device)):
+            forward.half_attention(half_attention_on(device)), forward.blocked_attention(blocked):
         yield
 
 
@@ -120,11 +126,16 @@ def half_attention_on(device: torch.device) -> bool:
 
 
 def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> int | None:
-    """Rows per :func:`grad_pass` call whose float32 attention scores take at most ``budget``
-    bytes; None (no limit) where the flash kernels run every layer's attention."""
-    if half_attention_on(device) and forward.plain_causal(cfg, length):
+    """Rows per :func:`grad_pass` call whose float32 attention probabilities take at most
+    ``budget`` bytes (all ``L x L`` for the math kernels, the causal part for the blocked
+    attention); None (no limit) where the flash kernels run every layer's attention."""
+    plain = forward.plain_causal(cfg, length)
+    if half_attention_on(device) and plain:
         return None
-    return max(1, budget // (cfg.num_heads * length * length * 4))
+    per_head = length * length
+    if device.type == "cuda" and plain and os.environ.get(GRAD_ATTENTION_ENV, "") != "math":
+        per_head = length * (length + min(length, forward.BLOCK)) // 2
+    return max(1, budget // (cfg.num_heads * per_head * 4))
 
 
 def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool = False):

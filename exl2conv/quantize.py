@@ -102,6 +102,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
         rows = TWEAK_CHUNK * chunk
         limit = grad_rows(cfg, states.shape[1], dev) if kind == "attn" else None
         rows = rows if limit is None else min(rows, limit)
+        rows = -(-target.shape[0] // -(-target.shape[0] // rows))  # calls of equal size: 8 + 8, not 11 + 5
         g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]].to(dev), target, quantized, cfg, rope,
                                             rows, err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)

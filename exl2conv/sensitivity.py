@@ -124,9 +124,11 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
                 mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
                 mid_in = mid.detach().requires_grad_(True)
                 out, _ = block_forward("mlp", mid_in, w_mlp, cfg, rope)
-                out.backward(g)
+                # scalar losses with the same gradients as out.backward(g): a tensor argument makes
+                # torch import its symbolic-shapes machinery (and SymPy) into every conversion
+                (out * g).sum().backward()
                 fisher[2 * i] += mid_in.grad.square().sum((0, 1))
-                mid.backward(mid_in.grad)
+                (mid * mid_in.grad).sum().backward()
             grad[r:r + 1] = xin.grad
         inputs[i] = None
         if on_layer:

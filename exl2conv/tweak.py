@@ -31,6 +31,7 @@ also feeds the router.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -80,6 +81,31 @@ def as_stored(g: torch.Tensor, offset: float) -> torch.Tensor:
     return stored(g, offset).to(torch.float32) + offset
 
 
+class Adam:
+    """Adam (Kingma and Ba; PyTorch's defaults: betas 0.9 and 0.999, eps 1e-8, no weight decay) on
+    one tensor, the same arithmetic as ``torch.optim.Adam``'s single-tensor path. Its own because
+    constructing ``torch.optim.Adam`` imports TorchDynamo, which cost 2.4 s of every conversion's
+    start on a CPU machine and more on the GPU machine."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        grad = self.param.grad
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        step_size = self.lr / (1 - b1 ** self.steps)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
+
+
 def _fit(loss_of, g0: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:
     """Adam on ``g = g0 (1 + s)``; ``loss_of(g)`` runs the forward and backward (into ``g.grad``)
     and returns the loss, a float64 scalar tensor on ``g``'s device. Returns the best ``g`` seen
@@ -87,7 +113,7 @@ def _fit(loss_of, g0: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor
     Losses and tried values stay on the device until the end: no host sync per step, so a GPU
     queues the next step's kernels while it runs this one's."""
     s = torch.zeros_like(g0, requires_grad=True)
-    opt = torch.optim.Adam([s], lr=lr)
+    opt = Adam(s, lr=lr)
     losses = torch.empty(steps + 1, dtype=torch.float64, device=g0.device)
     tried = torch.empty((steps + 1, *g0.shape), dtype=g0.dtype, device=g0.device)
     for step in range(steps + 1):

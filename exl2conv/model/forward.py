@@ -76,6 +76,77 @@ class _HalfAttention(torch.autograd.Function):
         return grads[0].float() * s, grads[1].float() * s, grads[2].float() * s, None
 
 
+# Set by :func:`blocked_attention`: causal float32 attention on CUDA runs :class:`_BlockedAttention`.
+_BLOCKED_ATTENTION = contextvars.ContextVar("exl2conv_blocked_attention", default=False)
+BLOCK = 512  # query rows per block of :class:`_BlockedAttention`
+
+
+@contextmanager
+def blocked_attention(on: bool = True):
+    """Within this block, plain causal float32 attention on CUDA that autograd records runs
+    :class:`_BlockedAttention`: float32 like the math kernels and as deterministic, about half
+    their work and memory."""
+    token = _BLOCKED_ATTENTION.set(on)
+    try:
+        yield
+    finally:
+        _BLOCKED_ATTENTION.reset(token)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Causal attention of float32 q/k/v ``[B, heads, L, d]``, :data:`BLOCK` query rows at a time,
+    each block against only the keys it can see (the math kernels compute and mask all L x L
+    scores). Keeps each block's probabilities for the backward, which computes
+    ``dS = P (dP - rowsum(dO O))`` and adds the blocks' key and value gradients one after another
+    in a fixed order: no atomics, the same bits every run (matmuls through cuBLAS, deterministic
+    under CUBLAS_WORKSPACE_CONFIG)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        length = q.shape[-2]
+        scale = scale if scale is not None else q.shape[-1] ** -0.5
+        q = q * scale  # scaled once here rather than every block's scores
+        out = torch.empty_like(q)
+        probs = []
+        for a in range(0, length, BLOCK):
+            b = min(length, a + BLOCK)
+            s = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2))
+            hidden = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu_(1)
+            s[..., a:b].masked_fill_(hidden, float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            del s
+            out[:, :, a:b] = torch.matmul(p, v[:, :, :b])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.probs, ctx.scale = probs, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out = ctx.saved_tensors
+        probs, scale = ctx.probs, ctx.scale
+        if probs is None:
+            raise RuntimeError("_BlockedAttention: a second backward through the same graph (its "
+                               "probabilities are freed as the first one runs)")
+        ctx.probs = None
+        grad = grad.contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        rowdot = (grad * out).sum(-1, keepdim=True)
+        for i, a in enumerate(range(0, q.shape[-2], BLOCK)):
+            b = min(q.shape[-2], a + BLOCK)
+            p, probs[i] = probs[i], None
+            g = grad[:, :, a:b]
+            dv[:, :, :b] += torch.matmul(p.transpose(-1, -2), g)
+            ds = torch.matmul(g, v[:, :, :b].transpose(-1, -2))
+            ds.sub_(rowdot[:, :, a:b]).mul_(p)
+            del p
+            dq[:, :, a:b] = torch.matmul(ds, k[:, :, :b])
+            dk[:, :, :b] += torch.matmul(ds.transpose(-1, -2), q[:, :, a:b])  # q saved scaled
+        return dq.mul_(scale), dk, dv, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H] f32, weight [H] -> [..., H]: x * rsqrt(mean(x^2) + eps) * weight."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -241,6 +312,8 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     if cfg.attn_softcap is None:
         if mask is None and q.is_cuda and _HALF_ATTENTION.get():
             a = _HalfAttention.apply(q, k, v, cfg.attn_scale)
+        elif mask is None and q.is_cuda and q.requires_grad and _BLOCKED_ATTENTION.get():
+            a = _BlockedAttention.apply(q, k, v, cfg.attn_scale)
         elif mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
         else:

@@ -1,6 +1,7 @@
 """The same command twice on one GPU gives the same bytes (run on the device machine; skipped
 elsewhere). The sensitivity stage and norm tweaking run backward passes through attention, whose
-float32 memory-efficient CUDA kernel sums gradients with atomics; they use the math kernels, or
+float32 memory-efficient CUDA kernel sums gradients with atomics; they use a blocked float32 attention
+of our own (or the math kernels), or
 with EXL2CONV_HALF_ATTENTION=1 float16 causal attention on the flash kernels' deterministic
 backward (:func:`exl2conv.layers.grad_pass`)."""
 
@@ -102,3 +103,24 @@ def test_half_attention_backward_repeats_and_matches_float32(monkeypatch):
     full = _attention_grads(False, monkeypatch, repeats=1)[0]
     rel = float((half[0] - full).norm() / full.norm())
     assert rel < 5e-3, rel
+
+
+def test_blocked_attention_repeats_and_matches_the_math_kernels(monkeypatch):
+    """The default float32 attention of the grad passes (forward._BlockedAttention): it runs, its
+    input gradients repeat bit for bit, and they match PyTorch's math kernels'."""
+    from exl2conv.layers import GRAD_ATTENTION_ENV
+    from exl2conv.model import forward
+
+    calls = []
+    apply = forward._BlockedAttention.apply
+    monkeypatch.setattr(forward._BlockedAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(forward, "BLOCK", 384)  # 1024 = 384 + 384 + 256: a partial last block
+    blocked = _attention_grads(False, monkeypatch)
+    assert calls
+    assert all(torch.equal(blocked[0], x) for x in blocked[1:])
+    calls.clear()
+    monkeypatch.setenv(GRAD_ATTENTION_ENV, "math")
+    math = _attention_grads(False, monkeypatch, repeats=1)[0]
+    assert not calls
+    rel = float((blocked[0] - math).norm() / math.norm())
+    assert rel < 2e-3, rel

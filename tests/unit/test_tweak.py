@@ -81,3 +81,18 @@ def test_rows_for_caps_tokens_by_device_and_layer_size():
     assert tweak.rows_for(100, 128, torch.device("cuda"), llama7b) == 5  # 648 tokens
     assert tweak.rows_for(100, 128, torch.device("cpu"), smol) == 4
     assert tweak.rows_for(2, 8192, torch.device("cpu"), smol) == 1
+
+
+def test_adam_takes_torch_adams_steps():
+    """tweak.Adam (which spares every conversion TorchDynamo's import) against torch.optim.Adam."""
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(7, generator=gen) for _ in range(12)]
+    ours = torch.zeros(7, requires_grad=True)
+    theirs = torch.zeros(7, requires_grad=True)
+    opt, ref = tweak.Adam(ours, lr=2e-3), torch.optim.Adam([theirs], lr=2e-3, foreach=False)
+    for g in grads:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(ours, theirs)
+    assert float(ours.abs().max()) > 0
