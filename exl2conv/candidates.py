@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from exl2conv.layers import block_forward, relative_errors, run_block
-from exl2conv.model.forward import LINEAR_HOOK
+from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT
 
 LOW = torch.bfloat16
 FIT_FRACTION = 0.5  # of the device's free memory that the recording may take
@@ -44,17 +44,26 @@ class _Recorder:
 
 
 class _Corrected:
-    """Forward hook that computes each linear from the recording plus the two corrections."""
+    """Forward hook that computes each linear from the recording plus the two corrections.
+    ``fixed``: the linears whose input is the module's own normed input, which no candidate
+    changes (the forward recomputes it from the same states and norm weight, bit for bit): they
+    skip the first correction. The others always take it; it is exactly zero where the input
+    happens not to have changed. (An equality test instead cost a host sync per linear call.)"""
 
-    def __init__(self, io: dict, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], low: torch.dtype):
+    def __init__(self, io: dict, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], low: torch.dtype,
+                 fixed: dict[str, torch.Tensor] | None = None):
         self.io, self.base, self.delta, self.low = io, base, delta, low
+        self.fixed = fixed or {}  # key -> its recorded input in ``low``
 
     def __call__(self, x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
         x_ref, y = self.io[key]
-        if x is not x_ref and not torch.equal(x, x_ref):
-            y = y + F.linear((x - x_ref).to(self.low), self.base[key]).to(torch.float32)
+        x_low = self.fixed.get(key)
+        if x_low is None:
+            if x is not x_ref:
+                y = y + F.linear((x - x_ref).to(self.low), self.base[key])  # promoted: exact float32 sum
+            x_low = x.to(self.low)
         if key in self.delta:
-            y = y + F.linear(x.to(self.low), self.delta[key]).to(torch.float32)
+            y = y + F.linear(x_low, self.delta[key])
         return y
 
 
@@ -81,6 +90,9 @@ class CandidateScorer:
                  low: torch.dtype = LOW, fisher: torch.Tensor | None = None):
         self.kind, self.states, self.w, self.cfg, self.rope, self.chunk = kind, states, w, cfg, rope, chunk
         self.linears = list(linears)
+        # linears given with their specs: those fed by the module's input norm (see _Corrected)
+        self.fixed = frozenset(key for key, spec in linears.items() if spec.hessian_input == NORMED_INPUT) \
+            if isinstance(linears, dict) else frozenset()
         self.y_ref, self.err_weight, self.low, self.fisher = y_ref, err_weight, low, fisher
         self.ios: list[dict] = []
         if corrected is None:
@@ -90,6 +102,15 @@ class CandidateScorer:
         self.corrected = corrected
         if corrected:
             self.base = {key: w[key].to(low) for key in self.linears}
+            # the fixed linears' inputs in ``low``, converted once for all candidates (q/k/v share one)
+            self.lows: list[dict[str, torch.Tensor]] = []
+            for io in self.ios:
+                by_ptr: dict[int, torch.Tensor] = {}
+                for key in self.fixed & io.keys():
+                    x_ref = io[key][0]
+                    if x_ref.data_ptr() not in by_ptr:
+                        by_ptr[x_ref.data_ptr()] = x_ref.to(low)
+                self.lows.append({key: by_ptr[io[key][0].data_ptr()] for key in self.fixed & io.keys()})
 
     def _record(self, check_fit: bool) -> bool:
         rows = self.states.shape[0]
@@ -112,9 +133,9 @@ class CandidateScorer:
         return True
 
     def errors(self, trial: dict) -> torch.Tensor:
-        """Per-row relative errors (float64 ``[R]``) of the module with ``trial``'s weights; with
-        ``fisher``, ``[R, 2]``: also each row's Fisher-weighted squared error (see
-        :func:`layers.relative_errors`)."""
+        """Per-row relative errors (float64 ``[R]``, on the states' device) of the module with
+        ``trial``'s weights; with ``fisher``, ``[R, 2]``: also each row's Fisher-weighted squared
+        error (see :func:`layers.relative_errors`)."""
         if not self.corrected:
             return run_block(self.kind, self.states, trial, self.cfg, self.rope, self.chunk, ref=self.y_ref,
                              keep_output=False, err_weight=self.err_weight, fisher=self.fisher)[1]
@@ -122,7 +143,7 @@ class CandidateScorer:
         out = []
         for i, r0 in enumerate(range(0, self.states.shape[0], self.chunk)):
             wc = dict(trial)
-            wc[LINEAR_HOOK] = _Corrected(self.ios[i], self.base, delta, self.low)
+            wc[LINEAR_HOOK] = _Corrected(self.ios[i], self.base, delta, self.low, self.lows[i])
             with torch.no_grad():
                 y, _ = block_forward(self.kind, self.states[r0:r0 + self.chunk], wc, self.cfg, self.rope)
             out.append(relative_errors(y, self.y_ref[r0:r0 + self.chunk], self.err_weight, self.fisher))

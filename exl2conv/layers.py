@@ -173,7 +173,9 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     elif not keep_output:
         out = None
     shape = (rows,) if fisher is None else (rows, 2)
-    errs = torch.empty(shape, dtype=torch.float64) if ref is not None or ref_weights is not None else None
+    # on the device the module runs on, copied to the CPU once at the end
+    errs = (torch.empty(shape, dtype=torch.float64, device=device or states.device)
+            if ref is not None or ref_weights is not None else None)
     for r0 in range(0, rows, chunk):
         x = states[r0:r0 + chunk]
         if device is not None and x.device != device:
@@ -191,23 +193,24 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
             del y_ref
         if out is not None:
             out[r0:r0 + chunk] = y
-    return out, errs
+    return out, (errs.cpu() if errs is not None else None)
 
 
 def relative_errors(y: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor | None,
                     fisher: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row relative Frobenius error ``||g * (y - ref)|| / ||g * ref||`` of ``[B, L, H]``
-    outputs, channels weighted by ``err_weight`` ``[H]`` when given; float64 ``[B]`` on the CPU.
+    outputs, channels weighted by ``err_weight`` ``[H]`` when given; float64 ``[B]`` on the outputs'
+    device (no host sync: callers collect them and copy once).
     With ``fisher`` ``[H]``, float64 ``[B, 2]``: the relative error and ``sum_{t,c} F[c] e[t, c]^2``
     of each row (half of it is the row's predicted KL, see :mod:`exl2conv.sensitivity`)."""
     d = y - ref
-    cost = None if fisher is None else (d.square() * fisher).sum((1, 2)).double().cpu()
+    cost = None if fisher is None else (d.square() * fisher).sum((1, 2)).double()
     r = ref
     if err_weight is not None:
         d, r = d * err_weight, r * err_weight
     num = torch.linalg.vector_norm(d.flatten(1), dim=1)
     den = torch.linalg.vector_norm(r.flatten(1), dim=1)
-    rel = (num / den).double().cpu()
+    rel = (num / den).double()
     return rel if cost is None else torch.stack([rel, cost], 1)
 
 

@@ -121,17 +121,21 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     if fisher is not None:
         fisher = fisher.to(states.device, torch.float32)
     scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher)
-    entries, predicted = [], []
     tokens = states.shape[0] * states.shape[1]
     current: dict[str, int] = {}
     trial = dict(w)
+    row_errs = []
     for row in rows:
         for key in specs:
             choice = row[column[key]]
             if current.get(key) != choice:
                 trial[key] = candidates[key][choice].to(states.device, torch.float32)
                 current[key] = choice
-        errs = scorer.errors(trial)
+        row_errs.append(scorer.errors(trial))
+    # one copy to the host for the whole table: no sync per candidate
+    all_errs = torch.stack(row_errs).cpu()
+    entries, predicted = [], []
+    for row, errs in zip(rows, all_errs):
         if fisher is not None:
             predicted.append(predicted_kl(errs[:, 1], tokens))
             errs = errs[:, 0]

@@ -26,6 +26,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxim
 LAYER = "layer"
 # A callable (x, w, key) -> y under this key of a weights dict computes every linear instead.
 LINEAR_HOOK = "linear_hook"
+# The captured intermediate that is a module's normed input (what q/k/v and gate/up read).
+NORMED_INPUT = "post_norm"
 # MoE capture: tokens routed to each expert in each row, int64 [B, E].
 EXPERT_TOKENS = "expert_tokens"
 # Set by :func:`half_attention`: causal attention on CUDA runs in float16 (see there).
