@@ -9,11 +9,14 @@ reference in :mod:`exl2conv.gptq`, which defines the arithmetic the kernels repr
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+from exl2conv import atomic
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NAME = "exl2conv_ext"
@@ -54,29 +57,52 @@ def get():
     return _state["mod"]
 
 
+CFLAGS = ["-O3"]
+CUDA_CFLAGS = ["-O3", "-lineinfo"]
+
+
+def stamp(arch: str) -> str:
+    """What a built library was built from: the sources, the flags and the GPU architecture."""
+    h = hashlib.sha256()
+    for src in sources():
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    h.update(repr((CFLAGS, CUDA_CFLAGS, arch)).encode())
+    return h.hexdigest()
+
+
 def _build():
     import torch
-    from torch.utils import cpp_extension
 
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}.{minor}"
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch)
+    library = build / f"{NAME}.so"
+    stamp_file = build / "sources.sha256"
+    want = stamp(os.environ["TORCH_CUDA_ARCH_LIST"])
     t0 = time.monotonic()
     with open(build / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
         try:
-            # registers operators under torch.ops.exl2conv (no Python module: no pybind11 to compile)
-            cpp_extension.load(
-                name=NAME,
-                sources=[str(s) for s in sources()],
-                build_directory=str(build),
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "-lineinfo"],
-                is_python_module=False,
-                verbose=False,
-            )
+            if library.is_file() and stamp_file.is_file() and stamp_file.read_text() == want:
+                # built from these very sources: load it without cpp_extension (which imports
+                # setuptools and runs ninja to find out the same, about a second per conversion)
+                torch.ops.load_library(str(library))
+            else:
+                from torch.utils import cpp_extension
+
+                # registers operators under torch.ops.exl2conv (no Python module: no pybind11 to compile)
+                cpp_extension.load(
+                    name=NAME,
+                    sources=[str(s) for s in sources()],
+                    build_directory=str(build),
+                    extra_cflags=CFLAGS,
+                    extra_cuda_cflags=CUDA_CFLAGS,
+                    is_python_module=False,
+                    verbose=False,
+                )
+                atomic.write_bytes(stamp_file, want.encode())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     mod = torch.ops.exl2conv

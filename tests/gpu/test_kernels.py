@@ -90,3 +90,19 @@ def test_gptq_kernel_codes_match_torch(ext, table, monkeypatch):
         assert torch.equal(a.qs, b.qs) or (a.qs != b.qs).float().mean() < 1e-3
         rel = ((a.weight - b.weight).norm() / b.weight.norm()).item()
         assert rel < 1e-4, (a.qparams.desc, rel)
+
+
+def test_a_built_extension_loads_without_cpp_extension(ext):
+    """Once built, the library is stamped with what it was built from, and the next process loads
+    it directly (no setuptools import, no ninja run)."""
+    import os
+    import subprocess
+    import sys
+
+    arch = os.environ["TORCH_CUDA_ARCH_LIST"]
+    assert (kernels.cache_dir() / "sources.sha256").read_text() == kernels.stamp(arch)
+    code = ("import sys; from exl2conv import kernels; m = kernels.get(); "
+            "print(m is not None, 'torch.utils.cpp_extension' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=kernels.CSRC.parent).stdout.split()
+    assert out == ["True", "False"], out
