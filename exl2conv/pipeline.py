@@ -127,6 +127,9 @@ def load_measurement_file(path: Path) -> dict:
 # -- context ------------------------------------------------------------------------------------
 
 
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
 @dataclass
 class Context:
     job: Job
@@ -157,11 +160,13 @@ class Context:
                            head_key=f"{p}{spec.head}", embed_key=f"{p}{spec.embed}", moe=spec.moe)
 
     def chunk(self, length: int) -> int:
-        """Calibration rows per forward call: about 256 MiB of the widest float32 intermediate
-        (an MoE block holds each token's activations once per routed expert)."""
+        """Calibration rows per forward call: a quarter of :data:`CHUNK_BYTES` (1 GiB on a GPU,
+        where fewer, larger calls launch fewer kernels; 256 MiB on a CPU) for the widest float32
+        intermediate (an MoE block holds each token's activations once per routed expert)."""
         mlp_width = self.cfg.intermediate_size * max(1, self.cfg.num_experts_per_tok)
         width = max(self.cfg.hidden_size, mlp_width, self.cfg.num_heads * self.cfg.head_dim)
-        return max(1, int((256 << 20) // (length * width * 4 * 4)))
+        budget = CHUNK_BYTES["cuda" if self.device.type == "cuda" else "cpu"]
+        return max(1, int(budget // (length * width * 4 * 4)))
 
     def layer_weights(self, mod: Module) -> tuple[dict, dict]:
         part = "attn" if mod.kind == "attn" else "mlp"
