@@ -101,11 +101,12 @@ def grad_pass(device: torch.device):
     for a backward that adds its partial sums in a fixed order). PyTorch's float32 attention would
     otherwise run the memory-efficient kernel, whose backward adds partial gradients with atomics
     in whatever order the threads finish, so the same job gave other bytes run to run (also with
-    torch's deterministic-algorithms switch on: tests/gpu/test_determinism.py); with that switch
-    strictly on, it was no faster than the blocked attention on SmolLM2's shapes and 2.2x slower
-    on Llama-2-7B's (docs/performance.md). Attention with a mask (sliding windows) or softcapped
-    scores runs PyTorch's "math" kernels. Both hold attention scores: callers keep their rows
-    under :func:`grad_rows`. ``EXL2CONV_GRAD_ATTENTION=math`` runs the math kernels for all.
+    torch's deterministic-algorithms switch in warn-only mode: tests/gpu/test_determinism.py);
+    with that switch strictly on, it was slower than the blocked attention on SmolLM2's shapes
+    (9.4 against 6.2 ms) and than the math kernels on Llama-2-7B's (10.1 against 4.5 ms;
+    docs/performance.md). Attention with a mask (sliding windows) or softcapped scores runs
+    PyTorch's "math" kernels. Both hold attention scores: callers keep their rows under
+    :func:`grad_rows`. ``EXL2CONV_GRAD_ATTENTION=math`` runs the math kernels for all.
 
     ``EXL2CONV_HALF_ATTENTION=1`` runs causal attention in float16 on the flash kernels with their
     deterministic backward instead (:func:`forward.half_attention`; float16 attention is what

@@ -39,9 +39,8 @@ def half_attention(on: bool = True):
     """Within this block, plain causal attention on CUDA (no window, no softcap) runs on float16
     q/k/v through PyTorch's flash kernels, as ExLlamaV2's runtime runs it, and its backward runs
     the flash kernels' deterministic variant (:class:`_HalfAttention`). For the passes that
-    backpropagate through attention (layers.grad_pass): float32 attention has no deterministic
-    CUDA backward but the "math" kernels, which hold the ``[B, heads, L, L]`` scores and are
-    several times slower."""
+    backpropagate through attention (layers.grad_pass), an option: their float32 attention
+    (:class:`_BlockedAttention`) holds the causal half of the scores and is about 3x slower."""
     token = _HALF_ATTENTION.set(on)
     try:
         yield
