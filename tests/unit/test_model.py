@@ -452,3 +452,16 @@ def test_blocked_attention_matches_causal_attention(monkeypatch, length):
         assert torch.allclose(out, ref_out, atol=1e-12)
         for a, b in zip(ours, ref):
             assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rows_per_call_are_larger_on_a_gpu(tmp_path):
+    """pipeline.Context.chunk: a 1 GiB budget of intermediates on CUDA, 256 MiB on a CPU (the
+    device need not exist to size the calls)."""
+    from exl2conv import pipeline
+    from tests.tinymodel import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m", hidden=64, intermediate=1536)
+    cfg = load_config(src)
+    cpu = pipeline.Context(None, cfg, None, torch.device("cpu"), None).chunk(2048)  # type: ignore[arg-type]
+    gpu = pipeline.Context(None, cfg, None, torch.device("cuda"), None).chunk(2048)  # type: ignore[arg-type]
+    assert (cpu, gpu) == (5, 21)  # SmolLM2's MLP width at 2048 tokens: 16 rows in one call on a GPU
