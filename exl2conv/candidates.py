@@ -133,9 +133,10 @@ class CandidateScorer:
         return True
 
     def errors(self, trial: dict) -> torch.Tensor:
-        """Per-row relative errors (float64 ``[R]``, on the states' device) of the module with
-        ``trial``'s weights; with ``fisher``, ``[R, 2]``: also each row's Fisher-weighted squared
-        error (see :func:`layers.relative_errors`)."""
+        """Per-row relative errors (float64 ``[R]``; left on the states' device by the corrected
+        forwards, on the CPU otherwise) of the module with ``trial``'s weights; with ``fisher``,
+        ``[R, 2]``: also each row's Fisher-weighted squared error (see
+        :func:`layers.relative_errors`)."""
         if not self.corrected:
             return run_block(self.kind, self.states, trial, self.cfg, self.rope, self.chunk, ref=self.y_ref,
                              keep_output=False, err_weight=self.err_weight, fisher=self.fisher)[1]
