@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Hessian
 from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
@@ -115,10 +116,18 @@ def grad_pass(device: torch.device):
     (docs/performance.md), so it is not the default."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    blocked = os.environ.get(GRAD_ATTENTION_ENV, "") != "math"
+    blocked = grad_attention_mode() == "blocked"
     with module_matmuls(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
             forward.half_attention(half_attention_on(device)), forward.blocked_attention(blocked):
         yield
+
+
+def grad_attention_mode() -> str:
+    """``EXL2CONV_GRAD_ATTENTION``, checked: "blocked" (the default) or "math"."""
+    mode = os.environ.get(GRAD_ATTENTION_ENV, "") or "blocked"
+    if mode not in ("blocked", "math"):
+        raise Exl2Error(f"{GRAD_ATTENTION_ENV}={mode}: give blocked or math (or leave it unset)")
+    return mode
 
 
 def half_attention_on(device: torch.device) -> bool:
@@ -134,7 +143,7 @@ def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> 
     if half_attention_on(device) and plain:
         return None
     per_head = length * length
-    if device.type == "cuda" and plain and os.environ.get(GRAD_ATTENTION_ENV, "") != "math":
+    if device.type == "cuda" and plain and grad_attention_mode() == "blocked":
         per_head = length * (length + min(length, forward.BLOCK)) // 2
     return max(1, budget // (cfg.num_heads * per_head * 4))
 

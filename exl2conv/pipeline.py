@@ -26,7 +26,7 @@ from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
                           measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
-from exl2conv.layers import Module, error_weight, module_list, run_block
+from exl2conv.layers import Module, error_weight, grad_attention_mode, module_list, run_block
 from exl2conv.measure import check_finite, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
@@ -1003,6 +1003,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     out = Path(out_dir).expanduser().resolve()
     check_paths(values, out)
     states_mode()
+    grad_attention_mode()
     configure_determinism()
     fingerprint = None
     if values.get("in_dir"):

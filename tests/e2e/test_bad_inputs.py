@@ -422,6 +422,11 @@ def states_env_invalid(env):
     return base(env), "EXL2CONV_STATES=vram: give gpu, host or auto"
 
 
+def grad_attention_env_invalid(env):
+    env.monkeypatch.setenv("EXL2CONV_GRAD_ATTENTION", "flash")  # type: ignore[attr-defined]
+    return base(env), "EXL2CONV_GRAD_ATTENTION=flash: give blocked or math"
+
+
 CASES = [config_missing, config_not_json, config_unreadable, config_not_an_object, config_field_missing,
          unknown_architecture, no_weights, only_pytorch_bin, truncated_safetensors, corrupt_safetensors_length,
          corrupt_safetensors_header, index_names_missing_shard, index_corrupt, tensor_missing, tensor_wrong_shape,
@@ -434,7 +439,7 @@ CASES = [config_missing, config_not_json, config_unreadable, config_not_an_objec
          measurement_file_not_a_measurement, measurement_file_missing, measurement_of_another_model,
          measurement_of_another_model_forced, resume_with_other_arguments, model_changed_since_job_started,
          nothing_to_resume, out_dir_not_given, input_folder_missing, tokenizer_missing, shard_size_negative,
-         states_env_invalid]
+         states_env_invalid, grad_attention_env_invalid]
 
 
 def run_case(case, pristine, measurement, tmp_path, monkeypatch, capsys) -> tuple[Env, str]:
