@@ -14,9 +14,10 @@ bfloat16 on tensor cores: their rounding is relative to the correction, i.e. to 
 measured, not to the output. The error of a candidate therefore comes out with about three
 significant digits, where a float32 recompute of the whole output would be ~8x slower.
 
-The recorded inputs and outputs of every linear for every calibration row must fit on the device
-(about 5 GiB for a Llama-2-7B MLP at the default 16 x 2048 rows); when they do not, or on a CPU,
-:class:`CandidateScorer` runs the plain float32 forwards (:func:`layers.run_block`).
+The measurement scores a module's whole table one chunk of rows at a time, so that only that
+chunk's recorded inputs and outputs are held (a Llama-2-7B MLP records about 5 GiB over the default
+16 x 2048 rows, 0.65 GiB per chunk of 2 rows); when a chunk's recording does not fit on the device,
+or on a CPU, :class:`CandidateScorer` runs the plain float32 forwards (:func:`layers.run_block`).
 """
 
 from __future__ import annotations
@@ -81,71 +82,129 @@ class CandidateScorer:
     """Scores candidate weights of one module against its reference outputs.
 
     states: ``[R, L, H]`` module inputs; w: the module's unquantized float32 weights; linears: the
-    keys of ``w`` that candidates replace; y_ref: ``[R, L, H]`` reference outputs. ``corrected``:
-    None decides by device and memory (CUDA and the recording fits), True/False forces it (tests);
-    ``low``: the dtype of the corrections."""
+    keys of ``w`` that candidates replace (or those keys' specs); y_ref: ``[R, L, H]`` reference
+    outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False
+    forces it (tests); ``low``: the dtype of the corrections.
+
+    Two ways to score, with the same arithmetic: :meth:`errors` scores one candidate at a time
+    against a recording of every chunk of rows, made once here (held for all calls; MoE blocks,
+    whose many experts' candidates stay in host memory, go this way); :meth:`errors_table`
+    scores a whole table of candidates chunk by chunk, recording each chunk just before and freeing
+    it after, so that only one chunk's recording is ever held (a Llama-2-7B MLP records about
+    5 GiB over 16 rows of 2048 tokens). ``table``: build for :meth:`errors_table` (nothing is
+    recorded up front but the first chunk, to see that it fits)."""
 
     def __init__(self, kind: str, states: torch.Tensor, w: dict, linears, cfg, rope, chunk: int,
                  y_ref: torch.Tensor, err_weight: torch.Tensor | None = None, corrected: bool | None = None,
-                 low: torch.dtype = LOW, fisher: torch.Tensor | None = None):
+                 low: torch.dtype = LOW, fisher: torch.Tensor | None = None, table: bool = False):
         self.kind, self.states, self.w, self.cfg, self.rope, self.chunk = kind, states, w, cfg, rope, chunk
         self.linears = list(linears)
         # linears given with their specs: those fed by the module's input norm (see _Corrected)
         self.fixed = frozenset(key for key, spec in linears.items() if spec.hessian_input == NORMED_INPUT) \
             if isinstance(linears, dict) else frozenset()
         self.y_ref, self.err_weight, self.low, self.fisher = y_ref, err_weight, low, fisher
-        self.ios: list[dict] = []
+        self.table = table
+        self.recorded: list[tuple[dict, dict]] = []  # per chunk: (linear io, fixed inputs in ``low``)
         if corrected is None:
             corrected = states.is_cuda
         if corrected:
-            corrected = self._record(check_fit=states.is_cuda)
+            corrected = self._record_all(check_fit=states.is_cuda)
         self.corrected = corrected
         if corrected:
             self.base = {key: w[key].to(low) for key in self.linears}
-            # the fixed linears' inputs in ``low``, converted once for all candidates (q/k/v share one)
-            self.lows: list[dict[str, torch.Tensor]] = []
-            for io in self.ios:
-                by_ptr: dict[int, torch.Tensor] = {}
-                for key in self.fixed & io.keys():
-                    x_ref = io[key][0]
-                    if x_ref.data_ptr() not in by_ptr:
-                        by_ptr[x_ref.data_ptr()] = x_ref.to(low)
-                self.lows.append({key: by_ptr[io[key][0].data_ptr()] for key in self.fixed & io.keys()})
 
-    def _record(self, check_fit: bool) -> bool:
-        rows = self.states.shape[0]
+    def _chunks(self) -> range:
+        return range(0, self.states.shape[0], self.chunk)
+
+    def _record(self, r0: int) -> tuple[dict, dict]:
+        """One chunk's recording: every linear's input and output, and the fixed linears' inputs
+        in ``low`` (converted once for all candidates; q/k/v share one)."""
+        rec = _Recorder()
+        wr = dict(self.w)
+        wr[LINEAR_HOOK] = rec
+        with torch.no_grad():
+            block_forward(self.kind, self.states[r0:r0 + self.chunk], wr, self.cfg, self.rope)
+        by_ptr: dict[int, torch.Tensor] = {}
+        for key in sorted(self.fixed & rec.io.keys()):
+            x_ref = rec.io[key][0]
+            if x_ref.data_ptr() not in by_ptr:
+                by_ptr[x_ref.data_ptr()] = x_ref.to(self.low)
+        return rec.io, {key: by_ptr[rec.io[key][0].data_ptr()] for key in self.fixed & rec.io.keys()}
+
+    def _record_all(self, check_fit: bool) -> bool:
+        """Records every chunk (only the first with ``table``); False, keeping nothing, when what
+        would be held at once is over :data:`FIT_FRACTION` of the device's free memory."""
         budget = None
         if check_fit:
             free, _ = torch.cuda.mem_get_info(self.states.device)
             budget = FIT_FRACTION * free
-        for r0 in range(0, rows, self.chunk):
-            rec = _Recorder()
-            wr = dict(self.w)
-            wr[LINEAR_HOOK] = rec
-            with torch.no_grad():
-                block_forward(self.kind, self.states[r0:r0 + self.chunk], wr, self.cfg, self.rope)
-            self.ios.append(rec.io)
-            if budget is not None and r0 == 0:
-                chunks = -(-rows // self.chunk)
-                if _unique_bytes(rec.io) * chunks > budget:
-                    self.ios.clear()
+        for r0 in self._chunks():
+            self.recorded.append(self._record(r0))
+            if r0 == 0 and budget is not None:
+                held = 1 if self.table else len(self._chunks())
+                if _unique_bytes(self.recorded[0][0]) * held > budget:
+                    self.recorded.clear()
                     return False
+            if self.table:
+                break
         return True
+
+    def _converted(self, trial: dict, memo: dict, fn) -> dict[str, torch.Tensor]:
+        """``fn(key, candidate)`` of each candidate linear of ``trial``, reusing the last trial's
+        result for a key whose candidate is the same tensor (table rows share most columns)."""
+        out = {}
+        for key in self.linears:
+            src = trial[key]
+            if key not in memo or memo[key][0] is not src:
+                memo[key] = (src, fn(key, src))
+            out[key] = memo[key][1]
+        return out
+
+    def _plain(self, key: str, src: torch.Tensor) -> torch.Tensor:
+        return src.to(self.states.device, torch.float32)
+
+    def _delta(self, key: str, src: torch.Tensor) -> torch.Tensor:
+        return (src.to(self.states.device, torch.float32) - self.w[key]).to(self.low)
+
+    def _chunk_errors(self, r0: int, recorded: tuple[dict, dict], trial: dict, delta: dict) -> torch.Tensor:
+        io, lows = recorded
+        wc = dict(trial)
+        wc[LINEAR_HOOK] = _Corrected(io, self.base, delta, self.low, lows)
+        with torch.no_grad():
+            y, _ = block_forward(self.kind, self.states[r0:r0 + self.chunk], wc, self.cfg, self.rope)
+        return relative_errors(y, self.y_ref[r0:r0 + self.chunk], self.err_weight, self.fisher)
 
     def errors(self, trial: dict) -> torch.Tensor:
         """Per-row relative errors (float64 ``[R]``; left on the states' device by the corrected
-        forwards, on the CPU otherwise) of the module with ``trial``'s weights; with ``fisher``,
-        ``[R, 2]``: also each row's Fisher-weighted squared error (see
-        :func:`layers.relative_errors`)."""
+        forwards, on the CPU otherwise) of the module with ``trial``'s weights (the candidate
+        linears in any float dtype and on any device); with ``fisher``, ``[R, 2]``: also each row's
+        Fisher-weighted squared error (see :func:`layers.relative_errors`)."""
+        return self.errors_table([trial])[0]
+
+    def errors_table(self, trials: list[dict]) -> torch.Tensor:
+        """:meth:`errors` of every trial, ``[T, R]`` (or ``[T, R, 2]``). The corrected forwards run
+        chunk by chunk: each chunk is scored against every trial, recorded just before and freed
+        after when the scorer was built with ``table``; the arithmetic of a chunk and a trial is the
+        same either way."""
+        memo: dict = {}
         if not self.corrected:
-            return run_block(self.kind, self.states, trial, self.cfg, self.rope, self.chunk, ref=self.y_ref,
-                             keep_output=False, err_weight=self.err_weight, fisher=self.fisher)[1]
-        delta = {key: (trial[key].to(torch.float32) - self.w[key]).to(self.low) for key in self.linears}
-        out = []
-        for i, r0 in enumerate(range(0, self.states.shape[0], self.chunk)):
-            wc = dict(trial)
-            wc[LINEAR_HOOK] = _Corrected(self.ios[i], self.base, delta, self.low, self.lows[i])
-            with torch.no_grad():
-                y, _ = block_forward(self.kind, self.states[r0:r0 + self.chunk], wc, self.cfg, self.rope)
-            out.append(relative_errors(y, self.y_ref[r0:r0 + self.chunk], self.err_weight, self.fisher))
-        return torch.cat(out)
+            return torch.stack([
+                run_block(self.kind, self.states, {**trial, **self._converted(trial, memo, self._plain)}, self.cfg,
+                          self.rope, self.chunk, ref=self.y_ref, keep_output=False, err_weight=self.err_weight,
+                          fisher=self.fisher)[1]
+                for trial in trials])
+        rows = self.states.shape[0]
+        shape = (len(trials), rows) if self.fisher is None else (len(trials), rows, 2)
+        out = torch.empty(shape, dtype=torch.float64, device=self.states.device)
+        for i, r0 in enumerate(self._chunks()):
+            if not self.table:
+                recorded = self.recorded[i]
+            elif i == 0 and self.recorded:
+                recorded = self.recorded.pop()
+            else:
+                recorded = self._record(r0)
+            for t, trial in enumerate(trials):
+                out[t, r0:r0 + self.chunk] = self._chunk_errors(r0, recorded, trial,
+                                                                self._converted(trial, memo, self._delta))
+            del recorded
+        return out

@@ -120,20 +120,29 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
 
     if fisher is not None:
         fisher = fisher.to(states.device, torch.float32)
-    scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher)
+    moe = is_moe(specs)
+    # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
+    # memory, so it is scored a row at a time (each row's changed experts copied in once)
+    scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,
+                             table=not moe)
     tokens = states.shape[0] * states.shape[1]
-    current: dict[str, int] = {}
-    trial = dict(w)
-    row_errs = []
-    for row in rows:
-        for key in specs:
-            choice = row[column[key]]
-            if current.get(key) != choice:
-                trial[key] = candidates[key][choice].to(states.device, torch.float32)
-                current[key] = choice
-        row_errs.append(scorer.errors(trial))
+    if moe:
+        current: dict[str, int] = {}
+        trial = dict(w)
+        row_errs = []
+        for row in rows:
+            for key in specs:
+                choice = row[column[key]]
+                if current.get(key) != choice:
+                    trial[key] = candidates[key][choice].to(states.device, torch.float32)
+                    current[key] = choice
+            row_errs.append(scorer.errors(trial))
+        all_errs = torch.stack(row_errs)
+    else:
+        all_errs = scorer.errors_table([{**w, **{key: candidates[key][row[column[key]]] for key in specs}}
+                                        for row in rows])
     # one copy to the host for the whole table: no sync per candidate
-    all_errs = torch.stack(row_errs).cpu()
+    all_errs = all_errs.cpu()
     entries, predicted = [], []
     for row, errs in zip(rows, all_errs):
         if fisher is not None:

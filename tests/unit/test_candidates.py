@@ -68,3 +68,36 @@ def test_corrected_errors_equal_plain_other_archs(tmp_path, arch):
         src = make_tiny_hf(tmp_path / "m", arch, seed=2, dtype=torch.float32)
     for part in ("attn", "mlp"):
         check(*module(src, part, layer=0), part)
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+@pytest.mark.parametrize("low", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_fisher", [False, True])
+def test_table_scoring_chunk_by_chunk_gives_the_same_bits(tmp_path, part, low, with_fisher):
+    """errors_table on a ``table`` scorer (one chunk's recording held at a time, what the
+    measurement uses) gives bit for bit the errors of one candidate at a time against a recording
+    of every chunk; candidates given as float16 (as the measurement keeps them), three chunks of
+    2 + 2 + 1 rows, rows of the table sharing some candidates."""
+    src = make_tiny_llama(tmp_path / "m", seed=5, hidden=64, intermediate=128, layers=2)
+    cfg, w, specs = module(src, part)
+    g = torch.Generator().manual_seed(7)
+    states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
+    rope = forward.RotaryCache(cfg)
+    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
+    weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
+    fisher = torch.rand(cfg.hidden_size, generator=g) if with_fisher else None
+    keys = list(specs)
+    options = [perturbed(w, keys, scale, seed) for seed, scale in enumerate((0.3, 0.03, 0.003))]
+    trials = [{**w, **{k: options[(i + j) % 3][k].half() for j, k in enumerate(keys)}} for i in range(4)]
+    trials.append(dict(trials[0]))  # a row whose candidates are all the previous rows' tensors
+    rows = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
+                           fisher=fisher)
+    table = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
+                            fisher=fisher, table=True)
+    assert len(rows.recorded) == 3 and len(table.recorded) == 1
+    want = torch.stack([rows.errors(t) for t in trials])
+    got = table.errors_table(trials)
+    assert got.shape == ((5, 5) if fisher is None else (5, 5, 2))
+    assert torch.equal(got, want)
+    assert torch.equal(table.errors(trials[1]), want[1])  # and once more, recording again
+    assert want.min() > 0
