@@ -86,13 +86,13 @@ class CandidateScorer:
     outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False
     forces it (tests); ``low``: the dtype of the corrections.
 
-    Two ways to score, with the same arithmetic: :meth:`errors` scores one candidate at a time
-    against a recording of every chunk of rows, made once here (held for all calls; MoE blocks,
-    whose many experts' candidates stay in host memory, go this way); :meth:`errors_table`
-    scores a whole table of candidates chunk by chunk, recording each chunk just before and freeing
-    it after, so that only one chunk's recording is ever held (a Llama-2-7B MLP records about
-    5 GiB over 16 rows of 2048 tokens). ``table``: build for :meth:`errors_table` (nothing is
-    recorded up front but the first chunk, to see that it fits)."""
+    Scoring runs chunk of rows by chunk (:meth:`errors_table`; :meth:`errors` scores one trial).
+    Without ``table``, every chunk's recording is made here and held for all calls: for MoE blocks,
+    scored one row at a time because their experts' candidates stay in host memory. With
+    ``table``, only the first chunk is recorded here (to see that one fits), and each chunk is
+    recorded just before it is scored and freed after, so that one chunk's recording is held at a
+    time (a Llama-2-7B MLP records about 5 GiB over 16 rows of 2048 tokens): for scoring a whole
+    table in one call. Both give the same bits."""
 
     def __init__(self, kind: str, states: torch.Tensor, w: dict, linears, cfg, rope, chunk: int,
                  y_ref: torch.Tensor, err_weight: torch.Tensor | None = None, corrected: bool | None = None,
