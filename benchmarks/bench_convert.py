@@ -93,15 +93,21 @@ def make_llama7b(path: Path, layers: int, tokenizer_from: Path | None) -> Path:
     return path
 
 
-def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: bool) -> dict:
-    rows = {}
-    tools = [("exl2conv", "exl2conv")]
+def tools(work: Path, exllamav2: bool):
+    """(name, module, fresh working folder) of exl2conv and, when wanted, ExLlamaV2."""
+    found = [("exl2conv", "exl2conv")]
     if exllamav2:
-        tools.append(("ExLlamaV2", "exllamav2.conversion.convert_exl2"))
-    for name, module in tools:
+        found.append(("ExLlamaV2", "exllamav2.conversion.convert_exl2"))
+    for name, module in found:
         w = work / name
         shutil.rmtree(w, ignore_errors=True)
         w.mkdir(parents=True)
+        yield name, module, w
+
+
+def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: bool) -> dict:
+    rows = {}
+    for name, module, w in tools(work, exllamav2):
         m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra],
                 w.parent / f"{name}_m.log")
         q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0", *extra],
@@ -116,13 +122,7 @@ def bench_full(model: Path, work: Path, exllamav2: bool) -> dict:
     """One default job per tool, measurement and quantization in one process (-b 4.0, -cf):
     what a user runs."""
     rows = {}
-    tools = [("exl2conv", "exl2conv")]
-    if exllamav2:
-        tools.append(("ExLlamaV2", "exllamav2.conversion.convert_exl2"))
-    for name, module in tools:
-        w = work / name
-        shutil.rmtree(w, ignore_errors=True)
-        w.mkdir(parents=True)
+    for name, module, w in tools(work, exllamav2):
         r = run(module, ["-i", str(model), "-o", str(w / "work"), "-cf", str(w / "out"), "-b", "4.0"],
                 w.parent / f"{name}_full.log")
         rows[name] = {"job_s": r["wall"], "gpu_gib": r["gpu_gib"], "rss_gib": r["rss_gib"]}

@@ -125,11 +125,13 @@ class CandidateScorer:
         with torch.no_grad():
             block_forward(self.kind, self.states[r0:r0 + self.chunk], wr, self.cfg, self.rope)
         by_ptr: dict[int, torch.Tensor] = {}
+        lows = {}
         for key in sorted(self.fixed & rec.io.keys()):
             x_ref = rec.io[key][0]
             if x_ref.data_ptr() not in by_ptr:
                 by_ptr[x_ref.data_ptr()] = x_ref.to(self.low)
-        return rec.io, {key: by_ptr[rec.io[key][0].data_ptr()] for key in self.fixed & rec.io.keys()}
+            lows[key] = by_ptr[x_ref.data_ptr()]
+        return rec.io, lows
 
     def _record_all(self, check_fit: bool) -> bool:
         """Records every chunk (only the first with ``table``); False, keeping nothing, when what
