@@ -24,6 +24,9 @@ from exl2conv.errors import Exl2Error
 TEMP_SUFFIX = ".tmp"
 # tempfile.mkstemp adds 8 random characters from [a-z0-9_]
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# safetensors (0.6 and later) writes its file through a temporary of the Rust tempfile crate in the
+# same folder, ".tmp" and 6 random letters or digits, then renames it: a kill in between leaves one
+_RUST_TEMP_NAME = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,14 +112,15 @@ def user_error(exc: BaseException, path: Path) -> Exl2Error | None:
 
 def remove_temps(folder: Path) -> list[str]:
     """Remove the temporary files an interrupted write left in ``folder`` (only names of the
-    form ``.<name>.<random>.tmp`` that :func:`write_via_path` makes); returns their names."""
+    form ``.<name>.<random>.tmp`` that :func:`write_via_path` makes, and ``.tmp<6 random>`` that
+    safetensors makes inside it); returns their names."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
         return removed
     for p in entries:
-        if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+        if (_TEMP_NAME.match(p.name) or _RUST_TEMP_NAME.match(p.name)) and p.is_file() and not p.is_symlink():
             remove(p)
             removed.append(p.name)
     return removed

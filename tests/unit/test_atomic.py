@@ -20,3 +20,15 @@ def test_streamed_tensor_file_equals_safetensors(tmp_path, shape, rows):
 def test_streamed_writer_refuses_other_dtypes(tmp_path):
     with pytest.raises(ValueError):
         atomic.save_tensor_streamed(tmp_path / "a.safetensors", "x", torch.zeros(2, dtype=torch.float16))
+
+
+def test_remove_temps_takes_only_interrupted_writes(tmp_path):
+    """Our own temporaries (.<name>.<8 random>.tmp) and safetensors' (.tmp<6 random>, its Rust
+    writer's, renamed into place when done: a kill in between leaves it) go; nothing else."""
+    from exl2conv.atomic import remove_temps
+    ours, theirs = ".output.safetensors.ab12_x9z.tmp", ".tmpeiXgLe"
+    keep = [".tmpeiXgL", ".tmpeiXgLe1", "tmpeiXgLe", ".tmp-iXgLe", "notes.tmp", "model.safetensors"]
+    for name in [ours, theirs, *keep]:
+        (tmp_path / name).write_text("x")
+    assert sorted(remove_temps(tmp_path)) == sorted([ours, theirs])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
