@@ -24,12 +24,13 @@ constexpr int THREADS = 128;
 // scale:  [C, N]    f32, the current group's effective scale per candidate
 // zero:   [C, K]    i32, 2^(bits-1) of each row; maxq: [C, K] i32, 2^bits - 1
 // u:      [K, K]    f32, upper Cholesky factor of the damped inverse Hessian (permuted order)
-// q_out:  [C, K, N] f32, dequantized rows a..a+31 (written)
+// q_out:  [C, K, N] f32, dequantized rows a..a+31 (written); may be w itself (the block's rows are
+//         read into registers before any is written), hence no __restrict__ on either
 // codes:  [C, K, N] i16 or null; err: [C, 32, N] f32, the block's scaled errors (written)
 // One thread owns one column of one candidate and keeps the block's 32 rows in registers.
-__global__ void gptq_block_kernel(const float* __restrict__ w, const float* __restrict__ scale,
+__global__ void gptq_block_kernel(const float* w, const float* __restrict__ scale,
                                   const int* __restrict__ zero, const int* __restrict__ maxq,
-                                  const float* __restrict__ u, float* __restrict__ q_out,
+                                  const float* __restrict__ u, float* q_out,
                                   int16_t* __restrict__ codes, float* __restrict__ err,
                                   int K, int N, int a)
 {

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exl2conv.gptq import Coded
 from exl2conv.layers import block_forward, relative_errors, run_block
 from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT
 
@@ -82,7 +83,8 @@ class CandidateScorer:
     """Scores candidate weights of one module against its reference outputs.
 
     states: ``[R, L, H]`` module inputs; w: the module's unquantized float32 weights; linears: the
-    keys of ``w`` that candidates replace (or those keys' specs); y_ref: ``[R, L, H]`` reference
+    keys of ``w`` that candidates replace (or those keys' specs); a trial gives each such key a
+    tensor or a :class:`gptq.Coded` weight; y_ref: ``[R, L, H]`` reference
     outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False
     forces it (tests); ``low``: the dtype of the corrections.
 
@@ -162,11 +164,16 @@ class CandidateScorer:
             out[key] = memo[key][1]
         return out
 
-    def _plain(self, key: str, src: torch.Tensor) -> torch.Tensor:
-        return src.to(self.states.device, torch.float32)
+    def _dense(self, src) -> torch.Tensor:
+        """A candidate as a tensor on the states' device (a :class:`Coded` one decoded)."""
+        return (src.decode() if isinstance(src, Coded) else src).to(self.states.device)
 
-    def _delta(self, key: str, src: torch.Tensor) -> torch.Tensor:
-        return (src.to(self.states.device, torch.float32) - self.w[key]).to(self.low)
+    def _plain(self, key: str, src) -> torch.Tensor:
+        return self._dense(src).to(torch.float32)
+
+    def _delta(self, key: str, src) -> torch.Tensor:
+        # the subtraction widens a float16 candidate exactly: no float32 copy of it first
+        return torch.sub(self._dense(src), self.w[key]).to(self.low)
 
     def _chunk_errors(self, r0: int, recorded: tuple[dict, dict], trial: dict, delta: dict) -> torch.Tensor:
         io, lows = recorded

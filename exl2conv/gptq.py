@@ -86,12 +86,17 @@ def prepare(h: torch.Tensor, name: str = "") -> Prepared:
     """Act-order permutation and damped inverse Cholesky factor of a normalized Hessian ``[K, K]``.
 
     Damping adds ``max(0.12 * mean(diag H), 1e-5)`` to the diagonal, once more on every failed
-    attempt, up to 10 attempts (reference 5.2)."""
+    attempt, up to 10 attempts (reference 5.2). Holds at most three ``[K, K]`` float32 matrices
+    at once besides ``h`` (a Llama-2-7B down_proj's is 0.45 GiB), two when ``h`` is handed over."""
     h = h.to(torch.float32)
     diag = torch.diagonal(h)
     # stable sort: equal diagonals (dead input features) keep their order, so runs repeat exactly
     perm = torch.argsort(diag, descending=True, stable=True)
-    hp = h[perm][:, perm]  # indexing copies: h itself is left alone
+    # indexing copies, one dimension at a time: the caller's h is left alone, and where the caller
+    # hands it over (no other reference), it is freed before the second copy is made
+    hp = h[perm]
+    del h, diag
+    hp = hp[:, perm]
     damp = max(PERCDAMP * torch.mean(torch.diagonal(hp)).item(), DAMP_MIN)
     if not math.isfinite(damp):
         raise Exl2Error(f"{name}: the calibration statistics hold NaN or Inf; the input states are broken")
@@ -122,7 +127,7 @@ def fp16_scale(qs: torch.Tensor, qscale_max: torch.Tensor) -> torch.Tensor:
 
     qs: int ``[..., N]`` in 1..16; qscale_max: ``[...]`` (any float, rounded to fp16 first)."""
     qmax16 = qscale_max.to(torch.float16)
-    inner = (qmax16 * torch.tensor(1.0 / 256, dtype=torch.float16, device=qmax16.device))
+    inner = qmax16 * (1.0 / 256)  # float16 (exact: a power of two); a Python scalar needs no copy to the GPU
     sq = (qs * qs).to(torch.float16)
     return (sq * inner.unsqueeze(-1)).to(torch.float32)
 
@@ -136,27 +141,41 @@ def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     return qs[0], qmax[0], scale[0]
 
 
-def _group_tensors(dev, cidx: list[int], rows: list[int], bits: list[int], memo: dict | None) -> dict:
-    """Device copies of a batch's index lists (and its row mask), made once per distinct batch:
-    each host-to-device copy would otherwise stall the GPU once per block of every linear."""
-    key = (tuple(cidx), tuple(rows), tuple(bits))
-    if memo is not None and key in memo:
-        return memo[key]
-    span = max(rows)
-    i32 = dict(dtype=torch.int32, device=dev)
-    t = {"idx": torch.tensor(cidx, device=dev), "idx32": torch.tensor(cidx, **i32),
-         "rows32": torch.tensor(rows, **i32), "bits32": torch.tensor(bits, **i32),
-         "half_m": torch.tensor([maxq(b) / 2 for b in bits], dtype=torch.float32, device=dev).view(-1, 1),
-         "keep": None}
-    if min(rows) < span:  # rows past a group's end are masked out of the max
-        t["keep"] = torch.arange(span, device=dev).view(1, -1, 1) < torch.tensor(rows, device=dev).view(-1, 1, 1)
-    if memo is not None:
-        memo[key] = t
-    return t
+# Small index tensors on the device, made once per distinct key for the whole run: each is a copy
+# from host memory, and such a copy waits for all queued GPU work (a host sync), which would stall the
+# GPU thousands of times per model (the same keys recur in every layer).
+_DEVICE_CONSTANTS: dict = {}
+_CONSTANTS_MAX = 1 << 14
+
+
+def device_constant(key, dev: torch.device, make):
+    """``make()`` (tensors made on the CPU, moved to ``dev``), cached by ``(key, dev)``."""
+    k = (key, str(dev))
+    hit = _DEVICE_CONSTANTS.get(k)
+    if hit is None:
+        if len(_DEVICE_CONSTANTS) >= _CONSTANTS_MAX:
+            _DEVICE_CONSTANTS.clear()
+        hit = _DEVICE_CONSTANTS[k] = make()
+    return hit
+
+
+def _group_tensors(dev, cidx: list[int], rows: list[int], bits: list[int]) -> dict:
+    """Device copies of a batch's index lists (and its row mask), made once per distinct batch."""
+    def make():
+        span = max(rows)
+        i32 = dict(dtype=torch.int32, device=dev)
+        t = {"idx": torch.tensor(cidx, device=dev), "idx32": torch.tensor(cidx, **i32),
+             "rows32": torch.tensor(rows, **i32), "bits32": torch.tensor(bits, **i32),
+             "half_m": torch.tensor([maxq(b) / 2 for b in bits], dtype=torch.float32, device=dev).view(-1, 1),
+             "keep": None, "grid": P_GRID.to(device=dev, dtype=torch.float32)}
+        if min(rows) < span:  # rows past a group's end are masked out of the max
+            t["keep"] = torch.arange(span, device=dev).view(1, -1, 1) < torch.tensor(rows, device=dev).view(-1, 1, 1)
+        return t
+    return device_constant(("groups", tuple(cidx), tuple(rows), tuple(bits)), dev, make)
 
 
 def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
-                     bits: list[int], memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     bits: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`find_params` for one group of each of several candidates, batched: candidate
     ``cidx[i]``'s group is rows ``a .. a + rows[i] - 1`` of ``w[cidx[i]]`` at ``bits[i]``.
 
@@ -165,7 +184,7 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     saves kernel launches (hundreds of groups per linear)."""
     dev = w.device
     span = max(rows)
-    t = _group_tensors(dev, cidx, rows, bits, memo)
+    t = _group_tensors(dev, cidx, rows, bits)
     x = w[t["idx"], a:a + span]  # [B, R, N]
     if t["keep"] is not None:
         x = x * t["keep"]
@@ -174,7 +193,7 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     s_max = base.amax(dim=1, keepdim=True)  # [B, 1]
     qs = torch.clamp(torch.round(16 * torch.sqrt(base / s_max)), 1, 16)
     cand = (qs / 16) ** 2 * s_max  # [B, N]
-    grid = P_GRID.to(device=dev, dtype=torch.float32)
+    grid = t["grid"]
     ext = kernels.get() if w.is_cuda else None
     if ext is not None:
         err = ext.pgrid_err_many(w.contiguous(), t["idx32"], t["rows32"], t["bits32"], cand.contiguous(), grid,
@@ -229,64 +248,158 @@ class QuantResult:
     """One quantized linear. Rows are in permuted order except ``weight``.
 
     codes: int16 ``[K, N]`` (0 .. 2^b - 1); qs: int64 ``[G, N]`` (1..16); qscale_max: float16 ``[G]``;
-    groups: the layout; weight: float32 ``[K, N]`` dequantized ``Wt`` in original row order."""
+    groups: the layout; q: float32 ``[K, N]`` dequantized ``Wt`` in permuted row order (a view of
+    the pass's working tensor)."""
 
     qparams: QParams
     groups: list[Group]
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     qs: torch.Tensor
     qscale_max: torch.Tensor
     perm: torch.Tensor
-    weight: torch.Tensor
+    q: torch.Tensor
 
     @property
     def invperm(self) -> torch.Tensor:
         return torch.argsort(self.perm)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """float32 ``[K, N]``: the dequantized ``Wt`` in original row order (a new tensor)."""
+        return self.q[self.invperm]
+
+
+@dataclass
+class Coded:
+    """A quantized weight kept as its codes, a quarter of its float32 size: ``decode`` gives
+    the dequantized weight bit for bit (the runtime's float16 arithmetic).
+
+    codes: uint8 ``[K, N]`` (permuted rows); zero: int16 ``[K]``, each row's 2^(bits-1);
+    scale: float16 ``[G, N]``, each group's effective scale; group: int64 ``[K]``, each row's group;
+    invperm: int64 ``[K]``; out_features: the unpadded N."""
+
+    codes: torch.Tensor
+    zero: torch.Tensor
+    scale: torch.Tensor
+    group: torch.Tensor
+    invperm: torch.Tensor
+    out_features: int
+
+    @classmethod
+    def of(cls, res: QuantResult, out_features: int, invperm: torch.Tensor) -> "Coded":
+        """From a result with or without codes: each dequantized value is ``fp16(c * s)`` for an
+        integer ``|c| <= 128`` and the row's float16 scale ``s``, so ``q / s`` lies within
+        ``128 * 2^-11`` of ``c`` and rounds back to it exactly (a zero scale, whose values are all
+        zero, keeps the zero point)."""
+        dev = res.q.device
+
+        def make():
+            rows = torch.tensor([g.rows for g in res.groups])
+            zero = torch.tensor([qzero(g.bits) for g in res.groups], dtype=torch.int16)
+            return (torch.repeat_interleave(torch.arange(len(res.groups)), rows).to(dev),
+                    torch.repeat_interleave(zero, rows).to(dev))
+        group, zero = device_constant(("coded", tuple((g.rows, g.bits) for g in res.groups)), dev, make)
+        scale = fp16_scale(res.qs, res.qscale_max).to(torch.float16)
+        if res.codes is not None:
+            codes = res.codes.to(torch.uint8)
+        else:
+            s = scale[group].to(torch.float32)
+            c = torch.where(s > 0, torch.round(res.q / s), 0).add_(zero.view(-1, 1))
+            codes = c.to(torch.uint8)
+        return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
+
+    def decode(self) -> torch.Tensor:
+        """float16 ``[out_features, K]``: the weight in the HF orientation and original row order."""
+        q = (self.codes.to(torch.int16) - self.zero.view(-1, 1)).to(torch.float16)
+        q.mul_(self.scale[self.group])  # float16 product of float16 values: one rounding, as dequant
+        return q[self.invperm][:, : self.out_features].T
+
+
+GPTQ_BYTES = 2 << 30  # the measurement's working set for one pass of candidates (quantize_batches)
+
+
+def batch_size(k: int, n: int, count: int, keep_codes: bool, max_bytes: int | None) -> int:
+    """Candidates per pass so that a pass's working tensors (float32 weights, int16 codes) stay
+    within ``max_bytes`` (at least one); all ``count`` for None. Balanced: 5 + 5 + 4, not 6 + 6 + 2."""
+    if max_bytes is None or count <= 1:
+        return max(count, 1)
+    per = k * n * (4 + (2 if keep_codes else 0))
+    size = max(1, min(count, max_bytes // per))
+    passes = -(-count // size)
+    return -(-count // passes)
+
 
 def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
-                  keep_codes: bool = True) -> list[QuantResult]:
-    """GPTQ of one weight for several candidate settings in a single pass over the rows.
+                  keep_codes: bool = True, max_bytes: int | None = None) -> list[QuantResult]:
+    """GPTQ of one weight for several candidate settings, in as few passes over the rows as
+    ``max_bytes`` allows (None: one pass; :func:`quantize_batches`). Returns one :class:`QuantResult` per
+    candidate, in order: all passes' working tensors are held, so take the batches one at a time
+    (:func:`quantize_batches`) where that matters."""
+    return [r for batch in quantize_batches(wt, prep, candidates, keep_codes, max_bytes) for r in batch]
 
-    wt: ``[K, N]`` float (original row order, N a multiple of 32); prep: from :func:`prepare`.
-    Returns one :class:`QuantResult` per candidate, in order."""
+
+def quantize_batches(wt: torch.Tensor, prep: Prepared, candidates: list[QParams], keep_codes: bool = True,
+                     max_bytes: int | None = None):
+    """Yields the :class:`QuantResult` of ``candidates`` (in order) one pass at a time, each pass
+    quantizing as many of them together as fit ``max_bytes`` (:func:`batch_size`). Every
+    candidate's arithmetic is independent of the others in its pass: the same bits for any
+    batching. A pass's tensors are freed once the caller drops its results."""
     k, n = wt.shape
     if k % BLOCK or n % 32:
         raise ValueError(f"GPTQ needs K and N multiples of 32, got K={k}, N={n}")
-    dev = wt.device
-    c_count = len(candidates)
+    perm = prep.perm.to(wt.device)
+    base = wt.to(torch.float32)[perm]  # indexing copies: wt is left alone
+    size = batch_size(k, n, len(candidates), keep_codes, max_bytes)
+    for c0 in range(0, len(candidates), size):
+        part = candidates[c0:c0 + size]
+        last = c0 + size >= len(candidates)
+        w = base.unsqueeze(0) if (last and len(part) == 1) else base.unsqueeze(0).repeat(len(part), 1, 1)
+        if last:
+            del base  # the last pass may work in it directly
+        yield _gptq_pass(w, prep, perm, part, keep_codes)
+        del w
+
+
+def _gptq_pass(w: torch.Tensor, prep: Prepared, perm: torch.Tensor, candidates: list[QParams],
+               keep_codes: bool) -> list[QuantResult]:
+    """One pass over the rows for the candidates of ``w`` (``[C, K, N]`` float32, permuted rows,
+    overwritten: each row is replaced by its dequantized values once quantized)."""
+    c_count, k, n = w.shape
+    dev = w.device
     u = prep.u.to(dev)
-    perm = prep.perm.to(dev)
-    w = wt.to(torch.float32)[perm].unsqueeze(0).repeat(c_count, 1, 1)  # [C, K, N] working copy
-    q_out = torch.empty_like(w)
+    q_out = w  # a row is read into the block before it is overwritten, and never read after
     codes_out = torch.empty((c_count, k, n), dtype=torch.int16, device=dev) if keep_codes else None
 
     layouts = [q.groups(k) for q in candidates]
-    # per candidate: row -> (group index), bits per row, group starts
-    starts = []
-    row_bits = torch.empty((c_count, k), dtype=torch.int64)
+    starts = [{} for _ in layouts]  # per candidate: first row of each group -> group index
     for ci, groups in enumerate(layouts):
-        pos, st = 0, {}
+        pos = 0
         for gi, g in enumerate(groups):
-            st[pos] = gi
-            row_bits[ci, pos:pos + g.rows] = g.bits
+            starts[ci][pos] = gi
             pos += g.rows
-        starts.append(st)
-    row_bits = row_bits.to(dev)
-    zero_rows = (1 << (row_bits - 1))            # [C, K]
-    max_rows = (1 << row_bits) - 1
+
+    def make_rows():
+        row_bits = torch.empty((c_count, k), dtype=torch.int64)
+        for ci, groups in enumerate(layouts):
+            pos = 0
+            for g in groups:
+                row_bits[ci, pos:pos + g.rows] = g.bits
+                pos += g.rows
+        row_bits = row_bits.to(dev)
+        zero_rows = 1 << (row_bits - 1)  # [C, K]
+        max_rows = (1 << row_bits) - 1
+        return zero_rows, max_rows, zero_rows.to(torch.int32).contiguous(), max_rows.to(torch.int32).contiguous()
+    key = ("rows", k, tuple(tuple((g.rows, g.bits) for g in groups) for groups in layouts))
+    zero_rows, max_rows, zero32, max32 = device_constant(key, dev, make_rows)
 
     qs_out = [[None] * len(g) for g in layouts]
     qmax_out = [[None] * len(g) for g in layouts]
     scale = torch.empty((c_count, n), dtype=torch.float32, device=dev)
     err_blk = torch.empty((c_count, BLOCK, n), dtype=torch.float32, device=dev)
     floor = torch.zeros((c_count, 1), dtype=torch.int64, device=dev)
-    memo: dict = {}
-    ext = kernels.get() if wt.is_cuda else None
+    ext = kernels.get() if w.is_cuda else None
     if ext is not None:
         u = u.contiguous()
-        zero32 = zero_rows.to(torch.int32).contiguous()
-        max32 = max_rows.to(torch.int32).contiguous()
         no_codes = torch.empty(0, dtype=torch.int16, device=dev)
 
     for a in range(0, k, BLOCK):
@@ -296,10 +409,10 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
             groups = [layouts[ci][gi] for ci, gi in opening]
             cis = [ci for ci, _ in opening]
             rows_, bits_ = [g.rows for g in groups], [g.bits for g in groups]
-            qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_, memo)
+            qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_)
             for i, (ci, gi) in enumerate(opening):
                 qs_out[ci][gi], qmax_out[ci][gi] = qs[i], qmax[i]
-            scale.index_copy_(0, _group_tensors(dev, cis, rows_, bits_, memo)["idx"], sc)
+            scale.index_copy_(0, _group_tensors(dev, cis, rows_, bits_)["idx"], sc)
         if ext is not None:
             ext.gptq_block(w, scale, zero32, max32, u, q_out, codes_out if codes_out is not None else no_codes,
                            err_blk, a)
@@ -309,19 +422,9 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
             # over the rows instead of a product, then a subtraction: the update is memory-bound)
             w[:, b:, :].baddbmm_(u[a:b, b:].T.unsqueeze(0).expand(c_count, -1, -1), err_blk, alpha=-1)
 
-    invperm = torch.argsort(perm)
-    results = []
-    for ci, q in enumerate(candidates):
-        results.append(QuantResult(
-            qparams=q,
-            groups=layouts[ci],
-            codes=codes_out[ci] if codes_out is not None else None,
-            qs=torch.stack(qs_out[ci]),
-            qscale_max=torch.stack(qmax_out[ci]),
-            perm=perm,
-            weight=q_out[ci][invperm],
-        ))
-    return results
+    return [QuantResult(qparams=q, groups=layouts[ci], codes=codes_out[ci] if codes_out is not None else None,
+                        qs=torch.stack(qs_out[ci]), qscale_max=torch.stack(qmax_out[ci]), perm=perm, q=q_out[ci])
+            for ci, q in enumerate(candidates)]
 
 
 def gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, err_blk, a: int) -> None:

@@ -186,10 +186,9 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     # on the device the module runs on, copied to the CPU once at the end
     errs = (torch.empty(shape, dtype=torch.float64, device=device or states.device)
             if ref is not None or ref_weights is not None else None)
+    copier = _Copier(states, out, device, chunk)
     for r0 in range(0, rows, chunk):
-        x = states[r0:r0 + chunk]
-        if device is not None and x.device != device:
-            x = x.to(device, non_blocking=True)
+        x = copier.rows_in(r0)
         y, inter = block_forward(kind, x, w, cfg, rope, capture=hessians is not None)
         if hessians is not None:
             for name, h in hessians.items():
@@ -202,8 +201,72 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
             errs[r0:r0 + chunk] = relative_errors(y, y_ref, err_weight, fisher)
             del y_ref
         if out is not None:
-            out[r0:r0 + chunk] = y
+            copier.rows_out(r0, y)
+    copier.finish()
     return out, (errs.cpu() if errs is not None else None)
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device for the whole run: memory the caching allocator holds for a
+    stream serves only that stream, so a new stream per call would strand blocks in each."""
+    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(key)
+    return _SIDE[key]
+
+
+class _Copier:
+    """The chunks of :func:`run_block`: views of ``states`` and ``out`` where they live on the
+    device the module runs on; where they live in (pinned) host memory and the module on a GPU,
+    copies on a side stream that overlap the module's compute: the next chunk comes in while this
+    one runs, and outputs go back while the next one runs."""
+
+    def __init__(self, states: torch.Tensor, out: torch.Tensor | None, device: torch.device | None, chunk: int):
+        self.states, self.out, self.chunk = states, out, chunk
+        self.device = device if device is not None and states.device != device else None
+        self.side = _side_stream(self.device) if self.device is not None and self.device.type == "cuda" else None
+        self.next: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
+
+    def _fetch(self, r0: int) -> None:
+        if r0 >= self.states.shape[0]:
+            self.next = None
+            return
+        with torch.cuda.stream(self.side):
+            x = self.states[r0:r0 + self.chunk].to(self.device, non_blocking=True)
+            self.next = (r0, x, self.side.record_event())
+
+    def rows_in(self, r0: int) -> torch.Tensor:
+        if self.device is None:
+            return self.states[r0:r0 + self.chunk]
+        if self.side is None:
+            return self.states[r0:r0 + self.chunk].to(self.device)
+        if self.next is None or self.next[0] != r0:
+            self._fetch(r0)
+        _, x, ready = self.next
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(ready)
+        x.record_stream(main)  # allocated on the side stream, used and freed on this one
+        self._fetch(r0 + self.chunk)
+        return x
+
+    def rows_out(self, r0: int, y: torch.Tensor) -> None:
+        dst = self.out[r0:r0 + self.chunk]
+        if self.side is None or y.device == dst.device:
+            dst.copy_(y)
+            return
+        done = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.side):
+            self.side.wait_event(done)
+            dst.copy_(y, non_blocking=True)
+        y.record_stream(self.side)  # not reused before the copy has read it
+
+    def finish(self) -> None:
+        """Waits for the side stream: the outputs are in host memory, ready to read."""
+        if self.side is not None:
+            self.side.synchronize()
 
 
 def relative_errors(y: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor | None,

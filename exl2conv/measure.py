@@ -10,7 +10,8 @@ import torch
 
 from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
-from exl2conv.gptq import Hessian, prepare, quantize_many
+from exl2conv import gptq
+from exl2conv.gptq import Coded, Hessian, Prepared, prepare, quantize_batches
 from exl2conv.layers import padded_wt, run_block
 from exl2conv.model.arch import LinearSpec
 from exl2conv.model.forward import EXPERT_TOKENS
@@ -83,6 +84,21 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     return y_ref, hess
 
 
+def quantized_candidates(wt: torch.Tensor, prep: Prepared, qparams: list, out_features: int, host: bool) -> list:
+    """Every setting of ``qparams`` applied to one linear (``wt``: ``[K, N]``, padded) by GPTQ, a
+    pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
+    quarter of float32), or with ``host`` as float16 ``[out, in]`` tensors in host memory (an MoE
+    block's many experts would crowd the accelerator; ExLlamaV2 keeps them there too)."""
+    out = []
+    invperm = prep.invperm.to(wt.device)
+    for batch in quantize_batches(wt, prep, qparams, keep_codes=False, max_bytes=gptq.GPTQ_BYTES):
+        # dequantized values are exact in float16
+        out.extend(res.weight[:, :out_features].T.to("cpu", torch.float16) if host
+                   else Coded.of(res, out_features, invperm) for res in batch)
+        del batch  # frees the pass before the next one starts
+    return out
+
+
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
                    on_coverage=None, fisher: torch.Tensor | None = None
@@ -99,28 +115,27 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
     every expert, and its total_bits sums over all experts (spec 3.3)."""
     y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage)
-    preps = {src: prepare(h.normalized(in_place=True), f"{name} ({src})") for src, h in hess.items()}
-    del hess
+    preps = {}
+    for src in list(hess):  # each accumulator handed over (and so freed) as it is prepared
+        preps[src] = prepare(hess.pop(src).normalized(in_place=True), f"{name} ({src})")
 
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
-    # many experts' candidates would crowd the accelerator: keep them in host memory (as ExLlamaV2)
-    store = torch.device("cpu") if is_moe(specs) else states.device
-    candidates: dict[str, list[torch.Tensor]] = {}
+    moe = is_moe(specs)
+    candidates: dict[str, list] = {}
     bits: dict[str, list[int]] = {}
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
+    last_user = {spec.hessian_input: key for key, spec in specs.items()}
     for key, spec in specs.items():
-        wt = padded_wt(w[key], spec)
-        results = quantize_many(wt, preps[spec.hessian_input], distinct[column[key]], keep_codes=False)
-        # dequantized values are exact in float16: keep them so, half the memory
-        candidates[key] = [r.weight[:, : spec.out_features].T.to(store, torch.float16) for r in results]
+        candidates[key] = quantized_candidates(padded_wt(w[key], spec), preps[spec.hessian_input],
+                                               distinct[column[key]], spec.out_features, moe)
         bits[key] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias)
                      for q in distinct[column[key]]]
-        del results, wt
+        if last_user[spec.hessian_input] == key:
+            del preps[spec.hessian_input]  # a down_proj's factor is 0.45 GiB on Llama-2-7B
 
     if fisher is not None:
         fisher = fisher.to(states.device, torch.float32)
-    moe = is_moe(specs)
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
     scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,

@@ -359,7 +359,11 @@ def embed_states(ctx: Context, ids: torch.Tensor, home: torch.device | None = No
 
 
 STATES_ENV = "EXL2CONV_STATES"  # "gpu", "host" or "auto" (the default)
-STATES_GPU_SHARE = 0.25  # auto: the states stay on the GPU while they take at most this share of it
+# auto: the states stay on the GPU up to this size. A small model's cost little there and spare
+# the copies; a large model's would be most of the pass's peak (Llama-2-7B's 100 x 2048 rows take
+# 3.1 GiB, its largest module works in under 2), so they live in pinned host memory and stream
+# through, their copies overlapping compute.
+STATES_GPU_BYTES = 1 << 30
 
 
 def states_mode() -> str:
@@ -372,17 +376,17 @@ def states_mode() -> str:
 
 def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
     """Where the quantization pass keeps its calibration states of ``nbytes`` bytes: on the
-    compute device, or in host memory when they would take more than :data:`STATES_GPU_SHARE`
-    of the GPU (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns the device and,
-    for host memory, why."""
+    compute device, or in host memory when they would take more than :data:`STATES_GPU_BYTES`
+    (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns the device and, for host
+    memory, why."""
     mode = states_mode()
     if ctx.device.type != "cuda" or mode == "gpu":
         return ctx.device, None
     if mode == "host":
         return torch.device("cpu"), f"{STATES_ENV}=host"
-    total = torch.cuda.get_device_properties(ctx.device).total_memory
-    if nbytes > STATES_GPU_SHARE * total:
-        return torch.device("cpu"), f"more than {STATES_GPU_SHARE:.0%} of the GPU's {total / 2**30:.1f} GiB"
+    if nbytes > STATES_GPU_BYTES:
+        return torch.device("cpu"), (f"over {STATES_GPU_BYTES / 2**30:.0f} GiB; {STATES_ENV}=gpu keeps them on "
+                                     "the GPU")
     return ctx.device, None
 
 
@@ -662,7 +666,7 @@ def stage_quant(ctx: Context) -> None:
     home, why = states_home(ctx, nbytes)
     if why is not None:
         ctx.rep.info(f"Calibration states ({nbytes / 2**30:.2f} GiB) kept in host memory ({why}): every module "
-                     "copies its rows to the GPU and back")
+                     "streams its rows through the GPU")
     start, states = load_checkpoint(ctx, "quant", home)
     log = list(job["quant_log"] or [])
     log = [e for e in log if e["index"] <= start]

@@ -38,17 +38,31 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec
     the decoded weight ``[out, in]`` float32 as the runtime will compute it, and a report."""
     wt = padded_wt(w, spec)
     res = quantize(wt, prep, qparams)
+    del wt
     tensors = pack_linear(res.codes, res.qs, res.qscale_max, res.groups, res.invperm,
                           padded_bias(bias, spec) if bias is not None else None)
-    decoded = decode_linear(tensors, spec.name).to(torch.float32)
-    if not torch.equal(decoded, res.weight.to(decoded.device)):
-        diff = (decoded - res.weight.to(decoded.device)).abs().max().item()
-        raise Exl2Error(f"{spec.name}: packed tensors decode to other weights than GPTQ produced "
-                        f"(max diff {diff:.3g}); this is a bug in exl2conv, please report it")
+    decoded = decode_linear(tensors, spec.name)  # float16 [K, N], original row order
+    check_decodes(decoded, res, spec.name)
+    del res  # before the float32 copy below: a head's weights are 0.5 GiB in float32
     total = qparams.total_bits(spec.in_features, spec.padded_out, spec.bias)
     numel = spec.in_features * spec.padded_out + (spec.padded_out if spec.bias else 0)
     rep = LinearReport(spec.name, qparams.desc, total / numel, total, numel)
-    return tensors, decoded[:, : spec.out_features].T.contiguous(), rep
+    return tensors, decoded[:, : spec.out_features].T.to(torch.float32, memory_format=torch.contiguous_format), rep
+
+
+def check_decodes(decoded: torch.Tensor, res, name: str, chunk_bytes: int = 64 << 20) -> None:
+    """Raises unless ``decoded`` (``[K, N]``, original row order) is exactly GPTQ's dequantized
+    weight; compared a slice of rows at a time, so that no whole float32 copy is made."""
+    k, n = decoded.shape
+    invperm = res.invperm
+    step = max(1, chunk_bytes // (4 * n))
+    for r0 in range(0, k, step):
+        got = decoded[r0:r0 + step].to(torch.float32)
+        want = res.q[invperm[r0:r0 + step]].to(got.device)
+        if not torch.equal(got, want):
+            diff = (got - want).abs().max().item()
+            raise Exl2Error(f"{name}: packed tensors decode to other weights than GPTQ produced "
+                            f"(max diff {diff:.3g}); this is a bug in exl2conv, please report it")
 
 
 @dataclass

@@ -144,3 +144,44 @@ def test_find_params_many_equals_one_group_at_a_time():
     # and at a later start row
     qs, qmax, _ = gptq.find_params_many(w, [2, 0], 96, [32, 160], [5, 6])
     assert torch.equal(qs[1], gptq.find_params(w[0, 96:256], 6)[0])
+
+
+def test_passes_of_any_size_give_the_same_bits():
+    """quantize_batches under a tight byte budget (one candidate per pass, then two) gives what
+    one pass over all candidates gives: each candidate's arithmetic is its own."""
+    wt, h = make_problem(128, 64, seed=5)
+    prep = gptq.prepare(h)
+    cands = [row[0] for row in ATTN_OPTIONS[::3]]
+    whole = gptq.quantize_many(wt, prep, cands)
+    per = 128 * 64 * 6
+    for budget, size in ((1, 1), (2 * per, 2)):
+        assert gptq.batch_size(128, 64, len(cands), True, budget) == size
+        got = [r for batch in gptq.quantize_batches(wt, prep, cands, max_bytes=budget) for r in batch]
+        for a, b in zip(whole, got):
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.q, b.q)
+            assert torch.equal(a.qs, b.qs) and torch.equal(a.qscale_max, b.qscale_max)
+    assert torch.equal(wt, make_problem(128, 64, seed=5)[0])  # the input is left alone
+
+
+def test_batch_sizes_are_balanced():
+    per = 32 * 32 * 6
+    assert gptq.batch_size(32, 32, 14, True, 6 * per) == 5  # 5 + 5 + 4, not 6 + 6 + 2
+    assert gptq.batch_size(32, 32, 14, True, None) == 14
+    assert gptq.batch_size(32, 32, 3, False, 32 * 32 * 4) == 1
+
+
+def test_coded_weight_decodes_to_the_dequantized_weight():
+    """A Coded candidate (uint8 codes, float16 group scales) decodes bit for bit to GPTQ's
+    weight in the HF orientation, padding columns dropped."""
+    wt, h = make_problem(192, 64, seed=6)
+    prep = gptq.prepare(h)
+    cands = [qp((4, 32, 1)), qp((8, 32, 0.05), (4, 32, 0.1), (3, 32, 0.85)), qp((8, 64, 0.5), (2, 64, 0.5))]
+    without = gptq.quantize_many(wt, prep, cands, keep_codes=False)
+    for r, r_nc in zip(gptq.quantize_many(wt, prep, cands), without):
+        coded = gptq.Coded.of(r, 50, prep.invperm)
+        assert coded.codes.dtype == torch.uint8
+        assert torch.equal(gptq.Coded.of(r_nc, 50, prep.invperm).codes, coded.codes)  # codes recovered from q
+        got = coded.decode()
+        assert got.dtype == torch.float16 and got.shape == (50, 192)
+        assert torch.equal(got, r.weight[:, :50].T.to(torch.float16))
+        assert torch.equal(got.float(), r.weight[:, :50].T)  # exact in float16
