@@ -110,16 +110,23 @@ def grad_pass(device: torch.device):
     :func:`grad_rows`. ``EXL2CONV_GRAD_ATTENTION=math`` runs the math kernels for all.
 
     ``EXL2CONV_HALF_ATTENTION=1`` runs causal attention in float16 on the flash kernels with their
-    deterministic backward instead (:func:`forward.half_attention`; float16 attention is what
+    deterministic backward instead (:func:`forward.grad_attention`; float16 attention is what
     ExLlamaV2's runtime computes): on SmolLM2 the norm-tweak fits took a quarter of the time, but
     the KL from FP16 came out 0.7 % (4.0 bpw) and 1.7 % (6.0 bpw) higher on the same measurement
     (docs/performance.md), so it is not the default."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    blocked = grad_attention_mode() == "blocked"
     with module_matmuls(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
-            forward.half_attention(half_attention_on(device)), forward.blocked_attention(blocked):
+            forward.grad_attention(grad_attention(device)):
         yield
+
+
+def grad_attention(device: torch.device) -> str:
+    """How :func:`grad_pass` runs plain causal attention on ``device``: "half" (on CUDA with
+    ``EXL2CONV_HALF_ATTENTION``), else ``EXL2CONV_GRAD_ATTENTION``'s "blocked" or "math" (checked
+    either way)."""
+    mode = grad_attention_mode()
+    return "half" if half_attention_on(device) else mode
 
 
 def grad_attention_mode() -> str:
@@ -140,10 +147,11 @@ def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> 
     ``budget`` bytes (all ``L x L`` for the math kernels, the causal part for the blocked
     attention); None (no limit) where the flash kernels run every layer's attention."""
     plain = forward.plain_causal(cfg, length)
-    if half_attention_on(device) and plain:
+    mode = grad_attention(device)
+    if mode == "half" and plain:
         return None
     per_head = length * length
-    if device.type == "cuda" and plain and grad_attention_mode() == "blocked":
+    if device.type == "cuda" and plain and mode == "blocked":
         per_head = length * (length + min(length, forward.BLOCK)) // 2
     return max(1, budget // (cfg.num_heads * per_head * 4))
 

@@ -30,22 +30,27 @@ LINEAR_HOOK = "linear_hook"
 NORMED_INPUT = "post_norm"
 # MoE capture: tokens routed to each expert in each row, int64 [B, E].
 EXPERT_TOKENS = "expert_tokens"
-# Set by :func:`half_attention`: causal attention on CUDA runs in float16 (see there).
-_HALF_ATTENTION = contextvars.ContextVar("exl2conv_half_attention", default=False)
+# Set by :func:`grad_attention`: how plain causal attention on CUDA runs ("half", "blocked"; any
+# other value: PyTorch's kernels).
+_GRAD_ATTENTION = contextvars.ContextVar("exl2conv_grad_attention", default=None)
 
 
 @contextmanager
-def half_attention(on: bool = True):
-    """Within this block, plain causal attention on CUDA (no window, no softcap) runs on float16
-    q/k/v through PyTorch's flash kernels, as ExLlamaV2's runtime runs it, and its backward runs
-    the flash kernels' deterministic variant (:class:`_HalfAttention`). For the passes that
-    backpropagate through attention (layers.grad_pass), an option: their float32 attention
-    (:class:`_BlockedAttention`) holds the causal half of the scores and is about 3x slower."""
-    token = _HALF_ATTENTION.set(on)
+def grad_attention(mode: str | None):
+    """Within this block, plain causal attention on CUDA (no window, no softcap) runs
+
+    - with ``"half"``: on float16 q/k/v through PyTorch's flash kernels, as ExLlamaV2's runtime
+      runs it, its backward on the flash kernels' deterministic variant (:class:`_HalfAttention`);
+      an option for the passes that backpropagate through attention (layers.grad_pass);
+    - with ``"blocked"``, where autograd records it: on :class:`_BlockedAttention`, float32 like
+      the math kernels and as deterministic, about half their work and memory (it holds the causal
+      half of the scores; the float16 path is about 3x faster);
+    - otherwise on PyTorch's kernels."""
+    token = _GRAD_ATTENTION.set(mode)
     try:
         yield
     finally:
-        _HALF_ATTENTION.reset(token)
+        _GRAD_ATTENTION.reset(token)
 
 
 class _HalfAttention(torch.autograd.Function):
@@ -77,21 +82,7 @@ class _HalfAttention(torch.autograd.Function):
         return grads[0].float() * s, grads[1].float() * s, grads[2].float() * s, None
 
 
-# Set by :func:`blocked_attention`: causal float32 attention on CUDA runs :class:`_BlockedAttention`.
-_BLOCKED_ATTENTION = contextvars.ContextVar("exl2conv_blocked_attention", default=False)
 BLOCK = 512  # query rows per block of :class:`_BlockedAttention`
-
-
-@contextmanager
-def blocked_attention(on: bool = True):
-    """Within this block, plain causal float32 attention on CUDA that autograd records runs
-    :class:`_BlockedAttention`: float32 like the math kernels and as deterministic, about half
-    their work and memory."""
-    token = _BLOCKED_ATTENTION.set(on)
-    try:
-        yield
-    finally:
-        _BLOCKED_ATTENTION.reset(token)
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -278,7 +269,7 @@ def _attn_mask(cfg: ModelConfig, length: int, device, layer: int | None = None) 
 
 def plain_causal(cfg: ModelConfig, length: int) -> bool:
     """Whether every layer's attention over rows of ``length`` is plain causal attention (no
-    sliding window cutting in, no softcapped scores): what :func:`half_attention` covers."""
+    sliding window cutting in, no softcapped scores): what :func:`grad_attention` covers."""
     if cfg.attn_softcap is not None:
         return False
     windows = [cfg.sliding_window] + [cfg.window(i) for i in range(cfg.num_layers)]
@@ -311,9 +302,10 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
         v = v.repeat_interleave(heads // kv, dim=1)
     mask = _attn_mask(cfg, length, x.device, layer)
     if cfg.attn_softcap is None:
-        if mask is None and q.is_cuda and _HALF_ATTENTION.get():
+        mode = _GRAD_ATTENTION.get() if mask is None and q.is_cuda else None
+        if mode == "half":
             a = _HalfAttention.apply(q, k, v, cfg.attn_scale)
-        elif mask is None and q.is_cuda and q.requires_grad and _BLOCKED_ATTENTION.get():
+        elif mode == "blocked" and q.requires_grad:
             a = _BlockedAttention.apply(q, k, v, cfg.attn_scale)
         elif mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
