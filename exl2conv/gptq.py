@@ -287,10 +287,10 @@ class Coded:
 
     @classmethod
     def of(cls, res: QuantResult, out_features: int, invperm: torch.Tensor) -> "Coded":
-        """From a result with or without codes: each dequantized value is ``fp16(c * s)`` for an
-        integer ``|c| <= 128`` and the row's float16 scale ``s``, so ``q / s`` lies within
-        ``128 * 2^-11`` of ``c`` and rounds back to it exactly (a zero scale, whose values are all
-        zero, keeps the zero point)."""
+        """From a result with or without codes (the codes are recovered from the dequantized
+        values): each is ``fp16(c * s)`` for an integer ``|c| <= 128`` and the row's float16 scale
+        ``s``, so ``q / s`` lies within ``128 * 2^-11`` of ``c`` and rounds back to it exactly (a
+        zero scale, whose values are all zero, keeps the zero point)."""
         dev = res.q.device
 
         def make():
@@ -300,12 +300,8 @@ class Coded:
                     torch.repeat_interleave(zero, rows).to(dev))
         group, zero = device_constant(("coded", tuple((g.rows, g.bits) for g in res.groups)), dev, make)
         scale = fp16_scale(res.qs, res.qscale_max).to(torch.float16)
-        if res.codes is not None:
-            codes = res.codes.to(torch.uint8)
-        else:
-            s = scale[group].to(torch.float32)
-            c = torch.where(s > 0, torch.round(res.q / s), 0).add_(zero.view(-1, 1))
-            codes = c.to(torch.uint8)
+        s = scale[group].to(torch.float32)
+        codes = torch.where(s > 0, torch.round(res.q / s), 0).add_(zero.view(-1, 1)).to(torch.uint8)
         return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
 
     def decode(self) -> torch.Tensor:

@@ -180,7 +180,8 @@ def test_coded_weight_decodes_to_the_dequantized_weight():
     for r, r_nc in zip(gptq.quantize_many(wt, prep, cands), without):
         coded = gptq.Coded.of(r, 50, prep.invperm)
         assert coded.codes.dtype == torch.uint8
-        assert torch.equal(gptq.Coded.of(r_nc, 50, prep.invperm).codes, coded.codes)  # codes recovered from q
+        assert torch.equal(coded.codes, r.codes.to(torch.uint8))  # recovered from q: GPTQ's own codes
+        assert torch.equal(gptq.Coded.of(r_nc, 50, prep.invperm).codes, coded.codes)
         got = coded.decode()
         assert got.dtype == torch.float16 and got.shape == (50, 192)
         assert torch.equal(got, r.weight[:, :50].T.to(torch.float16))
