@@ -22,11 +22,13 @@ or on a CPU, :class:`CandidateScorer` runs the plain float32 forwards (:func:`la
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 import torch.nn.functional as F
 
 from exl2conv.gptq import Coded
-from exl2conv.layers import block_forward, relative_errors, run_block
+from exl2conv.layers import block_forward, relative_errors, run_block, side_copy, side_stream
 from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT
 
 LOW = torch.bfloat16
@@ -98,8 +100,10 @@ class CandidateScorer:
 
     def __init__(self, kind: str, states: torch.Tensor, w: dict, linears, cfg, rope, chunk: int,
                  y_ref: torch.Tensor, err_weight: torch.Tensor | None = None, corrected: bool | None = None,
-                 low: torch.dtype = LOW, fisher: torch.Tensor | None = None, table: bool = False):
+                 low: torch.dtype = LOW, fisher: torch.Tensor | None = None, table: bool = False,
+                 device: torch.device | None = None):
         self.kind, self.states, self.w, self.cfg, self.rope, self.chunk = kind, states, w, cfg, rope, chunk
+        self.device = device or states.device
         self.linears = list(linears)
         # linears given with their specs: those fed by the module's input norm (see _Corrected)
         self.fixed = frozenset(key for key, spec in linears.items() if spec.hessian_input == NORMED_INPUT) \
@@ -108,24 +112,29 @@ class CandidateScorer:
         self.table = table
         self.recorded: list[tuple[dict, dict]] = []  # per chunk: (linear io, fixed inputs in ``low``)
         if corrected is None:
-            corrected = states.is_cuda
+            corrected = self.device.type == "cuda"
         if corrected:
-            corrected = self._record_all(check_fit=states.is_cuda)
+            corrected = self._record_all(check_fit=self.device.type == "cuda")
         self.corrected = corrected
-        if corrected:
-            self.base = {key: w[key].to(low) for key in self.linears}
+        if corrected:  # for the first correction, which the fixed linears skip
+            self.base = {key: w[key].to(low) for key in self.linears if key not in self.fixed}
 
     def _chunks(self) -> range:
         return range(0, self.states.shape[0], self.chunk)
 
-    def _record(self, r0: int) -> tuple[dict, dict]:
+    def _rows(self, t: torch.Tensor, r0: int) -> torch.Tensor:
+        """Rows ``r0 ..`` of a chunk of ``t`` (states or reference outputs) on the device."""
+        return t[r0:r0 + self.chunk].to(self.device, non_blocking=True)
+
+    def _record(self, r0: int, x: torch.Tensor | None = None) -> tuple[dict, dict]:
         """One chunk's recording: every linear's input and output, and the fixed linears' inputs
-        in ``low`` (converted once for all candidates; q/k/v share one)."""
+        in ``low`` (converted once for all candidates; q/k/v share one). x: the chunk's states
+        on the device, when the caller has them."""
         rec = _Recorder()
         wr = dict(self.w)
         wr[LINEAR_HOOK] = rec
         with torch.no_grad():
-            block_forward(self.kind, self.states[r0:r0 + self.chunk], wr, self.cfg, self.rope)
+            block_forward(self.kind, self._rows(self.states, r0) if x is None else x, wr, self.cfg, self.rope)
         by_ptr: dict[int, torch.Tensor] = {}
         lows = {}
         for key in sorted(self.fixed & rec.io.keys()):
@@ -140,7 +149,7 @@ class CandidateScorer:
         would be held at once is over :data:`FIT_FRACTION` of the device's free memory."""
         budget = None
         if check_fit:
-            free, _ = torch.cuda.mem_get_info(self.states.device)
+            free, _ = torch.cuda.mem_get_info(self.device)
             budget = FIT_FRACTION * free
         for r0 in self._chunks():
             self.recorded.append(self._record(r0))
@@ -164,24 +173,28 @@ class CandidateScorer:
             out[key] = memo[key][1]
         return out
 
-    def _dense(self, src) -> torch.Tensor:
-        """A candidate as a tensor on the states' device (a :class:`Coded` one decoded)."""
-        return (src.decode() if isinstance(src, Coded) else src).to(self.states.device)
+    def _dense(self, src, codes: "_Codes | None" = None) -> torch.Tensor:
+        """A candidate as a tensor on the device (a :class:`Coded` one decoded, its codes taken
+        from ``codes`` when given)."""
+        if isinstance(src, Coded):
+            return src.decode(codes.get(src) if codes is not None else None)
+        return src.to(self.device)
 
     def _plain(self, key: str, src) -> torch.Tensor:
         return self._dense(src).to(torch.float32)
 
-    def _delta(self, key: str, src) -> torch.Tensor:
+    def _delta(self, key: str, src, codes: "_Codes | None" = None) -> torch.Tensor:
         # the subtraction widens a float16 candidate exactly: no float32 copy of it first
-        return torch.sub(self._dense(src), self.w[key]).to(self.low)
+        return torch.sub(self._dense(src, codes), self.w[key]).to(self.low)
 
-    def _chunk_errors(self, r0: int, recorded: tuple[dict, dict], trial: dict, delta: dict) -> torch.Tensor:
+    def _chunk_errors(self, x: torch.Tensor, y_ref: torch.Tensor, recorded: tuple[dict, dict], trial: dict,
+                      delta: dict) -> torch.Tensor:
         io, lows = recorded
         wc = dict(trial)
         wc[LINEAR_HOOK] = _Corrected(io, self.base, delta, self.low, lows)
         with torch.no_grad():
-            y, _ = block_forward(self.kind, self.states[r0:r0 + self.chunk], wc, self.cfg, self.rope)
-        return relative_errors(y, self.y_ref[r0:r0 + self.chunk], self.err_weight, self.fisher)
+            y, _ = block_forward(self.kind, x, wc, self.cfg, self.rope)
+        return relative_errors(y, y_ref, self.err_weight, self.fisher)
 
     def errors(self, trial: dict) -> torch.Tensor:
         """Per-row relative errors (float64 ``[R]``; left on the states' device by the corrected
@@ -200,20 +213,83 @@ class CandidateScorer:
             return torch.stack([
                 run_block(self.kind, self.states, {**trial, **self._converted(trial, memo, self._plain)}, self.cfg,
                           self.rope, self.chunk, ref=self.y_ref, keep_output=False, err_weight=self.err_weight,
-                          fisher=self.fisher)[1]
+                          fisher=self.fisher, device=self.device)[1]
                 for trial in trials])
         rows = self.states.shape[0]
         shape = (len(trials), rows) if self.fisher is None else (len(trials), rows, 2)
-        out = torch.empty(shape, dtype=torch.float64, device=self.states.device)
+        out = torch.empty(shape, dtype=torch.float64, device=self.device)
         for i, r0 in enumerate(self._chunks()):
+            order = self._decode_order(trials, memo)
+            x, y_ref = self._rows(self.states, r0), self._rows(self.y_ref, r0)
             if not self.table:
                 recorded = self.recorded[i]
             elif i == 0 and self.recorded:
                 recorded = self.recorded.pop()
             else:
-                recorded = self._record(r0)
+                recorded = self._record(r0, x)
+            codes = _Codes(order, self.device)
+            delta = lambda key, src: self._delta(key, src, codes)  # noqa: E731
             for t, trial in enumerate(trials):
-                out[t, r0:r0 + self.chunk] = self._chunk_errors(r0, recorded, trial,
-                                                                self._converted(trial, memo, self._delta))
-            del recorded
+                out[t, r0:r0 + self.chunk] = self._chunk_errors(x, y_ref, recorded, trial,
+                                                                self._converted(trial, memo, delta))
+            codes.finish()
+            del recorded, x, y_ref
         return out
+
+    def _decode_order(self, trials: list[dict], memo: dict) -> list[Coded]:
+        """The :class:`Coded` candidates whose codes live in host memory, in the order in which a
+        chunk's pass over ``trials`` decodes them (:meth:`_converted` with ``memo`` as it stands:
+        each where its key's candidate changes)."""
+        order, last = [], {key: got[0] for key, got in memo.items()}
+        for trial in trials:
+            for key in self.linears:
+                src = trial[key]
+                if last.get(key) is not src:
+                    last[key] = src
+                    if isinstance(src, Coded) and src.codes.device != self.device:
+                        order.append(src)
+        return order
+
+
+class _Codes:
+    """The codes of host-memory :class:`Coded` candidates, copied to the GPU in the order in
+    which they are decoded, the next one on a side stream while the current one is used
+    (:func:`layers.side_copy`). The host waits for the GPU to finish all but the last two before it
+    queues another copy, so that the copies' memory is reused as it goes (see
+    :class:`layers._Copier`)."""
+
+    def __init__(self, order: list[Coded], device: torch.device):
+        self.order, self.device, self.i = order, device, 0
+        self.side = side_stream(device) if order and device.type == "cuda" else None
+        self.next = None
+        self.queued: deque = deque()
+        if self.side is not None:  # the host copies were made by the compute stream
+            self.side.wait_event(torch.cuda.current_stream(device).record_event())
+
+    def _fetch(self) -> None:
+        if self.i >= len(self.order):
+            self.next = None
+            return
+        src = self.order[self.i]
+        self.next = (src, side_copy(src.codes, self.device, self.side), self.side.record_event())
+        self.i += 1
+
+    def get(self, src: Coded) -> torch.Tensor | None:
+        """``src``'s codes on the device (None where it is not in the order: decode copies them)."""
+        if self.side is None:
+            return None
+        if self.next is None and self.i == 0:
+            self._fetch()
+        if self.next is None or self.next[0] is not src:
+            return None
+        _, codes, ready = self.next
+        main = torch.cuda.current_stream(self.device)
+        self.queued.append(main.record_event())
+        while len(self.queued) > 2:
+            self.queued.popleft().synchronize()
+        main.wait_event(ready)
+        self._fetch()
+        return codes
+
+    def finish(self) -> None:
+        self.queued.clear()

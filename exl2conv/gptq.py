@@ -7,8 +7,8 @@ Shapes follow the reference's convention: a linear's HF weight ``W`` is ``[out, 
 Several candidate QParams of one linear are quantized together (:func:`quantize_many`): they share
 the weight, the Hessian inverse and the row order, so one pass over the rows serves them all. The
 arithmetic per row is ExLlamaV2's (reference 5.4-5.5); only the order in which the lazy block
-updates are summed differs (every 32 rows instead of at each group end), which changes float32
-rounding, not the maths.
+updates are summed differs (spans of 128 rows, see :func:`_gptq_pass`, instead of each group),
+which changes float32 rounding, not the maths.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ DAMP_RETRIES = 10
 P_GRID = torch.linspace(0.70, 1.20, 97, dtype=torch.float64)  # exact 0.70 + 0.50 * j / 96
 ERR_NORM = 3.5
 BLOCK = 32  # every group boundary is a multiple of 32 rows
+SPAN = 128  # rows whose errors update the later rows in one product (see _gptq_pass)
 
 
 def qzero(bits: int) -> int:
@@ -60,6 +61,18 @@ class Hessian:
         self.h.addmm_(flat.T, flat)
         self.rows += x.shape[0]
 
+    def to(self, device: torch.device | str) -> "Hessian":
+        """Moves the accumulator (to pinned host memory when it leaves a GPU for the CPU, without
+        a host sync): a Hessian waiting for its turn need not hold GPU memory."""
+        device = torch.device(device)
+        if self.h.device != device:
+            if device.type == "cpu" and self.h.is_cuda:
+                host = torch.empty(self.h.shape, dtype=self.h.dtype, pin_memory=True)
+                self.h = host.copy_(self.h, non_blocking=True)
+            else:
+                self.h = self.h.to(device, non_blocking=True)
+        return self
+
     def normalized(self, in_place: bool = False) -> torch.Tensor:
         """H divided by the number of rows (ExLlamaV2 normalizes by rows, not tokens); the
         identity when no rows were seen. ``in_place``: divides the accumulator itself (no second
@@ -82,39 +95,55 @@ class Prepared:
         return torch.argsort(self.perm)
 
 
-def prepare(h: torch.Tensor, name: str = "") -> Prepared:
-    """Act-order permutation and damped inverse Cholesky factor of a normalized Hessian ``[K, K]``.
+def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
+    """Act-order permutation and damped inverse Cholesky factor of a normalized Hessian ``[K, K]``,
+    or of a :class:`Hessian` accumulator, which is then normalized in place and spent (its matrix
+    handed over and freed as soon as it is copied).
 
     Damping adds ``max(0.12 * mean(diag H), 1e-5)`` to the diagonal, once more on every failed
-    attempt, up to 10 attempts (reference 5.2). Holds at most three ``[K, K]`` float32 matrices
-    at once besides ``h`` (a Llama-2-7B down_proj's is 0.45 GiB), two when ``h`` is handed over."""
+    attempt, up to 10 attempts (reference 5.2). Holds two ``[K, K]`` float32 matrices at once
+    besides a given tensor ``h`` (a Llama-2-7B down_proj's is 0.45 GiB), and for a spent
+    accumulator two in all: on a GPU the permuted Hessian waits in host memory for a retry."""
+    if isinstance(h, Hessian):
+        acc, h = h, h.normalized(in_place=True)
+        acc.h = None  # the only reference left is ours
     h = h.to(torch.float32)
     diag = torch.diagonal(h)
     # stable sort: equal diagonals (dead input features) keep their order, so runs repeat exactly
     perm = torch.argsort(diag, descending=True, stable=True)
-    # indexing copies, one dimension at a time: the caller's h is left alone, and where the caller
-    # hands it over (no other reference), it is freed before the second copy is made
+    # indexing copies, one dimension at a time: the caller's h is left alone, and where it was
+    # handed over, it is freed before the second copy is made
     hp = h[perm]
     del h, diag
     hp = hp[:, perm]
     damp = max(PERCDAMP * torch.mean(torch.diagonal(hp)).item(), DAMP_MIN)
     if not math.isfinite(damp):
         raise Exl2Error(f"{name}: the calibration statistics hold NaN or Inf; the input states are broken")
-    idx = torch.arange(hp.shape[0], device=hp.device)
+    dev = hp.device
+    idx = torch.arange(hp.shape[0], device=dev)
     for _ in range(DAMP_RETRIES):
         hp[idx, idx] += damp
         try:
             lower = torch.linalg.cholesky(hp)
-            hinv = torch.cholesky_inverse(lower)
-            del lower  # each [K, K] float32 is 0.45 GiB for a Llama-2-7B down_proj
-            if not torch.isfinite(hinv).all():
-                continue
-            u = torch.linalg.cholesky(hinv, upper=True)
-            del hinv
-            if torch.isfinite(u).all():
-                return Prepared(perm=perm, u=u)
         except torch.linalg.LinAlgError:
             continue
+        keep = hp  # the damped matrix, for another attempt: in host memory where there is a GPU
+        if dev.type == "cuda":
+            keep = torch.empty(hp.shape, dtype=hp.dtype, pin_memory=True)
+            keep.copy_(hp, non_blocking=True)  # read back on this stream only: no host sync
+        del hp
+        hinv = torch.cholesky_inverse(lower)
+        del lower  # each [K, K] float32 is 0.45 GiB for a Llama-2-7B down_proj
+        u = None
+        if torch.isfinite(hinv).all():
+            try:
+                u = torch.linalg.cholesky(hinv, upper=True)
+            except torch.linalg.LinAlgError:
+                pass
+        del hinv
+        if u is not None and torch.isfinite(u).all():
+            return Prepared(perm=perm, u=u)
+        hp = keep.to(dev, non_blocking=True)
     raise Exl2Error(f"{name}: the Hessian is not invertible even after {DAMP_RETRIES} rounds of damping; "
                     "the calibration data may be degenerate (try another dataset)")
 
@@ -300,18 +329,40 @@ class Coded:
                     torch.repeat_interleave(zero, rows).to(dev))
         group, zero = device_constant(("coded", tuple((g.rows, g.bits) for g in res.groups)), dev, make)
         scale = fp16_scale(res.qs, res.qscale_max).to(torch.float16)
-        s = scale[group].to(torch.float32)
-        codes = torch.where(s > 0, torch.round(res.q / s), 0).add_(zero.view(-1, 1)).to(torch.uint8)
+        k, n = res.q.shape
+        codes = torch.empty((k, n), dtype=torch.uint8, device=dev)
+        step = max(1, (32 << 20) // (4 * n))  # rows at a time: a few float32 temporaries of 32 MiB
+        for r0 in range(0, k, step):
+            s = scale[group[r0:r0 + step]].to(torch.float32)
+            c = torch.where(s > 0, torch.round(res.q[r0:r0 + step] / s), 0).add_(zero[r0:r0 + step].view(-1, 1))
+            codes[r0:r0 + step] = c
         return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
 
-    def decode(self) -> torch.Tensor:
-        """float16 ``[out_features, K]``: the weight in the HF orientation and original row order."""
-        q = (self.codes.to(torch.int16) - self.zero.view(-1, 1)).to(torch.float16)
+    def to_host(self) -> "Coded":
+        """The same weight with its codes moved to pinned host memory (where there is a GPU): the
+        small tensors stay, and :meth:`decode` copies the codes back in."""
+        if self.codes.device.type == "cpu":
+            return self
+        codes = torch.empty(self.codes.shape, dtype=torch.uint8, pin_memory=True)
+        codes.copy_(self.codes)
+        return Coded(codes=codes, zero=self.zero, scale=self.scale, group=self.group, invperm=self.invperm,
+                     out_features=self.out_features)
+
+    def decode(self, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """float16 ``[out_features, K]``: the weight in the HF orientation and original row order,
+        on the device of the scales. codes: this weight's codes already there (see
+        :meth:`to_host`); by default copied from wherever they are."""
+        if codes is None:
+            codes = self.codes.to(self.scale.device, non_blocking=True)
+        q = (codes.to(torch.int16) - self.zero.view(-1, 1)).to(torch.float16)
         q.mul_(self.scale[self.group])  # float16 product of float16 values: one rounding, as dequant
         return q[self.invperm][:, : self.out_features].T
 
 
-GPTQ_BYTES = 2 << 30  # the measurement's working set for one pass of candidates (quantize_batches)
+# The measurement's working set for one pass of candidates (quantize_batches): 1 GiB holds five
+# candidates of a Llama-2-7B MLP linear; 2 GiB was 10-30 % faster per linear but one of the largest
+# items of the measurement's peak memory.
+GPTQ_BYTES = 1 << 30
 
 
 def batch_size(k: int, n: int, count: int, keep_codes: bool, max_bytes: int | None) -> int:
@@ -335,16 +386,19 @@ def quantize_many(wt: torch.Tensor, prep: Prepared, candidates: list[QParams],
 
 
 def quantize_batches(wt: torch.Tensor, prep: Prepared, candidates: list[QParams], keep_codes: bool = True,
-                     max_bytes: int | None = None):
+                     max_bytes: int | None = None, permuted: bool = False):
     """Yields the :class:`QuantResult` of ``candidates`` (in order) one pass at a time, each pass
     quantizing as many of them together as fit ``max_bytes`` (:func:`batch_size`). Every
     candidate's arithmetic is independent of the others in its pass: the same bits for any
-    batching. A pass's tensors are freed once the caller drops its results."""
+    batching. A pass's tensors are freed once the caller drops its results. ``permuted``: ``wt``
+    is float32 with its rows already in ``prep.perm`` order, and handed over (the last pass may
+    overwrite it); else it is left alone."""
     k, n = wt.shape
     if k % BLOCK or n % 32:
         raise ValueError(f"GPTQ needs K and N multiples of 32, got K={k}, N={n}")
     perm = prep.perm.to(wt.device)
-    base = wt.to(torch.float32)[perm]  # indexing copies: wt is left alone
+    base = wt if permuted else wt.to(torch.float32)[perm]  # indexing copies: wt is left alone
+    del wt
     size = batch_size(k, n, len(candidates), keep_codes, max_bytes)
     for c0 in range(0, len(candidates), size):
         part = candidates[c0:c0 + size]
@@ -391,36 +445,81 @@ def _gptq_pass(w: torch.Tensor, prep: Prepared, perm: torch.Tensor, candidates: 
     qs_out = [[None] * len(g) for g in layouts]
     qmax_out = [[None] * len(g) for g in layouts]
     scale = torch.empty((c_count, n), dtype=torch.float32, device=dev)
-    err_blk = torch.empty((c_count, BLOCK, n), dtype=torch.float32, device=dev)
+    # the scaled errors of the current span's blocks, block by block (each block's [C, 32, N]
+    # contiguous for the kernel)
+    err_span = torch.empty((SPAN // BLOCK, c_count, BLOCK, n), dtype=torch.float32, device=dev)
     floor = torch.zeros((c_count, 1), dtype=torch.int64, device=dev)
     ext = kernels.get() if w.is_cuda else None
     if ext is not None:
         u = u.contiguous()
         no_codes = torch.empty(0, dtype=torch.int16, device=dev)
 
+    # Spans of SPAN rows: each block's errors update the later rows of its span at once, and the
+    # rows past the span all together when it closes, one product of depth SPAN instead of four of
+    # depth 32 (the update is memory-bound: it reads and writes every later row each time). The
+    # spans are the same for every candidate, so a candidate's bits do not depend on the others.
+    s0 = 0
     for a in range(0, k, BLOCK):
         b = a + BLOCK
+        if a % SPAN == 0 and a > 0:
+            _update_past(w, u, err_span, s0, a)
+            s0 = a
+        s1 = min(k, s0 + SPAN)
         opening = [(ci, starts[ci][a]) for ci in range(c_count) if a in starts[ci]]
         if opening:  # the candidates whose next group starts at this block
             groups = [layouts[ci][gi] for ci, gi in opening]
             cis = [ci for ci, _ in opening]
             rows_, bits_ = [g.rows for g in groups], [g.bits for g in groups]
-            qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_)
+            if a + max(rows_) <= s1:
+                qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_)
+            else:
+                x = _group_rows(w, u, err_span, _group_tensors(dev, cis, rows_, bits_)["idx"], cis, a, rows_, s0, s1)
+                qs, qmax, sc = find_params_many(x, list(range(len(cis))), 0, rows_, bits_)
             for i, (ci, gi) in enumerate(opening):
                 qs_out[ci][gi], qmax_out[ci][gi] = qs[i], qmax[i]
             scale.index_copy_(0, _group_tensors(dev, cis, rows_, bits_)["idx"], sc)
+        err_blk = err_span[(a - s0) // BLOCK]
         if ext is not None:
             ext.gptq_block(w, scale, zero32, max32, u, q_out, codes_out if codes_out is not None else no_codes,
                            err_blk, a)
         else:
             gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, err_blk, a)
-        if b < k:  # lazy update of every later row: W[b:] -= U[a:b, b:]^T Err[a:b], in place (one pass
-            # over the rows instead of a product, then a subtraction: the update is memory-bound)
-            w[:, b:, :].baddbmm_(u[a:b, b:].T.unsqueeze(0).expand(c_count, -1, -1), err_blk, alpha=-1)
+        if b < s1:  # the span's later rows: W[b:s1] -= U[a:b, b:s1]^T Err[a:b], in place
+            w[:, b:s1, :].baddbmm_(u[a:b, b:s1].T.unsqueeze(0).expand(c_count, -1, -1), err_blk, alpha=-1)
 
     return [QuantResult(qparams=q, groups=layouts[ci], codes=codes_out[ci] if codes_out is not None else None,
                         qs=torch.stack(qs_out[ci]), qscale_max=torch.stack(qmax_out[ci]), perm=perm, q=q_out[ci])
             for ci, q in enumerate(candidates)]
+
+
+def _span_errors(err_span: torch.Tensor, blocks: int, ci: int | None = None) -> torch.Tensor:
+    """The scaled errors of a span's first ``blocks`` blocks: ``[C, 32 * blocks, N]``, or
+    ``[32 * blocks, N]`` of candidate ``ci``."""
+    e = err_span[:blocks] if ci is None else err_span[:blocks, ci].unsqueeze(1)
+    e = e.transpose(0, 1).reshape(e.shape[1], blocks * BLOCK, e.shape[3])
+    return e if ci is None else e[0]
+
+
+def _update_past(w: torch.Tensor, u: torch.Tensor, err_span: torch.Tensor, s0: int, a: int) -> None:
+    """The rows past a span ``s0 .. a``: ``W[a:] -= U[s0:a, a:]^T Err[s0:a]``, in place."""
+    c_count = w.shape[0]
+    err = _span_errors(err_span, (a - s0) // BLOCK)
+    w[:, a:, :].baddbmm_(u[s0:a, a:].T.unsqueeze(0).expand(c_count, -1, -1), err, alpha=-1)
+
+
+def _group_rows(w: torch.Tensor, u: torch.Tensor, err_span: torch.Tensor, idx: torch.Tensor, cis: list[int],
+                a: int, rows: list[int], s0: int, s1: int) -> torch.Tensor:
+    """The rows of groups opening at row ``a`` (candidate ``cis[i]``'s rows ``a .. a + rows[i]``) as
+    ``[B, max(rows), N]``, for the scale search of groups that reach past the span ``s0 .. s1``:
+    their rows past it are given the update of the span's blocks so far (out of place: the rows
+    themselves get it when the span closes). idx: ``cis`` on the device."""
+    x = w[idx, a:a + max(rows)]  # indexing copies
+    for i, (ci, r) in enumerate(zip(cis, rows)):
+        end = a + r
+        if end > s1 and a > s0:
+            err = _span_errors(err_span, (a - s0) // BLOCK, ci)
+            x[i, s1 - a:r].sub_(u[s0:a, s1:end].T @ err)
+    return x
 
 
 def gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, err_blk, a: int) -> None:

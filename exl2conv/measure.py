@@ -31,9 +31,13 @@ def check_finite(states: torch.Tensor, where: str) -> None:
     spread them, and GPTQ on them yields garbage. One pass over the states (in slices:
     :func:`all_finite`), cheap next to GPTQ."""
     if not all_finite(states):
-        raise Exl2Error(f"{where}: the calibration states hold NaN or Inf values (the model's weights "
-                        "overflow float32 on the calibration data); check the model's weights, e.g. "
-                        "run it in transformers, before converting")
+        raise nonfinite_error(where)
+
+
+def nonfinite_error(where: str) -> Exl2Error:
+    return Exl2Error(f"{where}: the calibration states hold NaN or Inf values (the model's weights "
+                     "overflow float32 on the calibration data); check the model's weights, e.g. "
+                     "run it in transformers, before converting")
 
 
 def hessians_for(specs: dict[str, LinearSpec], device) -> dict[str, Hessian]:
@@ -75,49 +79,66 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     if is_moe(specs):
         cov = ExpertCoverage(name or module_name(specs), cfg.num_experts, states.shape[1])
         accumulators[EXPERT_TOKENS] = cov
+    finite: list = []
     y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=accumulators, keep_output=keep_output,
-                         device=device)
-    if y_ref is not None:
-        check_finite(y_ref, f"{name} output" if name else f"{kind} output")
+                         device=device, finite=finite if keep_output else None)
+    if y_ref is not None and not bool(torch.stack(finite).all()):  # checked chunk by chunk on the device
+        raise nonfinite_error(f"{name} output" if name else f"{kind} output")
     if cov is not None and on_coverage is not None:
         on_coverage(cov)
     return y_ref, hess
 
 
-def quantized_candidates(wt: torch.Tensor, prep: Prepared, qparams: list, out_features: int, host: bool) -> list:
-    """Every setting of ``qparams`` applied to one linear (``wt``: ``[K, N]``, padded) by GPTQ, a
-    pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
-    quarter of float32), or with ``host`` as float16 ``[out, in]`` tensors in host memory (an MoE
-    block's many experts would crowd the accelerator; ExLlamaV2 keeps them there too)."""
+def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list, host: bool,
+                         host_codes: bool = False) -> list:
+    """Every setting of ``qparams`` applied to one linear (``w``: its ``[out, in]`` weight) by GPTQ,
+    a pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
+    quarter of float32; with ``host_codes`` their codes in pinned host memory), or with ``host``
+    as float16 ``[out, in]`` tensors in host memory (an MoE block's many experts would crowd the
+    accelerator; ExLlamaV2 keeps them there too)."""
     out = []
-    invperm = prep.invperm.to(wt.device)
-    for batch in quantize_batches(wt, prep, qparams, keep_codes=False, max_bytes=gptq.GPTQ_BYTES):
-        # dequantized values are exact in float16
-        out.extend(res.weight[:, :out_features].T.to("cpu", torch.float16) if host
-                   else Coded.of(res, out_features, invperm) for res in batch)
-        del batch  # frees the pass before the next one starts
+    out_features = spec.out_features
+    perm = prep.perm.to(w.device)
+    invperm = torch.argsort(perm)
+    # the padded weight in permuted row order, made once and handed over
+    for batch in quantize_batches(padded_wt(w, spec, perm), prep, qparams, keep_codes=False,
+                                  max_bytes=gptq.GPTQ_BYTES, permuted=True):
+        for res in batch:
+            if host:  # dequantized values are exact in float16
+                out.append(res.weight[:, :out_features].T.to("cpu", torch.float16))
+            else:
+                coded = Coded.of(res, out_features, invperm)
+                out.append(coded.to_host() if host_codes else coded)
+        del batch, res  # frees the pass before the next one starts
     return out
 
 
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
-                   on_coverage=None, fisher: torch.Tensor | None = None
+                   on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None
                    ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
     """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
     float32 weights by name (HF orientation); specs: its linears (:func:`arch.layer_linears`);
     err_weight: channel weights of the output error (:func:`layers.error_weight`);
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
-    fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`).
+    fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);
+    device: where the module runs when ``states`` live in (pinned) host memory: the reference
+    outputs go there too, and the candidates' codes.
     Returns the measurement entries (one per table row, ExLlamaV2's schema), the reference
     outputs ``[R, L, H]`` that feed the next module, and with ``fisher`` each entry's predicted
     KL (nats per token; else None).
 
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
     every expert, and its total_bits sums over all experts (spec 3.3)."""
-    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage)
+    dev = device or states.device
+    host_codes = dev != states.device
+    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
+    if host_codes:  # the Hessians wait in host memory until their linears' turn
+        first = next(iter(specs.values())).hessian_input
+        for src, h in hess.items():
+            if src != first:
+                h.to("cpu")
     preps = {}
-    for src in list(hess):  # each accumulator handed over (and so freed) as it is prepared
-        preps[src] = prepare(hess.pop(src).normalized(in_place=True), f"{name} ({src})")
 
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
@@ -127,19 +148,22 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     for key, spec in specs.items():
-        candidates[key] = quantized_candidates(padded_wt(w[key], spec), preps[spec.hessian_input],
-                                               distinct[column[key]], spec.out_features, moe)
+        src = spec.hessian_input
+        if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
+            preps[src] = prepare(hess.pop(src).to(dev), f"{name} ({src})")
+        candidates[key] = quantized_candidates(w[key], spec, preps[spec.hessian_input], distinct[column[key]], moe,
+                                               host_codes)
         bits[key] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias)
                      for q in distinct[column[key]]]
         if last_user[spec.hessian_input] == key:
             del preps[spec.hessian_input]  # a down_proj's factor is 0.45 GiB on Llama-2-7B
 
     if fisher is not None:
-        fisher = fisher.to(states.device, torch.float32)
+        fisher = fisher.to(dev, torch.float32)
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
     scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,
-                             table=not moe)
+                             table=not moe, device=dev)
     tokens = states.shape[0] * states.shape[1]
     if moe:
         current: dict[str, int] = {}
@@ -149,7 +173,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             for key in specs:
                 choice = row[column[key]]
                 if current.get(key) != choice:
-                    trial[key] = candidates[key][choice].to(states.device, torch.float32)
+                    trial[key] = candidates[key][choice].to(dev, torch.float32)
                     current[key] = choice
             row_errs.append(scorer.errors(trial))
         all_errs = torch.stack(row_errs)

@@ -361,8 +361,8 @@ def embed_states(ctx: Context, ids: torch.Tensor, home: torch.device | None = No
 STATES_ENV = "EXL2CONV_STATES"  # "gpu", "host" or "auto" (the default)
 # auto: the states stay on the GPU up to this size. A small model's cost little there and spare
 # the copies; a large model's would be most of the pass's peak (Llama-2-7B's 100 x 2048 rows take
-# 3.1 GiB, its largest module works in under 2), so they live in pinned host memory and stream
-# through, their copies overlapping compute.
+# 3.1 GiB, its largest module works in under 2; the measurement's states and reference outputs
+# 1.2 GiB), so they live in pinned host memory and stream through, their copies overlapping compute.
 STATES_GPU_BYTES = 1 << 30
 
 
@@ -375,8 +375,9 @@ def states_mode() -> str:
 
 
 def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
-    """Where the quantization pass keeps its calibration states of ``nbytes`` bytes: on the
-    compute device, or in host memory when they would take more than :data:`STATES_GPU_BYTES`
+    """Where a pass keeps its calibration states (with the measurement's reference outputs:
+    ``nbytes`` bytes in all): on the compute device, or in host memory when they would take more
+    than :data:`STATES_GPU_BYTES`
     (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns the device and, for host
     memory, why."""
     mode = states_mode()
@@ -441,7 +442,14 @@ def _checkpoint_due(ctx: Context, last: float) -> bool:
 def stage_measure(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Measuring quantization impact...")
-    start, states = load_checkpoint(ctx, "measure")
+    ids_shape = load_ids(ctx, "measure").shape
+    nbytes = ids_shape[0] * ids_shape[1] * ctx.cfg.hidden_size * 4
+    # the states and the reference outputs, two such tensors
+    home, why = states_home(ctx, 2 * nbytes)
+    if why is not None:
+        ctx.rep.info(f"Calibration states and reference outputs ({2 * nbytes / 2**30:.2f} GiB) and the "
+                     f"candidates' codes kept in host memory ({why}): streamed through the GPU")
+    start, states = load_checkpoint(ctx, "measure", home)
     meas, predicted = read_measurement(ctx)
     mods = ctx.modules
     # entries past the checkpoint belong to work that is about to be redone
@@ -459,7 +467,7 @@ def stage_measure(ctx: Context) -> None:
                 entries, states, pred = measure_module(
                     mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
                     ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-                    fisher=None if fisher is None else fisher[mod.index - 1])
+                    fisher=None if fisher is None else fisher[mod.index - 1], device=ctx.device)
                 if pred is not None:
                     predicted[mod.meas_key] = pred
                 best = max(e["accuracy"] for e in entries)
@@ -467,6 +475,7 @@ def stage_measure(ctx: Context) -> None:
                     raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
                                     "the model's forward pass or calibration data is broken")
                 meas[mod.meas_key] = entries
+                del w  # before the next module's weights are read (a 7B MLP's are 0.54 GiB)
                 bar.update(1, module=mod.meas_key, best=f"{best:.5f}")
             else:
                 meas[mod.meas_key] = None
@@ -694,6 +703,7 @@ def stage_quant(ctx: Context) -> None:
                     save_norm(ctx, save, norm, tweaked.weight)
                     record["tweak"] = [tweaked.before, tweaked.after]
                 record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
+                del w  # before the next module's weights (or the head's) are read
                 bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
             elif mod.kind == "norm":
                 bar.update(1)  # the head applies the final norm (it may tweak it first)
@@ -727,7 +737,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
         h.add(forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps))
-    prep = prepare(h.normalized(in_place=True), spec.name)
+    prep = prepare(h, spec.name)
     del h
     qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
     tensors, decoded, rep = quantize_linear(w, None, spec, prep, qparams)

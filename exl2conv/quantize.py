@@ -11,7 +11,7 @@ import torch
 
 from exl2conv import tweak
 from exl2conv.errors import Exl2Error
-from exl2conv.gptq import Prepared, prepare, quantize
+from exl2conv.gptq import Prepared, prepare, quantize_batches
 from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
 from exl2conv.measure import check_finite, module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
@@ -36,9 +36,8 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec
                     qparams: QParams) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearReport]:
     """GPTQ + packing of one linear. w: ``[out, in]``; returns the packed tensors (no key prefix),
     the decoded weight ``[out, in]`` float32 as the runtime will compute it, and a report."""
-    wt = padded_wt(w, spec)
-    res = quantize(wt, prep, qparams)
-    del wt
+    # the padded weight in permuted row order, handed over: GPTQ works in it (no second copy)
+    res = next(quantize_batches(padded_wt(w, spec, prep.perm.to(w.device)), prep, [qparams], permuted=True))[0]
     tensors = pack_linear(res.codes, res.qs, res.qscale_max, res.groups, res.invperm,
                           padded_bias(bias, spec) if bias is not None else None)
     decoded = decode_linear(tensors, spec.name)  # float16 [K, N], original row order
@@ -95,6 +94,11 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     dev = device or states.device
     _, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage,
                              keep_output=False, device=dev)
+    if dev != states.device:  # the Hessians wait in host memory until their linears' turn
+        first = next(iter(specs.values())).hessian_input
+        for src, h in hess.items():
+            if src != first:
+                h.to("cpu")
     preps: dict[str, Prepared] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)
@@ -102,7 +106,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
-            preps[src] = prepare(hess.pop(src).normalized(in_place=True), spec.name)
+            preps[src] = prepare(hess.pop(src).to(dev), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
         tensors, decoded, rep = quantize_linear(w[key], bias, spec, preps[src], qparams)

@@ -35,8 +35,9 @@ def test_two_runs_give_the_same_bytes_on_cuda(tmp_path):
 
 
 def test_states_in_host_memory_give_the_same_bytes(tmp_path, monkeypatch, capsys):
-    """EXL2CONV_STATES=host: the quantization pass keeps its states in pinned host memory and
-    copies each chunk to the GPU; the arithmetic is the same, so are the output files."""
+    """EXL2CONV_STATES=host: both passes keep their states in pinned host memory (the measurement
+    also its reference outputs, Hessians waiting their turn and its candidates' codes) and copy
+    each chunk to the GPU; the arithmetic is the same, so are the measurement and the output files."""
     from exl2conv.pipeline import STATES_ENV
 
     src = make_tiny_llama(tmp_path / "m", seed=4, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
@@ -47,7 +48,7 @@ def test_states_in_host_memory_give_the_same_bytes(tmp_path, monkeypatch, capsys
         rc = main(["-i", str(src), "-o", str(tmp_path / mode / "w"), "-cf", str(out), "-b", "4.0",
                    "-l", "256", "-ml", "256", "--device", "cuda"])
         assert rc == 0
-        outs.append(digest(out))
+        outs.append((digest(out), (tmp_path / mode / "w" / "measurement.json").read_text()))
         cap = capsys.readouterr()
         printed = cap.out + cap.err
         assert ("kept in host memory" in printed) == (mode == "host")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exl2conv import gptq, kernels
-from exl2conv.qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, distinct_columns
+from exl2conv.qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, distinct_columns, qp
 
 pytestmark = pytest.mark.gpu
 
@@ -106,3 +106,21 @@ def test_a_built_extension_loads_without_cpp_extension(ext):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=kernels.CSRC.parent).stdout.split()
     assert out == ["True", "False"], out
+
+
+def test_coded_codes_in_pinned_host_memory_decode_the_same():
+    """The measurement of a large model keeps its candidates' codes in pinned host memory
+    (Coded.to_host): decoding copies them back and gives the same weight."""
+    from exl2conv.gptq import Coded
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    k, n = 256, 96
+    x = torch.randn(512, k, device="cuda", generator=g)
+    prep = gptq.prepare(x.T @ x / 512)
+    wt = torch.randn(k, n, device="cuda", generator=g) * 0.05
+    res = gptq.quantize(wt, prep, qp((4, 32, 0.2), (3, 64, 0.8)))
+    coded = Coded.of(res, 90, prep.invperm)
+    host = coded.to_host()
+    assert host.codes.device.type == "cpu" and host.codes.is_pinned()
+    assert torch.equal(host.decode(), coded.decode())
+    assert torch.equal(coded.decode().float(), res.weight[:, :90].T)

@@ -81,9 +81,11 @@ def test_find_params_scale_is_fp16_runtime_arithmetic():
 
 @pytest.mark.parametrize("q", [qp((4, 32, 1)), qp((3, 64, 0.05), (2, 64, 0.95)),
                                qp((8, 32, 0.05), (4, 32, 0.1), (3, 32, 0.85)), qp((6, 32, 0.1), (5, 32, 0.9)),
-                               qp((8, 128, 1)), HEAD_OPTIONS[6]])
+                               qp((8, 128, 1)), HEAD_OPTIONS[6],
+                               # groups that reach past a 128-row span of the lazy update
+                               qp((4, 32, 0.15), (3, 128, 0.85)), qp((4, 32, 0.1), (3, 64, 0.9))])
 def test_batched_gptq_matches_literal_procedure(q):
-    wt, h = make_problem(192, 64)
+    wt, h = make_problem(320, 64)
     prep = gptq.prepare(h)
     res = gptq.quantize(wt, prep, q)
     codes, deq = literal_gptq(wt, prep, q)
@@ -96,9 +98,9 @@ def test_batched_gptq_matches_literal_procedure(q):
 
 
 def test_quantize_many_equals_one_at_a_time():
-    wt, h = make_problem(128, 64, seed=1)
+    wt, h = make_problem(416, 64, seed=1)  # several spans of the lazy update, groups reaching past them
     prep = gptq.prepare(h)
-    cands = [row[0] for row in ATTN_OPTIONS[::3]]
+    cands = [row[0] for row in ATTN_OPTIONS[::3]] + [qp((4, 32, 0.15), (3, 128, 0.85))]
     many = gptq.quantize_many(wt, prep, cands)
     for q, r in zip(cands, many):
         one = gptq.quantize(wt, prep, q)
@@ -149,18 +151,18 @@ def test_find_params_many_equals_one_group_at_a_time():
 def test_passes_of_any_size_give_the_same_bits():
     """quantize_batches under a tight byte budget (one candidate per pass, then two) gives what
     one pass over all candidates gives: each candidate's arithmetic is its own."""
-    wt, h = make_problem(128, 64, seed=5)
+    wt, h = make_problem(416, 64, seed=5)
     prep = gptq.prepare(h)
-    cands = [row[0] for row in ATTN_OPTIONS[::3]]
+    cands = [row[0] for row in ATTN_OPTIONS[::3]] + [qp((4, 32, 0.15), (3, 128, 0.85))]
     whole = gptq.quantize_many(wt, prep, cands)
-    per = 128 * 64 * 6
+    per = 416 * 64 * 6
     for budget, size in ((1, 1), (2 * per, 2)):
-        assert gptq.batch_size(128, 64, len(cands), True, budget) == size
+        assert gptq.batch_size(416, 64, len(cands), True, budget) == size
         got = [r for batch in gptq.quantize_batches(wt, prep, cands, max_bytes=budget) for r in batch]
         for a, b in zip(whole, got):
             assert torch.equal(a.codes, b.codes) and torch.equal(a.q, b.q)
             assert torch.equal(a.qs, b.qs) and torch.equal(a.qscale_max, b.qscale_max)
-    assert torch.equal(wt, make_problem(128, 64, seed=5)[0])  # the input is left alone
+    assert torch.equal(wt, make_problem(416, 64, seed=5)[0])  # the input is left alone
 
 
 def test_batch_sizes_are_balanced():
@@ -186,3 +188,33 @@ def test_coded_weight_decodes_to_the_dequantized_weight():
         assert got.dtype == torch.float16 and got.shape == (50, 192)
         assert torch.equal(got, r.weight[:, :50].T.to(torch.float16))
         assert torch.equal(got.float(), r.weight[:, :50].T)  # exact in float16
+
+
+def test_padded_wt_in_permuted_order_equals_permuting_after():
+    from types import SimpleNamespace
+
+    from exl2conv.layers import padded_wt
+
+    w = torch.randn(40, 96)  # [out, in]: N padded to 64
+    spec = SimpleNamespace(in_features=96, out_features=40, padded_out=64)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(padded_wt(w, spec, perm), padded_wt(w, spec)[perm])
+
+
+def test_coded_to_host_is_the_same_weight():
+    wt, h = make_problem(128, 64, seed=6)
+    prep = gptq.prepare(h)
+    res = gptq.quantize(wt, prep, ATTN_OPTIONS[4][0])
+    coded = gptq.Coded.of(res, 64, prep.invperm)
+    assert coded.to_host() is coded  # already in host memory: nothing to move
+    assert torch.equal(coded.decode(coded.codes.clone()), coded.decode())
+
+
+def test_prepare_spends_a_hessian_accumulator():
+    wt, h = make_problem(64, 32, seed=7)
+    acc = gptq.Hessian(64)
+    acc.h, acc.rows = h.clone(), 1
+    by_acc = gptq.prepare(acc)
+    assert acc.h is None
+    by_tensor = gptq.prepare(h)
+    assert torch.equal(by_acc.perm, by_tensor.perm) and torch.equal(by_acc.u, by_tensor.u)
