@@ -22,13 +22,11 @@ or on a CPU, :class:`CandidateScorer` runs the plain float32 forwards (:func:`la
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 import torch.nn.functional as F
 
 from exl2conv.gptq import Coded
-from exl2conv.layers import block_forward, relative_errors, run_block, side_copy, side_stream
+from exl2conv.layers import Prefetch, block_forward, relative_errors, run_block
 from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT
 
 LOW = torch.bfloat16
@@ -232,8 +230,7 @@ class CandidateScorer:
             for t, trial in enumerate(trials):
                 out[t, r0:r0 + self.chunk] = self._chunk_errors(x, y_ref, recorded, trial,
                                                                 self._converted(trial, memo, delta))
-            codes.finish()
-            del recorded, x, y_ref
+            del recorded, x, y_ref, codes
         return out
 
     def _decode_order(self, trials: list[dict], memo: dict) -> list[Coded]:
@@ -253,43 +250,15 @@ class CandidateScorer:
 
 class _Codes:
     """The codes of host-memory :class:`Coded` candidates, copied to the GPU in the order in
-    which they are decoded, the next one on a side stream while the current one is used
-    (:func:`layers.side_copy`). The host waits for the GPU to finish all but the last two before it
-    queues another copy, so that the copies' memory is reused as it goes (see
-    :class:`layers._Copier`)."""
+    which they are decoded (:class:`layers.Prefetch`)."""
 
     def __init__(self, order: list[Coded], device: torch.device):
-        self.order, self.device, self.i = order, device, 0
-        self.side = side_stream(device) if order and device.type == "cuda" else None
-        self.next = None
-        self.queued: deque = deque()
-        if self.side is not None:  # the host copies were made by the compute stream
-            self.side.wait_event(torch.cuda.current_stream(device).record_event())
-
-    def _fetch(self) -> None:
-        if self.i >= len(self.order):
-            self.next = None
-            return
-        src = self.order[self.i]
-        self.next = (src, side_copy(src.codes, self.device, self.side), self.side.record_event())
-        self.i += 1
+        self.order, self.pos = order, 0
+        self.copies = Prefetch([c.codes for c in order], device) if order and device.type == "cuda" else None
 
     def get(self, src: Coded) -> torch.Tensor | None:
-        """``src``'s codes on the device (None where it is not in the order: decode copies them)."""
-        if self.side is None:
+        """``src``'s codes on the device (None where it is not next in the order: decode copies them)."""
+        if self.copies is None or self.pos >= len(self.order) or self.order[self.pos] is not src:
             return None
-        if self.next is None and self.i == 0:
-            self._fetch()
-        if self.next is None or self.next[0] is not src:
-            return None
-        _, codes, ready = self.next
-        main = torch.cuda.current_stream(self.device)
-        self.queued.append(main.record_event())
-        while len(self.queued) > 2:
-            self.queued.popleft().synchronize()
-        main.wait_event(ready)
-        self._fetch()
-        return codes
-
-    def finish(self) -> None:
-        self.queued.clear()
+        self.pos += 1
+        return self.copies.take()

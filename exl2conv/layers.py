@@ -255,49 +255,63 @@ def side_copy(src: torch.Tensor, device: torch.device, side: torch.cuda.Stream) 
     return out
 
 
-class _Copier:
-    """The chunks of :func:`run_block`: views of ``states`` and ``out`` where they live on the
-    device the module runs on; where they live in (pinned) host memory and the module on a GPU,
-    copies on a side stream that overlap the module's compute: the next chunk comes in while this
-    one runs, and outputs go back while the next one runs.
+class Prefetch:
+    """Host tensors copied to a GPU one after the other, in the order they are taken: the next one
+    on the side stream while the current one is used (:func:`side_copy`).
 
-    The host waits until the GPU has finished all but the last :data:`AHEAD` chunks before it
-    queues another. Unbounded, the host queued a whole module's copies at once, and a chunk's
-    memory is only reused once the GPU has run its copy and its compute: with the copies
-    allocated on the side stream, that stream's pool grew to the size of all the states (3.5 GiB of
-    a Llama-2-7B quantization pass, on top of the 3.7 GiB that the pass used)."""
+    The host waits until the GPU has finished all but the last :data:`AHEAD` items taken before
+    it queues another copy. Unbounded, the host queued a whole module's copies at once, and an
+    item's memory is only reused once the GPU has run its copy and the work using it: with the
+    copies allocated on the side stream, that stream's pool grew to the size of all the states
+    (3.5 GiB of a Llama-2-7B quantization pass, on top of the 3.7 GiB that the pass used)."""
 
     AHEAD = 2
+
+    def __init__(self, items: list[torch.Tensor], device: torch.device):
+        self.items, self.device, self.i = items, device, 0
+        self.side = side_stream(device)
+        self.next: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self.queued: deque = deque()  # per item taken: an event after the work queued before it
+
+    def _fetch(self) -> None:
+        self.next = None
+        if self.i < len(self.items):
+            self.next = (side_copy(self.items[self.i], self.device, self.side), self.side.record_event())
+            self.i += 1
+
+    def take(self) -> torch.Tensor:
+        """The next item on the device, ready for the current stream to use."""
+        if self.i == 0:
+            self._fetch()
+        x, ready = self.next
+        main = torch.cuda.current_stream(self.device)
+        self.queued.append(main.record_event())
+        while len(self.queued) > self.AHEAD:
+            self.queued.popleft().synchronize()
+        main.wait_event(ready)
+        self._fetch()
+        return x
+
+
+class _Copier:
+    """The chunks of :func:`run_block`, taken in order: views of ``states`` and ``out`` where they
+    live on the device the module runs on; where they live in (pinned) host memory and the module
+    on a GPU, copies on a side stream that overlap the module's compute: the next chunk comes in
+    while this one runs (:class:`Prefetch`), and outputs go back while the next one runs."""
 
     def __init__(self, states: torch.Tensor, out: torch.Tensor | None, device: torch.device | None, chunk: int):
         self.states, self.out, self.chunk = states, out, chunk
         self.device = device if device is not None and states.device != device else None
         self.side = side_stream(self.device) if self.device is not None and self.device.type == "cuda" else None
-        self.next: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
-        self.queued: deque = deque()  # per chunk handed out: an event after the work queued before it
-
-    def _fetch(self, r0: int) -> None:
-        if r0 >= self.states.shape[0]:
-            self.next = None
-            return
-        x = side_copy(self.states[r0:r0 + self.chunk], self.device, self.side)
-        self.next = (r0, x, self.side.record_event())
+        self.rows = (Prefetch([states[r0:r0 + chunk] for r0 in range(0, states.shape[0], chunk)], self.device)
+                     if self.side is not None else None)
 
     def rows_in(self, r0: int) -> torch.Tensor:
         if self.device is None:
             return self.states[r0:r0 + self.chunk]
         if self.side is None:
             return self.states[r0:r0 + self.chunk].to(self.device)
-        if self.next is None or self.next[0] != r0:
-            self._fetch(r0)
-        _, x, ready = self.next
-        main = torch.cuda.current_stream(self.device)
-        self.queued.append(main.record_event())
-        while len(self.queued) > self.AHEAD:
-            self.queued.popleft().synchronize()
-        main.wait_event(ready)
-        self._fetch(r0 + self.chunk)
-        return x
+        return self.rows.take()
 
     def rows_out(self, r0: int, y: torch.Tensor) -> None:
         dst = self.out[r0:r0 + self.chunk]

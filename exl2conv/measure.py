@@ -72,7 +72,8 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     of the module's linears, from one pass over ``states`` (spec 3.2). For an MoE block, the
     experts' calibration coverage is counted too and handed to ``on_coverage`` (an
     :class:`ExpertCoverage`) when given. device: where the module runs when ``states`` live in
-    host memory (the Hessians are kept there)."""
+    host memory (the Hessians are accumulated there; all but the first linear's then move to
+    pinned host memory until the caller moves each back for its turn)."""
     hess = hessians_for(specs, device or states.device)
     accumulators: dict = dict(hess)
     cov = None
@@ -86,6 +87,11 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
         raise nonfinite_error(f"{name} output" if name else f"{kind} output")
     if cov is not None and on_coverage is not None:
         on_coverage(cov)
+    if device is not None and device != states.device:  # all but the first wait in host memory for their turn
+        first = next(iter(specs.values())).hessian_input
+        for src, h in hess.items():
+            if src != first:
+                h.to("cpu")
     return y_ref, hess
 
 
@@ -133,11 +139,6 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     dev = device or states.device
     host_codes = dev != states.device
     y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
-    if host_codes:  # the Hessians wait in host memory until their linears' turn
-        first = next(iter(specs.values())).hessian_input
-        for src, h in hess.items():
-            if src != first:
-                h.to("cpu")
     preps = {}
 
     cols = column_keys(kind, specs)

@@ -374,12 +374,17 @@ def states_mode() -> str:
     return mode
 
 
+def states_bytes(ctx: Context, which: str) -> int:
+    """The size of a pass's float32 calibration states (``which``: "measure" or "quant")."""
+    rows, length = load_ids(ctx, which).shape
+    return rows * length * ctx.cfg.hidden_size * 4
+
+
 def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
     """Where a pass keeps its calibration states (with the measurement's reference outputs:
     ``nbytes`` bytes in all): on the compute device, or in host memory when they would take more
-    than :data:`STATES_GPU_BYTES`
-    (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns the device and, for host
-    memory, why."""
+    than :data:`STATES_GPU_BYTES` (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns
+    the device and, for host memory, why."""
     mode = states_mode()
     if ctx.device.type != "cuda" or mode == "gpu":
         return ctx.device, None
@@ -442,8 +447,7 @@ def _checkpoint_due(ctx: Context, last: float) -> bool:
 def stage_measure(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Measuring quantization impact...")
-    ids_shape = load_ids(ctx, "measure").shape
-    nbytes = ids_shape[0] * ids_shape[1] * ctx.cfg.hidden_size * 4
+    nbytes = states_bytes(ctx, "measure")
     # the states and the reference outputs, two such tensors
     home, why = states_home(ctx, 2 * nbytes)
     if why is not None:
@@ -670,8 +674,7 @@ def save_linear(ctx: Context):
 def stage_quant(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Quantizing...")
-    ids_shape = load_ids(ctx, "quant").shape
-    nbytes = ids_shape[0] * ids_shape[1] * ctx.cfg.hidden_size * 4
+    nbytes = states_bytes(ctx, "quant")
     home, why = states_home(ctx, nbytes)
     if why is not None:
         ctx.rep.info(f"Calibration states ({nbytes / 2**30:.2f} GiB) kept in host memory ({why}): every module "

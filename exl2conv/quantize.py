@@ -94,11 +94,6 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     dev = device or states.device
     _, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage,
                              keep_output=False, device=dev)
-    if dev != states.device:  # the Hessians wait in host memory until their linears' turn
-        first = next(iter(specs.values())).hessian_input
-        for src, h in hess.items():
-            if src != first:
-                h.to("cpu")
     preps: dict[str, Prepared] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)

@@ -107,7 +107,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     inputs = []
     with torch.no_grad():
         for i in range(layers):
-            inputs.append(x.to(store, non_blocking=True) if store.type == "cpu" and x.is_cuda else x)
+            inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
             for j, part in enumerate(("attn", "mlp")):
                 x, _ = block_forward(part, x, load(i, part), cfg, rope)
                 if check:
