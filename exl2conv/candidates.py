@@ -40,7 +40,8 @@ class _Recorder:
         self.io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
-        y = F.linear(x, w[key], w.get(f"{key}.bias"))
+        # a weight held in 2 bytes (measure.compact_linears) is widened exactly, for this product only
+        y = F.linear(x, w[key].to(x.dtype), w.get(f"{key}.bias"))
         self.io[key] = (x, y)
         return y
 
@@ -82,7 +83,8 @@ def _unique_bytes(io: dict) -> int:
 class CandidateScorer:
     """Scores candidate weights of one module against its reference outputs.
 
-    states: ``[R, L, H]`` module inputs; w: the module's unquantized float32 weights; linears: the
+    states: ``[R, L, H]`` module inputs; w: the module's unquantized weights (float32, or a
+    linear's held exactly in float16 or bfloat16, :func:`measure.compact_linears`); linears: the
     keys of ``w`` that candidates replace (or those keys' specs); a trial gives each such key a
     tensor or a :class:`gptq.Coded` weight; y_ref: ``[R, L, H]`` reference
     outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False
@@ -182,8 +184,11 @@ class CandidateScorer:
         return self._dense(src).to(torch.float32)
 
     def _delta(self, key: str, src, codes: "_Codes | None" = None) -> torch.Tensor:
+        dense, base = self._dense(src, codes), self.w[key]
+        if base.dtype != torch.float32:  # parked in 2 bytes: a float16 difference would round
+            return dense.to(torch.float32).sub_(base).to(self.low)
         # the subtraction widens a float16 candidate exactly: no float32 copy of it first
-        return torch.sub(self._dense(src, codes), self.w[key]).to(self.low)
+        return torch.sub(dense, base).to(self.low)
 
     def _chunk_errors(self, x: torch.Tensor, y_ref: torch.Tensor, recorded: tuple[dict, dict], trial: dict,
                       delta: dict) -> torch.Tensor:

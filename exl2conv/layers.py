@@ -55,11 +55,16 @@ def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: 
     return mods
 
 
-def padded_wt(w: torch.Tensor, spec: LinearSpec, perm: torch.Tensor | None = None) -> torch.Tensor:
+def padded_wt(w: torch.Tensor, spec: LinearSpec, perm: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """HF weight ``[out, in]`` -> ``Wt`` ``[K, N]`` float32 with zero columns up to the padded N;
     with ``perm`` (on ``w``'s device), its rows in that order (``Wt[perm]``), gathered a slice at a
-    time (no whole-size temporary)."""
-    wt = torch.zeros(spec.in_features, spec.padded_out, dtype=torch.float32, device=w.device)
+    time (no whole-size temporary); written into ``out`` when given."""
+    if out is None:
+        wt = torch.zeros(spec.in_features, spec.padded_out, dtype=torch.float32, device=w.device)
+    else:
+        wt = out
+        wt[:, spec.out_features:] = 0
     if perm is None:
         wt[:, : spec.out_features] = w.T.to(torch.float32)
         return wt
@@ -239,6 +244,21 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     if key not in _SIDE:
         _SIDE[key] = torch.cuda.Stream(key)
     return _SIDE[key]
+
+
+def release_cached(device: torch.device) -> None:
+    """Hands the allocators' cached, unused memory back at a stage's end: the GPU's (the next
+    stage's peak is then its own) and PyTorch's pinned host blocks, which it keeps for reuse in
+    power-of-two sizes that one stage's buffers rarely share with the next's (kept, a 32-layer
+    Llama-2-7B job's peak RSS was the sum of its stages': 18.9 GiB)."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return
+    torch.cuda.synchronize(device)  # every pending copy done: its pinned block can go
+    torch.cuda.empty_cache()
+    accel = getattr(torch, "accelerator", None)
+    host = getattr(accel, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if host is not None:
+        host()
 
 
 def side_copy(src: torch.Tensor, device: torch.device, side: torch.cuda.Stream) -> torch.Tensor:

@@ -26,7 +26,7 @@ from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
                           measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
-from exl2conv.layers import Module, error_weight, grad_attention_mode, module_list, run_block
+from exl2conv.layers import Module, error_weight, grad_attention_mode, module_list, release_cached, run_block
 from exl2conv.measure import check_finite, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
@@ -169,8 +169,12 @@ class Context:
         return max(1, int(budget // (length * width * 4 * 4)))
 
     def layer_weights(self, mod: Module) -> tuple[dict, dict]:
+        """A module's weights and its linears' specs. On a GPU the linears' weights stay in their
+        2-byte source dtype (not for MoE blocks, whose experts' candidates are handled apart):
+        GPTQ and the forwards widen them exactly where they need float32."""
         part = "attn" if mod.kind == "attn" else "mlp"
-        w = forward.load_layer_weights(self.weights, self.cfg, mod.layer, part, self.device)
+        compact = self.device.type == "cuda" and not arch.spec_of(self.cfg).moe
+        w = forward.load_layer_weights(self.weights, self.cfg, mod.layer, part, self.device, compact)
         return w, arch.layer_linears(self.cfg, mod.layer, part)
 
     def next_norm_weight(self, mod: Module) -> torch.Tensor:
@@ -711,6 +715,7 @@ def stage_quant(ctx: Context) -> None:
             elif mod.kind == "norm":
                 bar.update(1)  # the head applies the final norm (it may tweak it first)
             else:
+                release_cached(ctx.device)  # the head's large buffers start from a clean slate
                 record.update(quantize_head(ctx, states, save, stream))
                 states = stream = None
                 bar.update(1, ppl=f"{record['ppl']:.3f}")
@@ -735,8 +740,12 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     spec = arch.head_spec(cfg, ctx.weights)
     norm_name = arch.final_norm_tensor(cfg)
     g = forward.load_norm(ctx.weights, cfg, norm_name, ctx.device)
-    w = ctx.weights.get(spec.tensor, dtype=torch.float32, device=ctx.device)
     dev = ctx.device
+    # on a GPU in its own 2-byte dtype (a 7B head is 0.5 GiB in float32): GPTQ and the forwards
+    # widen it exactly where they need float32
+    src = ctx.weights.source_dtype(spec.tensor)
+    small = dev.type == "cuda" and src in (torch.float16, torch.bfloat16)
+    w = ctx.weights.get(spec.tensor, dtype=src if small else torch.float32, device=dev)
     h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
         h.add(forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps))
@@ -1057,6 +1066,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
             stage = job.stage
             t0 = time.monotonic()
             STAGES[stage](ctx)
+            release_cached(ctx.device)
             faults.point("stage")
             times = dict(job["times"] or {})
             times[stage.value] = times.get(stage.value, 0.0) + time.monotonic() - t0

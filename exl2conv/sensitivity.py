@@ -46,14 +46,15 @@ def rows_for(ids: torch.Tensor, hidden: int, layers: int) -> int:
     return max(1, min(rows, by_tokens, by_bytes))
 
 
-STORE_GPU_BYTES = 1 << 30   # layer inputs kept on the GPU, at most (else in host memory)
+STORE_GPU_BYTES = 256 << 20  # layer inputs kept on the GPU, at most (else in host memory)
 
 
 def _store_device(device: torch.device, nbytes: int) -> torch.device:
     """The layer inputs stay on the accelerator when they take at most :data:`STORE_GPU_BYTES`
-    and a quarter of its free memory. A 32-layer Llama-2-7B stores 3 GiB (3 rows of 2048 tokens
+    and a quarter of its free memory. A 32-layer Llama-2-7B stores 4 GiB (4 rows of 2048 tokens
     per layer): on the GPU they were the whole job's peak (6.0 GiB, against 3.2 GiB for the
-    rest); each is read back once, so host memory costs little."""
+    rest), and a 4-layer one's 0.5 GiB made this stage's peak (2.5 GiB) the measurement job's;
+    each is read back once, so host memory costs little."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if nbytes <= min(STORE_GPU_BYTES, free // 4):

@@ -49,7 +49,10 @@ CPU_TOKENS = 512   # on a CPU: every step is a forward and a backward, ~100x the
 WORK = TOKENS * 4_000_000
 STEPS = 30
 LR = 2e-3
-HEAD_TOKENS = 2048  # positions per head forward (bounds the [T, vocab] logits)
+# positions per head forward: bounds the [T, vocab] log-probabilities a step holds (about six of
+# them with the backward's; at 2048 positions a Llama-2-7B head's were 1.25 GiB, the quantization
+# pass's peak)
+HEAD_TOKENS = 512
 
 
 def enabled() -> bool:

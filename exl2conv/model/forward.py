@@ -253,7 +253,12 @@ def _linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
     hook = w.get(LINEAR_HOOK)
     if hook is not None:  # the measurement's corrected candidate forwards (exl2conv.candidates)
         return hook(x, w, key)
-    return F.linear(x, w[key], w.get(f"{key}.bias"))
+    weight = w[key]
+    if weight.dtype != x.dtype and weight.element_size() < x.element_size():
+        # a weight held in 2 bytes while it waits (measure.compact_linears): widened exactly, for
+        # this product only
+        weight = weight.to(x.dtype)
+    return F.linear(x, weight, w.get(f"{key}.bias"))
 
 
 def _attn_mask(cfg: ModelConfig, length: int, device, layer: int | None = None) -> torch.Tensor | None:
@@ -444,12 +449,14 @@ def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> t
 
 
 def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
-                       device=None) -> dict[str, torch.Tensor]:
+                       device=None, compact: bool = False) -> dict[str, torch.Tensor]:
     """The f32 tensors :func:`attention` (part "attn") or :func:`mlp` (part "mlp") needs for
     layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
     of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
     architecture has them, an MoE router [E, H] (under its short name, "gate"), and the layer
-    index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>"."""
+    index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
+    ``compact``: the linears' weights in their source dtype where that is float16 or bfloat16
+    (half the memory; the forward widens them exactly, one product at a time)."""
     w: dict = {LAYER: i}
     for name in norm_tensors(cfg, i, part):
         w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
@@ -457,7 +464,9 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     if router:
         w[spec_of(cfg).moe_router] = index.get(router, device=device)
     for short, lin in layer_linears(cfg, i, part).items():
-        w[short] = index.get(lin.tensor, device=device, rows=lin.rows)
+        src = index.source_dtype(lin.tensor)
+        dtype = src if compact and src in (torch.float16, torch.bfloat16) else torch.float32
+        w[short] = index.get(lin.tensor, dtype=dtype, device=device, rows=lin.rows)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device)
     if part == "attn":

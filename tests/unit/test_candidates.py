@@ -101,3 +101,48 @@ def test_table_scoring_chunk_by_chunk_gives_the_same_bits(tmp_path, part, low, w
     assert torch.equal(got, want)
     assert torch.equal(table.errors(trials[1]), want[1])  # and once more, recording again
     assert want.min() > 0
+
+
+def test_compact_linears_holds_each_weight_exactly_in_two_bytes():
+    from exl2conv.measure import compact_linears
+
+    g = torch.Generator().manual_seed(1)
+    w = {"a": torch.randn(8, 16, generator=g).half().float(),        # a float16 source
+         "b": torch.randn(8, 16, generator=g).bfloat16().float() * 2.0 ** 20,  # bfloat16 beyond float16
+         "c": torch.randn(8, 16, generator=g),                        # float32: left as it is
+         "n": torch.randn(16, generator=g).half().float()}            # not a linear: not touched
+    want = {k: v.clone() for k, v in w.items()}
+    compact_linears(w, ["a", "b", "c"])
+    assert (w["a"].dtype, w["b"].dtype, w["c"].dtype, w["n"].dtype) == (
+        torch.float16, torch.bfloat16, torch.float32, torch.float32)
+    for k in w:
+        assert torch.equal(w[k].float(), want[k])
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+@pytest.mark.parametrize("low", [torch.float32, torch.bfloat16])
+def test_scoring_with_compact_weights_gives_the_same_bits(tmp_path, part, low):
+    """The measurement parks a module's linears in float16 after its reference pass
+    (measure.compact_linears); the recording and the corrections widen them exactly, so every
+    error is bit for bit what the float32 weights give."""
+    from exl2conv.measure import compact_linears
+
+    src = make_tiny_llama(tmp_path / "m", seed=6, hidden=64, intermediate=128, layers=2)
+    cfg, w, specs = module(src, part)
+    g = torch.Generator().manual_seed(8)
+    states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
+    rope = forward.RotaryCache(cfg)
+    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
+    weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
+    keys = list(specs)
+    trials = [{**w, **{k: v.half() for k, v in perturbed(w, keys, scale, seed).items() if k in keys}}
+              for seed, scale in enumerate((0.3, 0.03))]
+    small = dict(w)
+    compact_linears(small, keys)
+    assert all(small[k].dtype == torch.float16 for k in keys)
+    full = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low, table=True)
+    half = CandidateScorer(part, states, small, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
+                           table=True)
+    want = full.errors_table(trials)
+    assert want.min() > 0
+    assert torch.equal(half.errors_table([{**small, **{k: t[k] for k in keys}} for t in trials]), want)

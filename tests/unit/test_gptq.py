@@ -163,6 +163,12 @@ def test_passes_of_any_size_give_the_same_bits():
             assert torch.equal(a.codes, b.codes) and torch.equal(a.q, b.q)
             assert torch.equal(a.qs, b.qs) and torch.equal(a.qscale_max, b.qscale_max)
     assert torch.equal(wt, make_problem(416, 64, seed=5)[0])  # the input is left alone
+    # a Filler (each pass fills its candidates' rows itself, in permuted order) gives the same bits
+    perm = prep.perm
+    filler = gptq.Filler(tuple(wt.shape), wt.device, lambda out: out.copy_(wt[perm]))
+    got = [r for batch in gptq.quantize_batches(filler, prep, cands, max_bytes=2 * per) for r in batch]
+    for a, b in zip(whole, got):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.q, b.q)
 
 
 def test_batch_sizes_are_balanced():
@@ -199,6 +205,9 @@ def test_padded_wt_in_permuted_order_equals_permuting_after():
     spec = SimpleNamespace(in_features=96, out_features=40, padded_out=64)
     perm = torch.randperm(96, generator=torch.Generator().manual_seed(3))
     assert torch.equal(padded_wt(w, spec, perm), padded_wt(w, spec)[perm])
+    out = torch.full((96, 64), float("nan"))  # written whole, the padding columns zeroed
+    assert padded_wt(w.half(), spec, perm, out) is out
+    assert torch.equal(out, padded_wt(w.half().float(), spec)[perm])
 
 
 def test_coded_to_host_is_the_same_weight():

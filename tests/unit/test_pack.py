@@ -245,7 +245,13 @@ def make_linear(layout: QParams, k: int, n: int, seed: int, bias: bool = False):
 @pytest.mark.parametrize("layout", [
     qp((8, 32, 0.05), (6, 32, 0.1), (5, 32, 0.85)), qp((3, 64, 0.05), (2, 64, 0.95)), HEAD_OPTIONS[6],
 ], ids=lambda q: q.desc)
-def test_pack_linear_then_decode_equals_direct_dequant(layout):
+@pytest.mark.parametrize("slice_bytes", [32 << 20, 1], ids=["whole", "unit-slices"])
+def test_pack_linear_then_decode_equals_direct_dequant(layout, slice_bytes, monkeypatch):
+    """decode_linear works a slice of packing units at a time (one unit per slice at the
+    smallest): the same values as a direct dequantization of the whole."""
+    import exl2conv.pack as pack
+
+    monkeypatch.setattr(pack, "_DECODE_BYTES", slice_bytes)
     k, n = 320, 96
     groups, codes, qs, qsm, perm, invperm, bias = make_linear(layout, k, n, seed=5, bias=True)
     t = pack_linear(codes, qs, qsm, groups, invperm, bias)
