@@ -96,6 +96,18 @@ class Prepared:
         return torch.argsort(self.perm)
 
 
+RELEASE_BYTES = 256 << 20
+
+
+def release_unused(dev: torch.device) -> None:
+    """Unmaps the GPU memory that the caching allocator holds unused, when that is at least
+    :data:`RELEASE_BYTES` (a sync and fresh mappings after it: not worth it for small layers):
+    buffers of other sizes than the next phase's would otherwise sit beside its own, and add to
+    the peak reserved memory."""
+    if dev.type == "cuda" and torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) >= RELEASE_BYTES:
+        torch.cuda.empty_cache()
+
+
 def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
     """Act-order permutation and damped inverse Cholesky factor of a normalized Hessian ``[K, K]``,
     or of a :class:`Hessian` accumulator, which is then normalized in place and spent (its matrix
@@ -143,11 +155,7 @@ def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
                 pass
         del hinv
         if u is not None and torch.isfinite(u).all():
-            if dev.type == "cuda":
-                # the freed [K, K] temporaries leave a hole that GPTQ's larger pass buffers cannot
-                # use: unmapped, a Llama-2-7B down_proj's no longer adds 0.45 GiB to the peak
-                # reserved memory
-                torch.cuda.empty_cache()
+            release_unused(dev)  # the freed [K, K] temporaries: 0.9 GiB for a Llama-2-7B down_proj
             return Prepared(perm=perm, u=u)
         hp = keep.to(dev, non_blocking=True)
     raise Exl2Error(f"{name}: the Hessian is not invertible even after {DAMP_RETRIES} rounds of damping; "
@@ -400,6 +408,9 @@ class Filler:
     shape: tuple[int, int]
     device: torch.device
     fill: Callable[[torch.Tensor], None]
+    # float32 storage that every pass works in, when large enough: a pass's results are then
+    # valid only until the next pass is asked for (the measurement takes each pass's codes at once)
+    buffer: torch.Tensor | None = None
 
 
 def quantize_batches(wt: "torch.Tensor | Filler", prep: Prepared, candidates: list[QParams],
@@ -418,7 +429,10 @@ def quantize_batches(wt: "torch.Tensor | Filler", prep: Prepared, candidates: li
     if isinstance(wt, Filler):
         for c0 in range(0, len(candidates), size):
             part = candidates[c0:c0 + size]
-            w = torch.empty((len(part), k, n), dtype=torch.float32, device=wt.device)
+            if wt.buffer is not None and wt.buffer.numel() >= len(part) * k * n:
+                w = wt.buffer[:len(part) * k * n].view(len(part), k, n)
+            else:
+                w = torch.empty((len(part), k, n), dtype=torch.float32, device=wt.device)
             for c in range(len(part)):
                 wt.fill(w[c])
             yield _gptq_pass(w, prep, perm, part, keep_codes)

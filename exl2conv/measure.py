@@ -116,16 +116,17 @@ def compact_linears(w: dict, keys) -> None:
         w[key] = compact(w[key])
 
 
-def _release(dev: torch.device) -> None:
-    """Unmaps the GPU memory cached but unused between the phases of a module's measurement,
-    whose buffers differ in size: reused across phases, the cache fragments, and the job's peak
-    reserved memory on a 4-layer Llama-2-7B was 0.45 GiB over its peak allocated (2.24 GiB)."""
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+def pass_buffer(specs: dict[str, LinearSpec], counts: dict[str, int], device) -> torch.Tensor:
+    """float32 storage for the largest GPTQ pass of a module's linears (``counts``: candidates
+    per linear), allocated once for them all: passes of one size after another, and the [K, K]
+    factors made between them, then never take each other's place in the cache."""
+    numel = max(gptq.batch_size(spec.in_features, spec.padded_out, counts[key], False, gptq.GPTQ_BYTES)
+                * spec.in_features * spec.padded_out for key, spec in specs.items())
+    return torch.empty(numel, dtype=torch.float32, device=device)
 
 
 def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list, host: bool,
-                         host_codes: bool = False) -> list:
+                         host_codes: bool = False, buffer: torch.Tensor | None = None) -> list:
     """Every setting of ``qparams`` applied to one linear (``w``: its ``[out, in]`` weight) by GPTQ,
     a pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
     quarter of float32; with ``host_codes`` their codes in pinned host memory), or with ``host``
@@ -136,7 +137,8 @@ def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qpar
     perm = prep.perm.to(w.device)
     invperm = torch.argsort(perm)
     # each pass fills its candidates with the padded weight in permuted row order
-    source = Filler((spec.in_features, spec.padded_out), w.device, lambda out: padded_wt(w, spec, perm, out))
+    source = Filler((spec.in_features, spec.padded_out), w.device, lambda out: padded_wt(w, spec, perm, out),
+                    buffer)
     for batch in quantize_batches(source, prep, qparams, keep_codes=False, max_bytes=gptq.GPTQ_BYTES):
         for res in batch:
             if host:  # dequantized values are exact in float16
@@ -174,7 +176,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     if dev.type == "cuda" and not moe:
         compact_linears(w, specs)
     preps = {}
-    _release(dev)  # the reference pass's buffers, before the GPTQ passes map their own
+    gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
 
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
@@ -182,20 +184,32 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     bits: dict[str, list[int]] = {}
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
+    buffer = None
+    if dev.type == "cuda" and not moe:
+        # every factor first, then one pass buffer for all the linears' passes: no [K, K]
+        # temporaries made between passes, nothing taking the place of a freed pass (an MoE
+        # block's many experts are prepared one at a time: their factors would not fit)
+        for spec in specs.values():
+            if spec.hessian_input not in preps:
+                preps[spec.hessian_input] = prepare(hess.pop(spec.hessian_input).to(dev),
+                                                    f"{name} ({spec.hessian_input})")
+        gptq.release_unused(dev)
+        buffer = pass_buffer(specs, {key: len(distinct[column[key]]) for key in specs}, dev)
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
             preps[src] = prepare(hess.pop(src).to(dev), f"{name} ({src})")
         candidates[key] = quantized_candidates(w[key], spec, preps[spec.hessian_input], distinct[column[key]], moe,
-                                               host_codes)
+                                               host_codes, buffer)
         bits[key] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias)
                      for q in distinct[column[key]]]
         if last_user[spec.hessian_input] == key:
             del preps[spec.hessian_input]  # a down_proj's factor is 0.45 GiB on Llama-2-7B
+    del buffer
 
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)
-    _release(dev)  # the GPTQ passes' buffers, before the scoring's
+    gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
     scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,

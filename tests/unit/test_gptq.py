@@ -169,6 +169,16 @@ def test_passes_of_any_size_give_the_same_bits():
     got = [r for batch in gptq.quantize_batches(filler, prep, cands, max_bytes=2 * per) for r in batch]
     for a, b in zip(whole, got):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.q, b.q)
+    # every pass in one buffer: each pass's results, taken before the next, are the same bits
+    buffer = torch.empty(2 * 416 * 64)
+    filler = gptq.Filler(tuple(wt.shape), wt.device, lambda out: out.copy_(wt[perm]), buffer)
+    i = 0
+    for batch in gptq.quantize_batches(filler, prep, cands, max_bytes=2 * per):
+        for b in batch:
+            assert b.q.data_ptr() >= buffer.data_ptr()  # worked in the buffer
+            assert torch.equal(whole[i].codes, b.codes) and torch.equal(whole[i].q, b.q)
+            i += 1
+    assert i == len(cands)
 
 
 def test_batch_sizes_are_balanced():
