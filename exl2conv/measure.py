@@ -116,13 +116,12 @@ def compact_linears(w: dict, keys) -> None:
         w[key] = compact(w[key])
 
 
-def pass_buffer(specs: dict[str, LinearSpec], counts: dict[str, int], device) -> torch.Tensor:
-    """float32 storage for the largest GPTQ pass of a module's linears (``counts``: candidates
-    per linear), allocated once for them all: passes of one size after another, and the [K, K]
-    factors made between them, then never take each other's place in the cache."""
-    numel = max(gptq.batch_size(spec.in_features, spec.padded_out, counts[key], False, gptq.GPTQ_BYTES)
-                * spec.in_features * spec.padded_out for key, spec in specs.items())
-    return torch.empty(numel, dtype=torch.float32, device=device)
+def pass_numel(specs: dict[str, LinearSpec], counts: dict[str, int]) -> int:
+    """float32 elements of the largest GPTQ pass of a module's linears (``counts``: candidates
+    per linear): the measurement's one pass buffer for them all, so that passes of one size after
+    another, and the [K, K] factors made between them, never take each other's place in the cache."""
+    return max(gptq.batch_size(spec.in_features, spec.padded_out, counts[key], False, gptq.GPTQ_BYTES)
+               * spec.in_features * spec.padded_out for key, spec in specs.items())
 
 
 def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list, host: bool,
@@ -176,13 +175,16 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     if dev.type == "cuda" and not moe:
         compact_linears(w, specs)
     preps = {}
-    gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
-
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
+    column = {key: cols.index(spec.short) for key, spec in specs.items()}
+    counts = {key: len(distinct[column[key]]) for key in specs}
+    # a module whose passes are large unmaps the cache between its phases (gptq.release_unused)
+    large = dev.type == "cuda" and pass_numel(specs, counts) * 4 >= gptq.RELEASE_BYTES
+    if large:
+        gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
     bits: dict[str, list[int]] = {}
-    column = {key: cols.index(spec.short) for key, spec in specs.items()}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     buffer = None
     if dev.type == "cuda" and not moe:
@@ -193,8 +195,9 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             if spec.hessian_input not in preps:
                 preps[spec.hessian_input] = prepare(hess.pop(spec.hessian_input).to(dev),
                                                     f"{name} ({spec.hessian_input})")
-        gptq.release_unused(dev)
-        buffer = pass_buffer(specs, {key: len(distinct[column[key]]) for key in specs}, dev)
+        if large:
+            gptq.release_unused(dev)
+        buffer = torch.empty(pass_numel(specs, counts), dtype=torch.float32, device=dev)
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
@@ -209,7 +212,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
 
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)
-    gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
+    if large:
+        gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
     scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,

@@ -49,10 +49,19 @@ CPU_TOKENS = 512   # on a CPU: every step is a forward and a backward, ~100x the
 WORK = TOKENS * 4_000_000
 STEPS = 30
 LR = 2e-3
-# positions per head forward: bounds the [T, vocab] log-probabilities a step holds (about six of
-# them with the backward's; at 2048 positions a Llama-2-7B head's were 1.25 GiB, the quantization
-# pass's peak)
-HEAD_TOKENS = 512
+# Positions per head forward in the final norm's fit: at most HEAD_TOKENS (a step holds about six
+# [T, vocab] float32 tensors with the backward's: 1.25 GiB for a Llama-2-7B head at 2048, its
+# quantization pass's peak), at least HEAD_MIN_TOKENS, and no more spans than HEAD_SPANS where
+# that allows (each span is a few dozen kernel launches per step).
+HEAD_TOKENS = 2048
+HEAD_MIN_TOKENS = 512
+HEAD_SPANS = 16
+
+
+def head_span(n: int) -> int:
+    """Positions per head forward for a fit on ``n`` positions: SmolLM2's 16 rows of 2048 go
+    2048 at a time, a Llama-2-7B's one row 512 at a time."""
+    return min(HEAD_TOKENS, max(HEAD_MIN_TOKENS, -(-n // HEAD_SPANS)))
 
 
 def enabled() -> bool:
@@ -172,7 +181,8 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
     xq = x_q.reshape(-1, x_q.shape[-1])
     xf = x.reshape(-1, x.shape[-1])
     n = xq.shape[0]
-    spans = range(0, n, HEAD_TOKENS)
+    span = head_span(n)
+    spans = range(0, n, span)
 
     def logp(h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         with module_matmuls(h.device):
@@ -184,8 +194,8 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
             # recomputed every step: kept, the reference log-probabilities would take tokens x vocab
             # floats (6.4 GB for SmolLM2's 16 rows)
             with torch.no_grad():
-                ref = logp(xf[t:t + HEAD_TOKENS], g0, head)
-            kl = (ref.exp() * (ref - logp(xq[t:t + HEAD_TOKENS], g, head_q))).sum() / n
+                ref = logp(xf[t:t + span], g0, head)
+            kl = (ref.exp() * (ref - logp(xq[t:t + span], g, head_q))).sum() / n
             with grad_pass(xq.device):
                 kl.backward()
             total += kl.detach().double()

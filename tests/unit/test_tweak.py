@@ -96,3 +96,13 @@ def test_adam_takes_torch_adams_steps():
         ref.step()
         assert torch.equal(ours, theirs)
     assert float(ours.abs().max()) > 0
+
+
+def test_final_norm_spans():
+    """The final norm's fit goes through its positions in spans: SmolLM2's 16 rows of 2048 in 16
+    spans of 2048, a Llama-2-7B's one row in 4 of 512, never over 2048 or under 512 (but for
+    fewer positions in all)."""
+    from exl2conv.tweak import head_span
+
+    assert head_span(16 * 2048) == 2048 and head_span(2048) == 512
+    assert head_span(64 * 2048) == 2048 and head_span(100) == 512 and head_span(12000) == 750
