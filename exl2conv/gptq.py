@@ -103,8 +103,9 @@ def release_unused(dev: torch.device) -> None:
     """Unmaps the GPU memory that the caching allocator holds unused, when that is at least
     :data:`RELEASE_BYTES`: buffers of other sizes than the next phase's would otherwise sit beside
     its own, and add to the peak reserved memory. It costs a sync and fresh mappings after it:
-    callers use it only around buffers of that size (done per module of SmolLM2-135M, whose
-    tweak's activations were the unused memory, it slowed the job from 48 to 58 s)."""
+    callers use it only around buffers of that size (done after every factor of SmolLM2-135M,
+    whose norm fits leave that much unused, it is the suspected cause of its job's slowdown from
+    48 to 58 s: docs/performance.md, session 10)."""
     if dev.type == "cuda" and torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) >= RELEASE_BYTES:
         torch.cuda.empty_cache()
 
