@@ -40,7 +40,7 @@ class _Recorder:
         self.io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
-        # a weight held in 2 bytes (measure.compact_linears) is widened exactly, for this product only
+        # a weight held in 2 bytes (WeightIndex.held_dtype) is widened exactly, for this product only
         y = F.linear(x, w[key].to(x.dtype), w.get(f"{key}.bias"))
         self.io[key] = (x, y)
         return y
@@ -84,7 +84,7 @@ class CandidateScorer:
     """Scores candidate weights of one module against its reference outputs.
 
     states: ``[R, L, H]`` module inputs; w: the module's unquantized weights (float32, or a
-    linear's held exactly in float16 or bfloat16, :func:`measure.compact_linears`); linears: the
+    linear's held in its float16 or bfloat16 source dtype, :meth:`WeightIndex.held_dtype`); linears: the
     keys of ``w`` that candidates replace (or those keys' specs); a trial gives each such key a
     tensor or a :class:`gptq.Coded` weight; y_ref: ``[R, L, H]`` reference
     outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False

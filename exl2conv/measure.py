@@ -95,27 +95,6 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     return y_ref, hess
 
 
-def compact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as an equal float16 (else bfloat16) tensor where one holds it exactly (a float16 or
-    bfloat16 source's weights always do), else ``t`` itself."""
-    if t.dtype != torch.float32:
-        return t
-    for dtype in (torch.float16, torch.bfloat16):
-        small = t.to(dtype)
-        if torch.equal(small.to(torch.float32), t):
-            return small
-    return t
-
-
-def compact_linears(w: dict, keys) -> None:
-    """Replaces each of ``w``'s linear weights ``keys`` by :func:`compact`'s: half the memory while
-    they wait for the candidates' scoring or the reference outputs, which widen them exactly where
-    they need float32 (a Llama-2-7B MLP's three are 0.54 GiB in float32, held through its GPTQ
-    passes)."""
-    for key in keys:
-        w[key] = compact(w[key])
-
-
 def pass_numel(specs: dict[str, LinearSpec], counts: dict[str, int]) -> int:
     """float32 elements of the largest GPTQ pass of a module's linears (``counts``: candidates
     per linear): the measurement's one pass buffer for them all, so that passes of one size after
@@ -154,9 +133,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
                    on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None
                    ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
     """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
-    float32 weights by name (HF orientation; on a GPU its linears are replaced by equal 2-byte
-    tensors after the reference pass, :func:`compact_linears`); specs: its linears
-    (:func:`arch.layer_linears`);
+    weights by name (HF orientation; float32, or a linear in its 2-byte source dtype,
+    :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
     err_weight: channel weights of the output error (:func:`layers.error_weight`);
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);
@@ -172,8 +150,6 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     host_codes = dev != states.device
     y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
     moe = is_moe(specs)
-    if dev.type == "cuda" and not moe:
-        compact_linears(w, specs)
     preps = {}
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])

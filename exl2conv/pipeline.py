@@ -743,9 +743,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     dev = ctx.device
     # on a GPU in its own 2-byte dtype (a 7B head is 0.5 GiB in float32): GPTQ and the forwards
     # widen it exactly where they need float32
-    src = ctx.weights.source_dtype(spec.tensor)
-    small = dev.type == "cuda" and src in (torch.float16, torch.bfloat16)
-    w = ctx.weights.get(spec.tensor, dtype=src if small else torch.float32, device=dev)
+    w = ctx.weights.get(spec.tensor, dtype=ctx.weights.held_dtype(spec.tensor, dev.type == "cuda"), device=dev)
     h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
         h.add(forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps))

@@ -13,7 +13,7 @@ from exl2conv import tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, prepare, quantize_batches
 from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
-from exl2conv.measure import check_finite, compact_linears, module_name, reference_pass
+from exl2conv.measure import check_finite, module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, pack_linear
 from exl2conv.qparams import QParams
@@ -90,14 +90,11 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
 
     The outputs overwrite ``states`` (chunk by chunk), and the unquantized outputs are recomputed
     beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three.
-    device: where the module runs when ``states`` live in host memory (chunks are copied in and out);
-    on a GPU, ``w``'s linears are replaced by equal 2-byte tensors after the reference pass
-    (:func:`measure.compact_linears`)."""
+    device: where the module runs when ``states`` live in host memory (chunks are copied in and out).
+    ``w``'s linears may be in their 2-byte source dtype (:meth:`WeightIndex.held_dtype`)."""
     dev = device or states.device
     _, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage,
                              keep_output=False, device=dev)
-    if dev.type == "cuda" and not any(spec.expert is not None for spec in specs.values()):
-        compact_linears(w, specs)  # widened again where the reference outputs are recomputed
     preps: dict[str, Prepared] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)

@@ -255,7 +255,7 @@ def _linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
         return hook(x, w, key)
     weight = w[key]
     if weight.dtype != x.dtype and weight.element_size() < x.element_size():
-        # a weight held in 2 bytes while it waits (measure.compact_linears): widened exactly, for
+        # a weight held in its 2-byte source dtype (WeightIndex.held_dtype): widened exactly, for
         # this product only
         weight = weight.to(x.dtype)
     return F.linear(x, weight, w.get(f"{key}.bias"))
@@ -456,7 +456,8 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     architecture has them, an MoE router [E, H] (under its short name, "gate"), and the layer
     index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
     ``compact``: the linears' weights in their source dtype where that is float16 or bfloat16
-    (half the memory; the forward widens them exactly, one product at a time)."""
+    (:meth:`WeightIndex.held_dtype`: half the memory; the forward widens them exactly, one product
+    at a time)."""
     w: dict = {LAYER: i}
     for name in norm_tensors(cfg, i, part):
         w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
@@ -464,9 +465,7 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     if router:
         w[spec_of(cfg).moe_router] = index.get(router, device=device)
     for short, lin in layer_linears(cfg, i, part).items():
-        src = index.source_dtype(lin.tensor)
-        dtype = src if compact and src in (torch.float16, torch.bfloat16) else torch.float32
-        w[short] = index.get(lin.tensor, dtype=dtype, device=device, rows=lin.rows)
+        w[short] = index.get(lin.tensor, dtype=index.held_dtype(lin.tensor, compact), device=device, rows=lin.rows)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device)
     if part == "attn":

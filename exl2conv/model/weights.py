@@ -163,6 +163,13 @@ class WeightIndex:
         """The torch dtype the tensor is stored in."""
         return DTYPES[self.entry(name).dtype][0]
 
+    def held_dtype(self, name: str, compact: bool) -> torch.dtype:
+        """The dtype a tensor is read into for the forwards: its 2-byte source dtype (float16,
+        bfloat16) with ``compact``, which the forwards widen exactly one product at a time, else
+        float32."""
+        src = self.source_dtype(name)
+        return src if compact and src in (torch.float16, torch.bfloat16) else torch.float32
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entry(name).shape
 

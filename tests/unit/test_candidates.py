@@ -70,6 +70,19 @@ def test_corrected_errors_equal_plain_other_archs(tmp_path, arch):
         check(*module(src, part, layer=0), part)
 
 
+def scoring_setup(tmp_path, part, seed: int, draws: int):
+    """A tiny Llama module with 5 rows of states, its reference outputs and error weights, and the
+    generator that drew them (for more draws)."""
+    src = make_tiny_llama(tmp_path / "m", seed=seed, hidden=64, intermediate=128, layers=2)
+    cfg, w, specs = module(src, part)
+    g = torch.Generator().manual_seed(draws)
+    states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
+    rope = forward.RotaryCache(cfg)
+    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
+    weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
+    return cfg, w, specs, states, rope, y_ref, weight, g
+
+
 @pytest.mark.parametrize("part", ["attn", "mlp"])
 @pytest.mark.parametrize("low", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_fisher", [False, True])
@@ -78,13 +91,7 @@ def test_table_scoring_chunk_by_chunk_gives_the_same_bits(tmp_path, part, low, w
     measurement uses) gives bit for bit the errors of one candidate at a time against a recording
     of every chunk; candidates given as float16 (as the measurement keeps them), three chunks of
     2 + 2 + 1 rows, rows of the table sharing some candidates."""
-    src = make_tiny_llama(tmp_path / "m", seed=5, hidden=64, intermediate=128, layers=2)
-    cfg, w, specs = module(src, part)
-    g = torch.Generator().manual_seed(7)
-    states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
-    rope = forward.RotaryCache(cfg)
-    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
-    weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
+    cfg, w, specs, states, rope, y_ref, weight, g = scoring_setup(tmp_path, part, seed=5, draws=7)
     fisher = torch.rand(cfg.hidden_size, generator=g) if with_fisher else None
     keys = list(specs)
     options = [perturbed(w, keys, scale, seed) for seed, scale in enumerate((0.3, 0.03, 0.003))]
@@ -103,43 +110,36 @@ def test_table_scoring_chunk_by_chunk_gives_the_same_bits(tmp_path, part, low, w
     assert want.min() > 0
 
 
-def test_compact_linears_holds_each_weight_exactly_in_two_bytes():
-    from exl2conv.measure import compact_linears
-
-    g = torch.Generator().manual_seed(1)
-    w = {"a": torch.randn(8, 16, generator=g).half().float(),        # a float16 source
-         "b": torch.randn(8, 16, generator=g).bfloat16().float() * 2.0 ** 20,  # bfloat16 beyond float16
-         "c": torch.randn(8, 16, generator=g),                        # float32: left as it is
-         "n": torch.randn(16, generator=g).half().float()}            # not a linear: not touched
-    want = {k: v.clone() for k, v in w.items()}
-    compact_linears(w, ["a", "b", "c"])
-    assert (w["a"].dtype, w["b"].dtype, w["c"].dtype, w["n"].dtype) == (
-        torch.float16, torch.bfloat16, torch.float32, torch.float32)
-    for k in w:
-        assert torch.equal(w[k].float(), want[k])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_layer_weights_held_in_their_two_byte_source_dtype(tmp_path, dtype):
+    """With ``compact`` a module's linears are read in their float16 or bfloat16 source dtype
+    (float32 sources stay float32), the same values; norms, biases and the rest stay float32."""
+    src = make_tiny_llama(tmp_path / "m", seed=6, dtype=dtype, attention_bias=True)
+    cfg, index = load_config(src), WeightIndex(src)
+    for part in ("attn", "mlp"):
+        specs = layer_linears(cfg, 1, part)
+        full = forward.load_layer_weights(index, cfg, 1, part, "cpu")
+        held = forward.load_layer_weights(index, cfg, 1, part, "cpu", compact=True)
+        assert full.keys() == held.keys()
+        for k, v in held.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            assert v.dtype == (dtype if k in specs and dtype != torch.float32 else torch.float32), k
+            assert torch.equal(v.float(), full[k]), k
 
 
 @pytest.mark.parametrize("part", ["attn", "mlp"])
 @pytest.mark.parametrize("low", [torch.float32, torch.bfloat16])
 def test_scoring_with_compact_weights_gives_the_same_bits(tmp_path, part, low):
-    """The measurement parks a module's linears in float16 after its reference pass
-    (measure.compact_linears); the recording and the corrections widen them exactly, so every
-    error is bit for bit what the float32 weights give."""
-    from exl2conv.measure import compact_linears
-
-    src = make_tiny_llama(tmp_path / "m", seed=6, hidden=64, intermediate=128, layers=2)
-    cfg, w, specs = module(src, part)
-    g = torch.Generator().manual_seed(8)
-    states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
-    rope = forward.RotaryCache(cfg)
-    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
-    weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
+    """On a GPU a module's linears stay in their float16 source dtype (WeightIndex.held_dtype);
+    the recording and the corrections widen them exactly, so every error is bit for bit what
+    the float32 weights give."""
+    cfg, w, specs, states, rope, y_ref, weight, _ = scoring_setup(tmp_path, part, seed=6, draws=8)
     keys = list(specs)
     trials = [{**w, **{k: v.half() for k, v in perturbed(w, keys, scale, seed).items() if k in keys}}
               for seed, scale in enumerate((0.3, 0.03))]
-    small = dict(w)
-    compact_linears(small, keys)
-    assert all(small[k].dtype == torch.float16 for k in keys)
+    small = {**w, **{k: w[k].half() for k in keys}}
+    assert all(torch.equal(small[k].float(), w[k]) for k in keys)  # float16 sources: exact
     full = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low, table=True)
     half = CandidateScorer(part, states, small, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
                            table=True)
