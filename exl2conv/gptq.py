@@ -43,6 +43,13 @@ def maxq(bits: int) -> int:
 # -- Hessian ----------------------------------------------------------------------------------------
 
 
+def pinned_copy(t: torch.Tensor, non_blocking: bool = True) -> torch.Tensor:
+    """A copy of GPU tensor ``t`` in pinned host memory; ``non_blocking``: without a host sync
+    (read it back on the same stream, or after a sync)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=non_blocking)
+
+
 class Hessian:
     """Accumulates ``X^T X`` in float32 over calibration rows (one call per row)."""
 
@@ -68,8 +75,7 @@ class Hessian:
         device = torch.device(device)
         if self.h.device != device:
             if device.type == "cpu" and self.h.is_cuda:
-                host = torch.empty(self.h.shape, dtype=self.h.dtype, pin_memory=True)
-                self.h = host.copy_(self.h, non_blocking=True)
+                self.h = pinned_copy(self.h)
             else:
                 self.h = self.h.to(device, non_blocking=True)
         return self
@@ -144,8 +150,7 @@ def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
             continue
         keep = hp  # the damped matrix, for another attempt: in host memory where there is a GPU
         if dev.type == "cuda":
-            keep = torch.empty(hp.shape, dtype=hp.dtype, pin_memory=True)
-            keep.copy_(hp, non_blocking=True)  # read back on this stream only: no host sync
+            keep = pinned_copy(hp)  # read back on this stream only: no host sync
         del hp
         hinv = torch.cholesky_inverse(lower)
         del lower  # each [K, K] float32 is 0.45 GiB for a Llama-2-7B down_proj
@@ -360,8 +365,7 @@ class Coded:
         small tensors stay, and :meth:`decode` copies the codes back in."""
         if self.codes.device.type == "cpu":
             return self
-        codes = torch.empty(self.codes.shape, dtype=torch.uint8, pin_memory=True)
-        codes.copy_(self.codes)
+        codes = pinned_copy(self.codes, non_blocking=False)
         return Coded(codes=codes, zero=self.zero, scale=self.scale, group=self.group, invperm=self.invperm,
                      out_features=self.out_features)
 
@@ -513,14 +517,15 @@ def _gptq_pass(w: torch.Tensor, prep: Prepared, perm: torch.Tensor, candidates: 
             groups = [layouts[ci][gi] for ci, gi in opening]
             cis = [ci for ci, _ in opening]
             rows_, bits_ = [g.rows for g in groups], [g.bits for g in groups]
+            idx = _group_tensors(dev, cis, rows_, bits_)["idx"]
             if a + max(rows_) <= s1:
                 qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_)
             else:
-                x = _group_rows(w, u, err_span, _group_tensors(dev, cis, rows_, bits_)["idx"], cis, a, rows_, s0, s1)
+                x = _group_rows(w, u, err_span, idx, cis, a, rows_, s0, s1)
                 qs, qmax, sc = find_params_many(x, list(range(len(cis))), 0, rows_, bits_)
             for i, (ci, gi) in enumerate(opening):
                 qs_out[ci][gi], qmax_out[ci][gi] = qs[i], qmax[i]
-            scale.index_copy_(0, _group_tensors(dev, cis, rows_, bits_)["idx"], sc)
+            scale.index_copy_(0, idx, sc)
         err_blk = err_span[(a - s0) // BLOCK]
         if ext is not None:
             ext.gptq_block(w, scale, zero32, max32, u, q_out, codes_out if codes_out is not None else no_codes,
