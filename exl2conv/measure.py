@@ -154,9 +154,9 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
-    counts = {key: len(distinct[column[key]]) for key in specs}
+    numel = pass_numel(specs, {key: len(distinct[column[key]]) for key in specs})
     # a module whose passes are large unmaps the cache between its phases (gptq.release_unused)
-    large = dev.type == "cuda" and pass_numel(specs, counts) * 4 >= gptq.RELEASE_BYTES
+    large = dev.type == "cuda" and numel * 4 >= gptq.RELEASE_BYTES
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
@@ -173,7 +173,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
                                                     f"{name} ({spec.hessian_input})")
         if large:
             gptq.release_unused(dev)
-        buffer = torch.empty(pass_numel(specs, counts), dtype=torch.float32, device=dev)
+        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
