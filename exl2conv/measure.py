@@ -148,7 +148,6 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     every expert, and its total_bits sums over all experts (spec 3.3)."""
     dev = device or states.device
     host_codes = dev != states.device
-    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
     moe = is_moe(specs)
     preps = {}
     cols = column_keys(kind, specs)
@@ -157,6 +156,9 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     numel = pass_numel(specs, {key: len(distinct[column[key]]) for key in specs})
     # a module whose passes are large unmaps the cache between its phases (gptq.release_unused)
     large = dev.type == "cuda" and numel * 4 >= gptq.RELEASE_BYTES
+    if large:
+        gptq.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
+    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, solver, tweak
 from exl2conv.errors import Exl2Error, Interrupted
-from exl2conv.gptq import Hessian, prepare
+from exl2conv.gptq import Hessian, prepare, release_unused
 from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
                           measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
 from exl2conv.layers import Module, error_weight, grad_attention_mode, module_list, release_cached, run_block
@@ -420,7 +420,7 @@ def stage_sensitivity(ctx: Context) -> None:
         mods = ctx.modules
         fisher = sensitivity.fisher_diagonals(
             ctx.weights, ctx.cfg, ids, ctx.device, on_layer=lambda: bar.update(1),
-            check=lambda m, x: check_finite(x, f"{mods[m + 1].meas_key} output"))
+            check=lambda m, x: check_finite(x, f"{mods[m + 1].meas_key} output"), chunk=ctx.chunk(ids.shape[1]))
     if not bool(torch.isfinite(fisher).all()):
         raise Exl2Error("the output sensitivity holds NaN or Inf values (the model's forward or backward pass "
                         "overflows float32 on the calibration data); check the model's weights")
@@ -752,24 +752,33 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
     tensors, decoded, rep = quantize_linear(w, None, spec, prep, qparams)
     save(spec.name, tensors)
+    del tensors, prep
+    release_unused(dev)  # GPTQ's and the packing's buffers, before the tweak's
     out: dict[str, Any] = {}
     if stream is not None:
         g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]].to(dev), stream, g, w, decoded, cfg)
         save_norm(ctx, save, norm_name, g)
         out["tweak"] = [before, after]
     del w
+    head = decoded.float()  # widened once for every row below (0.5 GiB for a 7B head)
+    del decoded
+    release_unused(dev)
     ids = load_ids(ctx, "quant").to(ctx.device)
     rows = min(int(ctx.job["measurement_rows"]), ids.shape[0])
-    nll, count = 0.0, 0
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
+    count = 0
     vocab = cfg.vocab_size
     for r in range(rows):
-        x = forward.final_norm(states[r:r + 1].to(dev), g, cfg.rms_norm_eps)
-        logits = forward.logits(x, decoded, cfg.final_softcap)[0, :-1, :vocab].float()
-        logp = torch.log_softmax(logits + 1e-10, dim=-1)
+        x = forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps)[:-1]
         target = ids[r, 1:].clamp(0, vocab - 1)
-        nll -= float(logp.gather(-1, target.unsqueeze(-1)).sum())
+        # HEAD_TOKENS positions at a time: a 7B's logits over a whole row are 0.25 GiB
+        for t0 in range(0, x.shape[0], sensitivity.HEAD_TOKENS):
+            t1 = t0 + sensitivity.HEAD_TOKENS
+            logits = forward.logits(x[t0:t1], head, cfg.final_softcap)[:, :vocab]
+            logp = torch.log_softmax(logits + 1e-10, dim=-1)
+            nll -= logp.gather(-1, target[t0:t1].unsqueeze(-1)).sum(dtype=torch.float64)
         count += target.numel()
-    ppl = math.exp(nll / max(count, 1))
+    ppl = math.exp(float(nll) / max(count, 1))
     return {**out, "ppl": ppl, "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
 
 

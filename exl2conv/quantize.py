@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import tweak
+from exl2conv import gptq, tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, prepare, quantize_batches
 from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
@@ -35,18 +35,20 @@ class LinearReport:
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec, prep: Prepared,
                     qparams: QParams) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearReport]:
     """GPTQ + packing of one linear. w: ``[out, in]``; returns the packed tensors (no key prefix),
-    the decoded weight ``[out, in]`` float32 as the runtime will compute it, and a report."""
+    the decoded weight ``[out, in]`` as the runtime will compute it (float16, in which its values
+    are exact: the forwards widen it per product, as a weight held in its source dtype), and a
+    report."""
     # the padded weight in permuted row order, handed over: GPTQ works in it (no second copy)
     res = next(quantize_batches(padded_wt(w, spec, prep.perm.to(w.device)), prep, [qparams], permuted=True))[0]
     tensors = pack_linear(res.codes, res.qs, res.qscale_max, res.groups, res.invperm,
                           padded_bias(bias, spec) if bias is not None else None)
     decoded = decode_linear(tensors, spec.name)  # float16 [K, N], original row order
     check_decodes(decoded, res, spec.name)
-    del res  # before the float32 copy below: a head's weights are 0.5 GiB in float32
+    del res
     total = qparams.total_bits(spec.in_features, spec.padded_out, spec.bias)
     numel = spec.in_features * spec.padded_out + (spec.padded_out if spec.bias else 0)
     rep = LinearReport(spec.name, qparams.desc, total / numel, total, numel)
-    return tensors, decoded[:, : spec.out_features].T.to(torch.float32, memory_format=torch.contiguous_format), rep
+    return tensors, decoded[:, : spec.out_features].T.contiguous(), rep
 
 
 def check_decodes(decoded: torch.Tensor, res, name: str, chunk_bytes: int = 64 << 20) -> None:
@@ -102,6 +104,8 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
+            if spec.in_features ** 2 * 4 >= gptq.RELEASE_BYTES:  # a 7B down_proj's [K, K] is 0.45 GiB:
+                gptq.release_unused(dev)  # the cache's blocks of other sizes would otherwise sit beside it
             preps[src] = prepare(hess.pop(src).to(dev), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")

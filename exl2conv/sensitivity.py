@@ -19,7 +19,8 @@ its errors reach the output instead of by a proxy. The cross terms that the diag
 (between channels and between positions) are what the measured error cannot carry anyway.
 
 Cost: one forward and one backward of the unquantized model over a few thousand calibration
-tokens, one layer's weights at a time (on a GPU the backward's matmuls run in TF32 like the
+tokens (and the attention's forward once more, so that the backward holds one module's graph at
+a time), one layer's weights at a time (on a GPU the backward's matmuls run in TF32 like the
 forward's, see :func:`layers.module_matmuls`): a small fraction of the measurement.
 """
 
@@ -87,13 +88,14 @@ def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, c
 
 
 def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_layer=None,
-                     check=None) -> torch.Tensor:
+                     check=None, chunk: int | None = None) -> torch.Tensor:
     """ids: int64 ``[R, L]`` calibration rows (the first :func:`rows_for` are used). Returns float32
     ``[2 * layers, H]`` on the CPU: row ``2i`` is the Fisher diagonal of the residual stream after
     layer i's attention, row ``2i + 1`` after its MLP (in module order, module index - 1).
     on_layer(): called once per layer in each of the two passes (for a progress bar);
     check(m, x): called with each module's forward output ``x`` (m as the rows above), to refuse
-    non-finite states before the backward pass spreads them."""
+    non-finite states before the backward pass spreads them; chunk: rows per forward call (all at
+    once when None; a 7B MLP's intermediates over 4 rows of 2048 tokens are 0.34 GiB each)."""
     layers, hidden = cfg.num_layers, cfg.hidden_size
     ids = ids[: rows_for(ids, hidden, layers)]
     rows, length = ids.shape
@@ -110,7 +112,14 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         for i in range(layers):
             inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
             for j, part in enumerate(("attn", "mlp")):
-                x, _ = block_forward(part, x, load(i, part), cfg, rope)
+                w = load(i, part)
+                step = chunk or rows
+                if step >= rows:
+                    x, _ = block_forward(part, x, w, cfg, rope)
+                else:  # a new tensor: x may be the stored input itself
+                    x = torch.cat([block_forward(part, x[r0:r0 + step], w, cfg, rope)[0]
+                                   for r0 in range(0, rows, step)])
+                del w
                 if check:
                     check(2 * i + j, x)
             if on_layer:
@@ -126,16 +135,27 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         for r in range(rows):
             g = grad[r:r + 1]
             fisher[2 * i + 1] += g.square().sum((0, 1))
-            xin = inputs[i][r:r + 1].to(device).requires_grad_(True)
-            with torch.enable_grad(), grad_pass(xin.device):
-                mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
-                mid_in = mid.detach().requires_grad_(True)
-                out, _ = block_forward("mlp", mid_in, w_mlp, cfg, rope)
-                # scalar losses with the same gradients as out.backward(g): a tensor argument makes
-                # torch import its symbolic-shapes machinery (and SymPy) into every conversion
-                (out * g).sum().backward()
-                fisher[2 * i] += mid_in.grad.square().sum((0, 1))
-                (mid * mid_in.grad).sum().backward()
+            xin = inputs[i][r:r + 1].to(device)
+            # one module's graph at a time: the attention's output first without one, then its
+            # graph once the MLP's is gone (one more attention forward; both graphs at once made
+            # this stage the measurement job's peak, 2.0 GiB on a Llama-2-7B)
+            with grad_pass(xin.device):
+                with torch.no_grad():
+                    mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
+                mid.requires_grad_(True)
+                with torch.enable_grad():
+                    out, _ = block_forward("mlp", mid, w_mlp, cfg, rope)
+                    # scalar losses with the same gradients as out.backward(g): a tensor argument
+                    # makes torch import its symbolic-shapes machinery (and SymPy) into every conversion
+                    (out * g).sum().backward()
+                g_mid = mid.grad
+                del out, mid
+                fisher[2 * i] += g_mid.square().sum((0, 1))
+                xin.requires_grad_(True)
+                with torch.enable_grad():
+                    mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
+                    (mid * g_mid).sum().backward()
+                del mid, g_mid
             grad[r:r + 1] = xin.grad
         inputs[i] = None
         if on_layer:

@@ -365,7 +365,12 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
         return moe_mlp(x, w, cfg, rope, capture)
     act = ACTIVATIONS[spec.act]
     n = rms_norm(x, w[spec.mlp_norms[0]], cfg.rms_norm_eps)
-    h = act(_linear(n, w, "gate_proj")) * _linear(n, w, "up_proj")
+    h = act(_linear(n, w, "gate_proj"))
+    up = _linear(n, w, "up_proj")
+    # without autograd the product goes into the activation's own output (a tensor of its own):
+    # one [B, L, intermediate] float32 less at once, 0.17 GiB for 2 rows of a Llama-2-7B
+    h = h.mul_(up) if not torch.is_grad_enabled() else h * up
+    del up
     o = _linear(h, w, "down_proj")
     if len(spec.mlp_norms) > 1:
         o = rms_norm(o, w[spec.mlp_norms[1]], cfg.rms_norm_eps)

@@ -56,6 +56,16 @@ def test_layerwise_backward_equals_whole_model_backward(tiny):
     assert (got > 0).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_forward_in_chunks_of_rows_gives_the_same_estimate(tiny, chunk):
+    """The forward pass a few rows at a time (3 rows: 1 + 1 + 1, 2 + 1) gives the estimate of one
+    call over all rows (the same draws; rows are independent, only the matmuls' sizes differ)."""
+    cfg, index, ids = tiny
+    want = sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu"))
+    got = sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu"), chunk=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-12)
+
+
 class Cached:
     """A WeightIndex that reads each tensor once (the unbiasedness test reruns the estimate)."""
 
