@@ -135,26 +135,22 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         for r in range(rows):
             g = grad[r:r + 1]
             fisher[2 * i + 1] += g.square().sum((0, 1))
-            xin = inputs[i][r:r + 1].to(device)
-            # one module's graph at a time: the attention's output first without one, then its
-            # graph once the MLP's is gone (one more attention forward; both graphs at once made
-            # this stage the measurement job's peak, 2.0 GiB on a Llama-2-7B)
-            with grad_pass(xin.device):
-                with torch.no_grad():
-                    mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
-                mid.requires_grad_(True)
-                with torch.enable_grad():
-                    out, _ = block_forward("mlp", mid, w_mlp, cfg, rope)
-                    # scalar losses with the same gradients as out.backward(g): a tensor argument
-                    # makes torch import its symbolic-shapes machinery (and SymPy) into every conversion
-                    (out * g).sum().backward()
+            xin = inputs[i][r:r + 1].to(device).requires_grad_(True)
+            # one module's graph at a time: the attention's output first, its graph dropped at
+            # once, then made again once the MLP's is gone (one more attention forward; both
+            # graphs at once made this stage the measurement job's peak, 2.0 GiB on a Llama-2-7B).
+            # The first forward runs as the second does, with a graph: the same kernels, the same bits.
+            with torch.enable_grad(), grad_pass(xin.device):
+                mid = block_forward("attn", xin, w_attn, cfg, rope)[0].detach().requires_grad_(True)
+                out, _ = block_forward("mlp", mid, w_mlp, cfg, rope)
+                # scalar losses with the same gradients as out.backward(g): a tensor argument makes
+                # torch import its symbolic-shapes machinery (and SymPy) into every conversion
+                (out * g).sum().backward()
                 g_mid = mid.grad
                 del out, mid
                 fisher[2 * i] += g_mid.square().sum((0, 1))
-                xin.requires_grad_(True)
-                with torch.enable_grad():
-                    mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
-                    (mid * g_mid).sum().backward()
+                mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
+                (mid * g_mid).sum().backward()
                 del mid, g_mid
             grad[r:r + 1] = xin.grad
         inputs[i] = None
