@@ -110,8 +110,8 @@ def release_unused(dev: torch.device) -> None:
     :data:`RELEASE_BYTES`: buffers of other sizes than the next phase's would otherwise sit beside
     its own, and add to the peak reserved memory. It costs a sync and fresh mappings after it:
     callers use it only around buffers of that size (done after every factor of SmolLM2-135M,
-    whose norm fits leave that much unused, it is the suspected cause of its job's slowdown from
-    48 to 58 s: docs/performance.md, session 10)."""
+    whose norm fits leave that much unused, it slowed its job from 48 to 58 s; used only around
+    large buffers, the job took 45 s: docs/performance.md, sessions 10 and 11)."""
     if dev.type == "cuda" and torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) >= RELEASE_BYTES:
         torch.cuda.empty_cache()
 
