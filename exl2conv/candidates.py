@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from exl2conv.gptq import Coded
 from exl2conv.layers import Prefetch, block_forward, relative_errors, run_block
-from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT
+from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT, plain_linear
 
 LOW = torch.bfloat16
 FIT_FRACTION = 0.5  # of the device's free memory that the recording may take
@@ -40,8 +40,7 @@ class _Recorder:
         self.io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
-        # a weight held in 2 bytes (WeightIndex.held_dtype) is widened exactly, for this product only
-        y = F.linear(x, w[key].to(x.dtype), w.get(f"{key}.bias"))
+        y = plain_linear(x, w, key)
         self.io[key] = (x, y)
         return y
 

@@ -108,12 +108,12 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
 
     x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale)
     inputs = []
+    step = chunk or rows
     with torch.no_grad():
         for i in range(layers):
             inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
             for j, part in enumerate(("attn", "mlp")):
                 w = load(i, part)
-                step = chunk or rows
                 if step >= rows:
                     x, _ = block_forward(part, x, w, cfg, rope)
                 else:  # a new tensor: x may be the stored input itself

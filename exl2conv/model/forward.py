@@ -253,6 +253,11 @@ def _linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
     hook = w.get(LINEAR_HOOK)
     if hook is not None:  # the measurement's corrected candidate forwards (exl2conv.candidates)
         return hook(x, w, key)
+    return plain_linear(x, w, key)
+
+
+def plain_linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
+    """Linear ``key`` of ``w`` (its bias, if any, from ``"<key>.bias"``) applied to ``x``."""
     weight = w[key]
     if weight.dtype != x.dtype and weight.element_size() < x.element_size():
         # a weight held in its 2-byte source dtype (WeightIndex.held_dtype): widened exactly, for
