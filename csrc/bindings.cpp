@@ -7,9 +7,12 @@ void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq
                 at::Tensor q_out, at::Tensor codes, at::Tensor err, int64_t a);
 at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor cand,
                           at::Tensor p, int64_t a);
+at::Tensor refine_qs_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor qs,
+                          at::Tensor qmax, at::Tensor rw, int64_t a);
 
 TORCH_LIBRARY(exl2conv, m)
 {
     m.def("gptq_block", &gptq_block);          // one 32-row GPTQ block for C candidates
     m.def("pgrid_err_many", &pgrid_err_many);  // p-grid error partial sums, one group of each of B candidates
+    m.def("refine_qs_many", &refine_qs_many);  // each column's scale index refined, one group of each of B candidates
 }

@@ -119,6 +119,55 @@ __global__ void pgrid_err_many_kernel(const float* __restrict__ w, const int* __
     if (threadIdx.x == 0) partial[((size_t)c * gridDim.y + j) * gridDim.x + blockIdx.x] = sh[0];
 }
 
+// The scale-index refinement (refine_qs in exl2conv/gptq.py): for each column of one group of each
+// of B candidates, of qs - 1, qs and qs + 1 (within 1..16) the index whose effective scale
+// fp16(fp16(q^2) * fp16(qscale_max / 256)) rounds the group's rows with the least weighted squared
+// error sum_i rw[i] (clamp(rint(x / s)) s - x)^2; qs itself unless another is strictly better.
+// w: [C, K, N] f32; cidx, rows, bits: [B] i32; qs_in, qs_out: [B, N] i64; qmax: [B] f16;
+// rw: [max(rows)] f32, the weights of rows a, a + 1, ...
+__global__ void refine_qs_many_kernel(const float* __restrict__ w, const int* __restrict__ cidx,
+                                      const int* __restrict__ rows, const int* __restrict__ bits,
+                                      const int64_t* __restrict__ qs_in, const __half* __restrict__ qmax,
+                                      const float* __restrict__ rw, int64_t* __restrict__ qs_out,
+                                      int K, int N, int a)
+{
+    const int c = blockIdx.y;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const int b = bits[c];
+    const float lo = -(float) (1 << (b - 1));
+    const float hi = (float) ((1 << b) - 1) + lo;
+    const int64_t q0 = qs_in[(size_t)c * N + n];
+    const int64_t cand[3] = {q0, q0 > 1 ? q0 - 1 : 1, q0 < 16 ? q0 + 1 : 16};
+    const __half inner = __hmul(qmax[c], __float2half_rn(0.00390625f));
+    float s[3], e[3];
+    #pragma unroll
+    for (int k = 0; k < 3; k++)
+    {
+        s[k] = __half2float(__hmul(__float2half_rn((float) (cand[k] * cand[k])), inner));
+        e[k] = 0.0f;
+    }
+    const float* x = w + ((size_t)cidx[c] * K + a) * N + n;
+    const int r = rows[c];
+    for (int i = 0; i < r; i++)
+    {
+        const float xv = x[(size_t)i * N];
+        const float wt = rw[i];
+        #pragma unroll
+        for (int k = 0; k < 3; k++)
+        {
+            float q = rintf(__fdiv_rn(xv, s[k]));
+            q = fminf(fmaxf(q, lo), hi);
+            const float d = __fsub_rn(__fmul_rn(q, s[k]), xv);
+            e[k] = __fadd_rn(e[k], __fmul_rn(wt, __fmul_rn(d, d)));
+        }
+    }
+    int best = 0;
+    if (e[1] < e[best]) best = 1;
+    if (e[2] < e[best]) best = 2;
+    qs_out[(size_t)c * N + n] = cand[best];
+}
+
 }  // namespace
 
 void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq, at::Tensor u,
@@ -166,4 +215,26 @@ at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Te
         p.data_ptr<float>(), partial.data_ptr<float>(), K, N, (int) a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return partial;  // [B, P, nblk]
+}
+
+at::Tensor refine_qs_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor qs,
+                          at::Tensor qmax, at::Tensor rw, int64_t a)
+{
+    const c10::cuda::OptionalCUDAGuard guard(w.device());
+    CHECK_CUDA_F32(w, 3); CHECK_CUDA_F32(rw, 1);
+    CHECK_CUDA_DTYPE(cidx, at::kInt, 1); CHECK_CUDA_DTYPE(rows, at::kInt, 1); CHECK_CUDA_DTYPE(bits, at::kInt, 1);
+    CHECK_CUDA_DTYPE(qs, at::kLong, 2); CHECK_CUDA_DTYPE(qmax, at::kHalf, 1);
+    const int K = w.size(1), N = w.size(2), B = cidx.size(0);
+    TORCH_CHECK(rows.size(0) == B && bits.size(0) == B && qmax.size(0) == B && qs.size(0) == B && qs.size(1) == N,
+                "refine_qs_many: cidx, rows, bits, qmax must be [B] and qs [B, N]");
+    TORCH_CHECK(a >= 0 && a < K, "refine_qs_many: start row ", a, " outside K=", K);
+    // rw must hold the weights of every group's rows (not checked here: rows live on the device)
+    auto out = at::empty({B, N}, qs.options());
+    dim3 grid((N + THREADS - 1) / THREADS, B);
+    refine_qs_many_kernel<<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<float>(), cidx.data_ptr<int>(), rows.data_ptr<int>(), bits.data_ptr<int>(), qs.data_ptr<int64_t>(),
+        reinterpret_cast<const __half*>(qmax.data_ptr<at::Half>()), rw.data_ptr<float>(), out.data_ptr<int64_t>(),
+        K, N, (int) a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
 }

@@ -15,7 +15,7 @@ def literal_gptq(wt, prep, q):
     pos = 0
     for g in q.groups(k):
         a, b = pos, pos + g.rows
-        qs, qmax, scale = gptq.find_params(w[a:b], g.bits)
+        qs, qmax, scale = gptq.find_params(w[a:b], g.bits, gptq.row_weights(u)[a:b])
         z, m = gptq.qzero(g.bits), gptq.maxq(g.bits)
         err = torch.empty(b - a, n)
         for c in range(a, b):
@@ -130,6 +130,40 @@ def test_mlp_table_runs_on_tiny_shapes():
     res = gptq.quantize_many(wt, prep, cands, keep_codes=False)
     assert all(torch.isfinite(r.weight).all() for r in res)
     assert [sum(g.rows for g in r.groups) for r in res] == [128] * len(cands)
+
+
+def weighted_sq_error(x, scale, bits, rw):
+    lo, hi = -gptq.qzero(bits), gptq.maxq(bits) - gptq.qzero(bits)
+    d = torch.clamp(torch.round(x / scale), lo, hi) * scale - x
+    return (rw.view(-1, 1) * d * d).sum(0)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_refine_qs_never_worse_and_moves_by_one_step(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(64, 256, generator=g) * torch.linspace(0.01, 1, 256)
+    x[3, ::7] *= 6  # outliers: their columns round better with a smaller scale and one clipped value
+    rw = torch.rand(64, generator=g) + 0.1
+    plain, qmax, _ = gptq.find_params(x, bits, torch.zeros(64))  # all weights zero: nothing to improve
+    qs, qmax2, scale = gptq.find_params(x, bits, rw)
+    assert torch.equal(qmax, qmax2)  # the group's multiplier is the p-grid search's
+    assert (qs - plain).abs().max() <= 1 and qs.min() >= 1 and qs.max() <= 16
+    before = weighted_sq_error(x, gptq.fp16_scale(plain, qmax), bits, rw)
+    after = weighted_sq_error(x, scale, bits, rw)
+    assert torch.all(after <= before)
+    moved = qs != plain
+    assert moved.any() and torch.all(after[moved] < before[moved])
+    assert after.sum() < 0.98 * before.sum()
+
+
+def test_scale_refinement_lowers_gptq_error(monkeypatch):
+    wt, h = make_problem(256, 128, seed=4)
+    prep = gptq.prepare(h)
+    q = qp((4, 64, 1))
+    refined = gptq.proxy_error(wt, gptq.quantize(wt, prep, q).weight, h)
+    monkeypatch.setattr(gptq, "refine_qs", lambda x, qs, *a: qs)
+    plain = gptq.proxy_error(wt, gptq.quantize(wt, prep, q).weight, h)
+    assert refined < 0.97 * plain
 
 
 def test_find_params_many_equals_one_group_at_a_time():
