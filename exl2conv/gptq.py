@@ -215,8 +215,11 @@ def refine_qs(x: torch.Tensor, qs: torch.Tensor, qscale_max: torch.Tensor, bits:
 
     x: ``[B, R, N]`` (rows past a group's end zero); qs: int64 ``[B, N]``; qscale_max: float16
     ``[B]``; bits: ``[B]``; row_weight: ``[R]``. Returns int64 ``[B, N]``."""
-    lo = torch.tensor([-qzero(b) for b in bits], dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    hi = torch.tensor([maxq(b) - qzero(b) for b in bits], dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    def make():
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (torch.tensor([-qzero(b) for b in bits], **f32).view(-1, 1, 1),
+                torch.tensor([maxq(b) - qzero(b) for b in bits], **f32).view(-1, 1, 1))
+    lo, hi = device_constant(("code range", tuple(bits)), x.device, make)  # no host copy per group
     rw = row_weight.view(1, -1, 1)
     best_q, best_e = qs, None
     for cand in (qs, torch.clamp(qs - 1, min=1), torch.clamp(qs + 1, max=16)):
