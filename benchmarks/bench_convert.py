@@ -3,10 +3,18 @@
     python benchmarks/bench_convert.py --smollm2 DIR          # SmolLM2-135M, default settings
     python benchmarks/bench_convert.py --smollm2 DIR --full   # the same as one job per tool
     python benchmarks/bench_convert.py --llama7b-layers 4     # random weights, Llama-2-7B layer shapes
+    python benchmarks/bench_convert.py --llama7b-layers 2,6 --measure-only
 
 Prints a table: wall time of the measurement pass and of the quantization pass, seconds per layer
 for each, peak GPU memory and peak RSS, and the ratio exl2conv / ExLlamaV2 for each figure.
-Each tool runs twice: measurement only (-om), then quantization reusing that measurement (-m).
+Each tool runs twice: measurement only (-om), then quantization reusing that measurement (-m)
+(``--measure-only``: the first alone).
+
+Seconds per layer are each job's whole wall time over its layers, so they carry the process's
+fixed costs (importing torch, about 5 s on an H100 host; reading the model; calibration; our
+sensitivity stage; page-locking host buffers) spread over few layers. Given two layer counts
+(``--llama7b-layers 2,6``), the bench also prints the cost of one more layer: the difference of
+the two runs' wall times over the difference of their layers, in which those fixed costs cancel.
 """
 
 from __future__ import annotations
@@ -105,17 +113,29 @@ def tools(work: Path, exllamav2: bool):
         yield name, module, w
 
 
-def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: bool) -> dict:
+def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: bool, quant: bool = True) -> dict:
     rows = {}
     for name, module, w in tools(work, exllamav2):
         m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra],
                 w.parent / f"{name}_m.log")
-        q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0", *extra],
-                w.parent / f"{name}_q.log")
-        rows[name] = {"measure_s": m["wall"], "quant_s": q["wall"], "measure_per_layer": m["wall"] / layers,
-                      "quant_per_layer": q["wall"] / layers, "gpu_gib": max(m["gpu_gib"], q["gpu_gib"]),
-                      "rss_gib": max(m["rss_gib"], q["rss_gib"])}
+        row = {"measure_s": m["wall"], "measure_per_layer": m["wall"] / layers, "gpu_gib": m["gpu_gib"],
+               "rss_gib": m["rss_gib"]}
+        if quant:
+            q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0",
+                             *extra], w.parent / f"{name}_q.log")
+            row.update(quant_s=q["wall"], quant_per_layer=q["wall"] / layers, gpu_gib=max(m["gpu_gib"], q["gpu_gib"]),
+                       rss_gib=max(m["rss_gib"], q["rss_gib"]))
+        rows[name] = row
     return rows
+
+
+def marginal(lo: int, hi: int, rows_lo: dict, rows_hi: dict) -> dict:
+    """Seconds of one more layer for each tool and pass: ``(T(hi) - T(lo)) / (hi - lo)``."""
+    out = {}
+    for name in rows_lo:
+        out[name] = {f"{k}_per_extra_layer": (rows_hi[name][f"{k}_s"] - rows_lo[name][f"{k}_s"]) / (hi - lo)
+                     for k in ("measure", "quant") if f"{k}_s" in rows_lo[name]}
+    return out
 
 
 def bench_full(model: Path, work: Path, exllamav2: bool) -> dict:
@@ -131,12 +151,12 @@ def bench_full(model: Path, work: Path, exllamav2: bool) -> dict:
 
 def table(title: str, rows: dict) -> str:
     first = next(iter(rows.values()))
-    keys = [k for k in ["job_s", "measure_s", "quant_s", "measure_per_layer", "quant_per_layer", "gpu_gib",
-                        "rss_gib"] if k in first]
-    out = [f"\n{title}", f"{'figure':20s}" + "".join(f"{n:>12s}" for n in rows) + ("   ratio" if len(rows) == 2 else "")]
+    keys = [k for k in ["job_s", "measure_s", "quant_s", "measure_per_layer", "quant_per_layer",
+                        "measure_per_extra_layer", "quant_per_extra_layer", "gpu_gib", "rss_gib"] if k in first]
+    out = [f"\n{title}", f"{'figure':24s}" + "".join(f"{n:>12s}" for n in rows) + ("   ratio" if len(rows) == 2 else "")]
     for k in keys:
         vals = [rows[n][k] for n in rows]
-        line = f"{k:20s}" + "".join(f"{v:12.2f}" for v in vals)
+        line = f"{k:24s}" + "".join(f"{v:12.2f}" for v in vals)
         if len(vals) == 2 and vals[1]:
             line += f"   {vals[0] / vals[1]:.3f}"
         out.append(line)
@@ -146,7 +166,9 @@ def table(title: str, rows: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.gguf.smollm2_fp16)")
-    ap.add_argument("--llama7b-layers", type=int, default=0, help="layers of a random Llama-2-7B-shaped model")
+    ap.add_argument("--llama7b-layers", default="", help="layers of a random Llama-2-7B-shaped model; two counts "
+                    "(e.g. 2,6) also give the cost of one more layer")
+    ap.add_argument("--measure-only", action="store_true", help="Llama-2-7B shapes: the measurement job alone")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
     ap.add_argument("--no-exllamav2", action="store_true", help="time exl2conv alone")
     ap.add_argument("--full", action="store_true",
@@ -163,10 +185,20 @@ def main() -> None:
               flush=True)
     elif args.smollm2:
         print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], have)), flush=True)
-    if args.llama7b_layers:
-        model = make_llama7b(args.work / "llama7b", args.llama7b_layers, args.smollm2)
-        print(table(f"Llama-2-7B shapes, {args.llama7b_layers} layers, random weights (-b 4.0)",
-                    bench(model, args.llama7b_layers, args.work / "l7", [], have)), flush=True)
+    counts = [int(n) for n in args.llama7b_layers.split(",") if n.strip()]
+    if len(counts) > 2 or any(n < 1 for n in counts) or len(set(counts)) < len(counts):
+        raise SystemExit("--llama7b-layers: one layer count, or two different ones (e.g. 2,6)")
+    results = []
+    for n in counts:
+        model = make_llama7b(args.work / f"llama7b-{n}", n, args.smollm2)
+        rows = bench(model, n, args.work / f"l7-{n}", [], have, quant=not args.measure_only)
+        results.append(rows)
+        print(table(f"Llama-2-7B shapes, {n} layers, random weights (-b 4.0)", rows), flush=True)
+        shutil.rmtree(model, ignore_errors=True)
+    if len(counts) == 2:
+        (lo, r_lo), (hi, r_hi) = sorted(zip(counts, results), key=lambda t: t[0])
+        print(table(f"Llama-2-7B shapes, one more layer: (T({hi}) - T({lo})) / {hi - lo}", marginal(lo, hi, r_lo, r_hi)),
+              flush=True)
 
 
 if __name__ == "__main__":

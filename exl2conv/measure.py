@@ -103,13 +103,26 @@ def pass_numel(specs: dict[str, LinearSpec], counts: dict[str, int]) -> int:
                * spec.in_features * spec.padded_out for key, spec in specs.items())
 
 
+def codes_sizes(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
+    """Bytes of each candidate's codes (:class:`Coded`, uint8 ``[in, padded out]``) that
+    :func:`measure_module` makes for this module, in the order it makes them; none for an MoE
+    block (its candidates are kept whole in host memory instead)."""
+    if is_moe(specs):
+        return []
+    cols = column_keys(kind, specs)
+    distinct, _ = distinct_columns(TABLES[kind])
+    return [spec.in_features * spec.padded_out for spec in specs.values()
+            for _ in distinct[cols.index(spec.short)]]
+
+
 def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list, host: bool,
-                         host_codes: bool = False, buffer: torch.Tensor | None = None) -> list:
+                         host_codes: bool = False, buffer: torch.Tensor | None = None,
+                         arena: gptq.HostArena | None = None) -> list:
     """Every setting of ``qparams`` applied to one linear (``w``: its ``[out, in]`` weight) by GPTQ,
     a pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
-    quarter of float32; with ``host_codes`` their codes in pinned host memory), or with ``host``
-    as float16 ``[out, in]`` tensors in host memory (an MoE block's many experts would crowd the
-    accelerator; ExLlamaV2 keeps them there too)."""
+    quarter of float32; with ``host_codes`` their codes in pinned host memory, in ``arena`` when
+    given), or with ``host`` as float16 ``[out, in]`` tensors in host memory (an MoE block's many
+    experts would crowd the accelerator; ExLlamaV2 keeps them there too)."""
     out = []
     out_features = spec.out_features
     perm = prep.perm.to(w.device)
@@ -123,15 +136,15 @@ def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qpar
                 out.append(res.weight[:, :out_features].T.to("cpu", torch.float16))
             else:
                 coded = Coded.of(res, out_features, invperm)
-                out.append(coded.to_host() if host_codes else coded)
+                out.append(coded.to_host(arena) if host_codes else coded)
         del batch, res  # frees the pass before the next one starts
     return out
 
 
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
-                   on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None
-                   ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
+                   on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None,
+                   arena: gptq.HostArena | None = None) -> tuple[list[dict], torch.Tensor, list[float] | None]:
     """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
     weights by name (HF orientation; float32, or a linear in its 2-byte source dtype,
     :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
@@ -139,7 +152,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);
     device: where the module runs when ``states`` live in (pinned) host memory: the reference
-    outputs go there too, and the candidates' codes.
+    outputs go there too, and the candidates' codes (into ``arena`` when given: it is reset here,
+    so nothing handed out from it before this call may still be in use; see :func:`codes_sizes`).
     Returns the measurement entries (one per table row, ExLlamaV2's schema), the reference
     outputs ``[R, L, H]`` that feed the next module, and with ``fisher`` each entry's predicted
     KL (nats per token; else None).
@@ -148,6 +162,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     every expert, and its total_bits sums over all experts (spec 3.3)."""
     dev = device or states.device
     host_codes = dev != states.device
+    if host_codes and arena is not None:
+        arena.reset()  # the last module's codes
     moe = is_moe(specs)
     preps = {}
     cols = column_keys(kind, specs)
@@ -181,7 +197,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
         if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
             preps[src] = prepare(hess.pop(src).to(dev), f"{name} ({src})")
         candidates[key] = quantized_candidates(w[key], spec, preps[spec.hessian_input], distinct[column[key]], moe,
-                                               host_codes, buffer)
+                                               host_codes, buffer, arena)
         bits[key] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias)
                      for q in distinct[column[key]]]
         if last_user[spec.hessian_input] == key:

@@ -23,11 +23,11 @@ from safetensors import safe_open
 
 from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, solver, tweak
 from exl2conv.errors import Exl2Error, Interrupted
-from exl2conv.gptq import Hessian, prepare, release_unused
+from exl2conv.gptq import Hessian, HostArena, prepare, release_unused
 from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
                           measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
 from exl2conv.layers import Module, error_weight, grad_attention_mode, module_list, release_cached, run_block
-from exl2conv.measure import check_finite, measure_module
+from exl2conv.measure import check_finite, codes_sizes, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
@@ -448,26 +448,19 @@ def _checkpoint_due(ctx: Context, last: float) -> bool:
     return time.monotonic() - last >= float(ctx.job["checkpoint_interval"]) or ctx.interrupted
 
 
-def stage_measure(ctx: Context) -> None:
-    job = ctx.job
-    ctx.rep.info("Measuring quantization impact...")
-    nbytes = states_bytes(ctx, "measure")
-    # the states and the reference outputs, two such tensors
-    home, why = states_home(ctx, 2 * nbytes)
-    if why is not None:
-        ctx.rep.info(f"Calibration states and reference outputs ({2 * nbytes / 2**30:.2f} GiB) and the "
-                     f"candidates' codes kept in host memory ({why}): streamed through the GPU")
-    start, states = load_checkpoint(ctx, "measure", home)
-    meas, predicted = read_measurement(ctx)
-    mods = ctx.modules
-    # entries past the checkpoint belong to work that is about to be redone
-    keep = {m.meas_key for m in mods[1:start + 1]}
-    meas = {k: v for k, v in meas.items() if k in keep}
-    fisher = load_sensitivity(ctx)
-    predicted = {k: v for k, v in predicted.items() if k in keep} if fisher is not None else {}
-    length = states.shape[1] if states is not None else 0
-    rope = _rope(ctx, length)
-    last_cp = time.monotonic()
+def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
+    """One page-locked buffer for the candidates' codes of the measurement's largest module
+    (:class:`gptq.HostArena`), when they go to host memory (the states do: a large model)."""
+    sizes = [HostArena.size_for(codes_sizes(m.kind, arch.layer_linears(ctx.cfg, m.layer, m.kind)))
+             for m in mods if m.kind in ("attn", "mlp")]
+    if ctx.device.type != "cuda" or not sizes or max(sizes) == 0:
+        return None
+    return HostArena(max(sizes))
+
+
+def _measure_modules(ctx: Context, mods: list[Module], start: int, states, rope, length: int, meas: dict,
+                     predicted: dict, fisher, arena, last_cp: float) -> None:
+    """The measurement's loop over the modules after ``start``, checkpointing as it goes."""
     with ctx.rep.progress("Measuring", len(mods) - 1, "Measuring", initial=start) as bar:
         for mod in mods[start + 1:]:
             if mod.kind in ("attn", "mlp"):
@@ -475,7 +468,7 @@ def stage_measure(ctx: Context) -> None:
                 entries, states, pred = measure_module(
                     mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
                     ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-                    fisher=None if fisher is None else fisher[mod.index - 1], device=ctx.device)
+                    fisher=None if fisher is None else fisher[mod.index - 1], device=ctx.device, arena=arena)
                 if pred is not None:
                     predicted[mod.meas_key] = pred
                 best = max(e["accuracy"] for e in entries)
@@ -499,6 +492,34 @@ def stage_measure(ctx: Context) -> None:
                 if ctx.interrupted and not final:
                     raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
                                       "run the same command to resume")
+
+
+def stage_measure(ctx: Context) -> None:
+    job = ctx.job
+    ctx.rep.info("Measuring quantization impact...")
+    nbytes = states_bytes(ctx, "measure")
+    # the states and the reference outputs, two such tensors
+    home, why = states_home(ctx, 2 * nbytes)
+    if why is not None:
+        ctx.rep.info(f"Calibration states and reference outputs ({2 * nbytes / 2**30:.2f} GiB) and the "
+                     f"candidates' codes kept in host memory ({why}): streamed through the GPU")
+    start, states = load_checkpoint(ctx, "measure", home)
+    meas, predicted = read_measurement(ctx)
+    mods = ctx.modules
+    # entries past the checkpoint belong to work that is about to be redone
+    keep = {m.meas_key for m in mods[1:start + 1]}
+    meas = {k: v for k, v in meas.items() if k in keep}
+    fisher = load_sensitivity(ctx)
+    predicted = {k: v for k, v in predicted.items() if k in keep} if fisher is not None else {}
+    length = states.shape[1] if states is not None else 0
+    rope = _rope(ctx, length)
+    last_cp = time.monotonic()
+    arena = codes_arena(ctx, mods[start + 1:]) if home != ctx.device else None
+    try:
+        _measure_modules(ctx, mods, start, states, rope, length, meas, predicted, fisher, arena, last_cp)
+    finally:
+        if arena is not None:
+            arena.close()
     if job["output_measurement"]:
         dest = Path(job["output_measurement"])
         if dest.is_dir():

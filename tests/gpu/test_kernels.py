@@ -146,3 +146,33 @@ def test_coded_codes_in_pinned_host_memory_decode_the_same():
     assert host.codes.device.type == "cpu" and host.codes.is_pinned()
     assert torch.equal(host.decode(), coded.decode())
     assert torch.equal(coded.decode().float(), res.weight[:, :90].T)
+
+
+def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
+    """The measurement's candidates' codes go into one page-locked buffer (gptq.HostArena,
+    registered with cudaHostRegister): copies into it are exact, page-locked (so the copies back to
+    the GPU run asynchronously), and the buffer is reused after a reset."""
+    from exl2conv.gptq import Coded, HostArena
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    k, n = 256, 96
+    x = torch.randn(512, k, device="cuda", generator=g)
+    prep = gptq.prepare(x.T @ x / 512)
+    coded = []
+    for seed in range(3):
+        wt = torch.randn(k, n, device="cuda", generator=g) * 0.05 * (seed + 1)
+        coded.append(Coded.of(gptq.quantize(wt, prep, qp((4, 32, 0.2), (3, 64, 0.8))), 90, prep.invperm))
+    arena = HostArena(HostArena.size_for([k * n] * 2))
+    assert arena.registered and arena.pinned
+    host = [c.to_host(arena) for c in coded]  # the third is past the buffer: a block of its own
+    assert host[0].codes.data_ptr() == arena.buf.data_ptr()
+    assert host[2].codes.data_ptr() != arena.buf.data_ptr() + 2 * k * n
+    for h, c in zip(host, coded):
+        assert h.codes.is_pinned()
+        assert torch.equal(h.decode(), c.decode())
+    arena.reset()
+    again = coded[2].to_host(arena)
+    assert again.codes.data_ptr() == arena.buf.data_ptr()
+    assert torch.equal(again.decode(), coded[2].decode())
+    arena.close()
+    assert torch.equal(again.codes.to("cuda"), coded[2].codes)  # still readable once unpinned
