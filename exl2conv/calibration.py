@@ -27,6 +27,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 MAX_CTX = 2048           # built-in rows are never longer (longer lengths are capped)
 CHUNK = 128              # shuffled multilingual rows are made of chunks this long
 SHUFFLE_SEED = 69420     # ExLlamaV2's seed for Python's random
+DOC_BATCH = 32           # documents tokenized at once (in parallel) while rows are formed
 RANDOM_ROWS_SEED = 0x45584C32  # "EXL2"; ExLlamaV2 leaves these rows unseeded
 TINY_SEPARATOR = "<|endoftext|>"
 WIKI_SEPARATOR = "</doc>\n"
@@ -66,16 +67,19 @@ def builtin_rows(tok: Tokenizer, length: int, which: Which) -> torch.LongTensor:
                         f"is a multiple of {CHUNK} (for example {max(CHUNK, length // CHUNK * CHUNK)})")
     n = {name: counts[which == "quant"] for name, counts in BUILTIN_ROWS.items()}
 
-    multilingual = _stream(tok, _read_text("multilingual"), ctx)
+    # the four whole-text sources tokenized at once (in parallel where the tokenizer can)
+    c4, multilingual, code, technical = (
+        _rows_of(ids, ctx) for ids in tok.encode_many([_c4_text(), _read_text("multilingual"), _read_text("code"),
+                                                       _read_text("technical")]))
     parts = [
-        _first_rows(_stream(tok, _c4_text(), ctx), n["c4"], "c4"),
+        _first_rows(c4, n["c4"], "c4"),
         _document_rows(tok, _wiki_articles(), n["wiki"], ctx, "wiki"),
-        _first_rows(_stream(tok, _read_text("code"), ctx), n["code"], "code"),
+        _first_rows(code, n["code"], "code"),
         _document_rows(tok, _tiny_stories(), n["tiny"], ctx, "tiny"),
         _first_rows(multilingual, n["multilingual"], "multilingual"),
         _shuffled_rows(multilingual, n["multilingual_shuffled"], ctx),
         _random_rows(tok.vocab_size, n["random"], ctx),
-        _first_rows(_stream(tok, _read_text("technical"), ctx), n["technical"], "technical"),
+        _first_rows(technical, n["technical"], "technical"),
     ]
     return torch.cat(parts, dim=0)
 
@@ -117,7 +121,11 @@ def _tiny_stories() -> list[str]:
 
 def _stream(tok: Tokenizer, text: str, ctx: int) -> torch.Tensor:
     """Token stream of ``text`` (no BOS/EOS) cut to a whole number of rows, shape ``[R, ctx]``."""
-    ids = tok.encode(text)
+    return _rows_of(tok.encode(text), ctx)
+
+
+def _rows_of(ids: list[int], ctx: int) -> torch.Tensor:
+    """Token ids cut to a whole number of rows, shape ``[R, ctx]``."""
     usable = len(ids) - len(ids) % ctx
     return torch.tensor(ids[:usable], dtype=torch.long).view(-1, ctx)
 
@@ -137,13 +145,16 @@ def _document_rows(tok: Tokenizer, docs: list[str], n: int, ctx: int, source: st
     ``1..ctx`` (no leading BOS), the others ``0..ctx-1`` (leading BOS)."""
     rows = []
     idx = 0
+    encoded: list[list[int]] = []  # documents idx, idx + 1, ... already tokenized
     for r in range(n):
         ids: list[int] = []
         while len(ids) < ctx + 1:
             if idx >= len(docs):
                 _ran_out(source, n, r)
-            # Tokenized on demand: a document past the last one used never matters.
-            ids += tok.encode(docs[idx], add_bos=True, add_eos=True)
+            # Tokenized on demand, DOC_BATCH at a time: a document past the last one used never matters.
+            if not encoded:
+                encoded = tok.encode_many(docs[idx:idx + DOC_BATCH], add_bos=True, add_eos=True)[::-1]
+            ids += encoded.pop()
             idx += 1
         start = 1 if r < n // 2 else 0
         rows.append(ids[start:start + ctx])

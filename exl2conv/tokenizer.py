@@ -48,6 +48,10 @@ class _HFModel:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        # each text on its own, in parallel across the host's cores (the same ids as one at a time)
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -77,6 +81,9 @@ class _SPModel:
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.EncodeAsIds(text))
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         # SentencePiece refuses ids past its own table (added tokens from
@@ -121,6 +128,20 @@ class Tokenizer:
         if add_eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def encode_many(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        """:meth:`encode` of each text (a tokenizer.json tokenizes them in parallel)."""
+        todo = [i for i, t in enumerate(texts) if t]
+        done = dict(zip(todo, self._model.encode_many([texts[i] for i in todo]))) if todo else {}
+        out = []
+        for i in range(len(texts)):
+            ids = done.get(i, [])
+            if add_bos and self.bos_id is not None:
+                ids.insert(0, self.bos_id)
+            if add_eos and self.eos_id is not None:
+                ids.append(self.eos_id)
+            out.append(ids)
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens spelled out."""

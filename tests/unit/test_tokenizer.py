@@ -183,3 +183,15 @@ def test_corrupt_config_json(tmp_path):
     with pytest.raises(FormatError) as e:
         load_tokenizer(folder)
     assert str(folder / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("which", ["hf", "spm"])
+def test_encode_many_is_encode_of_each_text(which, byte_dir, spm_dir):
+    """encode_many (the calibration set's parallel path) gives each text's own encode, BOS/EOS
+    included, empty texts too."""
+    tok = load_tokenizer(byte_dir if which == "hf" else spm_dir)
+    texts = ["Hello world", "", "a\nb  c", "naïve café " * 50, "<s> text </s>"]
+    for bos, eos in ((False, False), (True, True), (True, False)):
+        want = [tok.encode(t, add_bos=bos, add_eos=eos) for t in texts]
+        assert tok.encode_many(texts, add_bos=bos, add_eos=eos) == want
+    assert tok.encode_many([]) == []
