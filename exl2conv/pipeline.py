@@ -43,6 +43,7 @@ MEASUREMENT = "measurement.json"
 SENSITIVITY = "sensitivity.safetensors"
 PREDICTED_KEY = "predicted_kl"  # under FINGERPRINT_KEY: each entry's predicted KL, by module key
 OUT_TENSOR = "out_tensor"
+PPL_TOKENS = 512  # positions per head forward of the calibration perplexity (a 7B's logits over a row: 0.25 GiB)
 
 
 # -- validation before any work ------------------------------------------------------------------
@@ -792,9 +793,8 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     for r in range(rows):
         x = forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps)[:-1]
         target = ids[r, 1:].clamp(0, vocab - 1)
-        # HEAD_TOKENS positions at a time: a 7B's logits over a whole row are 0.25 GiB
-        for t0 in range(0, x.shape[0], sensitivity.HEAD_TOKENS):
-            t1 = t0 + sensitivity.HEAD_TOKENS
+        for t0 in range(0, x.shape[0], PPL_TOKENS):
+            t1 = t0 + PPL_TOKENS
             logits = forward.logits(x[t0:t1], head, cfg.final_softcap)[:, :vocab]
             logp = torch.log_softmax(logits + 1e-10, dim=-1)
             nll -= logp.gather(-1, target[t0:t1].unsqueeze(-1)).sum(dtype=torch.float64)

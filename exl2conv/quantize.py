@@ -104,8 +104,8 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
-            if spec.in_features ** 2 * 4 >= gptq.RELEASE_BYTES:  # a 7B down_proj's [K, K] is 0.45 GiB:
-                gptq.release_unused(dev)  # the cache's blocks of other sizes would otherwise sit beside it
+            if gptq.large_factor(spec.in_features):  # the cache's blocks of other sizes would otherwise
+                gptq.release_unused(dev)  # sit beside the new [K, K] matrices
             preps[src] = prepare(hess.pop(src).to(dev), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
