@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "checks.h"
@@ -168,6 +169,61 @@ __global__ void refine_qs_many_kernel(const float* __restrict__ w, const int* __
     qs_out[(size_t)c * N + n] = cand[best];
 }
 
+
+// Codes of a quantized weight from its dequantized values (Coded.of in exl2conv/gptq.py):
+// codes[r, n] = (s > 0 ? rint(q[r, n] / s) : 0) + zero[r] with s = scale[group[r], n].
+// q: [K, N] f32; scale: [G, N] f16; group: [K] i64; zero: [K] i16; codes: [K, N] u8
+__global__ void codes_of_kernel(const float* __restrict__ q, const __half* __restrict__ scale,
+                                const int64_t* __restrict__ group, const int16_t* __restrict__ zero,
+                                uint8_t* __restrict__ codes, int K, int N)
+{
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)K * N) return;
+    const size_t r = i / N, n = i % N;
+    const float s = __half2float(scale[(size_t)group[r] * N + n]);
+    const float c = s > 0.0f ? rintf(__fdiv_rn(q[i], s)) : 0.0f;
+    codes[i] = (uint8_t) __fadd_rn(c, (float) zero[r]);
+}
+
+template <typename T> __device__ __forceinline__ float as_float(T x);
+template <> __device__ __forceinline__ float as_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float as_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float as_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A candidate's difference from the unquantized weight, as the measurement's corrected forwards
+// take it (CandidateScorer._delta in exl2conv/candidates.py): for output o and input k, with
+// r = invperm[k] (the code row of input k),
+//   outT[k, o] = bf16(float(fp16(fp16(codes[r, o] - zero[r]) * scale[group[r], o])) - float(base[o, k]))
+// written as the [K, O] array whose transpose the torch path yields (same strides, so the
+// forwards' matrix products see the same operands).
+// codes: [K, N] u8 (permuted rows); zero: [K] i16; scale: [G, N] f16; group, invperm: [K] i64;
+// base: [O, K] (f32, f16 or bf16); outT: [K, O] bf16. A 32 x 32 tile per block (32 x 8 threads):
+// base is read along k and staged in shared memory, the codes and the output along o.
+template <typename T>
+__global__ void coded_delta_kernel(const uint8_t* __restrict__ codes, const int16_t* __restrict__ zero,
+                                   const __half* __restrict__ scale, const int64_t* __restrict__ group,
+                                   const int64_t* __restrict__ invperm, const T* __restrict__ base,
+                                   __nv_bfloat16* __restrict__ outT, int K, int N, int O)
+{
+    __shared__ float tile[32][33];
+    const int o0 = blockIdx.x * 32, k0 = blockIdx.y * 32;
+    for (int j = threadIdx.y; j < 32; j += blockDim.y)
+    {
+        const int o = o0 + j, k = k0 + threadIdx.x;
+        tile[j][threadIdx.x] = (o < O && k < K) ? as_float<T>(base[(size_t)o * K + k]) : 0.0f;
+    }
+    __syncthreads();
+    for (int j = threadIdx.y; j < 32; j += blockDim.y)
+    {
+        const int k = k0 + j, o = o0 + threadIdx.x;
+        if (k >= K || o >= O) continue;
+        const int64_t r = invperm[k];
+        const __half q = __float2half_rn((float) ((int) codes[(size_t)r * N + o] - (int) zero[r]));
+        const __half d = __hmul(q, scale[(size_t)group[r] * N + o]);
+        outT[(size_t)k * O + o] = __float2bfloat16_rn(__fsub_rn(__half2float(d), tile[threadIdx.x][j]));
+    }
+}
+
 }  // namespace
 
 void gptq_block(at::Tensor w, at::Tensor scale, at::Tensor zero, at::Tensor maxq, at::Tensor u,
@@ -237,4 +293,60 @@ at::Tensor refine_qs_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Te
         K, N, (int) a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
+}
+
+void codes_of(at::Tensor q, at::Tensor scale, at::Tensor group, at::Tensor zero, at::Tensor codes)
+{
+    const c10::cuda::OptionalCUDAGuard guard(q.device());
+    CHECK_CUDA_F32(q, 2); CHECK_CUDA_DTYPE(scale, at::kHalf, 2); CHECK_CUDA_DTYPE(group, at::kLong, 1);
+    CHECK_CUDA_DTYPE(zero, at::kShort, 1); CHECK_CUDA_DTYPE(codes, at::kByte, 2);
+    const int K = q.size(0), N = q.size(1);
+    TORCH_CHECK(scale.size(1) == N && group.size(0) == K && zero.size(0) == K && codes.sizes() == q.sizes(),
+                "codes_of: scale must be [G, N], group and zero [K], codes shaped like q [K, N]");
+    if (K == 0 || N == 0) return;
+    const unsigned grid = (unsigned) (((size_t)K * N + THREADS - 1) / THREADS);
+    codes_of_kernel<<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<float>(), reinterpret_cast<const __half*>(scale.data_ptr<at::Half>()), group.data_ptr<int64_t>(),
+        zero.data_ptr<int16_t>(), codes.data_ptr<uint8_t>(), K, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor coded_delta(at::Tensor codes, at::Tensor zero, at::Tensor scale, at::Tensor group, at::Tensor invperm,
+                       at::Tensor base)
+{
+    const c10::cuda::OptionalCUDAGuard guard(codes.device());
+    CHECK_CUDA_DTYPE(codes, at::kByte, 2); CHECK_CUDA_DTYPE(zero, at::kShort, 1); CHECK_CUDA_DTYPE(scale, at::kHalf, 2);
+    CHECK_CUDA_DTYPE(group, at::kLong, 1); CHECK_CUDA_DTYPE(invperm, at::kLong, 1);
+    TORCH_CHECK(base.is_cuda() && base.dim() == 2 && base.is_contiguous(), "coded_delta: base must be a contiguous [O, K] CUDA tensor");
+    const int K = codes.size(0), N = codes.size(1), O = base.size(0);
+    TORCH_CHECK(base.size(1) == K && O <= N && scale.size(1) == N && zero.size(0) == K && group.size(0) == K &&
+                invperm.size(0) == K, "coded_delta: codes [K, N], base [O <= N, K], scale [G, N], zero/group/invperm [K]");
+    auto outT = at::empty({K, O}, codes.options().dtype(at::kBFloat16));
+    if (K == 0 || O == 0) return outT.t();
+    dim3 grid((O + 31) / 32, (K + 31) / 32), block(32, 8);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    const int16_t* z = zero.data_ptr<int16_t>();
+    const __half* s = reinterpret_cast<const __half*>(scale.data_ptr<at::Half>());
+    const int64_t* g = group.data_ptr<int64_t>();
+    const int64_t* ip = invperm.data_ptr<int64_t>();
+    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(outT.data_ptr<at::BFloat16>());
+    switch (base.scalar_type())
+    {
+    case at::kFloat:
+        coded_delta_kernel<float><<<grid, block, 0, stream>>>(c, z, s, g, ip, base.data_ptr<float>(), out, K, N, O);
+        break;
+    case at::kHalf:
+        coded_delta_kernel<__half><<<grid, block, 0, stream>>>(
+            c, z, s, g, ip, reinterpret_cast<const __half*>(base.data_ptr<at::Half>()), out, K, N, O);
+        break;
+    case at::kBFloat16:
+        coded_delta_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(
+            c, z, s, g, ip, reinterpret_cast<const __nv_bfloat16*>(base.data_ptr<at::BFloat16>()), out, K, N, O);
+        break;
+    default:
+        TORCH_CHECK(false, "coded_delta: base has dtype ", base.scalar_type(), ", expected float32, float16 or bfloat16");
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return outT.t();  // [O, K] with strides (1, O)
 }

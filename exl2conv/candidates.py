@@ -183,7 +183,16 @@ class CandidateScorer:
         return self._dense(src).to(torch.float32)
 
     def _delta(self, key: str, src, codes: "_Codes | None" = None) -> torch.Tensor:
-        dense, base = self._dense(src, codes), self.w[key]
+        base = self.w[key]
+        if isinstance(src, Coded):
+            got = codes.get(src) if codes is not None else None
+            if self.low == torch.bfloat16:
+                fused = src.delta(base, got)  # the same bits and strides in one kernel, where it runs
+                if fused is not None:
+                    return fused
+            dense = src.decode(got)
+        else:
+            dense = src.to(self.device)
         if base.dtype != torch.float32:  # parked in 2 bytes: a float16 difference would round
             return dense.to(torch.float32).sub_(base).to(self.low)
         # the subtraction widens a float16 candidate exactly: no float32 copy of it first

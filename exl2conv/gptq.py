@@ -473,6 +473,10 @@ class Coded:
         scale = fp16_scale(res.qs, res.qscale_max).to(torch.float16)
         k, n = res.q.shape
         codes = torch.empty((k, n), dtype=torch.uint8, device=dev)
+        ext = kernels.get() if res.q.is_cuda else None
+        if ext is not None and res.q.is_contiguous():  # one kernel, the same arithmetic as below
+            ext.codes_of(res.q, scale, group, zero, codes)
+            return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
         step = max(1, (32 << 20) // (4 * n))  # rows at a time: a few float32 temporaries of 32 MiB
         for r0 in range(0, k, step):
             s = scale[group[r0:r0 + step]].to(torch.float32)
@@ -489,6 +493,19 @@ class Coded:
         codes = arena.copy_of(self.codes) if arena is not None else pinned_copy(self.codes, non_blocking=False)
         return Coded(codes=codes, zero=self.zero, scale=self.scale, group=self.group, invperm=self.invperm,
                      out_features=self.out_features)
+
+    def delta(self, base: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``bfloat16(decode() - base)`` in one kernel (csrc/quantize.cu ``coded_delta``), with the
+        strides of that expression's result (``[out, K]``, column-major): what the measurement's
+        corrected forwards take for each candidate, once per chunk of rows. base: ``[out, K]``,
+        contiguous, float32, float16 or bfloat16, on the device of the scales; codes: as for
+        :meth:`decode`. None where the kernel cannot run (no CUDA extension)."""
+        ext = kernels.get() if self.scale.is_cuda else None
+        if ext is None or not base.is_contiguous() or base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return None
+        if codes is None:
+            codes = self.codes.to(self.scale.device, non_blocking=True)
+        return ext.coded_delta(codes, self.zero, self.scale, self.group, self.invperm, base)
 
     def decode(self, codes: torch.Tensor | None = None) -> torch.Tensor:
         """float16 ``[out_features, K]``: the weight in the HF orientation and original row order,

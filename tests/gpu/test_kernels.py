@@ -176,3 +176,69 @@ def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
     assert torch.equal(again.decode(), coded[2].decode())
     arena.close()
     assert torch.equal(again.codes.to("cuda"), coded[2].codes)  # still readable once unpinned
+
+
+def _coded_problem(k, n, out, seed):
+    """A quantized weight as :class:`gptq.Coded` with groups of 2..8 bits, and its result."""
+    from exl2conv.gptq import Coded
+
+    wt, h = problem(k, n, seed)
+    prep = gptq.prepare(h)
+    res = gptq.quantize(wt, prep, qp((2, 32, 0.1), (4, 64, 0.4), (8, 32, 0.5)))
+    return res, prep, Coded.of(res, out, prep.invperm)
+
+
+def test_codes_of_kernel_matches_torch(ext, monkeypatch):
+    """Coded.of's kernel (codes_of) gives the codes of its torch loop, and they decode to GPTQ's values."""
+    from exl2conv.gptq import Coded
+
+    res, prep, coded = _coded_problem(256, 160, 150, 5)
+    monkeypatch.setattr(gptq.kernels, "get", lambda: None)
+    ref = Coded.of(res, 150, prep.invperm)
+    monkeypatch.undo()
+    assert torch.equal(coded.codes, ref.codes)
+    assert torch.equal(coded.decode().float(), res.weight[:, :150].T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_coded_delta_kernel_matches_torch(ext, dtype):
+    """Coded.delta (coded_delta) equals the scorer's torch expression bit for bit and with its
+    strides, codes on the device or copied in from pinned host memory; out and K off the 32-tiles."""
+    res, prep, coded = _coded_problem(288, 96, 90, 6)
+    base = (res.weight[:, :90].T + torch.randn(90, 288, device="cuda") * 1e-3).to(dtype).contiguous()
+    dense = coded.decode()
+    want = (torch.sub(dense, base) if dtype == torch.float32 else dense.to(torch.float32).sub_(base)).to(torch.bfloat16)
+    got = coded.delta(base)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape and got.stride() == want.stride()
+    assert torch.equal(got, want)
+    host = coded.to_host()
+    assert torch.equal(host.delta(base), want)
+    assert torch.equal(host.delta(base, host.codes.to("cuda")), want)
+
+
+def test_fused_decode_kernels_leave_the_measurement_unchanged(ext, tmp_path, monkeypatch):
+    """A tiny model's measurement.json and output with the codes_of and coded_delta kernels are the
+    bytes of the torch paths they replace (the corrected forwards see the same operands)."""
+    from exl2conv.cli import main
+    from exl2conv.gptq import Coded
+    from tests.gpu.test_determinism import digest
+    from tests.tinymodel import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m", seed=4, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
+    outs = []
+    for run in ("fused", "torch"):
+        if run == "torch":
+            monkeypatch.setattr(Coded, "delta", lambda self, base, codes=None: None)
+            real = Coded.of.__func__
+
+            def of_torch(cls, res, out_features, invperm):
+                with monkeypatch.context() as m:
+                    m.setattr(gptq.kernels, "get", lambda: None)
+                    return real(cls, res, out_features, invperm)
+            monkeypatch.setattr(Coded, "of", classmethod(of_torch))
+        out = tmp_path / run / "out"
+        rc = main(["-i", str(src), "-o", str(tmp_path / run / "w"), "-cf", str(out), "-b", "4.0",
+                   "-l", "256", "-ml", "256", "--device", "cuda"])
+        assert rc == 0
+        outs.append((digest(out), (tmp_path / run / "w" / "measurement.json").read_text()))
+    assert outs[0] == outs[1]
