@@ -9,6 +9,10 @@ at::Tensor pgrid_err_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Te
                           at::Tensor p, int64_t a);
 at::Tensor refine_qs_many(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor qs,
                           at::Tensor qmax, at::Tensor rw, int64_t a);
+std::vector<at::Tensor> params_start(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor half_m, int64_t a);
+std::vector<at::Tensor> params_finish(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor out_idx,
+                                      at::Tensor err, at::Tensor grid, at::Tensor qs, at::Tensor s_max, at::Tensor rw,
+                                      at::Tensor scale_out, int64_t a);
 void codes_of(at::Tensor q, at::Tensor scale, at::Tensor group, at::Tensor zero, at::Tensor codes);
 at::Tensor coded_delta(at::Tensor codes, at::Tensor zero, at::Tensor scale, at::Tensor group, at::Tensor invperm,
                        at::Tensor base);
@@ -18,6 +22,8 @@ TORCH_LIBRARY(exl2conv, m)
     m.def("gptq_block", &gptq_block);          // one 32-row GPTQ block for C candidates
     m.def("pgrid_err_many", &pgrid_err_many);  // p-grid error partial sums, one group of each of B candidates
     m.def("refine_qs_many", &refine_qs_many);  // each column's scale index refined, one group of each of B candidates
+    m.def("params_start", &params_start);      // the scale search before the p-grid, one group of each of B candidates
+    m.def("params_finish", &params_finish);    // and after it: best p, refined indices, scales written
     m.def("codes_of", &codes_of);              // a quantized weight's codes from its dequantized values
     m.def("coded_delta", &coded_delta);        // a coded candidate minus the unquantized weight, in bfloat16
 }

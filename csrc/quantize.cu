@@ -13,6 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <vector>
+
 #include "checks.h"
 
 namespace {
@@ -120,6 +122,39 @@ __global__ void pgrid_err_many_kernel(const float* __restrict__ w, const int* __
     if (threadIdx.x == 0) partial[((size_t)c * gridDim.y + j) * gridDim.x + blockIdx.x] = sh[0];
 }
 
+// One column's refinement: of q0 - 1, q0, q0 + 1 (within 1..16) the index with the least weighted
+// squared rounding error over the group's r rows x[0], x[N], ... (q0 unless another is strictly better).
+__device__ __forceinline__ int64_t refine_column(const float* __restrict__ x, int r, int N, const float* __restrict__ rw,
+                                                 int64_t q0, __half qmax, float lo, float hi)
+{
+    const int64_t cand[3] = {q0, q0 > 1 ? q0 - 1 : 1, q0 < 16 ? q0 + 1 : 16};
+    const __half inner = __hmul(qmax, __float2half_rn(0.00390625f));
+    float s[3], e[3];
+    #pragma unroll
+    for (int k = 0; k < 3; k++)
+    {
+        s[k] = __half2float(__hmul(__float2half_rn((float) (cand[k] * cand[k])), inner));
+        e[k] = 0.0f;
+    }
+    for (int i = 0; i < r; i++)
+    {
+        const float xv = x[(size_t)i * N];
+        const float wt = rw[i];
+        #pragma unroll
+        for (int k = 0; k < 3; k++)
+        {
+            float q = rintf(__fdiv_rn(xv, s[k]));
+            q = fminf(fmaxf(q, lo), hi);
+            const float d = __fsub_rn(__fmul_rn(q, s[k]), xv);
+            e[k] = __fadd_rn(e[k], __fmul_rn(wt, __fmul_rn(d, d)));
+        }
+    }
+    int best = 0;
+    if (e[1] < e[best]) best = 1;
+    if (e[2] < e[best]) best = 2;
+    return cand[best];
+}
+
 // The scale-index refinement (refine_qs in exl2conv/gptq.py): for each column of one group of each
 // of B candidates, of qs - 1, qs and qs + 1 (within 1..16) the index whose effective scale
 // fp16(fp16(q^2) * fp16(qscale_max / 256)) rounds the group's rows with the least weighted squared
@@ -138,35 +173,86 @@ __global__ void refine_qs_many_kernel(const float* __restrict__ w, const int* __
     const int b = bits[c];
     const float lo = -(float) (1 << (b - 1));
     const float hi = (float) ((1 << b) - 1) + lo;
-    const int64_t q0 = qs_in[(size_t)c * N + n];
-    const int64_t cand[3] = {q0, q0 > 1 ? q0 - 1 : 1, q0 < 16 ? q0 + 1 : 16};
-    const __half inner = __hmul(qmax[c], __float2half_rn(0.00390625f));
-    float s[3], e[3];
-    #pragma unroll
-    for (int k = 0; k < 3; k++)
-    {
-        s[k] = __half2float(__hmul(__float2half_rn((float) (cand[k] * cand[k])), inner));
-        e[k] = 0.0f;
-    }
+    qs_out[(size_t)c * N + n] = refine_column(w + ((size_t)cidx[c] * K + a) * N + n, rows[c], N, rw,
+                                              qs_in[(size_t)c * N + n], qmax[c], lo, hi);
+}
+
+// The scale search before the p-grid (find_params_many in exl2conv/gptq.py), for one group of each
+// of B candidates, in two kernels. First each column's base = (max_r |x| + 1e-12) / half_m[c],
+// then per group s_max = max_n base and per column qs = clamp(rint(16 sqrt(base / s_max)), 1, 16),
+// cand = (qs / 16)^2 s_max. w: [C, K, N] f32; cidx, rows: [B] i32; half_m: [B] f32;
+// qs, cand: [B, N] f32 (cand holds base between the two); s_max: [B] f32.
+__global__ void params_base_kernel(const float* __restrict__ w, const int* __restrict__ cidx,
+                                   const int* __restrict__ rows, const float* __restrict__ half_m,
+                                   float* __restrict__ base, int K, int N, int a)
+{
+    const int c = blockIdx.y;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
     const float* x = w + ((size_t)cidx[c] * K + a) * N + n;
-    const int r = rows[c];
-    for (int i = 0; i < r; i++)
+    float m = 0.0f;
+    for (int i = 0; i < rows[c]; i++) m = fmaxf(m, fabsf(x[(size_t)i * N]));
+    base[(size_t)c * N + n] = __fdiv_rn(__fadd_rn(m, 1e-12f), half_m[c]);
+}
+
+constexpr int PARAM_THREADS = 1024;
+
+__global__ void params_qs_kernel(float* __restrict__ cand, float* __restrict__ qs, float* __restrict__ s_max_out, int N)
+{
+    __shared__ float sh[PARAM_THREADS];
+    const int c = blockIdx.x;
+    float* base = cand + (size_t)c * N;  // read as base, overwritten with cand
+    float m = 0.0f;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) m = fmaxf(m, base[n]);
+    sh[threadIdx.x] = m;
+    __syncthreads();
+    for (int st = blockDim.x / 2; st > 0; st >>= 1)
     {
-        const float xv = x[(size_t)i * N];
-        const float wt = rw[i];
-        #pragma unroll
-        for (int k = 0; k < 3; k++)
-        {
-            float q = rintf(__fdiv_rn(xv, s[k]));
-            q = fminf(fmaxf(q, lo), hi);
-            const float d = __fsub_rn(__fmul_rn(q, s[k]), xv);
-            e[k] = __fadd_rn(e[k], __fmul_rn(wt, __fmul_rn(d, d)));
-        }
+        if (threadIdx.x < st) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + st]);
+        __syncthreads();
     }
+    const float s_max = sh[0];
+    if (threadIdx.x == 0) s_max_out[c] = s_max;
+    for (int n = threadIdx.x; n < N; n += blockDim.x)
+    {
+        float q = rintf(__fmul_rn(16.0f, __fsqrt_rn(__fdiv_rn(base[n], s_max))));
+        q = fminf(fmaxf(q, 1.0f), 16.0f);
+        const float t = __fdiv_rn(q, 16.0f);
+        qs[(size_t)c * N + n] = q;
+        base[n] = __fmul_rn(__fmul_rn(t, t), s_max);
+    }
+}
+
+// The scale search after the p-grid: per group the first p with the least error, qscale_max =
+// fp16(s_max * p), each column's index refined (refine_column), and the effective scales
+// fp16(fp16(qs^2) * fp16(qscale_max / 256)) written to rows out_idx[c] of scale_out.
+// err: [B, P] f32; grid: [P] f32; qs_f: [B, N] f32; s_max: [B] f32; rw: [max rows] f32;
+// qs_out: [B, N] i64; qmax_out: [B] f16; scale_out: [C, N] f32.
+__global__ void params_finish_kernel(const float* __restrict__ w, const int* __restrict__ cidx,
+                                     const int* __restrict__ rows, const int* __restrict__ bits,
+                                     const int* __restrict__ out_idx, const float* __restrict__ err,
+                                     const float* __restrict__ grid, int P, const float* __restrict__ qs_f,
+                                     const float* __restrict__ s_max, const float* __restrict__ rw,
+                                     int64_t* __restrict__ qs_out, __half* __restrict__ qmax_out,
+                                     float* __restrict__ scale_out, int K, int N, int a)
+{
+    const int c = blockIdx.y;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    const float* e = err + (size_t)c * P;
     int best = 0;
-    if (e[1] < e[best]) best = 1;
-    if (e[2] < e[best]) best = 2;
-    qs_out[(size_t)c * N + n] = cand[best];
+    for (int j = 1; j < P; j++)
+        if (e[j] < e[best]) best = j;
+    const __half qmax = __float2half_rn(__fmul_rn(s_max[c], grid[best]));
+    if (blockIdx.x == 0 && threadIdx.x == 0) qmax_out[c] = qmax;
+    if (n >= N) return;
+    const int b = bits[c];
+    const float lo = -(float) (1 << (b - 1));
+    const float hi = (float) ((1 << b) - 1) + lo;
+    const int64_t q = refine_column(w + ((size_t)cidx[c] * K + a) * N + n, rows[c], N, rw,
+                                    (int64_t) qs_f[(size_t)c * N + n], qmax, lo, hi);
+    qs_out[(size_t)c * N + n] = q;
+    const __half inner = __hmul(qmax, __float2half_rn(0.00390625f));
+    scale_out[(size_t)out_idx[c] * N + n] = __half2float(__hmul(__float2half_rn((float) (q * q)), inner));
 }
 
 
@@ -349,4 +435,48 @@ at::Tensor coded_delta(at::Tensor codes, at::Tensor zero, at::Tensor scale, at::
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return outT.t();  // [O, K] with strides (1, O)
+}
+
+std::vector<at::Tensor> params_start(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor half_m, int64_t a)
+{
+    const c10::cuda::OptionalCUDAGuard guard(w.device());
+    CHECK_CUDA_F32(w, 3); CHECK_CUDA_F32(half_m, 1);
+    CHECK_CUDA_DTYPE(cidx, at::kInt, 1); CHECK_CUDA_DTYPE(rows, at::kInt, 1);
+    const int K = w.size(1), N = w.size(2), B = cidx.size(0);
+    TORCH_CHECK(rows.size(0) == B && half_m.size(0) == B, "params_start: cidx, rows, half_m must be [B]");
+    TORCH_CHECK(a >= 0 && a < K, "params_start: start row ", a, " outside K=", K);
+    auto qs = at::empty({B, N}, w.options()), cand = at::empty({B, N}, w.options()), s_max = at::empty({B}, w.options());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    params_base_kernel<<<dim3((N + THREADS - 1) / THREADS, B), THREADS, 0, stream>>>(
+        w.data_ptr<float>(), cidx.data_ptr<int>(), rows.data_ptr<int>(), half_m.data_ptr<float>(), cand.data_ptr<float>(),
+        K, N, (int) a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    params_qs_kernel<<<B, PARAM_THREADS, 0, stream>>>(cand.data_ptr<float>(), qs.data_ptr<float>(), s_max.data_ptr<float>(), N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {qs, cand, s_max};
+}
+
+std::vector<at::Tensor> params_finish(at::Tensor w, at::Tensor cidx, at::Tensor rows, at::Tensor bits, at::Tensor out_idx,
+                                      at::Tensor err, at::Tensor grid, at::Tensor qs, at::Tensor s_max, at::Tensor rw,
+                                      at::Tensor scale_out, int64_t a)
+{
+    const c10::cuda::OptionalCUDAGuard guard(w.device());
+    CHECK_CUDA_F32(w, 3); CHECK_CUDA_F32(err, 2); CHECK_CUDA_F32(grid, 1); CHECK_CUDA_F32(qs, 2); CHECK_CUDA_F32(s_max, 1);
+    CHECK_CUDA_F32(rw, 1); CHECK_CUDA_F32(scale_out, 2);
+    CHECK_CUDA_DTYPE(cidx, at::kInt, 1); CHECK_CUDA_DTYPE(rows, at::kInt, 1); CHECK_CUDA_DTYPE(bits, at::kInt, 1);
+    CHECK_CUDA_DTYPE(out_idx, at::kInt, 1);
+    const int K = w.size(1), N = w.size(2), B = cidx.size(0), P = grid.size(0);
+    TORCH_CHECK(rows.size(0) == B && bits.size(0) == B && out_idx.size(0) == B && s_max.size(0) == B &&
+                err.size(0) == B && err.size(1) == P && qs.size(0) == B && qs.size(1) == N && scale_out.size(1) == N,
+                "params_finish: cidx, rows, bits, out_idx, s_max [B]; err [B, P]; qs [B, N]; scale_out [C, N]");
+    TORCH_CHECK(a >= 0 && a < K, "params_finish: start row ", a, " outside K=", K);
+    auto qs_out = at::empty({B, N}, w.options().dtype(at::kLong));
+    auto qmax = at::empty({B}, w.options().dtype(at::kHalf));
+    params_finish_kernel<<<dim3((N + THREADS - 1) / THREADS, B), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<float>(), cidx.data_ptr<int>(), rows.data_ptr<int>(), bits.data_ptr<int>(), out_idx.data_ptr<int>(),
+        err.data_ptr<float>(), grid.data_ptr<float>(), P, qs.data_ptr<float>(), s_max.data_ptr<float>(), rw.data_ptr<float>(),
+        qs_out.data_ptr<int64_t>(), reinterpret_cast<__half*>(qmax.data_ptr<at::Half>()), scale_out.data_ptr<float>(),
+        K, N, (int) a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {qs_out, qmax};
 }

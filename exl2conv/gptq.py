@@ -337,18 +337,33 @@ def _group_tensors(dev, cidx: list[int], rows: list[int], bits: list[int]) -> di
 
 
 def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
-                     bits: list[int], row_weight: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     bits: list[int], row_weight: torch.Tensor | None = None,
+                     scale_out: torch.Tensor | None = None, out_idx: list[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`find_params` for one group of each of several candidates, batched: candidate
     ``cidx[i]``'s group is rows ``a .. a + rows[i] - 1`` of ``w[cidx[i]]`` at ``bits[i]``;
     row_weight: float32 ``[max(rows)]``, the weights of rows ``a ..`` (None: all 1).
 
     w: float32 ``[C, K, N]``. Returns ``(qs int64 [B, N], qscale_max float16 [B], scale float32
     [B, N])`` for the B groups. Every value equals what a per-group search gives: the batching only
-    saves kernel launches (hundreds of groups per linear)."""
+    saves kernel launches (hundreds of groups per linear). scale_out: float32 ``[C', N]``, where
+    the caller keeps each candidate's current scales; given, the CUDA path writes group ``i``'s into
+    its row ``out_idx[i]`` (``cidx[i]`` by default) itself and returns None for ``scale``, in five
+    kernel launches instead of about thirty (the same values: tests/gpu/test_kernels.py)."""
     dev = w.device
     span = max(rows)
     t = _group_tensors(dev, cidx, rows, bits)
+    ext = kernels.get() if w.is_cuda else None
+    if ext is not None and scale_out is not None and FUSED_KERNELS:
+        if row_weight is None:
+            row_weight = device_constant(("ones", span), dev, lambda: torch.ones(span, dtype=torch.float32, device=dev))
+        wc = w.contiguous()
+        qs_f, cand, s_max = ext.params_start(wc, t["idx32"], t["rows32"], t["half_m"].view(-1), a)
+        err = ext.pgrid_err_many(wc, t["idx32"], t["rows32"], t["bits32"], cand, t["grid"], a).sum(dim=2)
+        dest = t["idx32"] if out_idx is None else _group_tensors(dev, out_idx, rows, bits)["idx32"]
+        qs_i, qscale_max = ext.params_finish(wc, t["idx32"], t["rows32"], t["bits32"], dest, err, t["grid"], qs_f,
+                                             s_max, row_weight[:span].contiguous(), scale_out, a)
+        return qs_i, qscale_max, None
     x = w[t["idx"], a:a + span]  # [B, R, N]
     if t["keep"] is not None:
         x = x * t["keep"]
@@ -358,7 +373,6 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     qs = torch.clamp(torch.round(16 * torch.sqrt(base / s_max)), 1, 16)
     cand = (qs / 16) ** 2 * s_max  # [B, N]
     grid = t["grid"]
-    ext = kernels.get() if w.is_cuda else None
     if ext is not None:
         err = ext.pgrid_err_many(w.contiguous(), t["idx32"], t["rows32"], t["bits32"], cand.contiguous(), grid,
                                  a).sum(dim=2)
@@ -474,7 +488,7 @@ class Coded:
         k, n = res.q.shape
         codes = torch.empty((k, n), dtype=torch.uint8, device=dev)
         ext = kernels.get() if res.q.is_cuda else None
-        if ext is not None and res.q.is_contiguous():  # one kernel, the same arithmetic as below
+        if ext is not None and FUSED_KERNELS and res.q.is_contiguous():  # one kernel, the arithmetic below
             ext.codes_of(res.q, scale, group, zero, codes)
             return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
         step = max(1, (32 << 20) // (4 * n))  # rows at a time: a few float32 temporaries of 32 MiB
@@ -501,7 +515,8 @@ class Coded:
         contiguous, float32, float16 or bfloat16, on the device of the scales; codes: as for
         :meth:`decode`. None where the kernel cannot run (no CUDA extension)."""
         ext = kernels.get() if self.scale.is_cuda else None
-        if ext is None or not base.is_contiguous() or base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if (ext is None or not FUSED_KERNELS or not base.is_contiguous()
+                or base.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
             return None
         if codes is None:
             codes = self.codes.to(self.scale.device, non_blocking=True)
@@ -517,6 +532,11 @@ class Coded:
         q.mul_(self.scale[self.group])  # float16 product of float16 values: one rounding, as dequant
         return q[self.invperm][:, : self.out_features].T
 
+
+# The CUDA kernels that fuse a torch path's many small operations into one pass (the scale search
+# around the p-grid, Coded.of, Coded.delta): same values as the paths they replace; False runs those
+# paths instead (the GPU tests compare the two).
+FUSED_KERNELS = True
 
 # The measurement's working set for one pass of candidates (quantize_batches): 1 GiB holds five
 # candidates of a Llama-2-7B MLP linear; 2 GiB was 10-30 % faster per linear but one of the largest
@@ -658,13 +678,15 @@ def _gptq_pass(w: torch.Tensor, prep: Prepared, perm: torch.Tensor, candidates: 
             rows_, bits_ = [g.rows for g in groups], [g.bits for g in groups]
             idx = _group_tensors(dev, cis, rows_, bits_)["idx"]
             if a + max(rows_) <= s1:
-                qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_, rw[a:])
+                qs, qmax, sc = find_params_many(w, cis, a, rows_, bits_, rw[a:], scale_out=scale)
             else:
                 x = _group_rows(w, u, err_span, idx, cis, a, rows_, s0, s1)
-                qs, qmax, sc = find_params_many(x, list(range(len(cis))), 0, rows_, bits_, rw[a:])
+                qs, qmax, sc = find_params_many(x, list(range(len(cis))), 0, rows_, bits_, rw[a:], scale_out=scale,
+                                                out_idx=cis)
             for i, (ci, gi) in enumerate(opening):
                 qs_out[ci][gi], qmax_out[ci][gi] = qs[i], qmax[i]
-            scale.index_copy_(0, idx, sc)
+            if sc is not None:  # else written into scale already
+                scale.index_copy_(0, idx, sc)
         err_blk = err_span[(a - s0) // BLOCK]
         if ext is not None:
             ext.gptq_block(w, scale, zero32, max32, u, q_out, codes_out if codes_out is not None else no_codes,

@@ -20,7 +20,7 @@ from exl2conv import atomic
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NAME = "exl2conv_ext"
-OPS = ("gptq_block", "pgrid_err_many", "refine_qs_many", "codes_of", "coded_delta")
+OPS = ("gptq_block", "pgrid_err_many", "refine_qs_many", "codes_of", "coded_delta", "params_start", "params_finish")
 _state: dict = {}
 log = logging.getLogger("exl2conv")
 

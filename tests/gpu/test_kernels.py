@@ -193,7 +193,7 @@ def test_codes_of_kernel_matches_torch(ext, monkeypatch):
     from exl2conv.gptq import Coded
 
     res, prep, coded = _coded_problem(256, 160, 150, 5)
-    monkeypatch.setattr(gptq.kernels, "get", lambda: None)
+    monkeypatch.setattr(gptq, "FUSED_KERNELS", False)
     ref = Coded.of(res, 150, prep.invperm)
     monkeypatch.undo()
     assert torch.equal(coded.codes, ref.codes)
@@ -216,26 +216,67 @@ def test_coded_delta_kernel_matches_torch(ext, dtype):
     assert torch.equal(host.delta(base, host.codes.to("cuda")), want)
 
 
-def test_fused_decode_kernels_leave_the_measurement_unchanged(ext, tmp_path, monkeypatch):
-    """A tiny model's measurement.json and output with the codes_of and coded_delta kernels are the
-    bytes of the torch paths they replace (the corrected forwards see the same operands)."""
+@pytest.mark.parametrize("spread", [False, True])
+def test_fused_scale_search_matches_the_unfused_path(ext, monkeypatch, spread):
+    """find_params_many with ``scale_out`` (params_start, p-grid, params_finish) gives the qs,
+    qscale_max and scales of the unfused path (torch operations around the pgrid and refine
+    kernels), bit for bit: groups of one and of several sizes (rows past a group's end ignored),
+    bit widths 2..8, candidate rows written where ``out_idx`` says."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    c, k, n = 6, 256, 200
+    w = torch.randn(c, k, n, device="cuda", generator=g) * torch.linspace(0.01, 2, n, device="cuda")
+    w[1, 64:96, 5] = 0  # an all-zero column in a group
+    rw = torch.rand(k, device="cuda", generator=g) + 0.5
+    cases = [([0, 2, 3], 32, [32, 64, 32], [4, 3, 8]), ([1, 4, 5], 64, [32, 32, 32], [2, 5, 6]),
+             ([5], 96, [128], [4])]
+    for cidx, a, rows, bits in cases:
+        out_idx = list(cidx)
+        if spread:  # the groups' rows taken from a packed copy, as _gptq_pass does past a span
+            x = torch.stack([w[ci, a:a + max(rows)] for ci in cidx]).contiguous()
+            src, src_idx, start = x, list(range(len(cidx))), 0
+        else:
+            src, src_idx, start = w, cidx, a
+        want_qs, want_qmax, want_scale = gptq.find_params_many(src, src_idx, start, rows, bits, rw[a:])
+        scale = torch.full((c, n), -1.0, device="cuda")
+        qs, qmax, none = gptq.find_params_many(src, src_idx, start, rows, bits, rw[a:], scale_out=scale,
+                                               out_idx=out_idx if spread else None)
+        assert none is None
+        assert torch.equal(qs, want_qs) and torch.equal(qmax, want_qmax)
+        assert torch.equal(scale[cidx], want_scale)
+        others = [i for i in range(c) if i not in cidx]
+        assert (scale[others] == -1).all()
+
+
+@pytest.mark.parametrize("table", ["attn", "mlp", "head"])
+def test_gptq_passes_with_and_without_the_fused_scale_search_agree_exactly(ext, table, monkeypatch):
+    k, n = 512, 384
+    wt, h = problem(k, n, seed=10 + len(table))
+    prep = gptq.prepare(h)
+    if table == "head":
+        cands = list(HEAD_OPTIONS.values())
+    else:
+        cands = distinct_columns(ATTN_OPTIONS if table == "attn" else MLP_OPTIONS)[0][-1]
+    fused = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)  # passes of 3: groups past spans too
+    monkeypatch.setattr(gptq, "FUSED_KERNELS", False)
+    plain = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a.codes, b.codes), a.qparams.desc
+        assert torch.equal(a.qs, b.qs) and torch.equal(a.qscale_max, b.qscale_max), a.qparams.desc
+        assert torch.equal(a.q, b.q), a.qparams.desc
+
+
+def test_fused_kernels_leave_the_conversion_unchanged(ext, tmp_path, monkeypatch):
+    """A tiny model's measurement.json and output files with the fused kernels (the scale search,
+    codes_of, coded_delta) are the bytes of the torch paths they replace."""
     from exl2conv.cli import main
-    from exl2conv.gptq import Coded
     from tests.gpu.test_determinism import digest
     from tests.tinymodel import make_tiny_llama
 
     src = make_tiny_llama(tmp_path / "m", seed=4, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
     outs = []
-    for run in ("fused", "torch"):
-        if run == "torch":
-            monkeypatch.setattr(Coded, "delta", lambda self, base, codes=None: None)
-            real = Coded.of.__func__
-
-            def of_torch(cls, res, out_features, invperm):
-                with monkeypatch.context() as m:
-                    m.setattr(gptq.kernels, "get", lambda: None)
-                    return real(cls, res, out_features, invperm)
-            monkeypatch.setattr(Coded, "of", classmethod(of_torch))
+    for fused in (True, False):
+        monkeypatch.setattr(gptq, "FUSED_KERNELS", fused)
+        run = f"f{int(fused)}"
         out = tmp_path / run / "out"
         rc = main(["-i", str(src), "-o", str(tmp_path / run / "w"), "-cf", str(out), "-b", "4.0",
                    "-l", "256", "-ml", "256", "--device", "cuda"])
