@@ -14,6 +14,7 @@ which changes float32 rounding, not the maths.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -534,9 +535,10 @@ class Coded:
 
 
 # The CUDA kernels that fuse a torch path's many small operations into one pass (the scale search
-# around the p-grid, Coded.of, Coded.delta): same values as the paths they replace; False runs those
-# paths instead (the GPU tests compare the two).
-FUSED_KERNELS = True
+# around the p-grid, Coded.of, Coded.delta): the same values as the paths they replace (the GPU
+# tests compare the two). Off unless EXL2CONV_FUSED_KERNELS=1 until those tests and a benchmark
+# have run on a GPU (written in session 13, when none was lent).
+FUSED_KERNELS = os.environ.get("EXL2CONV_FUSED_KERNELS") == "1"
 
 # The measurement's working set for one pass of candidates (quantize_batches): 1 GiB holds five
 # candidates of a Llama-2-7B MLP linear; 2 GiB was 10-30 % faster per linear but one of the largest

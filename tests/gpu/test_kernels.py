@@ -178,6 +178,12 @@ def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
     assert torch.equal(again.codes.to("cuda"), coded[2].codes)  # still readable once unpinned
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused kernels on (they are off by default: gptq.FUSED_KERNELS)."""
+    monkeypatch.setattr(gptq, "FUSED_KERNELS", True)
+
+
 def _coded_problem(k, n, out, seed):
     """A quantized weight as :class:`gptq.Coded` with groups of 2..8 bits, and its result."""
     from exl2conv.gptq import Coded
@@ -188,7 +194,7 @@ def _coded_problem(k, n, out, seed):
     return res, prep, Coded.of(res, out, prep.invperm)
 
 
-def test_codes_of_kernel_matches_torch(ext, monkeypatch):
+def test_codes_of_kernel_matches_torch(ext, fused, monkeypatch):
     """Coded.of's kernel (codes_of) gives the codes of its torch loop, and they decode to GPTQ's values."""
     from exl2conv.gptq import Coded
 
@@ -201,7 +207,7 @@ def test_codes_of_kernel_matches_torch(ext, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_coded_delta_kernel_matches_torch(ext, dtype):
+def test_coded_delta_kernel_matches_torch(ext, fused, dtype):
     """Coded.delta (coded_delta) equals the scorer's torch expression bit for bit and with its
     strides, codes on the device or copied in from pinned host memory; out and K off the 32-tiles."""
     res, prep, coded = _coded_problem(288, 96, 90, 6)
@@ -217,7 +223,7 @@ def test_coded_delta_kernel_matches_torch(ext, dtype):
 
 
 @pytest.mark.parametrize("spread", [False, True])
-def test_fused_scale_search_matches_the_unfused_path(ext, monkeypatch, spread):
+def test_fused_scale_search_matches_the_unfused_path(ext, fused, monkeypatch, spread):
     """find_params_many with ``scale_out`` (params_start, p-grid, params_finish) gives the qs,
     qscale_max and scales of the unfused path (torch operations around the pgrid and refine
     kernels), bit for bit: groups of one and of several sizes (rows past a group's end ignored),
@@ -248,7 +254,7 @@ def test_fused_scale_search_matches_the_unfused_path(ext, monkeypatch, spread):
 
 
 @pytest.mark.parametrize("table", ["attn", "mlp", "head"])
-def test_gptq_passes_with_and_without_the_fused_scale_search_agree_exactly(ext, table, monkeypatch):
+def test_gptq_passes_with_and_without_the_fused_scale_search_agree_exactly(ext, fused, table, monkeypatch):
     k, n = 512, 384
     wt, h = problem(k, n, seed=10 + len(table))
     prep = gptq.prepare(h)
@@ -256,10 +262,10 @@ def test_gptq_passes_with_and_without_the_fused_scale_search_agree_exactly(ext, 
         cands = list(HEAD_OPTIONS.values())
     else:
         cands = distinct_columns(ATTN_OPTIONS if table == "attn" else MLP_OPTIONS)[0][-1]
-    fused = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)  # passes of 3: groups past spans too
+    kernels_on = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)  # passes of 3: groups past spans too
     monkeypatch.setattr(gptq, "FUSED_KERNELS", False)
     plain = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)
-    for a, b in zip(fused, plain):
+    for a, b in zip(kernels_on, plain):
         assert torch.equal(a.codes, b.codes), a.qparams.desc
         assert torch.equal(a.qs, b.qs) and torch.equal(a.qscale_max, b.qscale_max), a.qparams.desc
         assert torch.equal(a.q, b.q), a.qparams.desc
