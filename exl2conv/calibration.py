@@ -119,11 +119,6 @@ def _tiny_stories() -> list[str]:
 
 # -- row forming ------------------------------------------------------------------------------
 
-def _stream(tok: Tokenizer, text: str, ctx: int) -> torch.Tensor:
-    """Token stream of ``text`` (no BOS/EOS) cut to a whole number of rows, shape ``[R, ctx]``."""
-    return _rows_of(tok.encode(text), ctx)
-
-
 def _rows_of(ids: list[int], ctx: int) -> torch.Tensor:
     """Token ids cut to a whole number of rows, shape ``[R, ctx]``."""
     usable = len(ids) - len(ids) % ctx

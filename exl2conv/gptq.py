@@ -355,9 +355,9 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     span = max(rows)
     t = _group_tensors(dev, cidx, rows, bits)
     ext = kernels.get() if w.is_cuda else None
+    if row_weight is None:
+        row_weight = device_constant(("ones", span), dev, lambda: torch.ones(span, dtype=torch.float32, device=dev))
     if ext is not None and scale_out is not None and FUSED_KERNELS:
-        if row_weight is None:
-            row_weight = device_constant(("ones", span), dev, lambda: torch.ones(span, dtype=torch.float32, device=dev))
         wc = w.contiguous()
         qs_f, cand, s_max = ext.params_start(wc, t["idx32"], t["rows32"], t["half_m"].view(-1), a)
         err = ext.pgrid_err_many(wc, t["idx32"], t["rows32"], t["bits32"], cand, t["grid"], a).sum(dim=2)
@@ -384,8 +384,6 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     best = torch.argmin(err, dim=1)  # [B]
     qscale_max = (s_max[:, 0] * grid[best]).to(torch.float16)
     qs_i = qs.to(torch.int64)
-    if row_weight is None:
-        row_weight = device_constant(("ones", span), dev, lambda: torch.ones(span, dtype=torch.float32, device=dev))
     if ext is not None:
         qs_i = ext.refine_qs_many(w.contiguous(), t["idx32"], t["rows32"], t["bits32"], qs_i.contiguous(),
                                   qscale_max.contiguous(), row_weight[:span].contiguous(), a)

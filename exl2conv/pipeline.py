@@ -460,8 +460,9 @@ def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
 
 
 def _measure_modules(ctx: Context, mods: list[Module], start: int, states, rope, length: int, meas: dict,
-                     predicted: dict, fisher, arena, last_cp: float) -> None:
+                     predicted: dict, fisher, arena) -> None:
     """The measurement's loop over the modules after ``start``, checkpointing as it goes."""
+    last_cp = time.monotonic()
     with ctx.rep.progress("Measuring", len(mods) - 1, "Measuring", initial=start) as bar:
         for mod in mods[start + 1:]:
             if mod.kind in ("attn", "mlp"):
@@ -514,10 +515,9 @@ def stage_measure(ctx: Context) -> None:
     predicted = {k: v for k, v in predicted.items() if k in keep} if fisher is not None else {}
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
-    last_cp = time.monotonic()
     arena = codes_arena(ctx, mods[start + 1:]) if home != ctx.device else None
     try:
-        _measure_modules(ctx, mods, start, states, rope, length, meas, predicted, fisher, arena, last_cp)
+        _measure_modules(ctx, mods, start, states, rope, length, meas, predicted, fisher, arena)
     finally:
         if arena is not None:
             arena.close()

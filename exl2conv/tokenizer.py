@@ -122,7 +122,10 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of ``text`` (no special-token parsing); BOS/EOS only when asked for and
         when the model has one."""
-        ids = self._model.encode(text) if text else []
+        return self._specials(self._model.encode(text) if text else [], add_bos, add_eos)
+
+    def _specials(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        """``ids`` with BOS/EOS added where asked for and the model has them (in place)."""
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos and self.eos_id is not None:
@@ -133,15 +136,7 @@ class Tokenizer:
         """:meth:`encode` of each text (a tokenizer.json tokenizes them in parallel)."""
         todo = [i for i, t in enumerate(texts) if t]
         done = dict(zip(todo, self._model.encode_many([texts[i] for i in todo]))) if todo else {}
-        out = []
-        for i in range(len(texts)):
-            ids = done.get(i, [])
-            if add_bos and self.bos_id is not None:
-                ids.insert(0, self.bos_id)
-            if add_eos and self.eos_id is not None:
-                ids.append(self.eos_id)
-            out.append(ids)
-        return out
+        return [self._specials(done.get(i, []), add_bos, add_eos) for i in range(len(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens spelled out."""
