@@ -533,10 +533,10 @@ class Coded:
 
 
 # The CUDA kernels that fuse a torch path's many small operations into one pass (the scale search
-# around the p-grid, Coded.of, Coded.delta): the same values as the paths they replace (the GPU
-# tests compare the two). Off unless EXL2CONV_FUSED_KERNELS=1 until those tests and a benchmark
-# have run on a GPU (written in session 13, when none was lent).
-FUSED_KERNELS = os.environ.get("EXL2CONV_FUSED_KERNELS") == "1"
+# around the p-grid, Coded.of, Coded.delta): the same values as the paths they replace, bit for bit
+# (tests/gpu/test_kernels.py compares the two on a GPU). On by default; EXL2CONV_FUSED_KERNELS=0
+# takes the torch paths (a fallback should a kernel misbehave on some GPU).
+FUSED_KERNELS = os.environ.get("EXL2CONV_FUSED_KERNELS", "1") != "0"
 
 # The measurement's working set for one pass of candidates (quantize_batches): 1 GiB holds five
 # candidates of a Llama-2-7B MLP linear; 2 GiB was 10-30 % faster per linear but one of the largest

@@ -180,7 +180,7 @@ def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
 
 @pytest.fixture
 def fused(monkeypatch):
-    """The fused kernels on (they are off by default: gptq.FUSED_KERNELS)."""
+    """The fused kernels on (gptq.FUSED_KERNELS, on unless EXL2CONV_FUSED_KERNELS=0), whatever the environment."""
     monkeypatch.setattr(gptq, "FUSED_KERNELS", True)
 
 
@@ -190,7 +190,7 @@ def _coded_problem(k, n, out, seed):
 
     wt, h = problem(k, n, seed)
     prep = gptq.prepare(h)
-    res = gptq.quantize(wt, prep, qp((2, 32, 0.1), (4, 64, 0.4), (8, 32, 0.5)))
+    res = gptq.quantize(wt, prep, qp((8, 32, 0.5), (4, 64, 0.4), (2, 32, 0.1)))
     return res, prep, Coded.of(res, out, prep.invperm)
 
 
