@@ -481,7 +481,34 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     if part == "attn":
         for name in head_norm_tensors(cfg, i):
             w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
+    index.read_ahead(next_module_tensors(index, cfg, i, part))
     return w
+
+
+def module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str) -> list[str]:
+    """The names of the tensors :func:`load_layer_weights` reads for layer ``i``'s ``part``."""
+    names = list(norm_tensors(cfg, i, part))
+    router = router_tensor(cfg, i) if part == "mlp" else None
+    if router:
+        names.append(router)
+    for lin in layer_linears(cfg, i, part).values():
+        names.append(lin.tensor)
+        if lin.bias:
+            names.append(lin.bias_tensor)
+    if part == "attn":
+        names.extend(head_norm_tensors(cfg, i))
+    return names
+
+
+def next_module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str) -> list[str]:
+    """What a pass over the model reads after layer ``i``'s ``part``: the same layer's MLP after
+    its attention, the next layer's attention after an MLP, the final norm and the head after the
+    last layer."""
+    if part == "attn":
+        return module_tensors(index, cfg, i, "mlp")
+    if i + 1 < cfg.num_layers:
+        return module_tensors(index, cfg, i + 1, "attn")
+    return [final_norm_tensor(cfg), head_spec(cfg, index).tensor]
 
 
 def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=None) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """A lazy index of a model's safetensors tensors.
 
 Only headers are read up front (the 8-byte length, then the JSON header), so opening a 70B
-model costs a few kilobytes of RAM. A tensor is read when asked for, one at a time.
+model costs a few kilobytes of RAM. A tensor is read when asked for, one at a time; the tensors
+wanted next can be read ahead from the disk in the background (:meth:`WeightIndex.read_ahead`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +49,8 @@ class TensorEntry:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # where its data starts in the file, in bytes
+    nbytes: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -82,8 +87,81 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if end > data_size:
             raise FormatError(f"{path} is truncated ({size} bytes, tensor {name!r} ends at byte "
                               f"{8 + n + end}); download it again")
-        out[name] = TensorEntry(path, dtype, shape)
+        out[name] = TensorEntry(path, dtype, shape, 8 + n + begin, end - begin)
     return out
+
+
+class ReadAhead:
+    """Reads byte ranges of files on a background thread and throws the bytes away, so that the
+    operating system's page cache holds them when they are wanted: the next module's weights come
+    off the disk while this module computes. On Linux through ``sendfile`` into /dev/null (the
+    kernel reads the pages and copies nothing; a range already cached costs next to nothing), else
+    plain reads into one reused buffer (``posix_fadvise(WILLNEED)`` is ignored on some file
+    systems). Only the newest request counts: a request still being read when a newer one comes
+    is dropped, so the thread never falls behind the reader it serves. A range that cannot be read
+    is skipped (the real read reports it)."""
+
+    CHUNK = 64 << 20  # between chunks the thread takes the GIL and looks for a newer request
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._pending: list[tuple[Path, int, int]] | None = None
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        self.sendfile = hasattr(os, "sendfile")  # False once it fails: plain reads from then on
+        self.bytes_read = 0  # for tests and benchmarks
+
+    def submit(self, ranges: list[tuple[Path, int, int]]) -> None:
+        """Read these ``(file, offset, nbytes)`` ranges next, in the background."""
+        with self._cv:
+            self._pending = list(ranges)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="exl2conv-read-ahead", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Whether every request so far has been read (or dropped) within ``timeout`` seconds."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._pending is None and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None)
+                ranges, self._pending, self._busy = self._pending, None, True
+            try:
+                self._read(ranges)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _read(self, ranges: list[tuple[Path, int, int]]) -> None:
+        for path, offset, nbytes in ranges:
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    end = offset + nbytes
+                    while offset < end:
+                        if self._pending is not None:  # the reader has moved on: serve it instead
+                            return
+                        got = self._chunk(f, offset, min(end - offset, self.CHUNK))
+                        if not got:
+                            break
+                        offset += got
+                        self.bytes_read += got
+            except OSError:
+                continue
+
+    def _chunk(self, f, offset: int, n: int) -> int:
+        if self.sendfile:
+            try:
+                with open(os.devnull, "wb", buffering=0) as null:
+                    return os.sendfile(null.fileno(), f.fileno(), offset, n)
+            except OSError:
+                self.sendfile = False  # e.g. macOS, whose sendfile writes to sockets only
+        f.seek(offset)
+        return f.readinto(bytearray(n))
 
 
 class WeightIndex:
@@ -98,6 +176,8 @@ class WeightIndex:
             raise Exl2Error(f"{self.model_dir} is not a folder; -i must name a Hugging Face model folder")
         self.entries: dict[str, TensorEntry] = {}
         self._weight_map: dict[str, str] = {}
+        # None: no reading ahead (EXL2CONV_READ_AHEAD=0)
+        self.ahead: ReadAhead | None = None if os.environ.get("EXL2CONV_READ_AHEAD") == "0" else ReadAhead()
         for file in self._files():
             for name, entry in read_header(file).items():
                 if name in self.entries:
@@ -172,6 +252,21 @@ class WeightIndex:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entry(name).shape
+
+    def read_ahead(self, names: list[str]) -> None:
+        """Start reading these tensors' bytes from the disk in the background (:class:`ReadAhead`),
+        in file order; names not in the index are ignored. Returns at once."""
+        if self.ahead is None:
+            return
+        found = sorted((e.file, e.offset, e.nbytes) for e in (self.entries.get(n) for n in names) if e is not None)
+        merged: list[tuple[Path, int, int]] = []
+        for path, offset, nbytes in found:  # one range per run of adjacent tensors
+            if merged and merged[-1][0] == path and merged[-1][1] + merged[-1][2] == offset:
+                merged[-1] = (path, merged[-1][1], merged[-1][2] + nbytes)
+            else:
+                merged.append((path, offset, nbytes))
+        if merged:
+            self.ahead.submit(merged)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one Exl2Error for the first missing or misshapen tensor (and count the rest),

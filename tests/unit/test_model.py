@@ -3,6 +3,7 @@ forward compared with transformers (module by module and end to end) on tiny ran
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -273,6 +274,84 @@ def test_sharded_index_reads_the_same_tensors(tmp_path):
     for name in one.entries:
         assert torch.equal(one.get(name), three.get(name))
     assert three.has("model.norm.weight") and "model.norm.weight" in three and not three.has("nope")
+
+
+def test_entries_locate_each_tensors_bytes_in_its_file(tmp_path):
+    """TensorEntry.offset/nbytes: the file's bytes there are the tensor's own (read ahead of use)."""
+    index = WeightIndex(make_tiny_llama(tmp_path / "m", shards=2))
+    for name, e in index.entries.items():
+        with open(e.file, "rb") as f:
+            f.seek(e.offset)
+            raw = f.read(e.nbytes)
+        t = index.get(name, dtype=index.source_dtype(name))
+        assert e.nbytes == t.numel() * t.element_size() and raw == t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+class _Requests:
+    """Stands in for a WeightIndex's ReadAhead: records what it is asked to read."""
+
+    def __init__(self):
+        self.got = []
+
+    def submit(self, ranges):
+        self.got.append(ranges)
+
+
+def test_loading_a_module_reads_the_next_one_ahead(tmp_path):
+    """load_layer_weights asks for the next module's tensors: a layer's MLP after its attention,
+    the next layer's attention after an MLP, the final norm and head after the last layer; each
+    request covers exactly those tensors' bytes, adjacent ones merged into one range."""
+    path = make_tiny_llama(tmp_path / "m", layers=2, attention_bias=True)
+    cfg, index = load_config(path), WeightIndex(path)
+    index.ahead = rec = _Requests()
+    steps = [(0, "attn", fw.module_tensors(index, cfg, 0, "mlp")), (0, "mlp", fw.module_tensors(index, cfg, 1, "attn")),
+             (1, "attn", fw.module_tensors(index, cfg, 1, "mlp")),
+             (1, "mlp", ["model.norm.weight", head_spec(cfg, index).tensor])]
+    assert "model.layers.1.self_attn.q_proj.bias" in steps[1][2]
+    for i, part, want in steps:
+        fw.load_layer_weights(index, cfg, i, part)
+        ranges = rec.got.pop()
+        assert sum(n for _, _, n in ranges) == sum(index.entries[w].nbytes for w in want)
+        covered = {(f, o, o + n) for f, o, n in ranges}
+        for w in want:  # every tensor inside one range
+            e = index.entries[w]
+            assert any(f == e.file and a <= e.offset and e.offset + e.nbytes <= b for f, a, b in covered)
+        assert len(ranges) <= len(want) and all(r1[1] + r1[2] < r2[1] or r1[0] != r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+    assert not rec.got
+
+
+def test_read_ahead_reads_the_bytes_and_survives_a_missing_file(tmp_path):
+    from exl2conv.model.weights import ReadAhead
+
+    path = make_tiny_llama(tmp_path / "m")
+    index = WeightIndex(path)
+    names = [n for n in index.entries if ".mlp." in n]
+    index.read_ahead(names + ["not.a.tensor"])
+    assert index.ahead.wait_idle()
+    assert index.ahead.bytes_read == sum(index.entries[n].nbytes for n in names)
+    ra = ReadAhead()
+    ra.submit([(tmp_path / "gone.safetensors", 0, 100), (path / "model.safetensors", 8, 50)])
+    assert ra.wait_idle() and ra.bytes_read == 50
+    index.ahead = None  # reading ahead off: nothing asked, nothing read
+    index.read_ahead(names)
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_read_ahead_drops_a_request_once_a_newer_one_comes(tmp_path, sendfile):
+    """Only the newest request is read: the thread stops an older one between chunks. Both ways
+    of reading (sendfile into /dev/null, plain reads) count the bytes they read."""
+    from exl2conv.model.weights import ReadAhead
+
+    file = make_tiny_llama(tmp_path / "m") / "model.safetensors"
+    ra = ReadAhead()
+    ra.sendfile = sendfile and ra.sendfile
+    ra.CHUNK = 16
+    ra._pending = [(file, 0, 32)]  # a newer request already waiting
+    ra._read([(file, 0, 1000)])
+    assert ra.bytes_read == 0
+    ra._pending = None
+    ra._read([(file, 3, 40), (file, file.stat().st_size - 10, 50)])  # the second runs past the end
+    assert ra.bytes_read == 50 and ra.sendfile == (sendfile and hasattr(os, "sendfile"))
 
 
 def test_index_with_missing_shard(tmp_path):
