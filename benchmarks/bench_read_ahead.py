@@ -12,6 +12,10 @@ module's compute with ``--compute`` seconds of sleep (the GPU's time; the host t
 once with reading ahead off and once on, and prints the time spent waiting for weights, beside
 the same walk over files already in the page cache (the cost of making tensors of the bytes).
 The figures depend on the disk: a fast NVMe drive saves little, a network volume much.
+
+A pass on a GPU is bound by the host thread that launches its kernels, so the bench also times
+such a thread (``--ops`` tiny torch operations) alone and beside the read-ahead thread re-reading
+the cached model over and over: far more reading than a pass asks for (one module per module).
 """
 
 from __future__ import annotations
@@ -72,6 +76,43 @@ def walk(model: Path, compute: float, ahead: bool, cold: bool = True) -> tuple[f
     return waited, time.monotonic() - t0
 
 
+def launches(n: int) -> float:
+    """Seconds for ``n`` tiny in-place torch operations: a host thread busy as a GPU pass's is."""
+    import torch
+
+    x = torch.zeros(16)
+    t = time.monotonic()
+    for _ in range(n):
+        x.add_(1)
+    return time.monotonic() - t
+
+
+def beside_read_ahead(model: Path, ops: int) -> tuple[float, int]:
+    """(seconds for the operations, bytes read meanwhile) with the read-ahead thread re-reading
+    every tensor of ``model`` (cached) back to back."""
+    import threading
+
+    from exl2conv.model import WeightIndex
+
+    index = WeightIndex(model)
+    names = list(index.entries)
+    stop = threading.Event()
+
+    def feed():
+        while not stop.is_set():
+            index.read_ahead(names)
+            index.ahead.wait_idle()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        took = launches(ops)
+    finally:
+        stop.set()
+        feeder.join()
+    return took, index.ahead.bytes_read
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="a model folder (default: a random one, written once)")
@@ -80,6 +121,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--compute", type=float, default=0.5, help="seconds each module computes (sleep)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ops", type=int, default=100_000, help="tiny torch operations of the host-thread test")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench-read-ahead")
     a = ap.parse_args()
     if not hasattr(os, "posix_fadvise"):
@@ -98,6 +140,12 @@ def main() -> None:
     warm = min(walk(model, a.compute, False, cold=False)[0] for _ in range(a.repeat))
     print(f"\nwaiting for weights, best of {a.repeat}: {best[False]:.3f} s off, {best[True]:.3f} s on; "
           f"{warm:.3f} s with the files already in the page cache (reading no disk)")
+    print(f"\n{a.ops} tiny torch operations on the main thread, best of {a.repeat}:")
+    alone = min(launches(a.ops) for _ in range(a.repeat))
+    runs = [beside_read_ahead(model, a.ops) for _ in range(a.repeat)]
+    took, nbytes = min(runs)
+    print(f"  alone {alone:.3f} s; beside the read-ahead thread {took:.3f} s "
+          f"(it read {nbytes / 2**30:.1f} GiB meanwhile)")
 
 
 if __name__ == "__main__":
