@@ -99,9 +99,12 @@ class ReadAhead:
     plain reads into one reused buffer (``posix_fadvise(WILLNEED)`` is ignored on some file
     systems). Only the newest request counts: a request still being read when a newer one comes
     is dropped, so the thread never falls behind the reader it serves. A range that cannot be read
-    is skipped (the real read reports it)."""
+    is skipped (the real read reports it). The thread ends after :attr:`IDLE_S` seconds without
+    a request and starts again with the next one."""
 
     CHUNK = 64 << 20  # between chunks the thread takes the GIL and looks for a newer request
+    READ_CHUNK = 8 << 20  # the plain reads' buffer
+    IDLE_S = 30.0
 
     def __init__(self):
         self._cv = threading.Condition()
@@ -109,6 +112,7 @@ class ReadAhead:
         self._thread: threading.Thread | None = None
         self._busy = False
         self.sendfile = hasattr(os, "sendfile")  # False once it fails: plain reads from then on
+        self._buf: memoryview | None = None
         self.bytes_read = 0  # for tests and benchmarks
 
     def submit(self, ranges: list[tuple[Path, int, int]]) -> None:
@@ -128,7 +132,9 @@ class ReadAhead:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending is not None)
+                if not self._cv.wait_for(lambda: self._pending is not None, self.IDLE_S):
+                    self._thread = None  # the next submit starts another
+                    return
                 ranges, self._pending, self._busy = self._pending, None, True
             try:
                 self._read(ranges)
@@ -160,8 +166,10 @@ class ReadAhead:
                     return os.sendfile(null.fileno(), f.fileno(), offset, n)
             except OSError:
                 self.sendfile = False  # e.g. macOS, whose sendfile writes to sockets only
+        if self._buf is None:
+            self._buf = memoryview(bytearray(self.READ_CHUNK))
         f.seek(offset)
-        return f.readinto(bytearray(n))
+        return f.readinto(self._buf[:min(n, self.READ_CHUNK)])
 
 
 class WeightIndex:
@@ -258,7 +266,7 @@ class WeightIndex:
         in file order; names not in the index are ignored. Returns at once."""
         if self.ahead is None:
             return
-        found = sorted((e.file, e.offset, e.nbytes) for e in (self.entries.get(n) for n in names) if e is not None)
+        found = sorted({(e.file, e.offset, e.nbytes) for e in (self.entries.get(n) for n in names) if e is not None})
         merged: list[tuple[Path, int, int]] = []
         for path, offset, nbytes in found:  # one range per run of adjacent tensors
             if merged and merged[-1][0] == path and merged[-1][1] + merged[-1][2] == offset:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -330,8 +331,15 @@ def test_read_ahead_reads_the_bytes_and_survives_a_missing_file(tmp_path):
     assert index.ahead.wait_idle()
     assert index.ahead.bytes_read == sum(index.entries[n].nbytes for n in names)
     ra = ReadAhead()
+    ra.IDLE_S = 0.05
     ra.submit([(tmp_path / "gone.safetensors", 0, 100), (path / "model.safetensors", 8, 50)])
     assert ra.wait_idle() and ra.bytes_read == 50
+    deadline = time.monotonic() + 10
+    while ra._thread is not None and time.monotonic() < deadline:  # idle: the thread ends...
+        time.sleep(0.01)
+    assert ra._thread is None
+    ra.submit([(path / "model.safetensors", 0, 20)] * 2)  # ...and the next request starts another
+    assert ra.wait_idle() and ra.bytes_read == 90
     index.ahead = None  # reading ahead off: nothing asked, nothing read
     index.read_ahead(names)
 
@@ -350,6 +358,7 @@ def test_read_ahead_drops_a_request_once_a_newer_one_comes(tmp_path, sendfile):
     ra._read([(file, 0, 1000)])
     assert ra.bytes_read == 0
     ra._pending = None
+    ra.READ_CHUNK = 7
     ra._read([(file, 3, 40), (file, file.stat().st_size - 10, 50)])  # the second runs past the end
     assert ra.bytes_read == 50 and ra.sendfile == (sendfile and hasattr(os, "sendfile"))
 
