@@ -103,8 +103,8 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     rope = forward.RotaryCache(cfg)
     gen = torch.Generator(device=device).manual_seed(SEED)
 
-    def load(i: int, part: str) -> dict:
-        return forward.load_layer_weights(weights, cfg, i, part, device)
+    def load(i: int, part: str, ahead: list[str] | None = None) -> dict:
+        return forward.load_layer_weights(weights, cfg, i, part, device, ahead=ahead)
 
     x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale)
     inputs = []
@@ -131,7 +131,8 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
 
     fisher = torch.zeros(2 * layers, hidden, dtype=torch.float32, device=device)
     for i in reversed(range(layers)):
-        w_attn, w_mlp = load(i, "attn"), load(i, "mlp")
+        below = [t for part in ("attn", "mlp") for t in forward.module_tensors(weights, cfg, i - 1, part)] if i else []
+        w_attn, w_mlp = load(i, "attn"), load(i, "mlp", ahead=below)  # backwards: the layer below next
         for r in range(rows):
             g = grad[r:r + 1]
             fisher[2 * i + 1] += g.square().sum((0, 1))

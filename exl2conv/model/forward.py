@@ -459,7 +459,7 @@ def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> t
 
 
 def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
-                       device=None, compact: bool = False) -> dict[str, torch.Tensor]:
+                       device=None, compact: bool = False, ahead: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The f32 tensors :func:`attention` (part "attn") or :func:`mlp` (part "mlp") needs for
     layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
     of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
@@ -467,7 +467,8 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
     ``compact``: the linears' weights in their source dtype where that is float16 or bfloat16
     (:meth:`WeightIndex.held_dtype`: half the memory; the forward widens them exactly, one product
-    at a time)."""
+    at a time). Once read, the tensors ``ahead`` names (by default those of the module a forward
+    pass reads next, :func:`next_module_tensors`) are read from the disk in the background."""
     w: dict = {LAYER: i}
     for name in norm_tensors(cfg, i, part):
         w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
@@ -481,7 +482,7 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     if part == "attn":
         for name in head_norm_tensors(cfg, i):
             w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
-    index.read_ahead(next_module_tensors(index, cfg, i, part))
+    index.read_ahead(next_module_tensors(index, cfg, i, part) if ahead is None else ahead)
     return w
 
 

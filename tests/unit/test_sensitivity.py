@@ -136,3 +136,29 @@ def test_predicted_kl_matches_real_kl(tiny):
             cost = relative_errors(e + 1.0, zero + 1.0, None, fisher[module])[:, 1]
             pred = sensitivity.predicted_kl(cost, ids.numel())
             assert 0.5 < pred / real < 2.0, (module, pred, real)
+
+
+def test_each_module_read_asks_for_the_one_read_next(tmp_path):
+    """The stage reads layers up, then down: after each module's weights it asks the index to
+    read ahead exactly the tensors it loads next (the head after the last MLP going up; going
+    down, after layer i's MLP, the layer below; nothing after layer 0)."""
+    src = make_tiny_llama(tmp_path / "m", seed=5, hidden=32, intermediate=64, layers=3)
+    cfg, index = load_config(src), WeightIndex(src)
+    asked = []
+
+    class Ahead:  # records which tensors each request's byte ranges cover
+        def submit(self, ranges):
+            asked.append({n for n, e in index.entries.items()
+                          if any(e.offset >= o and e.offset + e.nbytes <= o + k for _, o, k in ranges)})
+
+    index.ahead = Ahead()
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu"))
+    per_module = [forward.module_tensors(index, cfg, i, p) for i in range(3) for p in ("attn", "mlp")]
+    head = [final_norm_tensor(cfg), head_spec(cfg, index).tensor]
+    up = per_module[1:] + [head]  # going up: module m asks for module m + 1, the last for the head
+    down = []  # going down: layer i's attention asks for its MLP, its MLP for layer i - 1
+    for i in reversed(range(3)):
+        down += [per_module[2 * i + 1], per_module[2 * i - 2] + per_module[2 * i - 1] if i else []]
+    want = [set(names) for names in up + down if names]  # nothing is asked after layer 0
+    assert asked == want
