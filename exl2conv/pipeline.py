@@ -1058,6 +1058,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     check_paths(values, out)
     states_mode()
     grad_attention_mode()
+    tweak.token_budget(torch.device("cpu"))  # a bad EXL2CONV_TWEAK_TOKENS is refused now, not hours later
     configure_determinism()
     fingerprint = None
     if values.get("in_dir"):

@@ -23,7 +23,8 @@ model's next-token distributions from the unquantized model's.
 
 The fit takes :data:`STEPS` forwards and backwards of the module over its rows: on a GPU it
 uses up to :data:`TOKENS` calibration tokens, fewer for large layers (:data:`WORK`), on a CPU
-only :data:`CPU_TOKENS` (less gain, a bearable cost). On SmolLM2-135M, quantizing from one
+only :data:`CPU_TOKENS` (less gain, a bearable cost); ``EXL2CONV_TWEAK_TOKENS=N`` sets that
+budget on either (to compare the two paths like for like, or to spend more on a CPU). On SmolLM2-135M, quantizing from one
 measurement, the tweak lowered the KL from FP16 by 22 % at 2.5 bpw, 9 % at 4.0 and 4 % at 6.0
 (docs/quality.md). ``EXL2CONV_NO_TWEAK=1`` turns it off. MoE blocks are left alone: their norm
 also feeds the router.
@@ -36,11 +37,13 @@ import os
 
 import torch
 
+from exl2conv.errors import Exl2Error
 from exl2conv.layers import block_forward, grad_pass, module_matmuls
 from exl2conv.model import forward
 from exl2conv.model.arch import spec_of
 
 NO_TWEAK_ENV = "EXL2CONV_NO_TWEAK"
+TOKENS_ENV = "EXL2CONV_TWEAK_TOKENS"  # the token budget below, on any device, instead of the defaults
 TOKENS = 32768     # calibration tokens the tweak fits on (16 rows of 2048), at most
 CPU_TOKENS = 512   # on a CPU: every step is a forward and a backward, ~100x the pass's own cost
 # tokens x parameters of a layer, at most: the cost of the fit grows with both. SmolLM2-135M
@@ -68,11 +71,25 @@ def enabled() -> bool:
     return os.environ.get(NO_TWEAK_ENV, "") in ("", "0")
 
 
+def token_budget(device: torch.device) -> int:
+    """The most calibration tokens the tweak fits on: ``EXL2CONV_TWEAK_TOKENS`` where set, else
+    :data:`TOKENS` on a GPU and :data:`CPU_TOKENS` on a CPU."""
+    raw = os.environ.get(TOKENS_ENV, "").strip()
+    if not raw:
+        return TOKENS if device.type == "cuda" else CPU_TOKENS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise Exl2Error(f"{TOKENS_ENV}={raw}: give a positive number of tokens (or leave it unset)")
+    return value
+
+
 def rows_for(rows: int, length: int, device: torch.device, layer_params: int) -> int:
-    """Calibration rows the tweak uses: at most :data:`TOKENS` tokens (:data:`CPU_TOKENS` on a
-    CPU) and :data:`WORK` tokens x ``layer_params`` (the weights of one decoder layer), at least
-    one row."""
-    tokens = min(TOKENS if device.type == "cuda" else CPU_TOKENS, WORK // max(1, layer_params))
+    """Calibration rows the tweak uses: at most :func:`token_budget` tokens and :data:`WORK`
+    tokens x ``layer_params`` (the weights of one decoder layer), at least one row."""
+    tokens = min(token_budget(device), WORK // max(1, layer_params))
     return max(1, min(rows, tokens // max(1, length)))
 
 

@@ -5,7 +5,8 @@ model file stores."""
 import pytest
 import torch
 
-from exl2conv import tweak
+from exl2conv import cli, tweak
+from exl2conv.errors import Exl2Error
 from exl2conv.model import WeightIndex, forward, load_config
 from exl2conv.model.arch import final_norm_tensor, head_spec
 from tests.tinymodel import make_tiny_llama
@@ -81,6 +82,31 @@ def test_rows_for_caps_tokens_by_device_and_layer_size():
     assert tweak.rows_for(100, 128, torch.device("cuda"), llama7b) == 5  # 648 tokens
     assert tweak.rows_for(100, 128, torch.device("cpu"), smol) == 4
     assert tweak.rows_for(2, 8192, torch.device("cpu"), smol) == 1
+
+
+def test_tweak_tokens_env_sets_the_budget_on_any_device(monkeypatch):
+    smol = 3_540_000
+    monkeypatch.setenv(tweak.TOKENS_ENV, "32768")
+    assert tweak.rows_for(100, 2048, torch.device("cpu"), smol) == 16   # the GPU's default on a CPU
+    monkeypatch.setenv(tweak.TOKENS_ENV, "512")
+    assert tweak.rows_for(100, 256, torch.device("cuda"), smol) == 2    # the CPU's default on a GPU
+    assert tweak.rows_for(100, 2048, torch.device("cuda"), smol) == 1   # at least one row
+    monkeypatch.setenv(tweak.TOKENS_ENV, "32768")
+    assert tweak.rows_for(100, 128, torch.device("cpu"), 202_375_168) == 5  # WORK still caps it: 648 tokens
+    for bad in ("0", "-5", "many", "1.5"):
+        monkeypatch.setenv(tweak.TOKENS_ENV, bad)
+        with pytest.raises(Exl2Error, match="EXL2CONV_TWEAK_TOKENS"):
+            tweak.rows_for(100, 256, torch.device("cpu"), smol)
+
+
+def test_bad_tweak_tokens_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    model = make_tiny_llama(tmp_path / "model")
+    monkeypatch.setenv(tweak.TOKENS_ENV, "lots")
+    code = cli.main(["-i", str(model), "-o", str(tmp_path / "work"), "-om", str(tmp_path / "m.json")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (" ## Error: EXL2CONV_TWEAK_TOKENS=lots: give a positive number of "
+                                               "tokens (or leave it unset)").strip()
+    assert not (tmp_path / "work").exists()
 
 
 def test_adam_takes_torch_adams_steps():
