@@ -1,0 +1,89 @@
+"""Two measurements of one model side by side: how far their measured errors differ and whether
+the solver picks the same options from each.
+
+Made to compare the GPU and CPU paths (the same command with and without ``--device cpu``), or
+two machines, or exl2conv against ExLlamaV2 (whose measurement carries no predicted KL: the
+solver then uses the error objective for both)::
+
+    python benchmarks/compare_measurements.py A/measurement.json B/measurement.json --model MODEL -b 4.0
+
+Prints the number of entries compared, the mean and worst relative difference of their errors
+(1 - accuracy), and at the given bit rate each file's choice, its predicted KL where both have
+one, and the modules where the choices differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exl2conv import pipeline  # noqa: E402
+from exl2conv.model import arch  # noqa: E402
+from exl2conv.model.config import load_config  # noqa: E402
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return doc["measurement"], pipeline.predicted_of(doc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--model", type=Path, required=True, help="the model folder both were measured on")
+    ap.add_argument("-b", "--bits", type=float, default=4.0)
+    args = ap.parse_args()
+
+    (ma, pa), (mb, pb) = load(args.a), load(args.b)
+    # entries that are not lists (the final norm's and the head's, None) hold no measurement
+    keys = [k for k, v in ma.items() if isinstance(v, list) and isinstance(mb.get(k), list)]
+    if not keys or set(ma) != set(mb):
+        print(f"the measurements cover different modules ({len(ma)} and {len(mb)} keys, {len(keys)} shared)")
+        return 1
+    rel, worst = [], (0.0, "", -1)
+    for k in keys:
+        if len(ma[k]) != len(mb[k]):
+            print(f"{k}: {len(ma[k])} entries against {len(mb[k])}")
+            return 1
+        for i, (ea, eb) in enumerate(zip(ma[k], mb[k])):
+            if int(ea["total_bits"]) != int(eb["total_bits"]):
+                print(f"{k} entry {i}: total_bits {ea['total_bits']} against {eb['total_bits']}")
+                return 1
+            xa, xb = 1.0 - float(ea["accuracy"]), 1.0 - float(eb["accuracy"])
+            r = abs(xa - xb) / max(abs(xa), abs(xb), 1e-12)
+            rel.append(r)
+            if r > worst[0]:
+                worst = (r, k, i)
+    where = f" ({worst[1]} entry {worst[2]})" if worst[1] else ""
+    print(f"{len(rel)} measured errors in {len(keys)} modules: relative difference mean {100 * sum(rel) / len(rel):.3f} %, "
+          f"worst {100 * worst[0]:.3f} %{where}")
+
+    cfg = load_config(args.model)
+    numel = sum(sp.in_features * sp.padded_out for i in range(cfg.num_layers) for sp in arch.layer_linears(cfg, i).values())
+    budget = int(numel * args.bits)
+    both_kl = all(k in pa and k in pb for k in keys)
+    choices = []
+    for m, p in ((ma, pa), (mb, pb)):
+        costs = [[int(e["total_bits"]) for e in m[k]] for k in keys]
+        errs = [[1.0 - float(e["accuracy"]) for e in m[k]] for k in keys]
+        kls = [p[k] for k in keys] if both_kl else None
+        sol, _ = pipeline.choose(costs, errs, kls, budget)
+        choices.append(sol)
+    objective = "predicted KL" if both_kl else "error (ExLlamaV2's)"
+    same = sum(x == y for x, y in zip(choices[0].choice, choices[1].choice))
+    print(f"-b {args.bits}, objective {objective}: the same option for {same} of {len(keys)} modules; "
+          f"{choices[0].total_bits / numel:.4f} and {choices[1].total_bits / numel:.4f} bpw; "
+          f"loss {choices[0].loss:.6g} and {choices[1].loss:.6g}")
+    for k, x, y in zip(keys, choices[0].choice, choices[1].choice):
+        if x != y:
+            print(f"    {k}: option {x} against {y}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
