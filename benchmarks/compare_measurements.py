@@ -31,41 +31,34 @@ def load(path: Path) -> tuple[dict, dict]:
     return doc["measurement"], pipeline.predicted_of(doc)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("a", type=Path)
-    ap.add_argument("b", type=Path)
-    ap.add_argument("--model", type=Path, required=True, help="the model folder both were measured on")
-    ap.add_argument("-b", "--bits", type=float, default=4.0)
-    args = ap.parse_args()
-
-    (ma, pa), (mb, pb) = load(args.a), load(args.b)
+def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:
+    """Compare the measurements ``a`` and ``b`` of ``model``; prints what :func:`main` prints
+    through ``out`` and returns the figures (or raises ValueError where they do not match)."""
+    (ma, pa), (mb, pb) = load(a), load(b)
     # entries that are not lists (the final norm's and the head's, None) hold no measurement
     keys = [k for k, v in ma.items() if isinstance(v, list) and isinstance(mb.get(k), list)]
     if not keys or set(ma) != set(mb):
-        print(f"the measurements cover different modules ({len(ma)} and {len(mb)} keys, {len(keys)} shared)")
-        return 1
+        raise ValueError(f"the measurements cover different modules ({len(ma)} and {len(mb)} keys, {len(keys)} shared)")
     rel, worst = [], (0.0, "", -1)
     for k in keys:
         if len(ma[k]) != len(mb[k]):
-            print(f"{k}: {len(ma[k])} entries against {len(mb[k])}")
-            return 1
+            raise ValueError(f"{k}: {len(ma[k])} entries against {len(mb[k])}")
         for i, (ea, eb) in enumerate(zip(ma[k], mb[k])):
             if int(ea["total_bits"]) != int(eb["total_bits"]):
-                print(f"{k} entry {i}: total_bits {ea['total_bits']} against {eb['total_bits']}")
-                return 1
+                raise ValueError(f"{k} entry {i}: total_bits {ea['total_bits']} against {eb['total_bits']}")
             xa, xb = 1.0 - float(ea["accuracy"]), 1.0 - float(eb["accuracy"])
             r = abs(xa - xb) / max(abs(xa), abs(xb), 1e-12)
             rel.append(r)
             if r > worst[0]:
                 worst = (r, k, i)
     where = f" ({worst[1]} entry {worst[2]})" if worst[1] else ""
-    print(f"{len(rel)} measured errors in {len(keys)} modules: relative difference mean {100 * sum(rel) / len(rel):.3f} %, "
-          f"worst {100 * worst[0]:.3f} %{where}")
+    median = sorted(rel)[len(rel) // 2]
+    out(f"{len(rel)} measured errors in {len(keys)} modules: relative difference mean {100 * sum(rel) / len(rel):.3f} %, "
+        f"median {100 * median:.3f} %, worst {100 * worst[0]:.3f} %{where}")
 
-    cfg = load_config(args.model)
+    cfg = load_config(model)
     numel = sum(sp.in_features * sp.padded_out for i in range(cfg.num_layers) for sp in arch.layer_linears(cfg, i).values())
-    budget = int(numel * args.bits)
+    budget = int(numel * bits)
     both_kl = all(k in pa and k in pb for k in keys)
     choices = []
     for m, p in ((ma, pa), (mb, pb)):
@@ -76,12 +69,28 @@ def main() -> int:
         choices.append(sol)
     objective = "predicted KL" if both_kl else "error (ExLlamaV2's)"
     same = sum(x == y for x, y in zip(choices[0].choice, choices[1].choice))
-    print(f"-b {args.bits}, objective {objective}: the same option for {same} of {len(keys)} modules; "
-          f"{choices[0].total_bits / numel:.4f} and {choices[1].total_bits / numel:.4f} bpw; "
-          f"loss {choices[0].loss:.6g} and {choices[1].loss:.6g}")
+    out(f"-b {bits}, objective {objective}: the same option for {same} of {len(keys)} modules; "
+        f"{choices[0].total_bits / numel:.4f} and {choices[1].total_bits / numel:.4f} bpw; "
+        f"loss {choices[0].loss:.6g} and {choices[1].loss:.6g}")
     for k, x, y in zip(keys, choices[0].choice, choices[1].choice):
         if x != y:
-            print(f"    {k}: option {x} against {y}")
+            out(f"    {k}: option {x} against {y}")
+    return {"entries": len(rel), "modules": len(keys), "mean_rel": sum(rel) / len(rel), "median_rel": median,
+            "worst_rel": worst[0], "same_choice": same, "loss": (choices[0].loss, choices[1].loss)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--model", type=Path, required=True, help="the model folder both were measured on")
+    ap.add_argument("-b", "--bits", type=float, default=4.0)
+    args = ap.parse_args()
+    try:
+        compare(args.a, args.b, args.model, args.bits)
+    except ValueError as exc:
+        print(exc)
+        return 1
     return 0
 
 
