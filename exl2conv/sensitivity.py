@@ -64,12 +64,22 @@ def _store_device(device: torch.device, nbytes: int) -> torch.device:
 
 
 def sample(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per position drawn from ``exp(logp)`` ``[T, V]`` -> int64 ``[T, 1]``: the argmax of
-    the log-probabilities plus Gumbel noise, an exact draw (torch.multinomial took seconds on a
-    GPU for a large vocabulary)."""
-    u = torch.rand(logp.shape, generator=gen, device=logp.device, dtype=torch.float32)
-    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
-    return (logp + gumbel).argmax(-1, keepdim=True)
+    """One token per position drawn from ``exp(logp)`` ``[T, V]`` -> int64 ``[T, 1]``, by inverting
+    each position's cumulative distribution at one uniform number. The uniforms come from ``gen``,
+    a CPU generator, whatever device ``logp`` is on: a GPU and a CPU draw the same tokens (up to
+    the rounding of the cumulative sums), so the two paths' Fisher estimates, and the predicted KL
+    the solver minimizes, differ only by their arithmetic. (The earlier Gumbel-max draw took its
+    noise from a generator on the compute device, whose CUDA and CPU streams differ: SmolLM2's
+    per-module predicted KL then differed by 2 % (median) and up to 7 % between the paths,
+    docs/performance.md.) torch.multinomial took seconds on a GPU for a large vocabulary."""
+    if gen.device.type != "cpu":
+        raise ValueError("sample() takes a CPU generator, so that every device draws the same tokens")
+    u = torch.rand(logp.shape[0], 1, generator=gen, dtype=torch.float64).to(logp.device, torch.float32)
+    cdf = logp.detach().float().exp().cumsum(-1)
+    # the first token whose cumulative probability exceeds u (of the row's total, which rounding
+    # leaves a little off 1): tokens of zero probability are never drawn
+    y = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return y.clamp_(max=logp.shape[-1] - 1)
 
 
 def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, cfg, gen: torch.Generator
@@ -101,7 +111,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     rows, length = ids.shape
     store = _store_device(device, rows * length * hidden * 4 * layers)
     rope = forward.RotaryCache(cfg)
-    gen = torch.Generator(device=device).manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)  # on the CPU for every device: see sample()
 
     def load(i: int, part: str, ahead: list[str] | None = None) -> dict:
         return forward.load_layer_weights(weights, cfg, i, part, device, ahead=ahead)

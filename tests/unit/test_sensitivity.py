@@ -102,19 +102,45 @@ def test_sample_draws_from_the_distribution():
     torch.testing.assert_close(freq, p.double(), atol=0.012, rtol=0)
 
 
+def test_sample_never_draws_a_token_of_zero_probability():
+    p = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.4, 0.0])
+    with torch.no_grad():
+        logp = p.log().expand(5000, 6)
+    y = sensitivity.sample(logp, torch.Generator().manual_seed(3)).flatten()
+    assert set(y.tolist()) == {1, 4}
+    assert abs(float((y == 1).double().mean()) - 0.6) < 0.03
+
+
+def test_sample_depends_on_the_generator_alone():
+    """The same seed draws the same tokens, whatever the dtype of the log-probabilities; a
+    generator on another device is refused (every device must draw the same tokens)."""
+    logp = torch.log_softmax(torch.randn(300, 50, generator=torch.Generator().manual_seed(1)), -1)
+    a = sensitivity.sample(logp, torch.Generator().manual_seed(9))
+    b = sensitivity.sample(logp.double(), torch.Generator().manual_seed(9))
+    c = sensitivity.sample(logp, torch.Generator().manual_seed(10))
+    assert a.shape == (300, 1) and a.dtype == torch.int64
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    class Elsewhere:
+        device = torch.device("meta")
+    with pytest.raises(ValueError, match="CPU generator"):
+        sensitivity.sample(logp, Elsewhere())
+
+
 def test_estimate_is_unbiased(tiny, monkeypatch):
     cfg, index, _ = tiny
     index = Cached(index)
     ids = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(2))
     want = exact_fisher(cfg, index, ids)
     draws = []
-    for seed in range(100):
+    for seed in range(400):
         monkeypatch.setattr(sensitivity, "SEED", seed)
         draws.append(sensitivity.fisher_diagonals(index, cfg, ids, torch.device("cpu")).double())
     mean = torch.stack(draws).mean(0)
-    # per module, summed over channels: the mean of 100 draws is within a few percent
+    # per module, summed over channels: the mean of 400 draws is within a few percent (seeds
+    # 0-399: 2.5 % at most; 100 draws of 3 positions spread over 1-9 % from seed range to range)
     rel = (mean.sum(1) - want.sum(1)).abs() / want.sum(1)
-    assert rel.max() < 0.06, rel
+    assert rel.max() < 0.05, rel
     # and it is not a coincidence of the sums: channel by channel, the correlation is high
     corr = torch.corrcoef(torch.stack([mean.flatten(), want.flatten()]))[0, 1]
     assert corr > 0.95, corr
