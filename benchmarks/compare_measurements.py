@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exl2conv import pipeline  # noqa: E402
-from exl2conv.model import arch  # noqa: E402
 from exl2conv.model.config import load_config  # noqa: E402
 
 
@@ -57,7 +56,7 @@ def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:
         f"median {100 * median:.3f} %, worst {100 * worst[0]:.3f} %{where}")
 
     cfg = load_config(model)
-    numel = sum(sp.in_features * sp.padded_out for i in range(cfg.num_layers) for sp in arch.layer_linears(cfg, i).values())
+    numel = pipeline.decoder_numel(cfg)
     budget = int(numel * bits)
     both_kl = all(k in pa and k in pb for k in keys)
     choices = []

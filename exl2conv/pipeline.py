@@ -189,11 +189,17 @@ class Context:
         return error_weight(forward.load_norm(self.weights, self.cfg, name, self.device))
 
     def numel_decoder(self) -> int:
-        total = 0
-        for i in range(self.cfg.num_layers):
-            for spec in arch.layer_linears(self.cfg, i).values():
-                total += spec.in_features * spec.padded_out
-        return total
+        return decoder_numel(self.cfg)
+
+
+def decoder_numel(cfg) -> int:
+    """The weights of every quantized decoder linear (output rows padded as stored): what -b's
+    bits per weight are counted over."""
+    total = 0
+    for i in range(cfg.num_layers):
+        for spec in arch.layer_linears(cfg, i).values():
+            total += spec.in_features * spec.padded_out
+    return total
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
