@@ -6,7 +6,7 @@ Nothing runs at import time and nothing heavy is imported: the command line live
 first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The EXL2 format version written into quantization_config; ExLlamaV2 0.3.2 writes its
 # own package version there and its loader never reads it.

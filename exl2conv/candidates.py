@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exl2conv import stop
 from exl2conv.gptq import Coded
 from exl2conv.layers import Prefetch, block_forward, relative_errors, run_block
 from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT, plain_linear
@@ -241,6 +242,7 @@ class CandidateScorer:
             codes = _Codes(order, self.device)
             delta = lambda key, src: self._delta(key, src, codes)  # noqa: E731
             for t, trial in enumerate(trials):
+                stop.check()
                 out[t, r0:r0 + self.chunk] = self._chunk_errors(x, y_ref, recorded, trial,
                                                                 self._converted(trial, memo, delta))
             del recorded, x, y_ref, codes

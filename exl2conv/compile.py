@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from exl2conv import EXL2_FORMAT_VERSION, atomic, faults
+from exl2conv import EXL2_FORMAT_VERSION, atomic, faults, stop
 from exl2conv.errors import Exl2Error
 
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2, "I64": 8, "U8": 1, "I8": 1}
@@ -93,6 +93,7 @@ def write_shards(shards: list[list[OutTensor]], dest: Path, on_shard=None) -> li
     names = shard_names(len(shards))
     written = []
     for i, (shard, fname) in enumerate(zip(shards, names)):
+        stop.check()  # every shard is written whole or not at all: the stage is redone on resume
         tensors = {t.name: t.load() for t in shard}
         atomic.save_tensors(dest / fname, tensors)
         faults.point("shard")

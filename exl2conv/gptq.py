@@ -14,13 +14,12 @@ which changes float32 rounding, not the maths.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from exl2conv import kernels
+from exl2conv import kernels, settings, stop
 from exl2conv.errors import Exl2Error
 from exl2conv.qparams import Group, QParams
 
@@ -357,7 +356,7 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     ext = kernels.get() if w.is_cuda else None
     if row_weight is None:
         row_weight = device_constant(("ones", span), dev, lambda: torch.ones(span, dtype=torch.float32, device=dev))
-    if ext is not None and scale_out is not None and FUSED_KERNELS:
+    if ext is not None and scale_out is not None and fused_kernels():
         wc = w.contiguous()
         qs_f, cand, s_max = ext.params_start(wc, t["idx32"], t["rows32"], t["half_m"].view(-1), a)
         err = ext.pgrid_err_many(wc, t["idx32"], t["rows32"], t["bits32"], cand, t["grid"], a).sum(dim=2)
@@ -487,7 +486,7 @@ class Coded:
         k, n = res.q.shape
         codes = torch.empty((k, n), dtype=torch.uint8, device=dev)
         ext = kernels.get() if res.q.is_cuda else None
-        if ext is not None and FUSED_KERNELS and res.q.is_contiguous():  # one kernel, the arithmetic below
+        if ext is not None and fused_kernels() and res.q.is_contiguous():  # one kernel, the arithmetic below
             ext.codes_of(res.q, scale, group, zero, codes)
             return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
         step = max(1, (32 << 20) // (4 * n))  # rows at a time: a few float32 temporaries of 32 MiB
@@ -514,7 +513,7 @@ class Coded:
         contiguous, float32, float16 or bfloat16, on the device of the scales; codes: as for
         :meth:`decode`. None where the kernel cannot run (no CUDA extension)."""
         ext = kernels.get() if self.scale.is_cuda else None
-        if (ext is None or not FUSED_KERNELS or not base.is_contiguous()
+        if (ext is None or not fused_kernels() or not base.is_contiguous()
                 or base.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
             return None
         if codes is None:
@@ -536,7 +535,9 @@ class Coded:
 # around the p-grid, Coded.of, Coded.delta): the same values as the paths they replace, bit for bit
 # (tests/gpu/test_kernels.py compares the two on a GPU). On by default; EXL2CONV_FUSED_KERNELS=0
 # takes the torch paths (a fallback should a kernel misbehave on some GPU).
-FUSED_KERNELS = os.environ.get("EXL2CONV_FUSED_KERNELS", "1") != "0"
+def fused_kernels() -> bool:
+    return settings.active().fused_kernels
+
 
 # The measurement's working set for one pass of candidates (quantize_batches): 1 GiB holds five
 # candidates of a Llama-2-7B MLP linear; 2 GiB was 10-30 % faster per linear but one of the largest
@@ -667,6 +668,8 @@ def _gptq_pass(w: torch.Tensor, prep: Prepared, perm: torch.Tensor, candidates: 
     s0 = 0
     for a in range(0, k, BLOCK):
         b = a + BLOCK
+        if a % SPAN == 0:
+            stop.check()  # a 7B MLP linear's pass runs for seconds on a GPU, minutes on a CPU
         if a % SPAN == 0 and a > 0:
             _update_past(w, u, err_span, s0, a)
             s0 = a

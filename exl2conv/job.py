@@ -19,6 +19,7 @@ from typing import Any
 
 from exl2conv import __version__, atomic
 from exl2conv.errors import Exl2Error
+from exl2conv.worklock import LOCK_FILE
 
 JOB_FILE = "job.json"
 TOOL = "exl2conv"
@@ -169,6 +170,11 @@ def resume_conflicts(saved: dict, given: dict[str, Any]) -> list[str]:
     return lines
 
 
+def entries_besides_lock(out_dir: Path) -> list[Path]:
+    """The working folder's entries other than the lock file (which a process makes first)."""
+    return [p for p in Path(out_dir).iterdir() if p.name != LOCK_FILE]
+
+
 def is_ours(out_dir: Path) -> bool:
     """True when ``out_dir`` holds an exl2conv job file (readable or not)."""
     path = Path(out_dir) / JOB_FILE
@@ -186,7 +192,7 @@ def clear_work_dir(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return
-    entries = list(out_dir.iterdir())
+    entries = entries_besides_lock(out_dir)  # the lock is held by this very process
     if not entries:
         return
     if not is_ours(out_dir):
@@ -206,6 +212,11 @@ def clear_work_dir(out_dir: Path) -> None:
 SHAPE_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
                      "tie_word_embeddings", "attention_bias", "mlp_bias")
+# job.json: the calibration rows each pass really tokenized ({"measure": n, "quant": n}). Kept
+# apart from -mr / -r, which hold what the user asked for: the built-in set fixes its own row
+# counts, and a resume compares the command with what the command said, not with what the set
+# decided (docs/cli.md, -r and -mr).
+ROWS_USED = "calibration_rows"
 CALIBRATION_FIELDS = ("cal_dataset", "measurement_rows", "measurement_length", "rope_scale", "rope_alpha")
 FINGERPRINT_KEY = TOOL  # the extra top-level key of measurement.json, which ExLlamaV2 ignores
 
@@ -234,6 +245,9 @@ def calibration_settings(data: dict) -> dict:
         out["dataset"] = "(default)"
     for f in CALIBRATION_FIELDS[1:]:
         out[f] = data.get(f)
+    used = (data.get(ROWS_USED) or {}).get("measure")
+    if not ds and used is not None:
+        out["measurement_rows"] = used  # the built-in set's own count; -mr does not apply to it
     return out
 
 

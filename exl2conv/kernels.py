@@ -39,11 +39,13 @@ def sources() -> list[Path]:
 
 def get():
     """The extension module, or None (then the torch path is used)."""
+    from exl2conv import settings
+
+    if not settings.active().kernels:
+        return None
     if "mod" in _state:
         return _state["mod"]
     _state["mod"] = None
-    if os.environ.get("EXL2CONV_NO_KERNELS") == "1":
-        return None
     import torch
 
     if not torch.cuda.is_available() or not sources():

@@ -7,14 +7,13 @@ attention and an MLP per layer, then the final norm and the head (``2L + 2`` for
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from exl2conv.errors import Exl2Error
+from exl2conv import settings, stop
 from exl2conv.gptq import Hessian
 from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
@@ -80,12 +79,6 @@ def padded_bias(b: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
     return out
 
 
-# Set to 1 to run the modules' GPU matmuls in full float32 (slower; see `module_matmuls`).
-NO_TF32_ENV = "EXL2CONV_NO_TF32"
-HALF_ATTENTION_ENV = "EXL2CONV_HALF_ATTENTION"
-GRAD_ATTENTION_ENV = "EXL2CONV_GRAD_ATTENTION"
-
-
 @contextmanager
 def module_matmuls(device: torch.device):
     """Lets a module's forward on CUDA multiply in TF32 on tensor cores: inputs rounded to 10
@@ -95,7 +88,7 @@ def module_matmuls(device: torch.device):
     quantization error the forwards carry, and nothing that sums over the calibration data uses
     it: the Hessians, the error norms and the GPTQ arithmetic stay in full float32. The CPU path
     never uses it."""
-    if device.type != "cuda" or os.environ.get(NO_TF32_ENV, "") not in ("", "0"):
+    if device.type != "cuda" or not settings.active().tf32:
         yield
         return
     prev = torch.backends.cuda.matmul.allow_tf32
@@ -136,23 +129,14 @@ def grad_pass(device: torch.device):
 
 def grad_attention(device: torch.device) -> str:
     """How :func:`grad_pass` runs plain causal attention on ``device``: "half" (on CUDA with
-    ``EXL2CONV_HALF_ATTENTION``), else ``EXL2CONV_GRAD_ATTENTION``'s "blocked" or "math" (checked
-    either way)."""
-    mode = grad_attention_mode()
-    return "half" if half_attention_on(device) else mode
-
-
-def grad_attention_mode() -> str:
-    """``EXL2CONV_GRAD_ATTENTION``, checked: "blocked" (the default) or "math"."""
-    mode = os.environ.get(GRAD_ATTENTION_ENV, "") or "blocked"
-    if mode not in ("blocked", "math"):
-        raise Exl2Error(f"{GRAD_ATTENTION_ENV}={mode}: give blocked or math (or leave it unset)")
-    return mode
+    ``EXL2CONV_HALF_ATTENTION``), else ``EXL2CONV_GRAD_ATTENTION``'s "blocked" or "math"
+    (:mod:`exl2conv.settings`)."""
+    return "half" if half_attention_on(device) else settings.active().grad_attention
 
 
 def half_attention_on(device: torch.device) -> bool:
     """Whether :func:`grad_pass` runs causal attention in float16 on ``device``."""
-    return device.type == "cuda" and os.environ.get(HALF_ATTENTION_ENV, "") not in ("", "0")
+    return device.type == "cuda" and settings.active().half_attention
 
 
 def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> int | None:
@@ -213,6 +197,7 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
             if ref is not None or ref_weights is not None else None)
     copier = _Copier(states, out, device, chunk)
     for r0 in range(0, rows, chunk):
+        stop.check()
         x = copier.rows_in(r0)
         y, inter = block_forward(kind, x, w, cfg, rope, capture=hessians is not None)
         if hessians is not None:

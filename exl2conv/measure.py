@@ -141,6 +141,18 @@ def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qpar
     return out
 
 
+def entry_bits(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
+    """The total_bits of each row of the module's option table on these linears: what its
+    measurement entries will cost, known from the shapes alone (so a -b no choice can meet is
+    refused before any work)."""
+    cols = column_keys(kind, specs)
+    distinct, rows = distinct_columns(TABLES[kind])
+    column = {key: cols.index(spec.short) for key, spec in specs.items()}
+    bits = {key: [q.total_bits(spec.in_features, spec.padded_out, spec.bias) for q in distinct[column[key]]]
+            for key, spec in specs.items()}
+    return [sum(bits[key][row[column[key]]] for key in specs) for row in rows]
+
+
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
                    on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None,
@@ -178,7 +190,6 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
-    bits: dict[str, list[int]] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     buffer = None
     if dev.type == "cuda" and not moe:
@@ -198,8 +209,6 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             preps[src] = prepare(hess.pop(src).to(dev), f"{name} ({src})")
         candidates[key] = quantized_candidates(w[key], spec, preps[spec.hessian_input], distinct[column[key]], moe,
                                                host_codes, buffer, arena)
-        bits[key] = [q.total_bits(spec.in_features, spec.padded_out, spec.bias)
-                     for q in distinct[column[key]]]
         if last_user[spec.hessian_input] == key:
             del preps[spec.hessian_input]  # a down_proj's factor is 0.45 GiB on Llama-2-7B
     del buffer
@@ -231,12 +240,12 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     # one copy to the host for the whole table: no sync per candidate
     all_errs = all_errs.cpu()
     entries, predicted = [], []
-    for row, errs in zip(rows, all_errs):
+    for row, errs, total_bits in zip(rows, all_errs, entry_bits(kind, specs)):
         if fisher is not None:
             predicted.append(predicted_kl(errs[:, 1], tokens))
             errs = errs[:, 0]
         accuracy = max(1e-6, 1.0 - float(errs.mean()))
-        entry = {"accuracy": accuracy, "total_bits": sum(bits[key][row[column[key]]] for key in specs)}
+        entry = {"accuracy": accuracy, "total_bits": total_bits}
         for c, short in enumerate(cols):
             entry[short] = distinct[c][row[c]].to_dict()
         entries.append(entry)

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, solver, tweak
+from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, settings, solver, stop, tweak
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import Hessian, HostArena, prepare, release_unused
-from exl2conv.job import (ARGS, FINGERPRINT_KEY, Job, Stage, calibration_settings, clear_work_dir, is_ours,
-                          measurement_fingerprint, model_fingerprint, new_job_data, normalize, resume_conflicts)
-from exl2conv.layers import Module, error_weight, grad_attention_mode, module_list, release_cached, run_block
-from exl2conv.measure import check_finite, codes_sizes, measure_module
+from exl2conv.job import (ARGS, STAGE_ORDER, FINGERPRINT_KEY, JOB_FILE, ROWS_USED, Job, Stage, calibration_settings,
+                          clear_work_dir, entries_besides_lock, is_ours, measurement_fingerprint, model_fingerprint,
+                          new_job_data, normalize, resume_conflicts)
+from exl2conv.layers import Module, error_weight, module_list, release_cached, run_block
+from exl2conv.measure import check_finite, codes_sizes, entry_bits, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
@@ -36,6 +37,7 @@ from exl2conv.qparams import HEAD_OPTIONS, QParams
 from exl2conv.quantize import quantize_linear, quantize_module
 from exl2conv.report import Reporter, fmt_seconds, peak_rss_gib
 from exl2conv.tokenizer import load_tokenizer
+from exl2conv.worklock import WorkLock
 
 CAL_MEASURE = "cal_measure.safetensors"
 CAL_QUANT = "cal_quant.safetensors"
@@ -62,6 +64,9 @@ def check_paths(values: dict[str, Any], out_dir: Path) -> None:
     in_dir = values.get("in_dir")
     if in_dir is not None:
         src = Path(in_dir).expanduser().resolve()
+        if src.exists() and not src.is_dir():
+            raise Exl2Error(f"-i {in_dir} is a file, not a folder; give the Hugging Face model folder that holds "
+                            "it (config.json, tokenizer, *.safetensors)")
         if not src.is_dir():
             raise Exl2Error(f"-i {in_dir}: no such folder; give the Hugging Face model folder "
                             "(config.json, tokenizer, *.safetensors)")
@@ -138,7 +143,6 @@ class Context:
     weights: WeightIndex
     device: torch.device
     rep: Reporter
-    interrupted: bool = False
     _tok: Any = None
 
     @property
@@ -322,14 +326,14 @@ def tokenize(ctx: Context, which: str) -> torch.Tensor:
 
 
 def tokenize_stage(ctx: Context, which: str, next_stage: Stage) -> None:
-    """Tokenize one calibration set and advance; the built-in set fixes its own row count, which
-    replaces -mr / -r in the job (as ExLlamaV2 records it)."""
+    """Tokenize one calibration set and advance. The rows it made go into the job's
+    :data:`ROWS_USED`, never into -mr / -r: the built-in set fixes its own count (ExLlamaV2
+    overwrites its job's -mr / -r with it), and a resume must find the command's values there."""
     ids = tokenize(ctx, which)
     measure = which == "measure"
-    fields = {"cal_filename": str(ctx.out_dir / (CAL_MEASURE if measure else CAL_QUANT))}
-    if not ctx.job["cal_dataset"]:
-        fields["measurement_rows" if measure else "dataset_rows"] = ids.shape[0]
-    ctx.job.advance(next_stage, **fields)
+    used = {**(ctx.job[ROWS_USED] or {}), which: int(ids.shape[0])}
+    ctx.job.advance(next_stage, cal_filename=str(ctx.out_dir / (CAL_MEASURE if measure else CAL_QUANT)),
+                    **{ROWS_USED: used})
 
 
 def load_ids(ctx: Context, which: str) -> torch.Tensor:
@@ -377,14 +381,6 @@ STATES_ENV = "EXL2CONV_STATES"  # "gpu", "host" or "auto" (the default)
 STATES_GPU_BYTES = 1 << 30
 
 
-def states_mode() -> str:
-    """``EXL2CONV_STATES``, checked: "auto" when unset."""
-    mode = os.environ.get(STATES_ENV, "") or "auto"
-    if mode not in ("auto", "gpu", "host"):
-        raise Exl2Error(f"{STATES_ENV}={mode}: give gpu, host or auto (or leave it unset)")
-    return mode
-
-
 def states_bytes(ctx: Context, which: str) -> int:
     """The size of a pass's float32 calibration states (``which``: "measure" or "quant")."""
     rows, length = load_ids(ctx, which).shape
@@ -396,7 +392,7 @@ def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
     ``nbytes`` bytes in all): on the compute device, or in host memory when they would take more
     than :data:`STATES_GPU_BYTES` (``EXL2CONV_STATES=host`` or ``gpu`` decides instead). Returns
     the device and, for host memory, why."""
-    mode = states_mode()
+    mode = settings.active().states
     if ctx.device.type != "cuda" or mode == "gpu":
         return ctx.device, None
     if mode == "host":
@@ -452,7 +448,17 @@ def _rope(ctx: Context, length: int):
 
 
 def _checkpoint_due(ctx: Context, last: float) -> bool:
-    return time.monotonic() - last >= float(ctx.job["checkpoint_interval"]) or ctx.interrupted
+    return time.monotonic() - last >= float(ctx.job["checkpoint_interval"]) or stop.requested()
+
+
+def _stopped_in(ctx: Context, mod: Module, checkpoint) -> Interrupted:
+    """Ctrl-C reached a safe point inside ``mod``: its inputs are intact, so ``checkpoint(index,
+    states)`` saves them as the state after the module before (unless the job's checkpoint is
+    there already) and the resume starts with ``mod``. Returns the error to raise."""
+    if (ctx.job["checkpoint"] or {}).get("module") != mod.index - 1:
+        checkpoint(mod.index - 1)
+    return Interrupted(f"interrupted in {mod.meas_key}; state saved in {ctx.out_dir} up to the module before it: "
+                       "run the same command to resume")
 
 
 def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
@@ -469,37 +475,52 @@ def _measure_modules(ctx: Context, mods: list[Module], start: int, states, rope,
                      predicted: dict, fisher, arena) -> None:
     """The measurement's loop over the modules after ``start``, checkpointing as it goes."""
     last_cp = time.monotonic()
+
+    def checkpoint(index: int, states) -> None:
+        atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, meas, index, predicted))
+        faults.point("measurement")
+        save_checkpoint(ctx, "measure", index, states if index else None, last_module_idx=index)
+
     with ctx.rep.progress("Measuring", len(mods) - 1, "Measuring", initial=start) as bar:
         for mod in mods[start + 1:]:
-            if mod.kind in ("attn", "mlp"):
-                w, specs = ctx.layer_weights(mod)
-                entries, states, pred = measure_module(
-                    mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
-                    ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-                    fisher=None if fisher is None else fisher[mod.index - 1], device=ctx.device, arena=arena)
-                if pred is not None:
-                    predicted[mod.meas_key] = pred
-                best = max(e["accuracy"] for e in entries)
-                if best < 0.1:
-                    raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
-                                    "the model's forward pass or calibration data is broken")
-                meas[mod.meas_key] = entries
-                del w  # before the next module's weights are read (a 7B MLP's are 0.54 GiB)
-                bar.update(1, module=mod.meas_key, best=f"{best:.5f}")
-            else:
-                meas[mod.meas_key] = None
-                states = None if mod.kind == "norm" else states
-                bar.update(1)
+            try:
+                states = _measure_one(ctx, mod, states, rope, length, meas, predicted, fisher, arena, bar)
+            except stop.StopRequested:
+                raise _stopped_in(ctx, mod, lambda index: checkpoint(index, states)) from None
             final = mod.index == len(mods) - 1
             faults.point("module")
             if final or _checkpoint_due(ctx, last_cp):
-                atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, meas, mod.index, predicted))
-                faults.point("measurement")
-                save_checkpoint(ctx, "measure", mod.index, states, last_module_idx=mod.index)
+                checkpoint(mod.index, states)
                 last_cp = time.monotonic()
-                if ctx.interrupted and not final:
+                if stop.requested() and not final:
                     raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
                                       "run the same command to resume")
+
+
+def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dict, predicted: dict, fisher, arena,
+                 bar):
+    """Measure one module into ``meas`` and ``predicted``; returns the states after it. Leaves
+    ``states`` as they were (a stop inside checkpoints them)."""
+    if mod.kind in ("attn", "mlp"):
+        w, specs = ctx.layer_weights(mod)
+        entries, states, pred = measure_module(
+            mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
+            ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
+            fisher=None if fisher is None else fisher[mod.index - 1], device=ctx.device, arena=arena)
+        if pred is not None:
+            predicted[mod.meas_key] = pred
+        best = max(e["accuracy"] for e in entries)
+        if best < 0.1:
+            raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
+                            "the model's forward pass or calibration data is broken")
+        meas[mod.meas_key] = entries
+        del w  # before the next module's weights are read (a 7B MLP's are 0.54 GiB)
+        bar.update(1, module=mod.meas_key, best=f"{best:.5f}")
+    else:
+        meas[mod.meas_key] = None
+        states = None if mod.kind == "norm" else states
+        bar.update(1)
+    return states
 
 
 def stage_measure(ctx: Context) -> None:
@@ -583,7 +604,7 @@ def stage_optimize(ctx: Context) -> None:
     errs = [[1.0 - float(e["accuracy"]) for e in entries] for entries in slots]
     costs = [[int(e["total_bits"]) for e in entries] for entries in slots]
     kls = [pred.get(mod.meas_key) for mod in mods]
-    forced = os.environ.get(OBJECTIVE_ENV) == "error"
+    forced = settings.active().objective == "error"
     if forced or not all(k is not None and len(k) == len(e) for k, e in zip(kls, slots)):
         kls = None
     lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
@@ -721,47 +742,62 @@ def stage_quant(ctx: Context) -> None:
     # the unquantized model's residual stream on the first rows, the target of norm tweaking
     stream = unquantized_stream(ctx, mods[1:start + 1]) if tweak.enabled() else None
     last_cp = time.monotonic()
+
+    def checkpoint(index: int, states) -> None:
+        save_checkpoint(ctx, "quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
+
     with ctx.rep.progress("Quantizing", len(mods) - 1, "Quantizing", initial=start) as bar:
         for mod in mods[start + 1:]:
-            record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
-            if mod.kind in ("attn", "mlp"):
-                w, specs = ctx.layer_weights(mod)
-                entry = job["strategy"][mod.meas_key]
-                if stream is not None:
-                    stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
-                states, rfn, reports, tweaked = quantize_module(
-                    mod.kind, states, w, specs, entry, ctx.cfg, rope, ctx.chunk(length), save,
-                    ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream,
-                    device=ctx.device)
-                if tweaked is not None:
-                    norm = arch.norm_tensors(ctx.cfg, mod.layer, "attn" if mod.kind == "attn" else "mlp")[0]
-                    save_norm(ctx, save, norm, tweaked.weight)
-                    record["tweak"] = [tweaked.before, tweaked.after]
-                record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
-                del w  # before the next module's weights (or the head's) are read
-                bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
-            elif mod.kind == "norm":
-                bar.update(1)  # the head applies the final norm (it may tweak it first)
-            else:
-                release_cached(ctx.device)  # the head's large buffers start from a clean slate
-                record.update(quantize_head(ctx, states, save, stream))
-                states = stream = None
-                bar.update(1, ppl=f"{record['ppl']:.3f}")
+            try:
+                states, stream, record = _quantize_one(ctx, mod, states, stream, rope, length, save, bar)
+            except stop.StopRequested:
+                raise _stopped_in(ctx, mod, lambda index: checkpoint(index, states)) from None
             log.append(record)
             final = mod.index == len(mods) - 1
             faults.point("module")
             if final or _checkpoint_due(ctx, last_cp):
-                save_checkpoint(ctx, "quant", mod.index, states, q_last_module_idx=mod.index, quant_log=log)
+                checkpoint(mod.index, states)
                 last_cp = time.monotonic()
-                if ctx.interrupted and not final:
+                if stop.requested() and not final:
                     raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
                                       "run the same command to resume")
     job.advance(Stage.COMPILE)
 
 
+def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, save, bar):
+    """Quantize one module; returns the states and the unquantized stream after it, and the
+    module's quant_log record. ``states`` are overwritten only where no stop can come between
+    (:func:`stop.held`), so a stop inside leaves them as they came in."""
+    record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
+    if mod.kind in ("attn", "mlp"):
+        w, specs = ctx.layer_weights(mod)
+        entry = ctx.job["strategy"][mod.meas_key]
+        if stream is not None:
+            stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
+        states, rfn, reports, tweaked = quantize_module(
+            mod.kind, states, w, specs, entry, ctx.cfg, rope, ctx.chunk(length), save,
+            ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream,
+            device=ctx.device)
+        if tweaked is not None:
+            norm = arch.norm_tensors(ctx.cfg, mod.layer, "attn" if mod.kind == "attn" else "mlp")[0]
+            save_norm(ctx, save, norm, tweaked.weight)
+            record["tweak"] = [tweaked.before, tweaked.after]
+        record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
+        del w  # before the next module's weights (or the head's) are read
+        bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
+    elif mod.kind == "norm":
+        bar.update(1)  # the head applies the final norm (it may tweak it first)
+    else:
+        release_cached(ctx.device)  # the head's large buffers start from a clean slate
+        record.update(quantize_head(ctx, states, save, stream))
+        states = stream = None
+        bar.update(1, ppl=f"{record['ppl']:.3f}")
+    return states, stream, record
+
+
 def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor | None = None) -> dict:
     """The head with the fixed -hb layout, then the calibration perplexity on the first
-    measurement_rows rows of the quantization set (reference 5.7 step 7). ``states``: the
+    :func:`perplexity_rows` rows of the quantization set (ExLlamaV2's convert.py prints it too). ``states``: the
     residual stream before the final norm; with ``stream`` (the unquantized model's on the first
     rows), the final norm is tweaked for the quantized head (:mod:`exl2conv.tweak`)."""
     cfg = ctx.cfg
@@ -792,7 +828,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     del decoded
     release_unused(dev)
     ids = load_ids(ctx, "quant").to(ctx.device)
-    rows = min(int(ctx.job["measurement_rows"]), ids.shape[0])
+    rows = perplexity_rows(ctx.job, ids.shape[0])
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
     vocab = cfg.vocab_size
@@ -806,7 +842,17 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
             nll -= logp.gather(-1, target[t0:t1].unsqueeze(-1)).sum(dtype=torch.float64)
         count += target.numel()
     ppl = math.exp(float(nll) / max(count, 1))
-    return {**out, "ppl": ppl, "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
+    return {**out, "ppl": ppl, "ppl_rows": rows, "ppl_length": int(ids.shape[1]),
+            "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
+
+
+def perplexity_rows(job: Job, available: int) -> int:
+    """How many rows of the quantization set the calibration perplexity is taken on: the first
+    -mr with a parquet dataset (as ExLlamaV2 takes it), and without one as many as the built-in
+    measurement set has (what ExLlamaV2's job holds as -mr by then), whatever -mr says: it does not
+    apply to the built-in set, so it must not move the figure."""
+    rows = job["measurement_rows"] if job["cal_dataset"] else calibration.builtin_row_count("measure")
+    return min(int(rows), available)
 
 
 def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
@@ -885,10 +931,18 @@ def stage_compile(ctx: Context) -> None:
         ctx.rep.info(f"Wrote {dest / fname} ({size / 2**20:.1f} MB)")
     if job["compile_full"]:
         copied = compile_mod.copy_model_files(Path(job["in_dir"]), dest)
-        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], job["dataset_rows"], job["length"],
+        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], quant_rows(job), job["length"],
                                        job["cal_dataset"])
         ctx.rep.info(f"Copied {', '.join(copied)}")
     job.advance(Stage.FINISHED, output_files=[str(dest / f) for f, _ in written])
+
+
+def quant_rows(job: Job) -> int:
+    """quantization_config's calibration rows: -r with a parquet dataset, the built-in set's own
+    count without one (as ExLlamaV2 writes them)."""
+    if job["cal_dataset"]:
+        return int(job["dataset_rows"])
+    return int((job[ROWS_USED] or {}).get("quant") or calibration.builtin_row_count("quant"))
 
 
 STAGES = {
@@ -907,46 +961,53 @@ STAGES = {
 # -- the job ------------------------------------------------------------------------------------------
 
 
-def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Reporter,
-             fingerprint: str | None = None) -> Job:
-    """Create a new job or resume the saved one, enforcing the resume rules. ``fingerprint`` is
-    the model's (:func:`model_fingerprint_of`), needed to start a job."""
+def check_work_dir(values: dict[str, Any], out_dir: Path, no_resume: bool) -> None:
+    """The refusals due before anything in the working folder is created, locked or cleared."""
+    if out_dir.exists() and entries_besides_lock(out_dir) and not is_ours(out_dir):
+        if no_resume:
+            clear_work_dir(out_dir)  # refuses, naming the folder
+        if (out_dir / JOB_FILE).exists():
+            Job.load(out_dir)  # refuses, saying what is wrong with the job file
+        raise Exl2Error(f"-o {out_dir} already holds files that are not an exl2conv job; choose an empty "
+                        "or new working folder (exl2conv never writes over files it did not make)")
+    if (no_resume or not (out_dir / JOB_FILE).exists()) and not values.get("in_dir"):
+        raise Exl2Error(f"no job to resume in {out_dir}; give the model folder with -i to start one")
+
+
+def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Reporter, recorded: dict[str, Any],
+             fingerprint: str | None = None, reuse: dict | None = None) -> Job:
+    """Create a new job or resume the saved one, enforcing the resume rules; the caller holds the
+    folder's lock. ``recorded``: the output settings in force (:meth:`Settings.recorded`), which a
+    resume must match; ``fingerprint``: the model's (:func:`model_fingerprint_of`), needed to
+    start a job; ``reuse``: the -m measurement file's content."""
     if no_resume:
         clear_work_dir(out_dir)
-    if (out_dir / "job.json").exists():
+    if (out_dir / JOB_FILE).exists():
         job = Job.load(out_dir)
+        again = f"or add -nr to start a new job (this deletes the job's files in {out_dir})"
         conflicts = resume_conflicts(job.data, values)
         if conflicts:
             raise Exl2Error(f"the arguments differ from the saved job in {out_dir} ({'; '.join(conflicts)}); "
-                            "run the same command as before to resume, or add -nr to start a new job "
-                            f"(this deletes the job's files in {out_dir})")
+                            f"run the same command as before to resume, {again}")
+        # a finished job only prints its summary: nothing it computes could mix two settings
+        changed = settings.differences(job["settings"], recorded) if job.stage != Stage.FINISHED else []
+        if changed:
+            raise Exl2Error(f"the settings differ from those the job in {out_dir} started with "
+                            f"({'; '.join(changed)}); resume with the same settings, version and device, {again}")
         for arg in ARGS:
             if arg.changeable(job.stage) and values.get(arg.field) is not None:
                 job[arg.field] = normalize(arg.field, values[arg.field])
         rep.info(f"Resuming job in {out_dir} (stage: {job.stage.value})")
         return job
-    if not values.get("in_dir"):
-        raise Exl2Error(f"no job to resume in {out_dir}; give the model folder with -i to start one")
-    if out_dir.exists() and any(out_dir.iterdir()) and not is_ours(out_dir):
-        raise Exl2Error(f"-o {out_dir} already holds files that are not an exl2conv job; choose an empty "
-                        "or new working folder (exl2conv never writes over files it did not make)")
-    data = None
-    if values.get("reuse_measurement"):
-        data = load_measurement_file(Path(values["reuse_measurement"]))
-        check_measurement_fingerprint(data, fingerprint, values)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Exl2Error(f"-o {out_dir}: cannot create the working folder ({exc.strerror}); choose a "
-                        "writable folder") from None
     job = Job(out_dir, new_job_data(values))
+    job["settings"] = recorded
     job["fingerprint"] = {"model": fingerprint, "calibration": calibration_settings(job.data)}
-    if data is not None:
-        doc = {"measurement": data["measurement"], "last_module_idx": data.get("last_module_idx")}
-        if isinstance(data.get(FINGERPRINT_KEY), dict):
-            doc[FINGERPRINT_KEY] = data[FINGERPRINT_KEY]
+    if reuse is not None:
+        doc = {"measurement": reuse["measurement"], "last_module_idx": reuse.get("last_module_idx")}
+        if isinstance(reuse.get(FINGERPRINT_KEY), dict):
+            doc[FINGERPRINT_KEY] = reuse[FINGERPRINT_KEY]
         atomic.write_json(out_dir / MEASUREMENT, doc)
-        job["last_module_idx"] = data.get("last_module_idx")
+        job["last_module_idx"] = reuse.get("last_module_idx")
     job.save()
     rep.info(f"Starting new job in {out_dir}")
     return job
@@ -999,6 +1060,7 @@ class Summary:
     calibration_ppl: float | None
     times: dict[str, float]
     measurement_only: bool = False
+    calibration_ppl_on: tuple[int, int] | None = None  # (rows, tokens per row) of the quantization set
     # norm tweaking: mean relative drop of the modules' losses, and the head's KL before/after
     tweak_gain: float | None = None
     head_kl: tuple[float, float] | None = None
@@ -1007,7 +1069,7 @@ class Summary:
 def summarize(ctx: Context) -> Summary:
     job = ctx.job
     dec_bits = dec_numel = head_bits = head_numel = 0
-    ppl = head_kl = None
+    ppl = head_kl = ppl_on = None
     gains = []
     for rec in job["quant_log"] or []:
         if "tweak" in rec:
@@ -1023,6 +1085,7 @@ def summarize(ctx: Context) -> Summary:
                 dec_bits, dec_numel = dec_bits + bits, dec_numel + numel
         if "ppl" in rec:
             ppl = rec["ppl"]
+            ppl_on = (rec["ppl_rows"], rec["ppl_length"]) if "ppl_rows" in rec else None
     solver_info = job["solver"] or {}
     return Summary(
         out_dir=ctx.out_dir,
@@ -1031,6 +1094,7 @@ def summarize(ctx: Context) -> Summary:
         head_bpw=head_bits / head_numel if head_numel else None,
         expected_error=solver_info.get("loss"),
         calibration_ppl=ppl,
+        calibration_ppl_on=ppl_on,
         times=dict(job["times"] or {}),
         measurement_only=bool(job["output_measurement"]),
         tweak_gain=sum(gains) / len(gains) if gains else None,
@@ -1062,25 +1126,42 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # see cli.main
     out = Path(out_dir).expanduser().resolve()
     check_paths(values, out)
-    states_mode()
-    grad_attention_mode()
-    tweak.token_budget(torch.device("cpu"))  # a bad EXL2CONV_TWEAK_TOKENS is refused now, not hours later
+    current = settings.Settings.from_env()  # a bad EXL2CONV_* value is refused now, not hours later
+    dev = pick_device(device)
     configure_determinism()
-    fingerprint = None
+    fingerprint = reuse = None
     if values.get("in_dir"):
         # the model is checked before anything is created or cleared (-nr)
         in_dir = Path(values["in_dir"]).expanduser().resolve()
         fingerprint = model_fingerprint_of(*load_model(in_dir, values.get("rope_scale"), values.get("rope_alpha")))
         load_tokenizer(in_dir)
-    job = open_job(values, out, no_resume, rep, fingerprint)
-    if job.stage == Stage.FINISHED:
-        rep.info(f"The job in {out} has already finished; use -nr to start a new one")
-        ctx = Context(job, None, None, torch.device("cpu"), rep)  # type: ignore[arg-type]
-        return summarize(ctx)
+    check_work_dir(values, out, no_resume)
+    if values.get("reuse_measurement") and (no_resume or not (out / JOB_FILE).exists()):
+        reuse = load_measurement_file(Path(values["reuse_measurement"]))
+        check_measurement_fingerprint(reuse, fingerprint, values)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Exl2Error(f"-o {out}: cannot create the working folder ({exc.strerror}); choose a "
+                        "writable folder") from None
+    with WorkLock(out), settings.use(current):
+        job = open_job(values, out, no_resume, rep, current.recorded(dev.type), fingerprint, reuse)
+        if job.stage == Stage.FINISHED:
+            rep.info(f"The job in {out} has already finished; use -nr to start a new one")
+            return summarize(Context(job, None, None, torch.device("cpu"), rep))  # type: ignore[arg-type]
+        return run_job(job, dev, rep)
+
+
+def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
+    """Run an opened job's stages from where it stands to the end. Ctrl-C asks for a stop at the
+    next safe point (:mod:`exl2conv.stop`); a second Ctrl-C stops at once."""
+    out = job.out_dir
     rep.status_output = bool(job["status_output"])
     cfg, weights = load_model(Path(job["in_dir"]), job["rope_scale"], job["rope_alpha"])
     check_model_unchanged(job, cfg, weights)
-    ctx = Context(job, cfg, weights, pick_device(device), rep)
+    if STAGE_ORDER.index(job.stage) <= STAGE_ORDER.index(Stage.OPTIMIZE) and not job["output_measurement"]:
+        check_bits_reachable(cfg, job["bits"])
+    ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     remove_stray_checkpoints(ctx)
     # temporary files of writes that a crash cut short
@@ -1090,29 +1171,51 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     _print_plan(ctx)
 
     def on_sigint(signum, frame):
-        if ctx.interrupted:
+        if stop.requested():
             raise KeyboardInterrupt
-        ctx.interrupted = True
-        rep.warn("Ctrl-C: stopping at the next safe point (press again to stop at once)")
+        stop.request()
+        rep.warn("Ctrl-C: stopping at the next safe point, within seconds (press again to stop at once)")
 
+    stop.reset()
     previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     try:
         while job.stage != Stage.FINISHED:
             stage = job.stage
             t0 = time.monotonic()
-            STAGES[stage](ctx)
+            try:
+                faults.point("stage_start")
+                STAGES[stage](ctx)
+            except stop.StopRequested:
+                raise Interrupted(f"interrupted in stage {stage.value}; state saved in {out}: run the same "
+                                  "command to resume") from None
             release_cached(ctx.device)
             faults.point("stage")
             times = dict(job["times"] or {})
             times[stage.value] = times.get(stage.value, 0.0) + time.monotonic() - t0
             job["times"] = times
             job.save()
-            if ctx.interrupted and job.stage != Stage.FINISHED:
+            if stop.requested() and job.stage != Stage.FINISHED:
                 raise Interrupted(f"interrupted; state saved in {out}: run the same command to resume")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        stop.reset()
     return summarize(ctx)
+
+
+def check_bits_reachable(cfg, bits: float) -> None:
+    """-b must lie within what the option tables can give this model's shapes (the cheapest and
+    the dearest option of every module): known before any work, where the measurement would
+    otherwise run for hours before the optimizer found it out."""
+    lo = hi = 0
+    for i in range(cfg.num_layers):
+        for kind in ("attn", "mlp"):
+            totals = entry_bits(kind, arch.layer_linears(cfg, i, kind))
+            lo, hi = lo + min(totals), hi + max(totals)
+    numel = decoder_numel(cfg)
+    budget = int(numel * float(bits))
+    if not lo <= budget <= hi:
+        raise _bits_range_error(bits, lo, hi, numel)
 
 
 def _main_thread() -> bool:
@@ -1124,9 +1227,13 @@ def _print_plan(ctx: Context) -> None:
     job, rep = ctx.job, ctx.rep
     rep.info(f"Input: {job['in_dir']}")
     rep.info(f"Output: {job['compile_full'] or ctx.out_dir}")
-    ds = job["cal_dataset"] or "(default)"
-    rep.info(f"Calibration dataset: {ds}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
-             f"length {job['length']} / {job['measurement_length']}")
+    if job["cal_dataset"]:
+        rep.info(f"Calibration dataset: {job['cal_dataset']}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
+                 f"length {job['length']} / {job['measurement_length']}")
+    else:
+        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')} / "
+                 f"{calibration.builtin_row_count('measure')} (the set's own: -r and -mr apply to a parquet file), "
+                 f"length {job['length']} / {job['measurement_length']}")
     if job["output_measurement"]:
         rep.info(f"Measurement will be saved to {job['output_measurement']}")
     else:
@@ -1146,7 +1253,9 @@ def format_summary(s: Summary) -> str:
     if s.expected_error is not None:
         lines.append(f"    expected error (sum over modules): {s.expected_error:.6f}")
     if s.calibration_ppl is not None:
-        lines.append(f"    calibration perplexity (quantized): {s.calibration_ppl:.4f}")
+        on = (f", first {s.calibration_ppl_on[0]} rows x {s.calibration_ppl_on[1]} tokens of the quantization set"
+              if s.calibration_ppl_on else "")
+        lines.append(f"    calibration perplexity (quantized{on}): {s.calibration_ppl:.4f}")
     if s.tweak_gain is not None:
         text = f"    norm tweaking: module output error on its rows -{100 * s.tweak_gain:.1f} % (mean)"
         if s.head_kl is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import gptq, tweak
+from exl2conv import gptq, stop, tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, prepare, quantize_batches
 from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
@@ -125,8 +125,9 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
                                             rows, err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
-    y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,
-                          out=states, device=dev)
+    with stop.held():  # the outputs replace the inputs: a checkpoint of the inputs needs all or none
+        y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,
+                              out=states, device=dev)
     # a NaN or Inf anywhere in a row's outputs makes its relative error NaN or Inf: the check
     # needs no second pass over the outputs (which may be in host memory)
     check_finite(errs, f"{module_name(specs)} output")

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import torch
 
+from exl2conv import stop
 from exl2conv.layers import block_forward, grad_pass
 from exl2conv.model import forward
 from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
 
 TOKENS = 8192                # calibration tokens the estimate uses at most
+SAMPLE_BYTES = 64 << 20      # float64 cumulative sums made at a time by sample()
 STORE_BYTES = 4 << 30        # layer inputs kept for the backward pass, at most
 HEAD_TOKENS = 512            # positions per head forward (bounds the [T, vocab] logits)
 SEED = 0
@@ -66,20 +68,28 @@ def _store_device(device: torch.device, nbytes: int) -> torch.device:
 def sample(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One token per position drawn from ``exp(logp)`` ``[T, V]`` -> int64 ``[T, 1]``, by inverting
     each position's cumulative distribution at one uniform number. The uniforms come from ``gen``,
-    a CPU generator, whatever device ``logp`` is on: a GPU and a CPU draw the same tokens (up to
-    the rounding of the cumulative sums), so the two paths' Fisher estimates, and the predicted KL
-    the solver minimizes, differ only by their arithmetic. (The earlier Gumbel-max draw took its
-    noise from a generator on the compute device, whose CUDA and CPU streams differ: SmolLM2's
-    per-module predicted KL then differed by 2 % (median) and up to 7 % between the paths,
-    docs/performance.md.) torch.multinomial took seconds on a GPU for a large vocabulary."""
+    a CPU generator, whatever device ``logp`` is on, so that a GPU and a CPU draw the same tokens
+    and the two paths' Fisher estimates, and the predicted KL the solver minimizes, differ only by
+    their arithmetic. (A draw from a generator on the compute device differs between CUDA and the
+    CPU: SmolLM2's per-module predicted KL then differed by 2 % (median), docs/performance.md.)
+
+    The cumulative sums are float64: in float32 a sum over a large vocabulary carries rounding
+    errors of about 1e-5 of the mass that depend on the order of the additions, which differs
+    between devices (CUDA's parallel scan, the CPU's running sum), and on a 49152-token vocabulary
+    0.34 % of the draws fell on another token between an H100 and a CPU. In float64 such a split
+    needs a uniform within about 1e-12 of a boundary. torch.multinomial took seconds on a GPU for a
+    large vocabulary."""
     if gen.device.type != "cpu":
         raise ValueError("sample() takes a CPU generator, so that every device draws the same tokens")
-    u = torch.rand(logp.shape[0], 1, generator=gen, dtype=torch.float64).to(logp.device, torch.float32)
-    cdf = logp.detach().float().exp().cumsum(-1)
-    # the first token whose cumulative probability exceeds u (of the row's total, which rounding
-    # leaves a little off 1): tokens of zero probability are never drawn
-    y = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return y.clamp_(max=logp.shape[-1] - 1)
+    u = torch.rand(logp.shape[0], 1, generator=gen, dtype=torch.float64).to(logp.device)
+    out = torch.empty(logp.shape[0], 1, dtype=torch.int64, device=logp.device)
+    step = max(1, SAMPLE_BYTES // (8 * logp.shape[-1]))
+    for t0 in range(0, logp.shape[0], step):
+        cdf = logp[t0:t0 + step].detach().double().exp().cumsum(-1)
+        # the first token whose cumulative probability exceeds u (of the row's total, which
+        # rounding leaves a little off 1): tokens of zero probability are never drawn
+        out[t0:t0 + step] = torch.searchsorted(cdf, u[t0:t0 + step] * cdf[:, -1:], right=True)
+    return out.clamp_(max=logp.shape[-1] - 1)
 
 
 def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, cfg, gen: torch.Generator
@@ -89,6 +99,7 @@ def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, c
     time: each position's logits depend on that position alone."""
     grads = []
     for t0 in range(0, x.shape[0], HEAD_TOKENS):
+        stop.check()
         xs = x[t0:t0 + HEAD_TOKENS].detach().requires_grad_(True)
         with torch.enable_grad():
             logp = forward.log_probs(xs, norm_w, head_w, cfg)
@@ -123,6 +134,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         for i in range(layers):
             inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
             for j, part in enumerate(("attn", "mlp")):
+                stop.check()
                 w = load(i, part)
                 if step >= rows:
                     x, _ = block_forward(part, x, w, cfg, rope)
@@ -144,6 +156,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         below = [t for part in ("attn", "mlp") for t in forward.module_tensors(weights, cfg, i - 1, part)] if i else []
         w_attn, w_mlp = load(i, "attn"), load(i, "mlp", ahead=below)  # backwards: the layer below next
         for r in range(rows):
+            stop.check()  # a row's backward through a layer is the stage's unit of work
             g = grad[r:r + 1]
             fisher[2 * i + 1] += g.square().sum((0, 1))
             xin = inputs[i][r:r + 1].to(device).requires_grad_(True)

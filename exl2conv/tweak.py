@@ -33,17 +33,14 @@ also feeds the router.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from exl2conv.errors import Exl2Error
+from exl2conv import settings, stop
 from exl2conv.layers import block_forward, grad_pass, module_matmuls
 from exl2conv.model import forward
 from exl2conv.model.arch import spec_of
 
-NO_TWEAK_ENV = "EXL2CONV_NO_TWEAK"
-TOKENS_ENV = "EXL2CONV_TWEAK_TOKENS"  # the token budget below, on any device, instead of the defaults
 TOKENS = 32768     # calibration tokens the tweak fits on (16 rows of 2048), at most
 CPU_TOKENS = 512   # on a CPU: every step is a forward and a backward, ~100x the pass's own cost
 # tokens x parameters of a layer, at most: the cost of the fit grows with both. SmolLM2-135M
@@ -68,22 +65,16 @@ def head_span(n: int) -> int:
 
 
 def enabled() -> bool:
-    return os.environ.get(NO_TWEAK_ENV, "") in ("", "0")
+    return settings.active().tweak
 
 
 def token_budget(device: torch.device) -> int:
     """The most calibration tokens the tweak fits on: ``EXL2CONV_TWEAK_TOKENS`` where set, else
     :data:`TOKENS` on a GPU and :data:`CPU_TOKENS` on a CPU."""
-    raw = os.environ.get(TOKENS_ENV, "").strip()
-    if not raw:
+    tokens = settings.active().tweak_tokens
+    if tokens is None:
         return TOKENS if device.type == "cuda" else CPU_TOKENS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise Exl2Error(f"{TOKENS_ENV}={raw}: give a positive number of tokens (or leave it unset)")
-    return value
+    return tokens
 
 
 def rows_for(rows: int, length: int, device: torch.device, layer_params: int) -> int:
@@ -146,6 +137,7 @@ def _fit(loss_of, g0: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor
     losses = torch.empty(steps + 1, dtype=torch.float64, device=g0.device)
     tried = torch.empty((steps + 1, *g0.shape), dtype=g0.dtype, device=g0.device)
     for step in range(steps + 1):
+        stop.check()
         # a leaf that every chunk's backward adds into; then the chain rule into s
         g = (g0 * (1 + s.detach())).requires_grad_()
         with torch.enable_grad():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .. import settings
 from ..errors import Exl2Error, FormatError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -185,7 +186,7 @@ class WeightIndex:
         self.entries: dict[str, TensorEntry] = {}
         self._weight_map: dict[str, str] = {}
         # None: no reading ahead (EXL2CONV_READ_AHEAD=0)
-        self.ahead: ReadAhead | None = None if os.environ.get("EXL2CONV_READ_AHEAD") == "0" else ReadAhead()
+        self.ahead: ReadAhead | None = ReadAhead() if settings.active().read_ahead else None
         for file in self._files():
             for name, entry in read_header(file).items():
                 if name in self.entries:

@@ -419,7 +419,7 @@ def shard_size_negative(env):
 
 def states_env_invalid(env):
     env.monkeypatch.setenv("EXL2CONV_STATES", "vram")  # type: ignore[attr-defined]
-    return base(env), "EXL2CONV_STATES=vram: give gpu, host or auto"
+    return base(env), "EXL2CONV_STATES=vram: give auto, gpu or host"
 
 
 def grad_attention_env_invalid(env):
@@ -478,10 +478,10 @@ def test_foreign_folder_is_untouched_by_nr(pristine, measurement, tmp_path, monk
 
 def test_bad_bits_then_good_bits_resumes_without_measuring_again(pristine, measurement, tmp_path, monkeypatch,
                                                                  capsys):
-    """-b out of reach stops the job at optimize; the same command with a reachable -b goes on."""
+    """-b out of reach is refused before any stage runs; the same command with a reachable -b goes on."""
     env, line = run_case(bits_above_reach, pristine, measurement, tmp_path, monkeypatch, capsys)
     assert "bits per weight" in line
-    assert json.loads((env.work / "job.json").read_text())["progress"] == "optimize"
+    assert json.loads((env.work / "job.json").read_text())["progress"] == "begin"
     assert main(base(env, "-m", str(env.measurement), "-b", "4.0")) == 0
     assert (env.work / "output.safetensors").is_file()
 

@@ -97,7 +97,7 @@ def assert_clean_finish(root: Path, want: dict[str, str]) -> None:
 
 # the order in which a job first reaches each point: a chain kills at its points in this order,
 # so that an early kill leaves the later points still to come
-EARLY_FIRST = ("measurement", "module", "checkpoint", "stage", "write", "shard")
+EARLY_FIRST = ("stage_start", "measurement", "module", "checkpoint", "stage", "write", "shard")
 
 
 def chain_plan(counts: dict[str, int], chain: int) -> list[str]:

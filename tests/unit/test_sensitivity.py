@@ -127,6 +127,35 @@ def test_sample_depends_on_the_generator_alone():
         sensitivity.sample(logp, Elsewhere())
 
 
+def scan_order_cdf(logp: torch.Tensor, dtype: torch.dtype, block: int = 1024) -> torch.Tensor:
+    """Cumulative sums added in another order than a running sum: within blocks, then the
+    blocks' totals (as a parallel scan on a GPU adds them)."""
+    p = logp.to(dtype).exp()
+    t, v = p.shape
+    pad = (-v) % block
+    blocks = torch.nn.functional.pad(p, (0, pad)).view(t, -1, block)
+    inner = blocks.cumsum(-1)
+    offsets = torch.nn.functional.pad(inner[:, :-1, -1].cumsum(-1), (1, 0))
+    return (inner + offsets.unsqueeze(-1)).view(t, -1)[:, :v]
+
+
+def test_sample_does_not_depend_on_the_order_of_the_sums():
+    """The GPU adds the cumulative sums in another order than the CPU: a draw must not move to
+    another token with it. Here the other order is emulated on the CPU; in float32 about 0.3 % of
+    the draws on this heavy-tailed 49152-token distribution move (the H100 showed 0.34 %)."""
+    logp = torch.log_softmax(3 * torch.randn(1024, 49152, generator=torch.Generator().manual_seed(4)), -1)
+    drawn = sensitivity.sample(logp, torch.Generator().manual_seed(0))
+    u = torch.rand(1024, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for dtype, most_moved in ((torch.float64, 0), (torch.float32, None)):
+        cdf = scan_order_cdf(logp, dtype)
+        other = torch.searchsorted(cdf, (u * cdf[:, -1:].double()).to(dtype), right=True).clamp_(max=49151)
+        moved = int((other != drawn).sum())
+        if most_moved is not None:
+            assert moved <= most_moved, (dtype, moved)
+        else:  # the check above can fail: float32 sums in the two orders do move draws
+            assert moved > 0, moved
+
+
 def test_estimate_is_unbiased(tiny, monkeypatch):
     cfg, index, _ = tiny
     index = Cached(index)

@@ -86,22 +86,22 @@ def test_rows_for_caps_tokens_by_device_and_layer_size():
 
 def test_tweak_tokens_env_sets_the_budget_on_any_device(monkeypatch):
     smol = 3_540_000
-    monkeypatch.setenv(tweak.TOKENS_ENV, "32768")
+    monkeypatch.setenv("EXL2CONV_TWEAK_TOKENS", "32768")
     assert tweak.rows_for(100, 2048, torch.device("cpu"), smol) == 16   # the GPU's default on a CPU
-    monkeypatch.setenv(tweak.TOKENS_ENV, "512")
+    monkeypatch.setenv("EXL2CONV_TWEAK_TOKENS", "512")
     assert tweak.rows_for(100, 256, torch.device("cuda"), smol) == 2    # the CPU's default on a GPU
     assert tweak.rows_for(100, 2048, torch.device("cuda"), smol) == 1   # at least one row
-    monkeypatch.setenv(tweak.TOKENS_ENV, "32768")
+    monkeypatch.setenv("EXL2CONV_TWEAK_TOKENS", "32768")
     assert tweak.rows_for(100, 128, torch.device("cpu"), 202_375_168) == 5  # WORK still caps it: 648 tokens
     for bad in ("0", "-5", "many", "1.5"):
-        monkeypatch.setenv(tweak.TOKENS_ENV, bad)
+        monkeypatch.setenv("EXL2CONV_TWEAK_TOKENS", bad)
         with pytest.raises(Exl2Error, match="EXL2CONV_TWEAK_TOKENS"):
             tweak.rows_for(100, 256, torch.device("cpu"), smol)
 
 
 def test_bad_tweak_tokens_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     model = make_tiny_llama(tmp_path / "model")
-    monkeypatch.setenv(tweak.TOKENS_ENV, "lots")
+    monkeypatch.setenv("EXL2CONV_TWEAK_TOKENS", "lots")
     code = cli.main(["-i", str(model), "-o", str(tmp_path / "work"), "-om", str(tmp_path / "m.json")])
     assert code == 1
     assert capsys.readouterr().err.strip() == (" ## Error: EXL2CONV_TWEAK_TOKENS=lots: give a positive number of "

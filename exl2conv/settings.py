@@ -1,0 +1,165 @@
+"""The EXL2CONV_* environment settings, parsed in one place into one typed object.
+
+Two kinds of setting live here, and the difference decides what a resumed job may do:
+
+- **Output settings** change the bytes a job writes (norm tweaking and its token budget, the
+  solver's objective, TF32 and the attention kernels of the GPU forwards). A job records them in
+  job.json, with the exl2conv version and the kind of device it computes on
+  (:meth:`Settings.recorded`), and a resume under other values is refused with the differences
+  named (:func:`differences`): a job half made one way and half another matches no command.
+- **Speed settings** only change how fast or where the same arithmetic runs (the CUDA kernels,
+  reading weights ahead, where the calibration states live). They are not recorded;
+  tests/e2e/test_settings.py and tests/gpu/test_determinism.py show they give the same bytes.
+
+docs/cli.md lists every variable for users. Code reads the settings with :func:`active`, never
+``os.environ``: a conversion parses the environment once when it starts and runs under that
+object (:func:`use`), so a variable changed while it runs changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from exl2conv import __version__
+from exl2conv.errors import Exl2Error
+
+PREFIX = "EXL2CONV_"
+GRAD_ATTENTION_MODES = ("blocked", "math")
+STATES_MODES = ("auto", "gpu", "host")
+OBJECTIVES = ("kl", "error")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # -- output settings (recorded in job.json) --
+    tweak: bool = True                # EXL2CONV_NO_TWEAK=1 turns norm tweaking off
+    tweak_tokens: int | None = None   # EXL2CONV_TWEAK_TOKENS; None: the device's default budget
+    objective: str = "kl"             # EXL2CONV_OBJECTIVE=error: ExLlamaV2's objective even with predicted KL
+    tf32: bool = True                 # EXL2CONV_NO_TF32=1: GPU module matmuls in full float32
+    half_attention: bool = False      # EXL2CONV_HALF_ATTENTION=1: float16 flash attention in grad passes
+    grad_attention: str = "blocked"   # EXL2CONV_GRAD_ATTENTION: blocked or math
+    # -- speed settings (not recorded: the same bytes either way) --
+    kernels: bool = True              # EXL2CONV_NO_KERNELS=1: no CUDA extension, torch paths only
+    fused_kernels: bool = True        # EXL2CONV_FUSED_KERNELS=0: the fused kernels' torch paths
+    read_ahead: bool = True           # EXL2CONV_READ_AHEAD=0: no background reads of the next weights
+    states: str = "auto"              # EXL2CONV_STATES: auto, gpu or host
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings of ``environ`` (default: the process's), each value checked: a bad one
+        is an :class:`Exl2Error` naming the variable and the values it takes."""
+        env = os.environ if environ is None else environ
+
+        def raw(name: str) -> str:
+            return env.get(PREFIX + name, "").strip()
+
+        def switch(name: str) -> bool:
+            """A 0/1 variable: unset, empty or 0 is off, 1 is on."""
+            value = raw(name)
+            if value not in ("", "0", "1"):
+                raise Exl2Error(f"{PREFIX}{name}={value}: give 1 (on) or 0 (off), or leave it unset")
+            return value == "1"
+
+        def choice(name: str, allowed: tuple[str, ...]) -> str:
+            value = raw(name) or allowed[0]
+            if value not in allowed:
+                raise Exl2Error(f"{PREFIX}{name}={value}: give {', '.join(allowed[:-1])} or {allowed[-1]} "
+                                "(or leave it unset)")
+            return value
+
+        tokens = raw("TWEAK_TOKENS")
+        budget = None
+        if tokens:
+            try:
+                budget = int(tokens)
+            except ValueError:
+                budget = 0
+            if budget <= 0:
+                raise Exl2Error(f"{PREFIX}TWEAK_TOKENS={tokens}: give a positive number of tokens (or leave it unset)")
+        fused = raw("FUSED_KERNELS")
+        read_ahead = raw("READ_AHEAD")
+        for name, value in (("FUSED_KERNELS", fused), ("READ_AHEAD", read_ahead)):
+            if value not in ("", "0", "1"):
+                raise Exl2Error(f"{PREFIX}{name}={value}: give 0 (off) or 1 (on), or leave it unset")
+        return cls(
+            tweak=not switch("NO_TWEAK"),
+            tweak_tokens=budget,
+            objective=choice("OBJECTIVE", OBJECTIVES),
+            tf32=not switch("NO_TF32"),
+            half_attention=switch("HALF_ATTENTION"),
+            grad_attention=choice("GRAD_ATTENTION", GRAD_ATTENTION_MODES),
+            kernels=not switch("NO_KERNELS"),
+            fused_kernels=fused != "0",
+            read_ahead=read_ahead != "0",
+            states=choice("STATES", STATES_MODES),
+        )
+
+    def recorded(self, device_type: str) -> dict[str, Any]:
+        """What job.json keeps of these settings for a job computing on ``device_type`` ("cuda"
+        or "cpu"): the exl2conv version, the device type and every output setting, each as it acts
+        there (TF32 and the attention kernels only exist on CUDA: on a CPU they change nothing and
+        are recorded as their defaults, so a CPU job does not refuse to resume over them)."""
+        cuda = device_type == "cuda"
+        default = Settings()
+        return {
+            "version": __version__,
+            "device": device_type,
+            "tweak": self.tweak,
+            "tweak_tokens": self.tweak_tokens if self.tweak else None,
+            "objective": self.objective,
+            "tf32": self.tf32 if cuda else default.tf32,
+            "half_attention": self.half_attention if cuda else default.half_attention,
+            "grad_attention": (self.grad_attention if cuda and not self.half_attention
+                               else default.grad_attention),
+        }
+
+
+# How each recorded field is set, for the refusal's message.
+SOURCES = {
+    "version": "exl2conv version",
+    "device": "device (--device)",
+    "tweak": "norm tweaking (EXL2CONV_NO_TWEAK)",
+    "tweak_tokens": "norm tweaking's tokens (EXL2CONV_TWEAK_TOKENS)",
+    "objective": "solver objective (EXL2CONV_OBJECTIVE)",
+    "tf32": "TF32 matmuls (EXL2CONV_NO_TF32)",
+    "half_attention": "float16 attention (EXL2CONV_HALF_ATTENTION)",
+    "grad_attention": "attention kernels (EXL2CONV_GRAD_ATTENTION)",
+}
+
+
+def differences(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    """Recorded settings that differ, as ``what: saved X, now Y``; a job without recorded settings
+    (made by an exl2conv before they were recorded) differs in its version."""
+    saved = dict(saved or {})
+    return [f"{SOURCES.get(key, key)}: saved {saved.get(key)!r}, now {value!r}"
+            for key, value in now.items() if saved.get(key) != value]
+
+
+# The settings in force: set by :func:`use` for a conversion; otherwise parsed from the
+# environment as it is (cached per value of the variables, so a test that sets a variable is seen).
+_in_use: list[Settings] = []
+_parsed: dict[tuple, Settings] = {}
+
+
+def active() -> Settings:
+    """The settings code should act on now."""
+    if _in_use:
+        return _in_use[-1]
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX)))
+    if key not in _parsed:
+        _parsed.clear()
+        _parsed[key] = Settings.from_env()
+    return _parsed[key]
+
+
+@contextmanager
+def use(settings: Settings) -> Iterator[Settings]:
+    """Run a block under ``settings`` (what :func:`active` returns inside it)."""
+    _in_use.append(settings)
+    try:
+        yield settings
+    finally:
+        _in_use.pop()
