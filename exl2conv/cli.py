@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error
+from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error, Interrupted
 
 SUBCOMMANDS = ("inspect", "eval", "demo", "to-safetensors")
 
@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "to-safetensors":
             return run_to_safetensors(argv[1:])
         return run_convert(argv)
+    except Interrupted as exc:
+        print(f" ## Interrupted: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except Exl2Error as exc:
         print(f" ## Error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -457,7 +457,7 @@ def _stopped_in(ctx: Context, mod: Module, checkpoint) -> Interrupted:
     there already) and the resume starts with ``mod``. Returns the error to raise."""
     if (ctx.job["checkpoint"] or {}).get("module") != mod.index - 1:
         checkpoint(mod.index - 1)
-    return Interrupted(f"interrupted in {mod.meas_key}; state saved in {ctx.out_dir} up to the module before it: "
+    return Interrupted(f"stopped in {mod.meas_key}; state saved in {ctx.out_dir} up to the module before it: "
                        "run the same command to resume")
 
 
@@ -493,7 +493,7 @@ def _measure_modules(ctx: Context, mods: list[Module], start: int, states, rope,
                 checkpoint(mod.index, states)
                 last_cp = time.monotonic()
                 if stop.requested() and not final:
-                    raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
+                    raise Interrupted(f"stopped after {mod.meas_key}; state saved in {ctx.out_dir}: "
                                       "run the same command to resume")
 
 
@@ -759,7 +759,7 @@ def stage_quant(ctx: Context) -> None:
                 checkpoint(mod.index, states)
                 last_cp = time.monotonic()
                 if stop.requested() and not final:
-                    raise Interrupted(f"interrupted after {mod.meas_key}; state saved in {ctx.out_dir}: "
+                    raise Interrupted(f"stopped after {mod.meas_key}; state saved in {ctx.out_dir}: "
                                       "run the same command to resume")
     job.advance(Stage.COMPILE)
 
@@ -1186,7 +1186,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
                 faults.point("stage_start")
                 STAGES[stage](ctx)
             except stop.StopRequested:
-                raise Interrupted(f"interrupted in stage {stage.value}; state saved in {out}: run the same "
+                raise Interrupted(f"stopped in stage {stage.value}; state saved in {out}: run the same "
                                   "command to resume") from None
             release_cached(ctx.device)
             faults.point("stage")
@@ -1195,7 +1195,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
             job["times"] = times
             job.save()
             if stop.requested() and job.stage != Stage.FINISHED:
-                raise Interrupted(f"interrupted; state saved in {out}: run the same command to resume")
+                raise Interrupted(f"stopped after stage {stage.value}; state saved in {out}: run the same command to resume")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

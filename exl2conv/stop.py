@@ -26,7 +26,7 @@ _held = threading.local()
 class StopRequested(Interrupted):
     """Raised by :func:`check` after Ctrl-C; the caller saves what is safe and reports."""
 
-    def __init__(self, message: str = "interrupted"):
+    def __init__(self, message: str = "stopped by Ctrl-C"):
         super().__init__(message)
 
 

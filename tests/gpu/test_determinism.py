@@ -72,12 +72,12 @@ def test_attention_backward_repeats_bit_for_bit():
 
 def _attention_grads(half: bool, monkeypatch, repeats: int = 3):
     """Input gradients of one GQA attention module under grad_pass, ``repeats`` times."""
-    from exl2conv.layers import HALF_ATTENTION_ENV, grad_pass
+    from exl2conv.layers import grad_pass
     from exl2conv.model import forward
     from exl2conv.model.config import load_config
     from exl2conv.model.weights import WeightIndex
 
-    monkeypatch.setenv(HALF_ATTENTION_ENV, "1" if half else "0")
+    monkeypatch.setenv("EXL2CONV_HALF_ATTENTION", "1" if half else "0")
     import tempfile
     from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
@@ -109,7 +109,6 @@ def test_half_attention_backward_repeats_and_matches_float32(monkeypatch):
 def test_blocked_attention_repeats_and_matches_the_math_kernels(monkeypatch):
     """The default float32 attention of the grad passes (forward._BlockedAttention): it runs, its
     input gradients repeat bit for bit, and they match PyTorch's math kernels'."""
-    from exl2conv.layers import GRAD_ATTENTION_ENV
     from exl2conv.model import forward
 
     calls = []
@@ -120,7 +119,7 @@ def test_blocked_attention_repeats_and_matches_the_math_kernels(monkeypatch):
     assert calls
     assert all(torch.equal(blocked[0], x) for x in blocked[1:])
     calls.clear()
-    monkeypatch.setenv(GRAD_ATTENTION_ENV, "math")
+    monkeypatch.setenv("EXL2CONV_GRAD_ATTENTION", "math")
     math = _attention_grads(False, monkeypatch, repeats=1)[0]
     assert not calls
     rel = float((blocked[0] - math).norm() / math.norm())

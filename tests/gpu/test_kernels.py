@@ -180,8 +180,8 @@ def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
 
 @pytest.fixture
 def fused(monkeypatch):
-    """The fused kernels on (gptq.FUSED_KERNELS, on unless EXL2CONV_FUSED_KERNELS=0), whatever the environment."""
-    monkeypatch.setattr(gptq, "FUSED_KERNELS", True)
+    """The fused kernels on (on unless EXL2CONV_FUSED_KERNELS=0), whatever the environment."""
+    monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "1")
 
 
 def _coded_problem(k, n, out, seed):
@@ -199,7 +199,7 @@ def test_codes_of_kernel_matches_torch(ext, fused, monkeypatch):
     from exl2conv.gptq import Coded
 
     res, prep, coded = _coded_problem(256, 160, 150, 5)
-    monkeypatch.setattr(gptq, "FUSED_KERNELS", False)
+    monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "0")
     ref = Coded.of(res, 150, prep.invperm)
     monkeypatch.undo()
     assert torch.equal(coded.codes, ref.codes)
@@ -263,7 +263,7 @@ def test_gptq_passes_with_and_without_the_fused_scale_search_agree_exactly(ext, 
     else:
         cands = distinct_columns(ATTN_OPTIONS if table == "attn" else MLP_OPTIONS)[0][-1]
     kernels_on = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)  # passes of 3: groups past spans too
-    monkeypatch.setattr(gptq, "FUSED_KERNELS", False)
+    monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "0")
     plain = gptq.quantize_many(wt, prep, cands, max_bytes=k * n * 6 * 3)
     for a, b in zip(kernels_on, plain):
         assert torch.equal(a.codes, b.codes), a.qparams.desc
@@ -281,7 +281,7 @@ def test_fused_kernels_leave_the_conversion_unchanged(ext, tmp_path, monkeypatch
     src = make_tiny_llama(tmp_path / "m", seed=4, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
     outs = []
     for fused in (True, False):
-        monkeypatch.setattr(gptq, "FUSED_KERNELS", fused)
+        monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", str(int(fused)))
         run = f"f{int(fused)}"
         out = tmp_path / run / "out"
         rc = main(["-i", str(src), "-o", str(tmp_path / run / "w"), "-cf", str(out), "-b", "4.0",
