@@ -25,9 +25,12 @@ DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "eval" / "lcet10.txt"
 
 class Exl2Weights:
     """Tensors of an EXL2 folder (or file) by name, decoded linears as float32 ``[out, in]``;
-    tensors it lacks (the fixture holds linears only) come from the FP16 model."""
+    tensors it lacks (the fixture holds linears only) come from the FP16 model. Callers name
+    tensors by their source names; ``rename`` gives the name each has in the EXL2 files
+    (arch.output_name: a Gemma3ForCausalLM's output sits under ``language_model.``)."""
 
-    def __init__(self, path: Path, fallback: WeightIndex, stack: ExitStack):
+    def __init__(self, path: Path, fallback: WeightIndex, stack: ExitStack, rename=None):
+        self.rename = rename or (lambda name: name)
         path = Path(path)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         if not files:
@@ -43,6 +46,7 @@ class Exl2Weights:
         self.fallback = fallback
 
     def linear(self, name: str, out_features: int, device) -> torch.Tensor:
+        name = self.rename(name)
         if f"{name}.q_weight" not in self.where:
             raise FormatError(f"{name}.q_weight is missing: the EXL2 model does not hold this linear")
         tensors = {k: self.where[f"{name}.{k}"].get_tensor(f"{name}.{k}")
@@ -51,8 +55,9 @@ class Exl2Weights:
         return wt[:, :out_features].T.to(device=device, dtype=torch.float32)
 
     def plain(self, name: str, device) -> torch.Tensor:
-        if name in self.where:
-            return self.where[name].get_tensor(name).to(device=device, dtype=torch.float32)
+        out = self.rename(name)
+        if out in self.where:
+            return self.where[out].get_tensor(out).to(device=device, dtype=torch.float32)
         return self.fallback.get(name, device=device)
 
 
@@ -74,7 +79,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
     cfg = load_config(fp16_dir)
     ref = WeightIndex(fp16_dir)
     with ExitStack() as stack:
-        q = Exl2Weights(exl2_path, ref, stack)
+        q = Exl2Weights(exl2_path, ref, stack, rename=lambda name: arch.output_name(cfg, name))
         emb_ref = ref.get(arch.embedding_tensor(cfg), device=dev)
         x_ref = forward.embed(ids.to(dev), emb_ref, cfg.embed_scale)
         x_q = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev), cfg.embed_scale)

@@ -30,7 +30,7 @@ from exl2conv.job import (ARGS, STAGE_ORDER, FINGERPRINT_KEY, JOB_FILE, ROWS_USE
 from exl2conv.layers import Module, error_weight, module_list, release_cached, run_block
 from exl2conv.measure import check_finite, codes_sizes, entry_bits, measure_module
 from exl2conv.moe import report_coverage
-from exl2conv.model import arch, forward
+from exl2conv.model import arch, exllamav2_config, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex, all_finite
 from exl2conv.qparams import HEAD_OPTIONS, QParams
@@ -160,7 +160,7 @@ class Context:
         # keys carry the architecture's prefix (Gemma3ForConditionalGeneration: "language_model."),
         # as ExLlamaV2's measurement.json does (reference 3.7)
         spec = arch.spec_of(self.cfg)
-        p = spec.prefix
+        p = spec.out_prefix + spec.prefix
         return module_list(self.cfg.num_layers, layers_prefix=f"{p}{spec.layers}", norm_key=f"{p}{spec.final_norm}",
                            head_key=f"{p}{spec.head}", embed_key=f"{p}{spec.embed}", moe=spec.moe)
 
@@ -719,8 +719,10 @@ def out_tensor_file(ctx: Context, prefix: str) -> Path:
 
 
 def save_linear(ctx: Context):
+    """save(source name, tensors): into the name's out_tensor file, under the output names."""
     def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        atomic.save_tensors(out_tensor_file(ctx, name), {f"{name}.{k}": v for k, v in tensors.items()})
+        out = arch.output_name(ctx.cfg, name)
+        atomic.save_tensors(out_tensor_file(ctx, name), {f"{out}.{k}": v for k, v in tensors.items()})
     return save
 
 
@@ -891,9 +893,10 @@ def stage_compile(ctx: Context) -> None:
         n = torch.empty((), dtype=dtype).element_size() * max(repeat, 1)
         for d in shape:
             n *= d
+        out = arch.output_name(cfg, name)
         if repeat:
-            return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=dtype).repeat(repeat, 1))
-        return compile_mod.OutTensor(name, n, lambda: ctx.weights.get(name, dtype=dtype))
+            return compile_mod.OutTensor(out, n, lambda: ctx.weights.get(name, dtype=dtype).repeat(repeat, 1))
+        return compile_mod.OutTensor(out, n, lambda: ctx.weights.get(name, dtype=dtype))
 
     def norm_entry(name: str) -> compile_mod.OutTensor:
         """A norm as the quantization pass tweaked it, else copied."""
@@ -931,6 +934,8 @@ def stage_compile(ctx: Context) -> None:
         ctx.rep.info(f"Wrote {dest / fname} ({size / 2**20:.1f} MB)")
     if job["compile_full"]:
         copied = compile_mod.copy_model_files(Path(job["in_dir"]), dest)
+        if arch.spec_of(cfg).out_arch:
+            atomic.write_json(dest / "config.json", exllamav2_config.nested_config(cfg), indent=4, ensure_ascii=True)
         compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], quant_rows(job), job["length"],
                                        job["cal_dataset"])
         ctx.rep.info(f"Copied {', '.join(copied)}")
@@ -1029,6 +1034,7 @@ def load_model(in_dir: Path, rope_scale: float | None, rope_alpha: float | None)
     """config.json and the safetensors index of ``in_dir``, checked against each other (headers
     only: no tensor data is read)."""
     cfg = load_config(in_dir, rope_scale, rope_alpha)
+    exllamav2_config.check_expressible(cfg)
     weights = WeightIndex(in_dir)
     weights.check(arch.expected_tensors(cfg))
     return cfg, weights

@@ -72,6 +72,12 @@ class ArchSpec:
     # ``experts.<j>.<w1|w3|w2>`` (gate, up, down); ``mlp_linears`` are the expert linears' names.
     moe: bool = False
     moe_router: str = "gate"
+    # The architecture whose layout the output takes, where ExLlamaV2 0.3.2 has no entry for this
+    # one but runs it through another's (Gemma3ForCausalLM: as the language model of a
+    # Gemma3ForConditionalGeneration with no vision tower); None: this one. ``out_prefix`` goes in
+    # front of every output tensor name and measurement key (docs/format.md).
+    out_arch: str | None = None
+    out_prefix: str = ""
 
 
 _PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
@@ -89,7 +95,8 @@ ARCHS: dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", qk_norm=True),
     "Phi3ForCausalLM": ArchSpec("Phi3ForCausalLM", fused=_PHI3_FUSED),
     "Gemma2ForCausalLM": ArchSpec("Gemma2ForCausalLM", **_GEMMA2),
-    "Gemma3ForCausalLM": ArchSpec("Gemma3ForCausalLM", qk_norm=True, **_GEMMA2),
+    "Gemma3ForCausalLM": ArchSpec("Gemma3ForCausalLM", qk_norm=True, out_arch="Gemma3ForConditionalGeneration",
+                                  out_prefix="language_model.", **_GEMMA2),
     "Gemma3ForConditionalGeneration": ArchSpec(
         "Gemma3ForConditionalGeneration", prefix="language_model.", qk_norm=True, text_config=True,
         extra_prefixes=("vision_tower.", "multi_modal_projector."), **_GEMMA2),
@@ -170,6 +177,11 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
         raise Exl2Error(
             f"architecture {cfg.arch!r} is not supported; supported: {', '.join(ARCHS)}"
         ) from None
+
+
+def output_name(cfg: "ModelConfig", name: str) -> str:
+    """The name a source tensor (or module key) takes in the output and the measurement."""
+    return spec_of(cfg).out_prefix + name
 
 
 def layer_prefix(cfg: "ModelConfig", i: int) -> str:

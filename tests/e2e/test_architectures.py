@@ -68,7 +68,12 @@ def expected_names(cfg, index) -> dict[str, tuple[int, ...] | None]:
             out |= {f"{spec.name}.{k}": None for k in LINEAR_KEYS if k != "bias" or spec.bias}
     out |= {f"{arch_mod.head_spec(cfg, index).name}.{k}": None for k in LINEAR_KEYS if k != "bias"}
     out |= {n: index.shape(n) for n in arch_mod.extra_tensors(cfg, index)}
-    return out
+    return {arch_mod.output_name(cfg, name): shape for name, shape in out.items()}
+
+
+def source_name(cfg, name: str) -> str:
+    """The source tensor an output tensor comes from."""
+    return name.removeprefix(arch_mod.spec_of(cfg).out_prefix)
 
 
 def test_output_names_and_shapes(converted):
@@ -82,7 +87,47 @@ def test_output_names_and_shapes(converted):
             assert tuple(tensors[name].shape) == shape, name
     fused = [n for n in tensors if "qkv_proj" in n or "gate_up_proj" in n]
     assert not fused  # Phi-3 is written under the split names
-    assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [arch_mod.spec_of(cfg).out_arch or arch]
+
+
+def test_gemma3_text_model_is_written_as_exllamav2s_gemma3(tmp_path):
+    """ExLlamaV2 0.3.2 has no Gemma3ForCausalLM: the output takes the layout its
+    Gemma3ForConditionalGeneration path reads (exl2conv.model.exllamav2_config), and our own
+    reader of that layout (load_config) finds the source's language model in it."""
+    pytest.importorskip("transformers")
+    src = make_tiny_hf(tmp_path / "model", "Gemma3ForCausalLM", seed=3)
+    cal = write_parquet(tmp_path / "cal.parquet")
+    assert main(["-i", str(src), "-o", str(tmp_path / "work"), "-cf", str(tmp_path / "out"), "-c", str(cal),
+                 *ARGS]) == 0
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForConditionalGeneration"] and "vision_config" not in config
+    assert config["text_config"]["model_type"] == "gemma3_text" and "rope_parameters" not in config["text_config"]
+    assert "quantization_config" in config and "hidden_size" not in config
+    source = load_config(src)
+    assert config["sliding_window_pattern"] == next(i + 1 for i, s in enumerate(source.sliding_layers) if not s)
+    nested = load_config(out)
+    for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "rope_theta",
+                  "rope_scaling", "rope_local_theta", "sliding_layers", "attn_scale", "final_softcap",
+                  "eos_token_ids", "bos_token_id"):
+        assert getattr(nested, field) == getattr(source, field), field
+    names = set(read_output(out))
+    assert names and all(n.startswith("language_model.") for n in names)
+    keys = json.loads((tmp_path / "work" / "measurement.json").read_text())["measurement"]
+    assert all(k.startswith("language_model.model.") or k == "language_model.lm_head.linear" for k in keys), keys
+
+
+def test_a_gemma3_text_model_exllamav2_would_run_wrongly_is_refused(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    src = make_tiny_hf(tmp_path / "model", "Gemma3ForCausalLM", seed=3)
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw["rope_local_base_freq"] = 50_000.0
+    (src / "config.json").write_text(json.dumps(raw))
+    assert main(["-i", str(src), "-o", str(tmp_path / "work"), "-ml", "128", "-l", "128"]) == 1
+    err = capsys.readouterr().err
+    assert "runs Gemma3ForCausalLM models at 10000" in err and not (tmp_path / "work").exists()
 
 
 def tweaked_norms(cfg) -> set[str]:
@@ -108,6 +153,7 @@ def test_unquantized_tensors_are_the_source_values(converted):
     for name, t in tensors.items():
         if name.rsplit(".", 1)[-1] in LINEAR_KEYS:
             continue
+        name = source_name(cfg, name)
         ref = index.get(name, dtype=index.source_dtype(name))
         if t.dim() == 2 and ref.dim() == 1:
             ref = ref.expand(t.shape[0], -1)
@@ -132,12 +178,13 @@ def test_decoded_weights_are_close(converted):
     specs.append(arch_mod.head_spec(cfg, index))
     errs = {}
     for spec in specs:
-        packed = {k: tensors[f"{spec.name}.{k}"] for k in LINEAR_KEYS if f"{spec.name}.{k}" in tensors}
-        w = decode_linear(packed, spec.name).float()[:, : spec.out_features].T
+        name = arch_mod.output_name(cfg, spec.name)
+        packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
+        w = decode_linear(packed, name).float()[:, : spec.out_features].T
         ref = index.get(spec.tensor, rows=spec.rows)
         errs[spec.name] = float((w - ref).norm() / ref.norm())
         if spec.bias:
-            bias = tensors[f"{spec.name}.bias"][: spec.out_features]
+            bias = tensors[f"{name}.bias"][: spec.out_features]
             assert torch.equal(bias, index.get(spec.bias_tensor, dtype=torch.float16))
     # ~6 bpw on Gaussian weights: the solver spends bits unevenly (4-bit linears err ~0.09, 8-bit ~0.01)
     assert max(errs.values()) < 0.15, errs
@@ -221,8 +268,9 @@ def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:
     specs.append(arch_mod.head_spec(cfg, index))
     out = {}
     for spec in specs:
-        packed = {k: tensors[f"{spec.name}.{k}"] for k in LINEAR_KEYS if f"{spec.name}.{k}" in tensors}
-        out[spec.tensor] = decode_linear(packed, spec.name).float()[:, : spec.out_features].T.contiguous()
+        name = arch_mod.output_name(cfg, spec.name)
+        packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
+        out[spec.tensor] = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
     return out
 
 
@@ -268,10 +316,11 @@ def test_mixtral_quantized_model_runs_close_to_the_original(mixtral):
 
 def test_measurement_keys_carry_the_architecture_prefix(converted):
     """measurement.json is keyed as ExLlamaV2 keys it (reference 3.7): Gemma3's multimodal
-    checkpoint puts "language_model." in front of every module key."""
+    checkpoint puts "language_model." in front of every module key, and so does a text-only
+    Gemma3ForCausalLM, written in that checkpoint's layout."""
     arch, src, out = converted
     cfg = load_config(src)
-    p = arch_mod.spec_of(cfg).prefix
+    p = arch_mod.spec_of(cfg).out_prefix + arch_mod.spec_of(cfg).prefix
     doc = json.loads((out.parent / "work" / "measurement.json").read_text())
     want = []
     for i in range(cfg.num_layers):

@@ -1,0 +1,72 @@
+"""config.json for an output that takes another architecture's layout (``ArchSpec.out_arch``).
+
+ExLlamaV2 0.3.2 has no entry for Gemma3ForCausalLM (the text-only Gemma 3): its loader takes it
+for a Llama and computes garbage. Its Gemma3ForConditionalGeneration entry runs the same language
+model, and needs no vision tower (exllamav2/architecture.py adds no vision tensors to the ones it
+expects; config.py reads the vision settings only when ``vision_config`` is there). So the output
+of a Gemma3ForCausalLM is written as that model's language model: tensors under
+``language_model.`` (arch.output_name) and this config.json, which holds what ExLlamaV2's
+config.py reads where it reads it (docs/format.md):
+
+- the text model's fields under ``text_config``, with the RoPE in the older keys (``rope_theta``,
+  ``rope_scaling``, ``rope_local_base_freq``): ExLlamaV2 does not read transformers 5's
+  ``rope_parameters``;
+- at the top level, what it reads only there: the token ids and ``sliding_window_pattern`` (every
+  P-th layer attends globally);
+- no ``vision_config``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exl2conv.errors import Exl2Error
+from exl2conv.model.arch import spec_of
+
+# ExLlamaV2 0.3.2 runs Gemma 3's sliding-window layers at this RoPE base, whatever the config says.
+EXLLAMAV2_LOCAL_ROPE_BASE = 10_000.0
+TOP_LEVEL_ONLY = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def sliding_window_pattern(cfg) -> int:
+    """P such that layer i attends globally exactly when (i + 1) % P == 0, as ExLlamaV2 can express
+    it; Exl2Error when the model's layers do not follow such a pattern."""
+    sliding = list(cfg.sliding_layers)
+    pattern = next((i + 1 for i, s in enumerate(sliding) if not s), len(sliding) + 1)
+    if sliding != [bool((i + 1) % pattern) for i in range(len(sliding))]:
+        raise Exl2Error(f"{cfg.model_dir / 'config.json'}: the layers' attention types do not repeat with one "
+                        "period (every P-th layer global), the only pattern ExLlamaV2 0.3.2 can run for "
+                        f"{cfg.arch}; its EXL2 output would run wrongly, so it is not converted")
+    return pattern
+
+
+def check_expressible(cfg) -> None:
+    """Refuse, before any work, a model whose output ExLlamaV2 would run as another model."""
+    if spec_of(cfg).out_arch is None:
+        return
+    sliding_window_pattern(cfg)
+    if cfg.rope_local_theta is not None and float(cfg.rope_local_theta) != EXLLAMAV2_LOCAL_ROPE_BASE:
+        raise Exl2Error(f"{cfg.model_dir / 'config.json'}: the sliding-window layers use RoPE base "
+                        f"{cfg.rope_local_theta:g}, and ExLlamaV2 0.3.2 runs {cfg.arch} models at "
+                        f"{EXLLAMAV2_LOCAL_ROPE_BASE:g} whatever the config says; its EXL2 output would run "
+                        "wrongly, so it is not converted")
+
+
+def nested_config(cfg) -> dict[str, Any]:
+    """The output's config.json for ``cfg`` (an architecture with ``out_arch``), from its source
+    config.json: see the module docstring."""
+    spec = spec_of(cfg)
+    text = {k: v for k, v in cfg.raw.items() if k not in ("architectures", "rope_parameters", "auto_map")}
+    text["model_type"] = "gemma3_text"
+    text["rope_theta"] = cfg.rope_theta
+    text["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    if cfg.rope_local_theta is not None:
+        text["rope_local_base_freq"] = cfg.rope_local_theta
+    out: dict[str, Any] = {"architectures": [spec.out_arch], "model_type": "gemma3"}
+    out.update({k: cfg.raw[k] for k in TOP_LEVEL_ONLY if k in cfg.raw})
+    out["sliding_window_pattern"] = sliding_window_pattern(cfg)
+    for k in ("torch_dtype", "dtype", "transformers_version"):
+        if k in cfg.raw:
+            out[k] = cfg.raw[k]
+    out["text_config"] = text
+    return out
