@@ -110,6 +110,11 @@ def user_error(exc: BaseException, path: Path) -> Exl2Error | None:
     return None
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is that of a temporary file an interrupted write of ours leaves."""
+    return bool(_TEMP_NAME.match(name) or _RUST_TEMP_NAME.match(name))
+
+
 def remove_temps(folder: Path) -> list[str]:
     """Remove the temporary files an interrupted write left in ``folder`` (only names of the
     form ``.<name>.<random>.tmp`` that :func:`write_via_path` makes, and ``.tmp<6 random>`` that
@@ -120,7 +125,7 @@ def remove_temps(folder: Path) -> list[str]:
     except OSError:
         return removed
     for p in entries:
-        if (_TEMP_NAME.match(p.name) or _RUST_TEMP_NAME.match(p.name)) and p.is_file() and not p.is_symlink():
+        if is_temp_name(p.name) and p.is_file() and not p.is_symlink():
             remove(p)
             removed.append(p.name)
     return removed

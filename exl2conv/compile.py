@@ -4,6 +4,7 @@ and with -cf make a complete model folder (reference 6.8-6.10)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,9 @@ def plan_shards(tensors: list[OutTensor], module_ends: list[int], limit: int) ->
                     rest.append(t)
             if not shard:
                 big = max(pending, key=lambda t: t.nbytes)
-                raise Exl2Error(f"tensor {big.name} ({big.nbytes / 2**20:.1f} MB) is larger than the shard "
-                                f"size; raise -ss to at least {big.nbytes // 2**20 + 1}")
+                mb = big.nbytes / 2**20
+                raise Exl2Error(f"tensor {big.name} ({mb:.3g} MB) is larger than the shard size; raise -ss "
+                                f"to at least {math.ceil(mb * 100) / 100:g}")
             shards.append(shard)
             pending = rest
     pending.extend(tensors[start:])

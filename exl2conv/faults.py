@@ -11,8 +11,8 @@ Several specs may be given, separated by commas. Actions:
 Points: ``write`` (a file fully written but not yet renamed into place), ``module`` (a module
 finished, before its checkpoint), ``measurement`` (measurement.json saved, before the
 checkpoint that goes with it), ``checkpoint`` (the states file written, before the job names
-it), ``shard`` (an output shard written, before the next), ``stage`` (a stage finished, before
-the job records its time), ``stage_start`` (a stage about to run). Unset, a point costs one
+it), ``shard`` (an output shard written, before the next), ``stage`` (a stage finished and saved,
+before the next starts), ``stage_start`` (a stage about to run). Unset, a point costs one
 environment lookup.
 """
 

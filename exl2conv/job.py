@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -101,6 +102,7 @@ class Job:
     def __init__(self, out_dir: Path, data: dict):
         self.out_dir = Path(out_dir)
         self.data = data
+        self._clock: tuple[str, float] | None = None  # the running stage and when it started
 
     # -- file -------------------------------------------------------------------------------------
 
@@ -134,8 +136,20 @@ class Job:
     def stage(self) -> Stage:
         return Stage(self.data["progress"])
 
+    def start_clock(self, stage: Stage) -> None:
+        """Time ``stage`` until the job advances past it."""
+        self._clock = (stage.value, time.monotonic())
+
     def advance(self, stage: Stage, **fields: Any) -> None:
+        """Move to ``stage`` with ``fields``, and the finished stage's time, in one atomic save (a
+        second save for the time would leave a window in which a kill loses it)."""
         self.data.update(fields)
+        if self._clock is not None:
+            name, t0 = self._clock
+            times = dict(self.data.get("times") or {})
+            times[name] = times.get(name, 0.0) + time.monotonic() - t0
+            self.data["times"] = times
+            self._clock = None
         self.data["progress"] = stage.value
         self.save()
 
@@ -171,8 +185,10 @@ def resume_conflicts(saved: dict, given: dict[str, Any]) -> list[str]:
 
 
 def entries_besides_lock(out_dir: Path) -> list[Path]:
-    """The working folder's entries other than the lock file (which a process makes first)."""
-    return [p for p in Path(out_dir).iterdir() if p.name != LOCK_FILE]
+    """The working folder's entries other than the lock file (which a process makes first) and
+    the temporary files of our interrupted writes (a kill during the job's first save leaves
+    only those)."""
+    return [p for p in Path(out_dir).iterdir() if p.name != LOCK_FILE and not atomic.is_temp_name(p.name)]
 
 
 def is_ours(out_dir: Path) -> bool:

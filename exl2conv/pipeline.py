@@ -87,6 +87,9 @@ def check_paths(values: dict[str, Any], out_dir: Path) -> None:
         if cf == out_dir:
             raise Exl2Error(f"-cf {cf} is the working folder itself; give another folder (or leave "
                             "out -cf to write the shards into the working folder)")
+    if values.get("output_measurement") and values.get("reuse_measurement"):
+        raise Exl2Error("-om (measure, then save the measurement) and -m (reuse a measurement, no measuring) "
+                        "cannot be combined: copy the measurement file instead, or leave out one of them")
     if values.get("output_measurement") and values.get("compile_full"):
         raise Exl2Error("-om (measure only) and -cf (compile a full model) cannot be combined: "
                         "run -om first, then a second job with -m and -cf")
@@ -1152,6 +1155,10 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
                         "writable folder") from None
     with WorkLock(out), settings.use(current):
         job = open_job(values, out, no_resume, rep, current.recorded(dev.type), fingerprint, reuse)
+        # temporary files of writes that a crash cut short (also of a finished job's last save)
+        for folder in (out, out / OUT_TENSOR, Path(job["compile_full"]) if job["compile_full"] else None):
+            if folder is not None:
+                atomic.remove_temps(folder)
         if job.stage == Stage.FINISHED:
             rep.info(f"The job in {out} has already finished; use -nr to start a new one")
             return summarize(Context(job, None, None, torch.device("cpu"), rep))  # type: ignore[arg-type]
@@ -1170,10 +1177,6 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     remove_stray_checkpoints(ctx)
-    # temporary files of writes that a crash cut short
-    for folder in (out, out / OUT_TENSOR, Path(job["compile_full"]) if job["compile_full"] else None):
-        if folder is not None:
-            atomic.remove_temps(folder)
     _print_plan(ctx)
 
     def on_sigint(signum, frame):
@@ -1187,7 +1190,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     try:
         while job.stage != Stage.FINISHED:
             stage = job.stage
-            t0 = time.monotonic()
+            job.start_clock(stage)  # the stage's own advance records its time
             try:
                 faults.point("stage_start")
                 STAGES[stage](ctx)
@@ -1196,10 +1199,6 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
                                   "command to resume") from None
             release_cached(ctx.device)
             faults.point("stage")
-            times = dict(job["times"] or {})
-            times[stage.value] = times.get(stage.value, 0.0) + time.monotonic() - t0
-            job["times"] = times
-            job.save()
             if stop.requested() and job.stage != Stage.FINISHED:
                 raise Interrupted(f"stopped after stage {stage.value}; state saved in {out}: run the same command to resume")
     finally:

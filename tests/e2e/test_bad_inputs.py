@@ -417,6 +417,20 @@ def shard_size_negative(env):
     return base(env, "-ss", "-1"), "cannot be negative"
 
 
+def shard_size_below_a_tensor(env):
+    # the tiny model's embedding is 0.0315 MB: the message gives its size and an -ss that fits it
+    return base(env, "-ss", "0.02"), ("model.embed_tokens.weight (0.0315 MB) is larger than the shard size; "
+                                      "raise -ss to at least 0.04")
+
+
+def om_with_m(env):
+    return base(env, "-om", str(env.tmp / "m.json"), "-m", str(env.measurement)), "copy the measurement file instead"
+
+
+def input_is_a_file(env):
+    return ["-i", str(env.model / "config.json"), "-o", str(env.work), *SMALL], "is a file, not a folder"
+
+
 def states_env_invalid(env):
     env.monkeypatch.setenv("EXL2CONV_STATES", "vram")  # type: ignore[attr-defined]
     return base(env), "EXL2CONV_STATES=vram: give auto, gpu or host"
@@ -439,7 +453,7 @@ CASES = [config_missing, config_not_json, config_unreadable, config_not_an_objec
          measurement_file_not_a_measurement, measurement_file_missing, measurement_of_another_model,
          measurement_of_another_model_forced, resume_with_other_arguments, model_changed_since_job_started,
          nothing_to_resume, out_dir_not_given, input_folder_missing, tokenizer_missing, shard_size_negative,
-         states_env_invalid, grad_attention_env_invalid]
+         states_env_invalid, grad_attention_env_invalid, shard_size_below_a_tensor, om_with_m, input_is_a_file]
 
 
 def run_case(case, pristine, measurement, tmp_path, monkeypatch, capsys) -> tuple[Env, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from exl2conv import __version__, faults
+from exl2conv import __version__, atomic, faults
 from exl2conv.cli import main
 from exl2conv.job import Stage
 from exl2conv.worklock import WorkLock
@@ -80,6 +80,42 @@ def test_the_issue_command_killed_and_rerun_resumes_to_the_same_bytes(tiny, refe
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming job" in resumed.stdout
     assert digest(tmp_path / "out") == digest(reference / "out")
+
+
+def test_a_kill_during_the_first_save_of_the_job_resumes(tiny, reference, tmp_path):
+    """SIGKILL between writing the first job.json and renaming it into place leaves a folder with
+    the lock and a temporary file: ours, so the same command starts the job there (property test
+    example: write:1 twice)."""
+    args = command(tiny, tmp_path, BUILTIN_WITH_ROWS)
+    assert run_cli(args, {faults.ENV: "write:1"}).returncode == -signal.SIGKILL
+    left = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert "job.json" not in left and any(atomic.is_temp_name(name) for name in left), left
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert digest(tmp_path / "out") == digest(reference / "out")
+
+
+def test_a_kill_during_the_last_save_leaves_nothing_behind(tiny, reference, tmp_path, monkeypatch):
+    """SIGKILL in the job's very last write (its temporary file not yet renamed): the rerun
+    removes the temporary file and records every stage's time (the time of the last stage used to
+    be saved after 'finished', in a save of its own that a kill could cut)."""
+    monkeypatch.setenv(faults.ENV, "write:0")  # in-process: counts the writes, never acts
+    faults.reset()
+    try:
+        assert main(command(tiny, tmp_path / "count", BUILTIN_WITH_ROWS)) == 0
+        last = faults._counts["write"]
+    finally:
+        faults.reset()
+    monkeypatch.delenv(faults.ENV)
+    args = command(tiny, tmp_path, BUILTIN_WITH_ROWS)
+    assert run_cli(args, {faults.ENV: f"write:{last}"}).returncode == -signal.SIGKILL
+    assert any(atomic.is_temp_name(p.name) for p in (tmp_path / "work").iterdir())
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not any(atomic.is_temp_name(p.name) for p in (tmp_path / "work").iterdir())
+    assert digest(tmp_path / "out") == digest(reference / "out")
+    times = json.loads((tmp_path / "work" / "job.json").read_text())["times"]
+    assert set(times) == {s.value for s in Stage if s != Stage.FINISHED}, times
 
 
 def test_the_job_keeps_the_command_apart_from_the_built_in_sets_rows(reference):
