@@ -72,9 +72,10 @@ def write_via_path(path: Path, writer: Callable[[str], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
-        # mkstemp makes the file 0600; a model folder should get the usual permissions
-        os.chmod(tmp, 0o666 & ~_umask())
         writer(tmp)
+        # mkstemp makes the file 0600 (and safetensors' writer replaces it with a 0600 file of its
+        # own); a model folder should get the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         faults.point("write", tmp)

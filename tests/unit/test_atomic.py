@@ -1,4 +1,7 @@
-"""The streamed checkpoint writer produces exactly the file safetensors would write."""
+"""The streamed checkpoint writer produces exactly the file safetensors would write; every
+writer gives its files the usual permissions."""
+
+import os
 
 import pytest
 import torch
@@ -32,3 +35,19 @@ def test_remove_temps_takes_only_interrupted_writes(tmp_path):
         (tmp_path / name).write_text("x")
     assert sorted(remove_temps(tmp_path)) == sorted([ours, theirs])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+@pytest.mark.parametrize("write", ["json", "bytes", "tensors", "streamed"])
+def test_written_files_get_the_usual_permissions(tmp_path, write):
+    """0666 less the umask, like any file the user makes: not the temporary file's 0600 (safetensors'
+    own writer replaces the temporary file with a 0600 file of its own, which kept that mode)."""
+    import stat
+
+    path = tmp_path / "f"
+    {"json": lambda: atomic.write_json(path, {"a": 1}),
+     "bytes": lambda: atomic.write_bytes(path, b"x"),
+     "tensors": lambda: atomic.save_tensors(path, {"t": torch.zeros(2)}),
+     "streamed": lambda: atomic.save_tensor_streamed(path, "t", torch.zeros(2, 2))}[write]()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
