@@ -57,6 +57,18 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Co
                           timeout=600)
 
 
+def ctrl_c_in_process(args: list[str], fault: str, monkeypatch) -> None:
+    """Run ``args`` in this process with a SIGINT fault (the hook signals this process, whose
+    handler asks the conversion to stop): it must exit with 130."""
+    monkeypatch.setenv(faults.ENV, fault)
+    faults.reset()
+    try:
+        assert main(args) == 130
+    finally:
+        faults.reset()
+    monkeypatch.delenv(faults.ENV)
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(" ## ")]
 
@@ -163,13 +175,7 @@ def test_a_changed_output_setting_is_refused_with_the_difference_named(tiny, ref
 
 def test_another_exl2conv_version_is_refused(tiny, tmp_path, monkeypatch, capsys):
     args = command(tiny, tmp_path, BUILTIN_WITH_ROWS)
-    monkeypatch.setenv(faults.ENV, "stage_start:3:sigint")  # Ctrl-C in-process: a job to resume
-    faults.reset()
-    try:
-        assert main(args) == 130
-    finally:
-        faults.reset()
-    monkeypatch.delenv(faults.ENV)
+    ctrl_c_in_process(args, "stage_start:3:sigint", monkeypatch)  # a job to resume
     job_file = tmp_path / "work" / "job.json"
     job = json.loads(job_file.read_text())
     job["settings"]["version"] = "0.1.0"
@@ -273,13 +279,7 @@ def test_ctrl_c_stops_at_the_stages_first_safe_point(tiny, reference, tmp_path, 
     for the short stages), no module finished in the passes, and the resume gives the same bytes."""
     args = command(tiny, tmp_path, BUILTIN_WITH_ROWS)
     stage = STAGES[n - 1]
-    monkeypatch.setenv(faults.ENV, f"stage_start:{n}:sigint")
-    faults.reset()
-    try:
-        assert main(args) == 130
-    finally:
-        faults.reset()
-    monkeypatch.delenv(faults.ENV)
+    ctrl_c_in_process(args, f"stage_start:{n}:sigint", monkeypatch)
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "run the same command to resume" in lines[0], lines
     job = json.loads((tmp_path / "work" / "job.json").read_text())
