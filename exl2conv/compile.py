@@ -50,9 +50,7 @@ def plan_shards(tensors: list[OutTensor], module_ends: list[int], limit: int) ->
                     rest.append(t)
             if not shard:
                 big = max(pending, key=lambda t: t.nbytes)
-                mb = big.nbytes / 2**20
-                raise Exl2Error(f"tensor {big.name} ({mb:.3g} MB) is larger than the shard size; raise -ss "
-                                f"to at least {math.ceil(mb * 100) / 100:g}")
+                raise shard_too_small(big.name, big.nbytes)
             shards.append(shard)
             pending = rest
     pending.extend(tensors[start:])
@@ -87,6 +85,13 @@ def _loader(path: Path, name: str) -> Callable[[], torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(name)
     return load
+
+
+def shard_too_small(name: str, nbytes: int) -> Exl2Error:
+    """The refusal of a shard size below one tensor's size (``nbytes``), with the -ss that fits."""
+    mb = nbytes / 2**20
+    return Exl2Error(f"tensor {name} ({mb:.3g} MB) is larger than the shard size; raise -ss to at least "
+                     f"{math.ceil(mb * 100) / 100:g}")
 
 
 def write_shards(shards: list[list[OutTensor]], dest: Path, on_shard=None) -> list[tuple[str, int]]:

@@ -1174,6 +1174,8 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     check_model_unchanged(job, cfg, weights)
     if STAGE_ORDER.index(job.stage) <= STAGE_ORDER.index(Stage.OPTIMIZE) and not job["output_measurement"]:
         check_bits_reachable(cfg, job["bits"])
+    if not job["output_measurement"]:
+        check_shard_size(cfg, weights, float(job["shard_size"]))
     ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     remove_stray_checkpoints(ctx)
@@ -1206,6 +1208,16 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
             signal.signal(signal.SIGINT, previous)
         stop.reset()
     return summarize(ctx)
+
+
+def check_shard_size(cfg, weights: WeightIndex, shard_mb: float) -> None:
+    """-ss below the size of the embedding table, which the output copies in float16 (usually its
+    largest tensor: a quantized linear takes at most about a byte per weight), is refused before
+    any work; the compile stage still checks every tensor."""
+    name = arch.embedding_tensor(cfg)
+    nbytes = 2 * math.prod(weights.shape(name))
+    if nbytes > shard_mb * 2**20:
+        raise compile_mod.shard_too_small(arch.output_name(cfg, name), nbytes)
 
 
 def check_bits_reachable(cfg, bits: float) -> None:
