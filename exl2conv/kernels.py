@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from exl2conv import atomic
+from exl2conv import atomic, settings
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NAME = "exl2conv_ext"
@@ -39,8 +39,6 @@ def sources() -> list[Path]:
 
 def get():
     """The extension module, or None (then the torch path is used)."""
-    from exl2conv import settings
-
     if not settings.active().kernels:
         return None
     if "mod" in _state:

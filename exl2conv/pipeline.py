@@ -454,6 +454,12 @@ def _checkpoint_due(ctx: Context, last: float) -> bool:
     return time.monotonic() - last >= float(ctx.job["checkpoint_interval"]) or stop.requested()
 
 
+def _stopped_after(ctx: Context, mod: Module) -> Interrupted:
+    """Ctrl-C came while ``mod`` ran and its checkpoint is saved: the error to raise."""
+    return Interrupted(f"stopped after {mod.meas_key}; state saved in {ctx.out_dir}: run the same "
+                       "command to resume")
+
+
 def _stopped_in(ctx: Context, mod: Module, checkpoint) -> Interrupted:
     """Ctrl-C reached a safe point inside ``mod``: its inputs are intact, so ``checkpoint(index,
     states)`` saves them as the state after the module before (unless the job's checkpoint is
@@ -496,8 +502,7 @@ def _measure_modules(ctx: Context, mods: list[Module], start: int, states, rope,
                 checkpoint(mod.index, states)
                 last_cp = time.monotonic()
                 if stop.requested() and not final:
-                    raise Interrupted(f"stopped after {mod.meas_key}; state saved in {ctx.out_dir}: "
-                                      "run the same command to resume")
+                    raise _stopped_after(ctx, mod)
 
 
 def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dict, predicted: dict, fisher, arena,
@@ -764,8 +769,7 @@ def stage_quant(ctx: Context) -> None:
                 checkpoint(mod.index, states)
                 last_cp = time.monotonic()
                 if stop.requested() and not final:
-                    raise Interrupted(f"stopped after {mod.meas_key}; state saved in {ctx.out_dir}: "
-                                      "run the same command to resume")
+                    raise _stopped_after(ctx, mod)
     job.advance(Stage.COMPILE)
 
 
@@ -1202,7 +1206,8 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
             release_cached(ctx.device)
             faults.point("stage")
             if stop.requested() and job.stage != Stage.FINISHED:
-                raise Interrupted(f"stopped after stage {stage.value}; state saved in {out}: run the same command to resume")
+                raise Interrupted(f"stopped after stage {stage.value}; state saved in {out}: run the same "
+                                  "command to resume")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

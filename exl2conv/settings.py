@@ -9,7 +9,7 @@ Two kinds of setting live here, and the difference decides what a resumed job ma
   named (:func:`differences`): a job half made one way and half another matches no command.
 - **Speed settings** only change how fast or where the same arithmetic runs (the CUDA kernels,
   reading weights ahead, where the calibration states live). They are not recorded;
-  tests/e2e/test_settings.py and tests/gpu/test_determinism.py show they give the same bytes.
+  tests/e2e/test_resume.py and tests/gpu/test_determinism.py show they give the same bytes.
 
 docs/cli.md lists every variable for users. Code reads the settings with :func:`active`, never
 ``os.environ``: a conversion parses the environment once when it starts and runs under that
