@@ -91,6 +91,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                 w_q = {}
                 specs = arch.layer_linears(cfg, i, part)
                 router = arch.router_tensor(cfg, i) if part == "mlp" else None
+                norms = arch.norm_weights(cfg, i, part)
                 for key, t in w_ref.items():
                     base = key.removesuffix(".bias")
                     if not isinstance(t, torch.Tensor):  # the layer index
@@ -101,24 +102,23 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                         w_q[key] = q.plain(f"{specs[base].name}.bias", dev)[: specs[base].out_features]
                     elif router and key == arch.spec_of(cfg).moe_router:  # MoE router, stored as is
                         w_q[key] = q.plain(router, dev)
+                    elif key.endswith(".bias"):  # a LayerNorm's bias
+                        w_q[key] = q.plain(norms[key], dev)
                     else:  # a norm, stored without the architecture's offset
-                        w_q[key] = q.plain(_norm_name(cfg, i, part, key), dev) + cfg.norm_offset
+                        w_q[key] = q.plain(norms[key], dev) + cfg.norm_offset
                 fn = forward.attention if part == "attn" else forward.mlp
                 x_ref = _batched(fn, x_ref, w_ref, cfg, rope)
                 x_q = _batched(fn, x_q, w_q, cfg, rope)
         norm_name = arch.final_norm_tensor(cfg)
-        x_ref = forward.final_norm(x_ref, forward.load_norm(ref, cfg, norm_name, dev), cfg.rms_norm_eps)
-        x_q = forward.final_norm(x_q, q.plain(norm_name, dev) + cfg.norm_offset, cfg.rms_norm_eps)
+        g, b = forward.load_final_norm(ref, cfg, dev)
+        x_ref = forward.final_norm(x_ref, g, cfg, b)
+        bias = arch.norm_bias_tensor(cfg, norm_name)
+        x_q = forward.final_norm(x_q, q.plain(norm_name, dev) + cfg.norm_offset, cfg,
+                                 q.plain(bias, dev) if bias else None)
         head = arch.head_spec(cfg, ref)
-        w_head_ref = ref.get(head.tensor, device=dev)
+        w_head_ref = forward.load_head(ref, cfg, dev)
         w_head_q = q.linear(head.name, head.out_features, dev)
-        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg.vocab_size, cfg.final_softcap)
-
-
-def _norm_name(cfg, i: int, part: str, key: str) -> str:
-    """The tensor name of the norm keyed ``key`` in layer ``i``'s weight dict for ``part``."""
-    names = arch.norm_tensors(cfg, i, part) + (arch.head_norm_tensors(cfg, i) if part == "attn" else [])
-    return next(n for n in names if n.split(".")[-2] == key)
+        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg)
 
 
 def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.Tensor:
@@ -128,12 +128,13 @@ def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.T
     return out
 
 
-def _scores(x_ref, x_q, w_ref, w_q, ids, vocab, cap=None) -> dict:
+def _scores(x_ref, x_q, w_ref, w_q, ids, cfg) -> dict:
+    vocab = cfg.vocab_size
     kl_sum = nll_q = nll_ref = 0.0
     agree = tokens = 0
     for r in range(ids.shape[0]):
-        lr = forward.logits(x_ref[r:r + 1], w_ref, cap)[0, :, :vocab]
-        lq = forward.logits(x_q[r:r + 1], w_q, cap)[0, :, :vocab]
+        lr = forward.logits(x_ref[r:r + 1], w_ref, cfg)[0, :, :vocab]
+        lq = forward.logits(x_q[r:r + 1], w_q, cfg)[0, :, :vocab]
         lp_r = torch.log_softmax(lr, dim=-1)
         lp_q = torch.log_softmax(lq, dim=-1)
         kl_sum += float((lp_r.exp() * (lp_r - lp_q)).sum(dim=-1).double().sum())

@@ -812,14 +812,14 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     cfg = ctx.cfg
     spec = arch.head_spec(cfg, ctx.weights)
     norm_name = arch.final_norm_tensor(cfg)
-    g = forward.load_norm(ctx.weights, cfg, norm_name, ctx.device)
+    g, bias = forward.load_final_norm(ctx.weights, cfg, ctx.device)
     dev = ctx.device
     # on a GPU in its own 2-byte dtype (a 7B head is 0.5 GiB in float32): GPTQ and the forwards
     # widen it exactly where they need float32
-    w = ctx.weights.get(spec.tensor, dtype=ctx.weights.held_dtype(spec.tensor, dev.type == "cuda"), device=dev)
+    w = forward.load_head(ctx.weights, cfg, dev, ctx.weights.held_dtype(spec.tensor, dev.type == "cuda"))
     h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
-        h.add(forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps))
+        h.add(forward.final_norm(states[r].to(dev), g, cfg, bias))
     prep = prepare(h, spec.name)
     del h
     qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
@@ -829,7 +829,8 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     release_unused(dev)  # GPTQ's and the packing's buffers, before the tweak's
     out: dict[str, Any] = {}
     if stream is not None:
-        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]].to(dev), stream, g, w, decoded, cfg)
+        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]].to(dev), stream, g, w, decoded, cfg,
+                                                  bias=bias)
         save_norm(ctx, save, norm_name, g)
         out["tweak"] = [before, after]
     del w
@@ -842,11 +843,11 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     count = 0
     vocab = cfg.vocab_size
     for r in range(rows):
-        x = forward.final_norm(states[r].to(dev), g, cfg.rms_norm_eps)[:-1]
+        x = forward.final_norm(states[r].to(dev), g, cfg, bias)[:-1]
         target = ids[r, 1:].clamp(0, vocab - 1)
         for t0 in range(0, x.shape[0], PPL_TOKENS):
             t1 = t0 + PPL_TOKENS
-            logits = forward.logits(x[t0:t1], head, cfg.final_softcap)[:, :vocab]
+            logits = forward.logits(x[t0:t1], head, cfg)[:, :vocab]
             logp = torch.log_softmax(logits + 1e-10, dim=-1)
             nll -= logp.gather(-1, target[t0:t1].unsqueeze(-1)).sum(dtype=torch.float64)
         count += target.numel()
@@ -905,19 +906,32 @@ def stage_compile(ctx: Context) -> None:
             return compile_mod.OutTensor(out, n, lambda: ctx.weights.get(name, dtype=dtype).repeat(repeat, 1))
         return compile_mod.OutTensor(out, n, lambda: ctx.weights.get(name, dtype=dtype))
 
-    def norm_entry(name: str) -> compile_mod.OutTensor:
-        """A norm as the quantization pass tweaked it, else copied."""
+    def norm_entries(name: str) -> list[compile_mod.OutTensor]:
+        """A norm's weight as the quantization pass tweaked it, else copied; then its bias."""
         path = out_tensor_file(ctx, name.removesuffix(".weight"))
-        return compile_mod.tensor_file_entries(path)[0] if path.is_file() else fp16(name)
+        bias = arch.norm_bias_tensor(cfg, name)
+        return ([compile_mod.tensor_file_entries(path)[0] if path.is_file() else fp16(name)]
+                + ([fp16(bias)] if bias else []))
+
+    def embedding() -> compile_mod.OutTensor:
+        """The table as ExLlamaV2 writes it: where the config scales the embeddings (Granite,
+        MiniCPM), its loader multiplies the float16 table by the factor and the compile divides
+        it back, each in float16."""
+        name, s = arch.embedding_tensor(cfg), cfg.embedding_multiplier
+        entry = fp16(name)
+        if s == 1.0:
+            return entry
+        return compile_mod.OutTensor(entry.name, entry.nbytes, lambda: (ctx.weights.get(name, dtype=torch.float16) * s) / s)
 
     def linear(name: str) -> None:
         tensors.extend(compile_mod.tensor_file_entries(out_tensor_file(ctx, name)))
 
-    tensors.append(fp16(arch.embedding_tensor(cfg)))
+    tensors.append(embedding())
     ends.append(len(tensors))
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
-            tensors.extend(norm_entry(norm) for norm in arch.norm_tensors(cfg, i, part))
+            for norm in arch.norm_tensors(cfg, i, part):
+                tensors.extend(norm_entries(norm))
             router = arch.router_tensor(cfg, i) if part == "mlp" else None
             if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (spec 6.9)
                 tensors.append(fp16(router))
@@ -928,7 +942,7 @@ def stage_compile(ctx: Context) -> None:
                 if q_norm:
                     tensors += [fp16(q_norm, cfg.num_heads), fp16(k_norm, cfg.num_kv_heads)]
             ends.append(len(tensors))
-    tensors.append(norm_entry(arch.final_norm_tensor(cfg)))
+    tensors.extend(norm_entries(arch.final_norm_tensor(cfg)))
     linear(arch.head_spec(cfg, ctx.weights).name)
     tensors.extend(fp16(name, dtype=ctx.weights.source_dtype(name)) for name in arch.extra_tensors(cfg, ctx.weights))
     ends.append(len(tensors))

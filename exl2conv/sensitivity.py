@@ -31,7 +31,7 @@ import torch
 from exl2conv import stop
 from exl2conv.layers import block_forward, grad_pass
 from exl2conv.model import forward
-from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
+from exl2conv.model.arch import embedding_tensor
 
 TOKENS = 8192                # calibration tokens the estimate uses at most
 SAMPLE_BYTES = 64 << 20      # float64 cumulative sums made at a time by sample()
@@ -92,8 +92,8 @@ def sample(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.clamp_(max=logp.shape[-1] - 1)
 
 
-def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, cfg, gen: torch.Generator
-                  ) -> torch.Tensor:
+def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, cfg, gen: torch.Generator,
+                  norm_b: torch.Tensor | None = None) -> torch.Tensor:
     """x f32 [L, H] (the residual stream after the last layer) -> d/dx of ``-sum_t log p_t(y_t)``
     [L, H], each ``y_t`` drawn from ``p_t`` with ``gen``. Positions go :data:`HEAD_TOKENS` at a
     time: each position's logits depend on that position alone."""
@@ -102,7 +102,7 @@ def head_gradient(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, c
         stop.check()
         xs = x[t0:t0 + HEAD_TOKENS].detach().requires_grad_(True)
         with torch.enable_grad():
-            logp = forward.log_probs(xs, norm_w, head_w, cfg)
+            logp = forward.log_probs(xs, norm_w, head_w, cfg, norm_b)
             (-logp.gather(-1, sample(logp.detach(), gen)).sum()).backward()
         grads.append(xs.grad)
     return torch.cat(grads)
@@ -146,9 +146,9 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
                     check(2 * i + j, x)
             if on_layer:
                 on_layer()
-    norm_w = forward.load_norm(weights, cfg, final_norm_tensor(cfg), device)
-    head_w = weights.get(head_spec(cfg, weights).tensor, device=device)
-    grad = torch.stack([head_gradient(x[r], norm_w, head_w, cfg, gen) for r in range(rows)])
+    norm_w, norm_b = forward.load_final_norm(weights, cfg, device)
+    head_w = forward.load_head(weights, cfg, device)
+    grad = torch.stack([head_gradient(x[r], norm_w, head_w, cfg, gen, norm_b) for r in range(rows)])
     del x, head_w
 
     fisher = torch.zeros(2 * layers, hidden, dtype=torch.float32, device=device)

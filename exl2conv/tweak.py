@@ -180,11 +180,12 @@ def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg,
 
 
 def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head: torch.Tensor,
-                     head_q: torch.Tensor, cfg, steps: int = STEPS, lr: float = LR
-                     ) -> tuple[torch.Tensor, float, float]:
+                     head_q: torch.Tensor, cfg, steps: int = STEPS, lr: float = LR,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """x_q, x: ``[S, L, H]`` the quantized and the unquantized model's residual streams before the
     final norm; g0: the final norm's weight (as the forward uses it); head, head_q: the head's
-    weight ``[V, H]`` unquantized and decoded. Returns the weight that minimizes the mean
+    weight ``[V, H]`` unquantized and decoded; bias: the final norm's (LayerNorm), kept as it is.
+    Returns the weight that minimizes the mean
     KL(unquantized || quantized) of the next-token distributions, float16-exact as stored, and
     that KL (nats per token) before and after."""
     xq = x_q.reshape(-1, x_q.shape[-1])
@@ -195,7 +196,7 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
 
     def logp(h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         with module_matmuls(h.device):
-            return forward.log_probs(h, g, weight, cfg)
+            return forward.log_probs(h, g, weight, cfg, bias)
 
     def loss_of(g: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=g.device)

@@ -151,6 +151,15 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
         return tf.Qwen3Config(**common, **({"head_dim": 16} | extra))
     if arch == "Phi3ForCausalLM":
         return tf.Phi3Config(**common, **({"pad_token_id": 0} | extra))
+    if arch == "GemmaForCausalLM":
+        return tf.GemmaConfig(**common, **({"head_dim": 16} | extra))
+    if arch == "GraniteForCausalLM":
+        # multipliers far from 1, so that each one shows if it is misapplied
+        return tf.GraniteConfig(**common, **({"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                              "attention_multiplier": 0.2, "logits_scaling": 4.0,
+                                              "pad_token_id": 0} | extra))
+    if arch == "Glm4ForCausalLM":
+        return tf.Glm4Config(**common, **({"head_dim": 16, "attention_bias": True, "pad_token_id": 0} | extra))
     if arch == "Gemma2ForCausalLM":
         return tf.Gemma2Config(**common, **(gemma | {"attn_logit_softcapping": 2.0,
                                                      "final_logit_softcapping": 3.0} | extra))
@@ -170,7 +179,8 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
 
 
 HF_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
-            "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+            "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "GraniteForCausalLM",
+            "Glm4ForCausalLM")
 
 
 def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16,
@@ -269,3 +279,75 @@ def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
     model.to(dtype).save_pretrained(path)
     return path
+
+
+# -- remote-code architectures (no transformers class), from the key names ExLlamaV2 reads ----------
+
+# Each is a Llama checkpoint with one thing changed; :func:`transformers_twin` builds the
+# transformers model that computes the same function, the reference their forward is checked against.
+REMOTE_ARCHS = ("YiForCausalLM", "OrionForCausalLM", "IndexForCausalLM", "MiniCPMForCausalLM")
+_YI_NORMS = {".input_layernorm.": ".ln1.", ".post_attention_layernorm.": ".ln2."}
+# MiniCPM's settings in the tiny model: far from neutral, as the Granite ones
+MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
+
+
+def make_tiny_remote(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16, layers: int = 2) -> Path:
+    """A tiny model of a remote-code family (one of :data:`REMOTE_ARCHS`) as its checkpoints lay it
+    out: Yi's norms named ln1/ln2, Orion's LayerNorms with biases, Index's untied head with
+    ``norm_head``, MiniCPM's scale_emb / scale_depth / dim_model_base."""
+    from safetensors.torch import load_file
+
+    model_type = {"YiForCausalLM": "Yi", "OrionForCausalLM": "orion", "IndexForCausalLM": "index",
+                  "MiniCPMForCausalLM": "minicpm"}[arch]
+    extra = {"model_type": model_type} | ({"norm_head": True} if arch == "IndexForCausalLM" else {}) \
+        | (MINICPM if arch == "MiniCPMForCausalLM" else {})
+    path = make_tiny_llama(path, seed=seed, dtype=dtype, layers=layers, arch=arch, extra_config=extra)
+    tensors = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    if arch == "YiForCausalLM":
+        for old, new in _YI_NORMS.items():
+            tensors = {k.replace(old, new): v for k, v in tensors.items()}
+    if arch == "OrionForCausalLM":
+        for name in [n for n in tensors if "norm" in n]:
+            tensors[name.replace(".weight", ".bias")] = (0.1 * torch.randn(tensors[name].shape, generator=g)).to(dtype)
+    _save(path, tensors, 1)
+    return path
+
+
+def transformers_twin(path, arch: str):
+    """The transformers model that computes what the remote-code model at ``path`` does, with its
+    weights, in float32: a LlamaForCausalLM (Yi: norms renamed back; Orion: its RMSNorms replaced
+    by LayerNorms with the checkpoint's biases; Index: head rows L2-normalized, as its NormHead
+    does at inference) or, for MiniCPM, a GraniteForCausalLM with the same multipliers
+    (embedding x scale_emb, branches x scale_depth / sqrt(layers), logits / (hidden /
+    dim_model_base))."""
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    keep = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta",
+                                "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")}
+    if arch == "MiniCPMForCausalLM":
+        model = tf.GraniteForCausalLM(tf.GraniteConfig(
+            **keep, embedding_multiplier=raw["scale_emb"],
+            residual_multiplier=raw["scale_depth"] / math.sqrt(raw["num_hidden_layers"]),
+            logits_scaling=raw["hidden_size"] / raw["dim_model_base"],
+            attention_multiplier=(raw["hidden_size"] // raw["num_attention_heads"]) ** -0.5))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**keep))
+    tensors = {k: v.float() for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
+    if arch == "YiForCausalLM":
+        for old, new in _YI_NORMS.items():
+            tensors = {k.replace(new, old): v for k, v in tensors.items()}
+    if arch == "OrionForCausalLM":
+        def swap(parent, name):
+            setattr(parent, name, torch.nn.LayerNorm(raw["hidden_size"], eps=raw["rms_norm_eps"]))
+        for layer in model.model.layers:
+            swap(layer, "input_layernorm")
+            swap(layer, "post_attention_layernorm")
+        swap(model.model, "norm")
+    if arch == "IndexForCausalLM":
+        tensors["lm_head.weight"] = torch.nn.functional.normalize(tensors["lm_head.weight"], dim=-1)
+    model.load_state_dict(tensors, strict=not raw["tie_word_embeddings"])
+    return model.float().eval()

@@ -52,7 +52,27 @@ class ArchSpec:
     # Linears biased whatever the config says (e.g. Qwen2's q/k/v); config flags add more.
     always_biased: frozenset[str] = frozenset()
     act: str = "silu"
+    # hidden_act / hidden_activation values accepted as meaning ``act`` (ExLlamaV2 never reads
+    # them: the architecture fixes the activation; Gemma 1's configs say "gelu" for the tanh GELU,
+    # as transformers computes it). Empty: ``act`` only.
+    act_names: tuple[str, ...] = ()
+    # "neox": dimension j pairs with j + rot/2; "gptj": 2j pairs with 2j + 1 (Glm4, Cohere). Over
+    # the first rot = head_dim * partial_rotary_factor dimensions of each head.
     rope_style: str = "neox"
+    # "rms": RMSNorm; "layer": LayerNorm (mean subtracted), with a "<norm>.bias" tensor for every
+    # norm where ``norm_bias`` (Orion).
+    norm: str = "rms"
+    norm_bias: bool = False
+    # config.json keys of the norms' epsilon, the first present wins.
+    eps_keys: tuple[str, ...] = ("rms_norm_eps",)
+    # Where the checkpoint has no head tensor, the head is the embedding whatever
+    # tie_word_embeddings says: ExLlamaV2's branches for these architectures give the head the
+    # embedding as its fallback key (several of their configs leave tie_word_embeddings out).
+    head_falls_back: bool = False
+    # config.json's attention_bias biases q/k/v only, o_proj never (Glm4); else all four.
+    bias_qkv_only: bool = False
+    # MiniCPM: the logits are divided by hidden_size / dim_model_base.
+    logit_scale_basedim: bool = False
     # Whether config.json's sliding_window applies (Mistral); Llama has no such field.
     sliding_window: bool = False
     # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
@@ -83,9 +103,9 @@ class ArchSpec:
 _PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
                ("v_proj", "self_attn.qkv_proj", 2), ("gate_proj", "mlp.gate_up_proj", 0),
                ("up_proj", "mlp.gate_up_proj", 1))
+_GEMMA = dict(act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, head_falls_back=True)
 _GEMMA2 = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
-               mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-               act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, gemma=True)
+               mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), gemma=True, **_GEMMA)
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
@@ -94,6 +114,18 @@ ARCHS: dict[str, ArchSpec] = {
                                  always_biased=frozenset({"q_proj", "k_proj", "v_proj"})),
     "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", qk_norm=True),
     "Phi3ForCausalLM": ArchSpec("Phi3ForCausalLM", fused=_PHI3_FUSED),
+    "GemmaForCausalLM": ArchSpec("GemmaForCausalLM", act_names=("gelu", "gelu_pytorch_tanh"), **_GEMMA),
+    "YiForCausalLM": ArchSpec("YiForCausalLM", attn_norms=("ln1",), mlp_norms=("ln2",)),
+    "OrionForCausalLM": ArchSpec("OrionForCausalLM", norm="layer", norm_bias=True),
+    # Index's norm_head and the Granite and MiniCPM multipliers are config.json fields that
+    # ModelConfig reads for every architecture, as ExLlamaV2 does.
+    "IndexForCausalLM": ArchSpec("IndexForCausalLM"),
+    "GraniteForCausalLM": ArchSpec("GraniteForCausalLM"),
+    "MiniCPMForCausalLM": ArchSpec("MiniCPMForCausalLM", logit_scale_basedim=True),
+    "Glm4ForCausalLM": ArchSpec(
+        "Glm4ForCausalLM", attn_norms=("input_layernorm", "post_self_attn_layernorm"),
+        mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), rope_style="gptj", bias_qkv_only=True,
+        head_falls_back=True, fused=(("gate_proj", "mlp.gate_up_proj", 0), ("up_proj", "mlp.gate_up_proj", 1))),
     "Gemma2ForCausalLM": ArchSpec("Gemma2ForCausalLM", **_GEMMA2),
     "Gemma3ForCausalLM": ArchSpec("Gemma3ForCausalLM", qk_norm=True, out_arch="Gemma3ForConditionalGeneration",
                                   out_prefix="language_model.", **_GEMMA2),
@@ -104,7 +136,8 @@ ARCHS: dict[str, ArchSpec] = {
                                    mlp_prefix="block_sparse_moe", mlp_linears=("w1", "w3", "w2")),
 }
 
-ATTN_BIAS_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+QKV_LINEARS = ("q_proj", "k_proj", "v_proj")
+ATTN_BIAS_LINEARS = QKV_LINEARS + ("o_proj",)
 MLP_BIAS_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 # (in_features, out_features) of each linear, from the config.
@@ -193,7 +226,7 @@ def is_biased(cfg: "ModelConfig", short: str) -> bool:
     spec = spec_of(cfg)
     return (
         short in spec.always_biased
-        or (cfg.attention_bias and short in ATTN_BIAS_LINEARS)
+        or (cfg.attention_bias and short in (QKV_LINEARS if spec.bias_qkv_only else ATTN_BIAS_LINEARS))
         or (cfg.mlp_bias and short in MLP_BIAS_LINEARS)
     )
 
@@ -266,7 +299,7 @@ def head_spec(cfg: "ModelConfig", weights: "WeightIndex") -> LinearSpec:
     own = f"{name}.weight"
     if weights.has(own):
         tensor = own
-    elif cfg.tie_word_embeddings:
+    elif cfg.tie_word_embeddings or spec.head_falls_back:
         tensor = embedding_tensor(cfg)
     else:
         raise Exl2Error(
@@ -295,6 +328,27 @@ def router_tensor(cfg: "ModelConfig", i: int) -> str | None:
     if not spec.moe:
         return None
     return f"{layer_prefix(cfg, i)}.{spec.mlp_prefix}.{spec.moe_router}.weight"
+
+
+def norm_weights(cfg: "ModelConfig", i: int, part: str) -> dict[str, str]:
+    """Key in the module's weight dict -> HF tensor, for every norm tensor of layer ``i``'s
+    ``part``: each norm's weight under the norm's short name ("input_layernorm"), its bias under
+    "<short>.bias" (LayerNorm with bias), and for attention the q/k head norms ("q_norm")."""
+    names = norm_tensors(cfg, i, part) + (head_norm_tensors(cfg, i) if part == "attn" else [])
+    out: dict[str, str] = {}
+    for name in names:
+        short = name.split(".")[-2]
+        out[short] = name
+        bias = norm_bias_tensor(cfg, name)
+        if bias and name not in head_norm_tensors(cfg, i):
+            out[f"{short}.bias"] = bias
+    return out
+
+
+def norm_bias_tensor(cfg: "ModelConfig", weight_name: str) -> str | None:
+    """The bias of the norm whose weight is ``weight_name``, or None where the architecture's
+    norms have none."""
+    return weight_name.removesuffix(".weight") + ".bias" if spec_of(cfg).norm_bias else None
 
 
 def head_norm_tensors(cfg: "ModelConfig", i: int) -> list[str]:
@@ -331,7 +385,8 @@ def extra_tensors(cfg: "ModelConfig", weights: "WeightIndex") -> list[str]:
 
 def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
     """Every HF tensor the conversion reads, with its shape, in module order. The head is
-    listed only when the config does not tie it to the embedding. A fused source is listed
+    listed only where it has no fallback (untied, and not an architecture whose head falls back
+    to the embedding). A fused source is listed
     once, with its full row count."""
     spec = spec_of(cfg)
     h = cfg.hidden_size
@@ -340,6 +395,8 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
         for part in ("attn", "mlp"):
             for norm in norm_tensors(cfg, i, part):
                 out[norm] = (h,)
+                if norm_bias_tensor(cfg, norm):
+                    out[norm_bias_tensor(cfg, norm)] = (h,)
             for lin in layer_linears(cfg, i, part).values():
                 end = lin.rows[1] if lin.rows else lin.out_features
                 rows = max(end, out.get(lin.tensor, (0,))[0])
@@ -352,6 +409,8 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
             elif router_tensor(cfg, i):
                 out[router_tensor(cfg, i)] = (cfg.num_experts, h)
     out[final_norm_tensor(cfg)] = (h,)
-    if not cfg.tie_word_embeddings:
+    if norm_bias_tensor(cfg, final_norm_tensor(cfg)):
+        out[norm_bias_tensor(cfg, final_norm_tensor(cfg))] = (h,)
+    if not cfg.tie_word_embeddings and not spec.head_falls_back:
         out[f"{spec.prefix}{spec.head}.weight"] = (cfg.vocab_size, h)
     return out

@@ -45,7 +45,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    rms_norm_eps: float
+    norm_eps: float
     rope_theta: float
     rope_scaling: dict | None
     max_position_embeddings: int
@@ -67,6 +67,18 @@ class ModelConfig:
     rope_local_theta: float | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # Read for every architecture, as ExLlamaV2 0.3.2's config.py reads them (Granite, MiniCPM and
+    # Index are the models that set them): the embeddings' factor (scale_emb or
+    # embedding_multiplier), the factor on every attention and MLP output before it joins the
+    # residual stream (residual_multiplier, or scale_depth / sqrt(layers)), the logits' factor
+    # (logit_scale; 1 / logits_scaling; MiniCPM's / (hidden / dim_model_base)), whether the head's
+    # rows are L2-normalized before use (norm_head), and the share of each head's dimensions that
+    # RoPE rotates (partial_rotary_factor).
+    embedding_multiplier: float = 1.0
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    norm_head: bool = False
+    partial_rotary_factor: float = 1.0
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -76,8 +88,15 @@ class ModelConfig:
 
     @property
     def embed_scale(self) -> float:
-        """Factor on the embeddings: sqrt(hidden_size) for Gemma, else 1."""
-        return math.sqrt(self.hidden_size) if ARCHS[self.arch].embed_scale else 1.0
+        """Factor on the embeddings: sqrt(hidden_size) for Gemma, times the config's multiplier."""
+        base = math.sqrt(self.hidden_size) if ARCHS[self.arch].embed_scale else 1.0
+        return base * self.embedding_multiplier
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions RoPE rotates (the first ones), as ExLlamaV2 rounds
+        head_dim * partial_rotary_factor; even."""
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
 
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None for full causal attention."""
@@ -98,7 +117,7 @@ class ModelConfig:
         """rope_theta with the NTK alpha applied."""
         if self.rope_alpha == 1.0:
             return self.rope_theta
-        return self.rope_theta * self.rope_alpha ** (self.head_dim / (self.head_dim - 2))
+        return self.rope_theta * self.rope_alpha ** (self.rotary_dim / (self.rotary_dim - 2))
 
 
 class _Reader:
@@ -263,6 +282,16 @@ def _gemma_fields(r: _Reader, num_layers: int) -> dict:
     )
 
 
+def _attention_scale(r: _Reader) -> float | None:
+    """The attention's softmax scale where the config sets one: attention_multiplier (Granite),
+    else query_pre_attn_scalar ** -0.5; None: 1 / sqrt(head_dim)."""
+    if r.raw.get("attention_multiplier") is not None:
+        return r.float("attention_multiplier", 1.0)
+    if r.raw.get("query_pre_attn_scalar") is not None:
+        return r.float("query_pre_attn_scalar", 1.0) ** -0.5
+    return None
+
+
 def _moe_fields(r: _Reader) -> dict:
     """Mixtral: experts per layer and per token, checked against each other."""
     experts = r.int("num_local_experts")
@@ -270,6 +299,44 @@ def _moe_fields(r: _Reader) -> dict:
     if per_tok > experts:
         raise r.fail(f"num_experts_per_tok ({per_tok}) exceeds num_local_experts ({experts})")
     return dict(num_experts=experts, num_experts_per_tok=per_tok)
+
+
+def _first(r: _Reader, keys: tuple[str, ...]) -> str | None:
+    """The first of ``keys`` present (not null) in the config, or None."""
+    return next((k for k in keys if r.raw.get(k) is not None), None)
+
+
+def _activation(r: _Reader, arch: str) -> None:
+    spec = ARCHS[arch]
+    act = r.raw.get("hidden_act") or r.raw.get("hidden_activation") or spec.act
+    if act not in (spec.act_names or (spec.act,)):
+        raise r.fail(f"hidden_act is {act!r}; {arch} is supported with {spec.act!r} only")
+
+
+def _scales(r: _Reader, arch: str, hidden: int, num_layers: int) -> dict:
+    """The multipliers and options ExLlamaV2 reads whatever the architecture (ModelConfig)."""
+    emb = r.float(_first(r, ("scale_emb", "embedding_multiplier")) or "scale_emb", 1.0)
+    if r.raw.get("residual_multiplier") is not None:
+        residual = r.float("residual_multiplier", 1.0)
+    elif r.raw.get("scale_depth") is not None:
+        residual = r.float("scale_depth", 1.0) / math.sqrt(num_layers)
+    else:
+        residual = 1.0
+    logit = r.float("logit_scale", 1.0)
+    if ARCHS[arch].logit_scale_basedim:
+        logit /= hidden / r.float("dim_model_base", float(hidden))
+    if r.raw.get("logits_scaling") is not None:
+        logit = 1.0 / r.float("logits_scaling", 1.0)
+    partial = r.raw.get("partial_rotary_factor")
+    params = r.raw.get("rope_parameters")
+    if partial is None and isinstance(params, dict):
+        partial = params.get("partial_rotary_factor")
+    partial = 1.0 if partial is None else _Reader(r.path, {"partial_rotary_factor": partial}).float(
+        "partial_rotary_factor", 1.0)
+    if partial > 1.0:
+        raise r.fail(f"field 'partial_rotary_factor' must be at most 1, not {partial}")
+    return dict(embedding_multiplier=emb, residual_scale=residual, logit_scale=logit,
+                norm_head=bool(r.raw.get("norm_head")), partial_rotary_factor=partial)
 
 
 def load_config(model_dir: str | Path, rope_scale: float | None = None,
@@ -291,9 +358,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
                      f"and there is no head_dim field")
     head_dim = r.int("head_dim", hidden // heads)
     _check_dims(r, hidden, inter, heads, kv_heads, head_dim)
-    act = r.raw.get("hidden_act", r.raw.get("hidden_activation", "silu"))
-    if act != ARCHS[arch].act:
-        raise r.fail(f"hidden_act is {act!r}; {arch} is supported with {ARCHS[arch].act!r} only")
+    _activation(r, arch)
     nested = isinstance(r.raw.get("rope_parameters"), dict) and "full_attention" in r.raw["rope_parameters"]
     theta, scaling = _rope(r, "full_attention" if nested else None)
     scale = float(scaling["factor"]) if scaling and scaling["rope_type"] == "linear" else 1.0
@@ -306,6 +371,12 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     num_layers = r.int("num_hidden_layers")
     window = r.int("sliding_window", None) if spec.sliding_window or spec.gemma else None
     gemma = _gemma_fields(r, num_layers) if spec.gemma else {}
+    if not spec.gemma:
+        gemma["attn_scale"] = _attention_scale(r)
+    scales = _scales(r, arch, hidden, num_layers)
+    if scales["partial_rotary_factor"] * head_dim < 2:
+        raise r.fail(f"partial_rotary_factor {scales['partial_rotary_factor']} leaves no dimension of a "
+                     f"{head_dim}-wide head to rotate")
     moe = _moe_fields(r) if spec.moe else {}
     return ModelConfig(
         model_dir=model_dir,
@@ -317,7 +388,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=r.int("vocab_size"),
-        rms_norm_eps=r.float("rms_norm_eps", 1e-6),
+        norm_eps=r.float(_first(r, spec.eps_keys) or spec.eps_keys[0], 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=r.int("max_position_embeddings", 2048),
@@ -332,4 +403,5 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         raw=r.raw,
         **gemma,
         **moe,
+        **scales,
     )

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .arch import (MOE_SHARED_INPUT, embedding_tensor, final_norm_tensor, head_norm_tensors, head_spec,
-                   layer_linears, norm_tensors, router_tensor, spec_of)
+from .arch import (MOE_SHARED_INPUT, embedding_tensor, final_norm_tensor, head_spec, layer_linears,
+                   norm_bias_tensor, norm_weights, router_tensor, spec_of)
 from .config import ModelConfig
 from .weights import WeightIndex
 
@@ -144,6 +144,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """The architecture's norm over the last dimension: RMSNorm, or LayerNorm (statistics in the
+    input's float32, plus ``bias`` where the architecture has one)."""
+    if spec_of(cfg).norm == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, cfg.norm_eps)
+    return rms_norm(x, weight, cfg.norm_eps)
+
+
+def _module_norm(x: torch.Tensor, w: dict, key: str, cfg: ModelConfig) -> torch.Tensor:
+    """Norm ``key`` of a module's weight dict (its bias under "<key>.bias") applied to ``x``."""
+    return norm(x, w[key], cfg, w.get(f"{key}.bias"))
+
+
 def embed(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """ids [B, L] int64, table [V, H] -> f32 [B, L, H] on the table's device, times ``scale``
     (``cfg.embed_scale``: Gemma's sqrt(hidden)).
@@ -176,7 +190,7 @@ def _yarn(inv: torch.Tensor, rs: dict, cfg: ModelConfig, base: float) -> tuple[t
     ramp between dims set by beta_fast/beta_slow; cos and sin are scaled by the attention factor.
     (ExLlamaV2 differs: it ramps on max_position_embeddings and only when that exceeds the
     original length.)"""
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim
     factor = float(rs["factor"])
     orig = float(rs.get("original_max_position_embeddings") or cfg.max_position_embeddings)
 
@@ -202,12 +216,14 @@ def _yarn(inv: torch.Tensor, rs: dict, cfg: ModelConfig, base: float) -> tuple[t
 
 
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each f32 [length, head_dim], in the rotate-half (NeoX) layout.
+    """(cos, sin), each f32 [length, rot] for the rot = ``cfg.rotary_dim`` dimensions RoPE
+    rotates, in the layout of the architecture's pairing (:func:`apply_rope`): NeoX's halves
+    (frequency j at j and j + rot/2) or GPT-J's neighbours (frequency j at 2j and 2j + 1).
 
     Angles are computed in float64 on the CPU: at position 2047 float32 angles are off by ~1e-4
     rad. Positions are divided by the linear scale (-rs or the config's "linear" factor); the base
     carries the NTK alpha (-ra); "llama3" and "yarn" reshape the frequencies."""
-    d, base = cfg.head_dim, cfg.rope_base
+    d, base = cfg.rotary_dim, cfg.rope_base
     inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     gain = 1.0
     if cfg.rope_type == "llama3":
@@ -216,7 +232,10 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
         inv, gain = _yarn(inv, cfg.rope_scaling, cfg, base)
     pos = torch.arange(length, dtype=torch.float64) / cfg.rope_scale
     angles = torch.outer(pos, inv)
-    angles = torch.cat((angles, angles), dim=-1)
+    if spec_of(cfg).rope_style == "gptj":
+        angles = angles.repeat_interleave(2, dim=-1)
+    else:
+        angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos() * gain, angles.sin() * gain
     return cos.float().to(device), sin.float().to(device)
 
@@ -242,9 +261,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, L, d], cos/sin [L, d] -> [B, heads, L, d]."""
-    return x * cos + _rotate_half(x) * sin
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): GPT-J's pairing."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "neox") -> torch.Tensor:
+    """x [B, heads, L, d], cos/sin [L, rot] from :func:`rope_tables` -> [B, heads, L, d]: the
+    first rot dimensions rotated in ``style``'s pairing, the rest passed through."""
+    rot = cos.shape[-1]
+    turn = _rotate_pairs if style == "gptj" else _rotate_half
+    if rot == x.shape[-1]:
+        return x * cos + turn(x) * sin
+    head, tail = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + turn(head) * sin, tail), dim=-1)
 
 
 # -- modules -------------------------------------------------------------------------------------
@@ -299,14 +330,14 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     layer = w.get(LAYER)
     cos, sin = _layer_rope(cfg, rope, layer, length, x.device)
 
-    n = rms_norm(x, w[spec.attn_norms[0]], cfg.rms_norm_eps)
+    n = _module_norm(x, w, spec.attn_norms[0], cfg)
     q = _linear(n, w, "q_proj").view(b, length, heads, d).transpose(1, 2)
     k = _linear(n, w, "k_proj").view(b, length, kv, d).transpose(1, 2)
     v = _linear(n, w, "v_proj").view(b, length, kv, d).transpose(1, 2)
     if spec.qk_norm:
-        q = rms_norm(q, _head_norm(w["q_norm"]), cfg.rms_norm_eps)
-        k = rms_norm(k, _head_norm(w["k_norm"]), cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = rms_norm(q, _head_norm(w["q_norm"]), cfg.norm_eps)
+        k = rms_norm(k, _head_norm(w["k_norm"]), cfg.norm_eps)
+    q, k = apply_rope(q, cos, sin, spec.rope_style), apply_rope(k, cos, sin, spec.rope_style)
     if kv != heads:
         k = k.repeat_interleave(heads // kv, dim=1)
         v = v.repeat_interleave(heads // kv, dim=1)
@@ -324,11 +355,19 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     else:
         a = _capped_attention(q, k, v, cfg, mask)
     a = a.transpose(1, 2).reshape(b, length, heads * d)
-    o = _linear(a, w, "o_proj")
-    if len(spec.attn_norms) > 1:
-        o = rms_norm(o, w[spec.attn_norms[1]], cfg.rms_norm_eps)
+    o = _branch_out(_linear(a, w, "o_proj"), w, spec.attn_norms, cfg)
     y = x + o
     return y, ({"post_norm": n, "attn_output": a} if capture else None)
+
+
+def _branch_out(o: torch.Tensor, w: dict, norms: tuple[str, ...], cfg: ModelConfig) -> torch.Tensor:
+    """What a module adds to the residual stream: its output times the config's residual scale
+    (Granite, MiniCPM), then its post-norm where the architecture has one (Gemma2/3, Glm4)."""
+    if cfg.residual_scale != 1.0:
+        o = o * cfg.residual_scale
+    if len(norms) > 1:
+        o = _module_norm(o, w, norms[1], cfg)
+    return o
 
 
 def _head_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -369,16 +408,14 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
     if spec.moe:
         return moe_mlp(x, w, cfg, rope, capture)
     act = ACTIVATIONS[spec.act]
-    n = rms_norm(x, w[spec.mlp_norms[0]], cfg.rms_norm_eps)
+    n = _module_norm(x, w, spec.mlp_norms[0], cfg)
     h = act(_linear(n, w, "gate_proj"))
     up = _linear(n, w, "up_proj")
     # without autograd the product goes into the activation's own output (a tensor of its own):
     # one [B, L, intermediate] float32 less at once, 0.17 GiB for 2 rows of a Llama-2-7B
     h = h.mul_(up) if not torch.is_grad_enabled() else h * up
     del up
-    o = _linear(h, w, "down_proj")
-    if len(spec.mlp_norms) > 1:
-        o = rms_norm(o, w[spec.mlp_norms[1]], cfg.rms_norm_eps)
+    o = _branch_out(_linear(h, w, "down_proj"), w, spec.mlp_norms, cfg)
     y = x + o
     return y, ({"post_norm": n, "pre_down": h} if capture else None)
 
@@ -405,7 +442,7 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
     spec = spec_of(cfg)
     act = ACTIVATIONS[spec.act]
     b, length, hidden = x.shape
-    n = rms_norm(x, w[spec.mlp_norms[0]], cfg.rms_norm_eps)
+    n = _module_norm(x, w, spec.mlp_norms[0], cfg)
     flat = n.reshape(-1, hidden)
     weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok)
     out = torch.zeros_like(flat)
@@ -431,31 +468,53 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
     return x + out.view(b, length, hidden), inter
 
 
-def final_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def final_norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """x f32 [B, L, H] -> [B, L, H]."""
-    return rms_norm(x, weight, eps)
+    return norm(x, weight, cfg, bias)
 
 
-def logits(x: torch.Tensor, head_weight: torch.Tensor, cap: float | None = None) -> torch.Tensor:
-    """x f32 [B, L, H] (after the final norm), head_weight [V, H] -> f32 [B, L, V], tanh-capped
-    at ``cap`` (``cfg.final_softcap``, Gemma2) when given."""
-    return softcap(F.linear(x, head_weight.float()), cap)
+def logits(x: torch.Tensor, head_weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """x f32 [B, L, H] (after the final norm), head_weight [V, H] -> f32 [B, L, V]: times the
+    config's logit scale, then tanh-capped at ``cfg.final_softcap`` (Gemma2) where it has one."""
+    out = F.linear(x, head_weight.float())
+    if cfg.logit_scale != 1.0:
+        out = out * cfg.logit_scale
+    return softcap(out, cfg.final_softcap)
 
 
-def log_probs(x: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, cfg: ModelConfig
-              ) -> torch.Tensor:
+def log_probs(x: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, cfg: ModelConfig,
+              norm_bias: torch.Tensor | None = None) -> torch.Tensor:
     """x f32 [..., H] (the residual stream before the final norm) -> next-token log-probabilities
     f32 [..., vocab_size]: final norm, head, softcap, the padded vocabulary rows cut off."""
-    out = logits(final_norm(x, norm_weight, cfg.rms_norm_eps), head_weight, cfg.final_softcap)
+    out = logits(final_norm(x, norm_weight, cfg, norm_bias), head_weight, cfg)
     return torch.log_softmax(out[..., :cfg.vocab_size], dim=-1)
 
 
 # -- weights -------------------------------------------------------------------------------------
 
 def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> torch.Tensor:
-    """An RMSNorm weight as the forward uses it: f32, with the architecture's offset added."""
+    """A norm weight as the forward uses it: f32, with the architecture's offset added."""
     w = index.get(name, device=device)
     return w + cfg.norm_offset if cfg.norm_offset else w
+
+
+def load_final_norm(index: WeightIndex, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The final norm's (weight, bias) as the forward uses them; bias None where it has none."""
+    name = final_norm_tensor(cfg)
+    bias = norm_bias_tensor(cfg, name)
+    return load_norm(index, cfg, name, device), (index.get(bias, device=device) if bias else None)
+
+
+def load_head(index: WeightIndex, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The head's weight [V, H] as the model uses it: with ``norm_head`` (Index) each row
+    L2-normalized, then rounded to the checkpoint's dtype, as ExLlamaV2 normalizes the loaded float16
+    weight before it quantizes it."""
+    name = head_spec(cfg, index).tensor
+    if not cfg.norm_head:
+        return index.get(name, dtype=dtype, device=device)
+    w = F.normalize(index.get(name, device=device), dim=-1)
+    return w.to(index.source_dtype(name)).to(dtype or torch.float32)
 
 
 def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
@@ -470,8 +529,8 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     at a time). Once read, the tensors ``ahead`` names (by default those of the module a forward
     pass reads next, :func:`next_module_tensors`) are read from the disk in the background."""
     w: dict = {LAYER: i}
-    for name in norm_tensors(cfg, i, part):
-        w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
+    for key, name in norm_weights(cfg, i, part).items():
+        w[key] = index.get(name, device=device) if key.endswith(".bias") else load_norm(index, cfg, name, device)
     router = router_tensor(cfg, i) if part == "mlp" else None
     if router:
         w[spec_of(cfg).moe_router] = index.get(router, device=device)
@@ -479,16 +538,13 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
         w[short] = index.get(lin.tensor, dtype=index.held_dtype(lin.tensor, compact), device=device, rows=lin.rows)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device)
-    if part == "attn":
-        for name in head_norm_tensors(cfg, i):
-            w[name.split(".")[-2]] = load_norm(index, cfg, name, device)
     index.read_ahead(next_module_tensors(index, cfg, i, part) if ahead is None else ahead)
     return w
 
 
 def module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str) -> list[str]:
     """The names of the tensors :func:`load_layer_weights` reads for layer ``i``'s ``part``."""
-    names = list(norm_tensors(cfg, i, part))
+    names = list(norm_weights(cfg, i, part).values())
     router = router_tensor(cfg, i) if part == "mlp" else None
     if router:
         names.append(router)
@@ -496,8 +552,6 @@ def module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str) -> l
         names.append(lin.tensor)
         if lin.bias:
             names.append(lin.bias_tensor)
-    if part == "attn":
-        names.extend(head_norm_tensors(cfg, i))
     return names
 
 
@@ -509,7 +563,8 @@ def next_module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str)
         return module_tensors(index, cfg, i, "mlp")
     if i + 1 < cfg.num_layers:
         return module_tensors(index, cfg, i + 1, "attn")
-    return [final_norm_tensor(cfg), head_spec(cfg, index).tensor]
+    bias = norm_bias_tensor(cfg, final_norm_tensor(cfg))
+    return [final_norm_tensor(cfg)] + ([bias] if bias else []) + [head_spec(cfg, index).tensor]
 
 
 def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=None) -> torch.Tensor:
@@ -520,5 +575,6 @@ def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=No
     for i in range(cfg.num_layers):
         x, _ = attention(x, load_layer_weights(index, cfg, i, "attn", device), cfg, rope)
         x, _ = mlp(x, load_layer_weights(index, cfg, i, "mlp", device), cfg)
-    x = final_norm(x, load_norm(index, cfg, final_norm_tensor(cfg), device), cfg.rms_norm_eps)
-    return logits(x, index.get(head_spec(cfg, index).tensor, device=device), cfg.final_softcap)
+    g, b = load_final_norm(index, cfg, device)
+    x = final_norm(x, g, cfg, b)
+    return logits(x, load_head(index, cfg, device), cfg)

@@ -1,4 +1,5 @@
-"""End to end on tiny random models of each added architecture (built and saved by transformers):
+"""End to end on tiny random models of each added architecture (built and saved by transformers,
+or from the key names of a remote-code family: tests.tinymodel.make_tiny_remote):
 convert on the CPU, then check the output tensors' names and shapes against what ExLlamaV2 loads
 (reference 6.8, 8) and decode every quantized linear back to weights close to the originals.
 Mixtral (mixture of experts) also has its measurement.json checked (reference 3.3, 3.7)."""
@@ -15,8 +16,7 @@ from exl2conv.model import arch as arch_mod
 from exl2conv.model import forward
 from exl2conv.pack import LINEAR_KEYS, decode_linear
 from exl2conv.qparams import MLP_OPTIONS, QParams
-from tests.tinymodel import HF_ARCHS, make_tiny_hf
-from tests.tinymodel import make_tiny_mixtral
+from tests.tinymodel import HF_ARCHS, REMOTE_ARCHS, make_tiny_hf, make_tiny_mixtral, make_tiny_remote
 
 ARGS = ["-ml", "64", "-l", "64", "-r", "8", "-mr", "4", "-b", "6.0"]
 
@@ -42,11 +42,17 @@ def read_output(folder):
     return out
 
 
-@pytest.fixture(scope="module", params=HF_ARCHS)
+def make_tiny(path, arch: str, seed: int):
+    if arch in REMOTE_ARCHS:
+        return make_tiny_remote(path, arch, seed=seed)
+    return make_tiny_hf(path, arch, seed=seed)
+
+
+@pytest.fixture(scope="module", params=HF_ARCHS + REMOTE_ARCHS)
 def converted(request, tmp_path_factory):
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp(request.param)
-    src = make_tiny_hf(root / "model", request.param, seed=3)
+    src = make_tiny(root / "model", request.param, seed=3)
     cal = write_parquet(root / "cal.parquet")
     rc = main(["-i", str(src), "-o", str(root / "work"), "-cf", str(root / "out"), "-c", str(cal), *ARGS])
     assert rc == 0
@@ -56,10 +62,14 @@ def converted(request, tmp_path_factory):
 def expected_names(cfg, index) -> dict[str, tuple[int, ...] | None]:
     """Output name -> shape (None: a quantized linear's tensors, checked by decoding)."""
     h = cfg.hidden_size
-    out = {arch_mod.embedding_tensor(cfg): (cfg.vocab_size, h), arch_mod.final_norm_tensor(cfg): (h,)}
+    norms = [arch_mod.final_norm_tensor(cfg)] + [n for i in range(cfg.num_layers) for part in ("attn", "mlp")
+                                                 for n in arch_mod.norm_tensors(cfg, i, part)]
+    out = {arch_mod.embedding_tensor(cfg): (cfg.vocab_size, h)}
+    for name in norms:
+        out[name] = (h,)
+        if arch_mod.norm_bias_tensor(cfg, name):
+            out[arch_mod.norm_bias_tensor(cfg, name)] = (h,)
     for i in range(cfg.num_layers):
-        for part in ("attn", "mlp"):
-            out |= {n: (h,) for n in arch_mod.norm_tensors(cfg, i, part)}
         q_norm, k_norm = arch_mod.head_norm_tensors(cfg, i) or (None, None)
         if q_norm:
             out[q_norm] = (cfg.num_heads, cfg.head_dim)
@@ -142,7 +152,8 @@ def tweaked_norms(cfg) -> set[str]:
 
 
 def test_unquantized_tensors_are_the_source_values(converted):
-    """Norms (Gemma's without the +1), the embedding (without sqrt(hidden)) and the q/k norms
+    """Norms (Gemma's without the +1) and their biases, the embedding (without sqrt(hidden); where
+    the config scales it, through ExLlamaV2's float16 multiply and divide) and the q/k norms
     (repeated per head) are the source tensors in FP16; vision tensors keep their dtype. The
     tweaked norms are the source's scaled by a few percent at most, in the stored convention."""
     _, src, out = converted
@@ -157,6 +168,8 @@ def test_unquantized_tensors_are_the_source_values(converted):
         ref = index.get(name, dtype=index.source_dtype(name))
         if t.dim() == 2 and ref.dim() == 1:
             ref = ref.expand(t.shape[0], -1)
+        if name == arch_mod.embedding_tensor(cfg) and cfg.embedding_multiplier != 1.0:
+            ref = (ref.half() * cfg.embedding_multiplier) / cfg.embedding_multiplier
         if any(name.startswith(p) for p in arch_mod.ARCHS[cfg.arch].extra_prefixes):
             assert t.dtype == ref.dtype
         else:
@@ -181,7 +194,7 @@ def test_decoded_weights_are_close(converted):
         name = arch_mod.output_name(cfg, spec.name)
         packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
         w = decode_linear(packed, name).float()[:, : spec.out_features].T
-        ref = index.get(spec.tensor, rows=spec.rows)
+        ref = forward.load_head(index, cfg) if spec.part == "head" else index.get(spec.tensor, rows=spec.rows)
         errs[spec.name] = float((w - ref).norm() / ref.norm())
         if spec.bias:
             bias = tensors[f"{name}.bias"][: spec.out_features]

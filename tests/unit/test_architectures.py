@@ -13,8 +13,8 @@ from exl2conv.errors import Exl2Error
 from exl2conv.model import WeightIndex, expected_tensors, layer_linears, load_config
 from exl2conv.model import arch as arch_mod
 from exl2conv.model import forward as fw
-from tests.tinymodel import (HF_ARCHS, logits_with_hooks, make_tiny_hf, make_tiny_llama, make_tiny_mixtral,
-                            trace_hooks)
+from tests.tinymodel import (HF_ARCHS, REMOTE_ARCHS, logits_with_hooks, make_tiny_hf, make_tiny_llama,
+                            make_tiny_mixtral, make_tiny_remote, trace_hooks, transformers_twin)
 
 
 L = 24  # longer than the Gemma windows (8), so sliding layers differ from full ones
@@ -45,10 +45,12 @@ def _layers(model):
     return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
 
 
-def hf_trace(model, arch: str, ids: torch.Tensor):
+def hf_trace(model, arch: str, ids: torch.Tensor, norms: tuple[str, str] | None = None):
     """transformers' logits and, per layer: input x, the residual between attention and MLP
-    (the input of the MLP's pre-norm), output y, and the Hessian inputs."""
+    (the input of the MLP's pre-norm), output y, and the Hessian inputs. ``norms``: the layers'
+    attention and MLP pre-norm names where they differ from ``arch``'s."""
     spec = arch_mod.ARCHS[arch]
+    attn_norm, mlp_norm = norms or (spec.attn_norms[0], spec.mlp_norms[0])
     layers = _layers(model)
     trace = [dict() for _ in layers]
     hooks = []
@@ -56,7 +58,7 @@ def hf_trace(model, arch: str, ids: torch.Tensor):
     keep, keep_layer_input = trace_hooks(trace)
 
     for i, layer in enumerate(layers):
-        pre_attn, pre_mlp = getattr(layer, spec.attn_norms[0]), getattr(layer, spec.mlp_norms[0])
+        pre_attn, pre_mlp = getattr(layer, attn_norm), getattr(layer, mlp_norm)
         hooks += [
             layer.register_forward_pre_hook(keep_layer_input(i), with_kwargs=True),
             layer.register_forward_hook(keep(i, "y")),
@@ -76,12 +78,27 @@ def ids_for(vocab, rows=2, length=L, seed=1):
 @pytest.mark.parametrize("arch", HF_ARCHS)
 def test_forward_matches_transformers(tf, models, arch):
     path = models[arch]
+    model = getattr(tf, arch).from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    check_forward(path, arch, model)
+
+
+@pytest.mark.parametrize("arch", REMOTE_ARCHS)
+def test_remote_code_forward_matches_its_transformers_twin(tf, tmp_path, arch):
+    """Yi, Orion, Index and MiniCPM have no transformers class: each is checked against the
+    transformers model that computes the same function (tests.tinymodel.transformers_twin)."""
+    path = make_tiny_remote(tmp_path / arch, arch, dtype=torch.float32)
+    check_forward(path, arch, transformers_twin(path, arch), norms=("input_layernorm", "post_attention_layernorm"))
+
+
+def check_forward(path, arch: str, model, norms: tuple[str, str] | None = None) -> None:
+    """Our float32 forward on ``path``, module by module and whole, against transformers'
+    ``model`` (eager attention, float32)."""
     cfg = load_config(path)
     index = WeightIndex(path)
     index.check(expected_tensors(cfg))
     ids = ids_for(cfg.vocab_size)
-    model = getattr(tf, arch).from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    ref_logits, trace = hf_trace(model, arch, ids)
+    model.config._attn_implementation = "eager"
+    ref_logits, trace = hf_trace(model, arch, ids, norms)
 
     x0 = fw.embed(ids, index.get(arch_mod.embedding_tensor(cfg)), cfg.embed_scale)
     close(x0, trace[0]["x"])
@@ -104,9 +121,17 @@ def test_forward_matches_transformers(tf, models, arch):
     ("Phi3ForCausalLM", set(), []),
     ("Gemma2ForCausalLM", set(), ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]),
     ("Gemma3ForCausalLM", set(), ["self_attn.q_norm.weight", "pre_feedforward_layernorm.weight"]),
+    ("GemmaForCausalLM", set(), ["input_layernorm.weight", "post_attention_layernorm.weight"]),
+    ("GraniteForCausalLM", set(), ["input_layernorm.weight"]),
+    ("Glm4ForCausalLM", {"q_proj", "k_proj", "v_proj"}, ["post_self_attn_layernorm.weight", "post_mlp_layernorm.weight",
+                                                         "mlp.gate_up_proj.weight"]),
+    ("YiForCausalLM", set(), ["ln1.weight", "ln2.weight"]),
+    ("OrionForCausalLM", set(), ["input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.bias"]),
+    ("IndexForCausalLM", set(), ["input_layernorm.weight"]),
+    ("MiniCPMForCausalLM", set(), ["input_layernorm.weight"]),
 ])
-def test_tensor_table(models, arch, biased, extra):
-    cfg = load_config(models[arch])
+def test_tensor_table(models, remote_models, arch, biased, extra):
+    cfg = load_config((models | remote_models)[arch])
     specs = layer_linears(cfg, 1)
     assert list(specs) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert {s for s, sp in specs.items() if sp.bias} == biased
@@ -144,6 +169,41 @@ def test_gemma_config_fields(models):
     assert arch_mod.extra_tensors(g3, WeightIndex(models["Gemma3ForConditionalGeneration"]))
 
 
+def test_config_multipliers_and_rotary(models, remote_models):
+    """The fields ExLlamaV2 reads for every architecture, as Granite, MiniCPM, Index and Glm4 set them."""
+    granite = load_config(models["GraniteForCausalLM"])
+    assert (granite.embed_scale, granite.residual_scale, granite.attn_scale, granite.logit_scale) == (3.0, 0.5, 0.2, 0.25)
+    minicpm = load_config(remote_models["MiniCPMForCausalLM"])
+    assert minicpm.embed_scale == 3.0 and minicpm.residual_scale == pytest.approx(1.4 / 2 ** 0.5)
+    assert minicpm.logit_scale == 16 / 64 and minicpm.attn_scale is None
+    assert load_config(remote_models["IndexForCausalLM"]).norm_head
+    glm = load_config(models["Glm4ForCausalLM"])
+    assert glm.partial_rotary_factor == 0.5 and glm.rotary_dim == 8
+    assert fw.rope_tables(glm, 4)[0].shape == (4, 8)
+    orion = load_config(remote_models["OrionForCausalLM"])
+    assert arch_mod.norm_weights(orion, 0, "mlp") == {
+        "post_attention_layernorm": "model.layers.0.post_attention_layernorm.weight",
+        "post_attention_layernorm.bias": "model.layers.0.post_attention_layernorm.bias"}
+    assert "model.norm.bias" in expected_tensors(orion)
+
+
+def test_gemma1_config_as_google_ships_it(tmp_path, models):
+    """Gemma 1's config.json says hidden_act "gelu" (transformers runs the tanh GELU all the same) and
+    leaves tie_word_embeddings out; ExLlamaV2 takes the head from the embedding then."""
+    raw = json.loads((models["GemmaForCausalLM"] / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)
+    raw["hidden_act"] = "gelu"
+    path = make_tiny_hf(tmp_path / "g", "GemmaForCausalLM")
+    (path / "config.json").write_text(json.dumps(raw))
+    cfg = load_config(path)
+    assert not cfg.tie_word_embeddings
+    assert arch_mod.head_spec(cfg, WeightIndex(path)).tensor == "model.embed_tokens.weight"
+    raw["hidden_act"] = "silu"
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(Exl2Error, match="hidden_act is 'silu'"):
+        load_config(path)
+
+
 def test_gemma3_legacy_config_fields(tmp_path, models):
     """A config.json as Google ships it: rope_theta, rope_local_base_freq, rope_scaling and
     sliding_window_pattern instead of transformers 5's rope_parameters and layer_types."""
@@ -170,22 +230,40 @@ def test_unknown_architecture_is_refused_with_the_list(tmp_path):
         assert name in msg
 
 
-@pytest.mark.parametrize("arch, change", [
-    ("Gemma2ForCausalLM", {"attn_softcap": None}),
-    ("Gemma2ForCausalLM", {"final_softcap": None}),
-    ("Gemma2ForCausalLM", {"sliding_layers": (False, False)}),
-    ("Gemma2ForCausalLM", {"attn_scale": None}),
-    ("Gemma3ForCausalLM", {"rope_local_theta": None}),
-])
-def test_each_gemma_feature_changes_the_result(models, arch, change):
-    """Matching transformers proves a feature right only if leaving it out changes the logits."""
-    import dataclasses
+@pytest.fixture(scope="module")
+def remote_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    return {a: make_tiny_remote(root / a, a, dtype=torch.float32) for a in REMOTE_ARCHS}
 
-    path = models[arch]
+
+@pytest.mark.parametrize("arch, change, spec_change", [
+    ("Gemma2ForCausalLM", {"attn_softcap": None}, {}),
+    ("Gemma2ForCausalLM", {"final_softcap": None}, {}),
+    ("Gemma2ForCausalLM", {"sliding_layers": (False, False)}, {}),
+    ("Gemma2ForCausalLM", {"attn_scale": None}, {}),
+    ("Gemma3ForCausalLM", {"rope_local_theta": None}, {}),
+    ("GemmaForCausalLM", {}, {"norm_offset": 0.0}),
+    ("GemmaForCausalLM", {}, {"embed_scale": False}),
+    ("GraniteForCausalLM", {"embedding_multiplier": 1.0}, {}),
+    ("GraniteForCausalLM", {"residual_scale": 1.0}, {}),
+    ("GraniteForCausalLM", {"attn_scale": None}, {}),
+    ("GraniteForCausalLM", {"logit_scale": 1.0}, {}),
+    ("Glm4ForCausalLM", {"partial_rotary_factor": 1.0}, {}),
+    ("Glm4ForCausalLM", {}, {"rope_style": "neox"}),
+    ("Glm4ForCausalLM", {}, {"attn_norms": ("input_layernorm",)}),
+    ("OrionForCausalLM", {}, {"norm": "rms"}),
+    ("OrionForCausalLM", {}, {"norm_bias": False}),
+    ("IndexForCausalLM", {"norm_head": False}, {}),
+    ("MiniCPMForCausalLM", {"logit_scale": 1.0}, {}),
+])
+def test_each_architecture_feature_changes_the_result(models, remote_models, monkeypatch, arch, change, spec_change):
+    """Matching transformers proves a feature right only if leaving it out changes the logits."""
+    path = (models | remote_models)[arch]
     cfg = load_config(path)
     index = WeightIndex(path)
     ids = ids_for(cfg.vocab_size)
     full = fw.run_model(index, cfg, ids)
+    monkeypatch.setitem(arch_mod.ARCHS, arch, dataclasses.replace(arch_mod.ARCHS[arch], **spec_change))
     without = fw.run_model(index, dataclasses.replace(cfg, **change), ids)
     assert (full - without).abs().max() > 1e-3
 
@@ -330,7 +408,7 @@ def test_moe_hessians_follow_exllamav2(mixtral):
     cov = ExpertCoverage("layer", 5, states.shape[1])
     run_block("mlp", states, w, cfg, None, chunk=2, hessians={**hess, fw.EXPERT_TOKENS: cov})
 
-    n = fw.rms_norm(states, w["post_attention_layernorm"], cfg.rms_norm_eps)
+    n = fw.rms_norm(states, w["post_attention_layernorm"], cfg.norm_eps)
     shared = hess["moe_post_norm"]
     assert shared.rows == 2  # rows 0 and 2
     close(shared.h, n[0].T @ n[0] + n[2].T @ n[2], 1e-5)

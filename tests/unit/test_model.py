@@ -465,7 +465,7 @@ def test_config_fields(tmp_path):
     assert (cfg.arch, cfg.head_dim, cfg.num_kv_heads, cfg.vocab_size) == ("MistralForCausalLM", 16, 2, 258)
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.eos_token_id) == (256, (257, 3), 257)
     assert cfg.sliding_window == 4096 and cfg.rope_scaling is None and cfg.rope_type == "default"
-    assert cfg.raw["model_type"] == "mistral" and cfg.rms_norm_eps == 1e-5
+    assert cfg.raw["model_type"] == "mistral" and cfg.norm_eps == 1e-5
 
 
 def test_config_rope_options(tmp_path):

@@ -33,8 +33,8 @@ def model_outputs(cfg, index, ids, perturb=None):
             if perturb is not None and perturb[0] == len(outs):
                 x = x + perturb[1]
             outs.append(x)
-    n = forward.final_norm(x, forward.load_norm(index, cfg, final_norm_tensor(cfg)), cfg.rms_norm_eps)
-    logits = forward.logits(n, index.get(head_spec(cfg, index).tensor), cfg.final_softcap)[..., :cfg.vocab_size]
+    n = forward.final_norm(x, forward.load_norm(index, cfg, final_norm_tensor(cfg)), cfg)
+    logits = forward.logits(n, index.get(head_spec(cfg, index).tensor), cfg)[..., :cfg.vocab_size]
     return torch.log_softmax(logits, dim=-1), outs
 
 

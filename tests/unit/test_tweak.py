@@ -69,7 +69,7 @@ def test_final_norm_tweak_lowers_the_kl_of_a_scaled_head(tiny):
     assert after < 0.3 * before, (before, after)
     # the KL it reports is the KL of the distributions
     logp = lambda h, gw, hw: torch.log_softmax(  # noqa: E731
-        forward.logits(forward.final_norm(h, gw, cfg.rms_norm_eps), hw)[..., :cfg.vocab_size], -1)
+        forward.logits(forward.final_norm(h, gw, cfg), hw, cfg)[..., :cfg.vocab_size], -1)
     ref, got = logp(x, g0, head), logp(x_q, g, head / (1 + d))
     kl = float((ref.exp() * (ref - got)).sum(-1).mean())
     assert kl == pytest.approx(after, rel=0.05, abs=1e-7)
