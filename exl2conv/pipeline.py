@@ -955,8 +955,9 @@ def stage_compile(ctx: Context) -> None:
         ctx.rep.info(f"Wrote {dest / fname} ({size / 2**20:.1f} MB)")
     if job["compile_full"]:
         copied = compile_mod.copy_model_files(Path(job["in_dir"]), dest)
-        if arch.spec_of(cfg).out_arch:
-            atomic.write_json(dest / "config.json", exllamav2_config.nested_config(cfg), indent=4, ensure_ascii=True)
+        config = exllamav2_config.output_config(cfg)
+        if config is not None:
+            atomic.write_json(dest / "config.json", config, indent=4, ensure_ascii=True)
         compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], quant_rows(job), job["length"],
                                        job["cal_dataset"])
         ctx.rep.info(f"Copied {', '.join(copied)}")

@@ -1,4 +1,12 @@
-"""config.json for an output that takes another architecture's layout (``ArchSpec.out_arch``).
+"""The output's config.json where the copied one would be misread by ExLlamaV2 0.3.2.
+
+Two cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
+scaling, partial_rotary_factor) in ``rope_parameters``, which ExLlamaV2 does not read: it would run
+the model at its defaults (base 10000, every dimension rotated). The output's config.json gains
+the older top-level keys with the same values (:func:`legacy_rope_keys`); transformers reads
+either form.
+
+Second, an output that takes another architecture's layout (``ArchSpec.out_arch``).
 
 ExLlamaV2 0.3.2 has no entry for Gemma3ForCausalLM (the text-only Gemma 3): its loader takes it
 for a Llama and computes garbage. Its Gemma3ForConditionalGeneration entry runs the same language
@@ -18,6 +26,7 @@ config.py reads where it reads it (docs/format.md):
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from exl2conv.errors import Exl2Error
@@ -70,3 +79,36 @@ def nested_config(cfg) -> dict[str, Any]:
             out[k] = cfg.raw[k]
     out["text_config"] = text
     return out
+
+
+def legacy_rope_keys(cfg, fields: dict) -> dict[str, Any]:
+    """The RoPE keys ExLlamaV2 reads, with the values the model uses, that the config fields
+    ``fields`` (the top level, or text_config) lack because they keep them in transformers 5's
+    ``rope_parameters``; empty where there is no rope_parameters."""
+    if not isinstance(fields.get("rope_parameters"), dict):
+        return {}
+    wanted: dict[str, Any] = {"rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        # "type" as well: ExLlamaV2 reads either name, older readers only "type"
+        wanted["rope_scaling"] = dict(cfg.rope_scaling) | {"type": cfg.rope_scaling["rope_type"]}
+    if cfg.partial_rotary_factor != 1.0:
+        wanted["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.rope_local_theta is not None:
+        wanted["rope_local_base_freq"] = cfg.rope_local_theta
+    return {k: v for k, v in wanted.items() if fields.get(k) is None}
+
+
+def output_config(cfg) -> dict[str, Any] | None:
+    """The config.json the output needs instead of the source's copy, or None where the copy is
+    right as it is. The legacy keys go where ExLlamaV2 reads the language model's fields: the top
+    level, or ``text_config`` (Gemma3ForConditionalGeneration)."""
+    spec = spec_of(cfg)
+    if spec.out_arch:
+        return nested_config(cfg)
+    source = json.loads((cfg.model_dir / "config.json").read_text(encoding="utf-8"))
+    fields = source.get("text_config") if spec.text_config else source
+    legacy = legacy_rope_keys(cfg, fields) if isinstance(fields, dict) else {}
+    if not legacy:
+        return None
+    fields.update(legacy)
+    return source

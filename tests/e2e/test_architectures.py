@@ -99,6 +99,10 @@ def test_output_names_and_shapes(converted):
     assert not fused  # Phi-3 is written under the split names
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [arch_mod.spec_of(cfg).out_arch or arch]
+    # ExLlamaV2 reads the RoPE from the older keys, which a transformers 5 source keeps in rope_parameters
+    fields = config.get("text_config", config)
+    assert fields["rope_theta"] == cfg.rope_theta
+    assert fields.get("partial_rotary_factor", 1.0) == cfg.partial_rotary_factor
 
 
 def test_gemma3_text_model_is_written_as_exllamav2s_gemma3(tmp_path):
@@ -283,7 +287,11 @@ def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:
     for spec in specs:
         name = arch_mod.output_name(cfg, spec.name)
         packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
-        out[spec.tensor] = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
+        w = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
+        if spec.rows:  # a part of a fused source (Phi-3's qkv_proj, gate_up_proj): its rows of the whole
+            out.setdefault(spec.tensor, index.get(spec.tensor).clone())[spec.rows[0]:spec.rows[1]] = w
+        else:
+            out[spec.tensor] = w
     return out
 
 
@@ -305,7 +313,8 @@ class _Swapped:
 
     def get(self, name, dtype=torch.float32, device=None, rows=None):
         if name in self.decoded:
-            return self.decoded[name].to(device=device, dtype=dtype)
+            w = self.decoded[name] if rows is None else self.decoded[name][rows[0]:rows[1]]
+            return w.to(device=device, dtype=dtype)
         return self.index.get(name, dtype=dtype, device=device, rows=rows)
 
     def __getattr__(self, attr):

@@ -1,17 +1,21 @@
 """ExLlamaV2 0.3.2 loads a converted tiny model of each architecture beyond Llama and decodes it
 as exl2conv does (run on the device machine; skipped elsewhere).
 
-For each architecture: a tiny random model (transformers), converted by exl2conv on the GPU and
-loaded by ExLlamaV2's own loader. Two checks:
+For each architecture: a tiny random model (transformers', or from a remote-code family's key
+names), converted by exl2conv on the GPU and loaded by ExLlamaV2's own loader. Checks:
 - every quantized linear that ExLlamaV2 reconstructs (attention, MLP, every MoE expert, head)
   equals exl2conv's decoder bit for bit: the format proof;
-- ExLlamaV2's forward pass on our files differs from exl2conv's float32 forward over the decoded
-  weights no more than ExLlamaV2 on the unquantized model differs from exl2conv's forward on it.
-  The baseline is not zero: FP16 arithmetic, and ExLlamaV2 0.3.2 reads the older config keys
-  (rope_scaling, rope_local_base_freq), not the rope_parameters that transformers 5 writes for the
-  tiny Gemma3 configs, and applies sliding windows only with flash-attn.
+- ExLlamaV2's logits on our files are within FP16 noise (SAME_MODEL, relative) of exl2conv's
+  float32 forward over the decoded weights;
+- ExLlamaV2's logits on the unquantized model are within the same bound of our float32 forward
+  on it: its forward is the model's (for the remote-code families, whose transformers twin only
+  stands in for their own code, this is the check against the real implementation).
+And the check is shown to fail on a model that ExLlamaV2 runs as another architecture.
+ExLlamaV2 0.3.2 applies sliding windows only with flash-attn, which the device lacks: the Gemma
+models here get windows longer than the test's rows.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -20,15 +24,16 @@ import torch
 from exl2conv.cli import main
 from exl2conv.model import WeightIndex, forward, load_config
 from exl2conv.model import arch as arch_mod
+from exl2conv.model import exllamav2_config
 from exl2conv.pack import decode_linear
 from tests.e2e.test_architectures import _decoded, _Swapped, read_output, write_parquet
-from tests.tinymodel import HF_ARCHS, make_tiny_hf, make_tiny_llama
+from tests.tinymodel import HF_ARCHS, REMOTE_ARCHS, make_tiny_hf, make_tiny_llama, make_tiny_remote
 
 pytestmark = [pytest.mark.gpu, pytest.mark.exllamav2]
 exl = pytest.importorskip("exllamav2")
 pytest.importorskip("transformers")
 
-ARCHS = ("MistralForCausalLM",) + HF_ARCHS + ("MixtralForCausalLM",)
+ARCHS = ("MistralForCausalLM",) + HF_ARCHS + REMOTE_ARCHS + ("MixtralForCausalLM",)
 QKEYS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 
 
@@ -38,13 +43,32 @@ def build(arch: str, path):
     if arch == "MixtralForCausalLM":
         from tests.tinymodel import make_tiny_mixtral
         return make_tiny_mixtral(path, seed=3)
-    src = make_tiny_hf(path, arch, seed=3)
+    if arch in REMOTE_ARCHS:
+        return make_tiny_remote(path, arch, seed=3)
+    # windows beyond the rows: ExLlamaV2 applies none without flash-attn (module docstring)
+    src = make_tiny_hf(path, arch, seed=3, extra_config={"sliding_window": 64} if "Gemma" in arch else None)
     if arch == "Gemma3ForConditionalGeneration":
         # a real checkpoint ships its image processor's settings, and ExLlamaV2 reads them at load
         (src / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "Gemma3ImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
             "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 28, "width": 28}}))
     return src
+
+
+def as_exllamav2_reads_it(src, cfg, folder):
+    """The unquantized source with the config.json fix the output gets (the older RoPE keys that
+    ExLlamaV2 reads, where transformers 5 wrote rope_parameters): a folder of links to the source's
+    files, or the source itself where no fix applies. Gemma3ForCausalLM stays as it is: ExLlamaV2
+    runs that source as a Llama, the case the wrong-architecture test shows failing."""
+    config = exllamav2_config.output_config(cfg)
+    if config is None or arch_mod.spec_of(cfg).out_arch:
+        return src
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def runtime_linears(model) -> dict:
@@ -132,15 +156,12 @@ def test_exllamav2_decodes_converted_tiny_model(arch, tmp_path):
     n_linears = sum(1 for k in tensors if k.endswith(".q_weight"))
     assert checked == n_linears, (checked, n_linears)
 
-    if arch_mod.spec_of(cfg).fused:
-        # the decoded-weights forward swaps whole source tensors; Phi-3's fused qkv/gate_up are three
-        # and two linears each, so the linear-by-linear check above is this architecture's proof
-        print(f"\n{arch}: {checked} linears decoded identically by ExLlamaV2")
-        return
-    ours_q = forward.run_model(_Swapped(index, _decoded(cfg, index, tensors)), cfg, ids)[..., : cfg.vocab_size]
+    # the decoded head is used as it is: Index's norm_head normalizes the unquantized head only
+    cfg_q = dataclasses.replace(cfg, norm_head=False)
+    ours_q = forward.run_model(_Swapped(index, _decoded(cfg, index, tensors)), cfg_q, ids)[..., : cfg.vocab_size]
     ours_fp = forward.run_model(index, cfg, ids)[..., : cfg.vocab_size]
     try:
-        theirs_fp, _ = exl_logits(src, ids, cfg.vocab_size)
+        theirs_fp, _ = exl_logits(as_exllamav2_reads_it(src, cfg, tmp_path / "source"), ids, cfg.vocab_size)
     except Exception as exc:  # noqa: BLE001 - ExLlamaV2 may not read transformers 5's HF folder
         theirs_fp = None
         print(f"\n{arch}: ExLlamaV2 could not run the unquantized folder ({type(exc).__name__}: {exc})")
