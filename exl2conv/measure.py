@@ -246,7 +246,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             errs = errs[:, 0]
         accuracy = max(1e-6, 1.0 - float(errs.mean()))
         entry = {"accuracy": accuracy, "total_bits": total_bits}
-        for c, short in enumerate(cols):
-            entry[short] = distinct[c][row[c]].to_dict()
+        for key, spec in specs.items():  # an ungated MLP's entries have no gate_proj (Starcoder2)
+            entry.setdefault(spec.short, distinct[column[key]][row[column[key]]].to_dict())
         entries.append(entry)
     return entries, y_ref, (predicted if fisher is not None else None)

@@ -48,7 +48,11 @@ class ArchSpec:
     attn_prefix: str = "self_attn"
     mlp_prefix: str = "mlp"
     attn_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # An MLP without "gate_proj" is ungated: down(act(up(x))) (Starcoder2).
     mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # The checkpoint's name of a linear where it differs from its short name, which stays the
+    # name of its column in the measurement (Starcoder2's up_proj is "c_fc", down_proj "c_proj").
+    linear_names: tuple[tuple[str, str], ...] = ()
     # Linears biased whatever the config says (e.g. Qwen2's q/k/v); config flags add more.
     always_biased: frozenset[str] = frozenset()
     act: str = "silu"
@@ -73,6 +77,13 @@ class ArchSpec:
     bias_qkv_only: bool = False
     # MiniCPM: the logits are divided by hidden_size / dim_model_base.
     logit_scale_basedim: bool = False
+    # The config.json key ExLlamaV2 reads the norms' epsilon from; the output's config.json gets
+    # it where the source's lacks it (Starcoder2's configs say norm_epsilon, ExLlamaV2 0.3.2
+    # reads layer_norm_epsilon only).
+    exllamav2_eps_key: str = "rms_norm_eps"
+
+    def linear_name(self, short: str) -> str:
+        return dict(self.linear_names).get(short, short)
     # Whether config.json's sliding_window applies (Mistral); Llama has no such field.
     sliding_window: bool = False
     # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
@@ -122,6 +133,11 @@ ARCHS: dict[str, ArchSpec] = {
     "IndexForCausalLM": ArchSpec("IndexForCausalLM"),
     "GraniteForCausalLM": ArchSpec("GraniteForCausalLM"),
     "MiniCPMForCausalLM": ArchSpec("MiniCPMForCausalLM", logit_scale_basedim=True),
+    "Starcoder2ForCausalLM": ArchSpec(
+        "Starcoder2ForCausalLM", norm="layer", norm_bias=True, eps_keys=("norm_epsilon", "layer_norm_epsilon"),
+        exllamav2_eps_key="layer_norm_epsilon", act="gelu_pytorch_tanh", mlp_linears=("up_proj", "down_proj"),
+        linear_names=(("up_proj", "c_fc"), ("down_proj", "c_proj")), sliding_window=True, head_falls_back=True,
+        always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"})),
     "Glm4ForCausalLM": ArchSpec(
         "Glm4ForCausalLM", attn_norms=("input_layernorm", "post_self_attn_layernorm"),
         mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), rope_style="gptj", bias_qkv_only=True,
@@ -245,7 +261,7 @@ def _fused_rows(cfg: "ModelConfig", short: str, part: int) -> tuple[int, int]:
 def _linear(cfg: "ModelConfig", i: int, part: str, prefix: str, short: str) -> LinearSpec:
     k, n = _SHAPES[short](cfg)
     lp = layer_prefix(cfg, i)
-    name = f"{lp}.{prefix}.{short}"
+    name = f"{lp}.{prefix}.{spec_of(cfg).linear_name(short)}"
     tensor, rows = f"{name}.weight", None
     for s, fused, idx in spec_of(cfg).fused:
         if s == short:

@@ -1,10 +1,15 @@
 """The output's config.json where the copied one would be misread by ExLlamaV2 0.3.2.
 
-Two cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
+Three cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
 scaling, partial_rotary_factor) in ``rope_parameters``, which ExLlamaV2 does not read: it would run
 the model at its defaults (base 10000, every dimension rotated). The output's config.json gains
 the older top-level keys with the same values (:func:`legacy_rope_keys`); transformers reads
 either form.
+
+Then, ExLlamaV2 reads the norms' epsilon from one key per architecture
+(``ArchSpec.exllamav2_eps_key``) and refuses a config without it: Starcoder2's configs name it
+norm_epsilon, and ExLlamaV2 0.3.2 asks for layer_norm_epsilon. The output's config.json gains
+that key with the model's value.
 
 Second, an output that takes another architecture's layout (``ArchSpec.out_arch``).
 
@@ -107,8 +112,12 @@ def output_config(cfg) -> dict[str, Any] | None:
         return nested_config(cfg)
     source = json.loads((cfg.model_dir / "config.json").read_text(encoding="utf-8"))
     fields = source.get("text_config") if spec.text_config else source
-    legacy = legacy_rope_keys(cfg, fields) if isinstance(fields, dict) else {}
-    if not legacy:
+    if not isinstance(fields, dict):
         return None
-    fields.update(legacy)
+    missing = legacy_rope_keys(cfg, fields)
+    if fields.get(spec.exllamav2_eps_key) is None:
+        missing[spec.exllamav2_eps_key] = cfg.norm_eps
+    if not missing:
+        return None
+    fields.update(missing)
     return source

@@ -400,7 +400,7 @@ def _capped_attention(q, k, v, cfg: ModelConfig, mask: torch.Tensor | None) -> t
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
         capture: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """x f32 [B, L, H] -> (x + down(act(gate(n)) * up(n)) [B, L, H], intermediates or None),
-    n = rmsnorm(x). Intermediates: {"post_norm": n [B, L, H], "pre_down": [B, L, intermediate]}.
+    n = norm(x); without a gate (Starcoder2), down(act(up(n))). Intermediates: {"post_norm": n [B, L, H], "pre_down": [B, L, intermediate]}.
     ``rope`` is unused; it is accepted so that attention and MLP share one call shape.
     pre_down is not clamped: ExLlamaV2 clamps it to the FP16 range, which float32 never needs.
     An MoE architecture runs :func:`moe_mlp` instead."""
@@ -409,12 +409,15 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
         return moe_mlp(x, w, cfg, rope, capture)
     act = ACTIVATIONS[spec.act]
     n = _module_norm(x, w, spec.mlp_norms[0], cfg)
-    h = act(_linear(n, w, "gate_proj"))
-    up = _linear(n, w, "up_proj")
-    # without autograd the product goes into the activation's own output (a tensor of its own):
-    # one [B, L, intermediate] float32 less at once, 0.17 GiB for 2 rows of a Llama-2-7B
-    h = h.mul_(up) if not torch.is_grad_enabled() else h * up
-    del up
+    if "gate_proj" in spec.mlp_linears:
+        h = act(_linear(n, w, "gate_proj"))
+        up = _linear(n, w, "up_proj")
+        # without autograd the product goes into the activation's own output (a tensor of its own):
+        # one [B, L, intermediate] float32 less at once, 0.17 GiB for 2 rows of a Llama-2-7B
+        h = h.mul_(up) if not torch.is_grad_enabled() else h * up
+        del up
+    else:
+        h = act(_linear(n, w, "up_proj"))
     o = _branch_out(_linear(h, w, "down_proj"), w, spec.mlp_norms, cfg)
     y = x + o
     return y, ({"post_norm": n, "pre_down": h} if capture else None)

@@ -101,6 +101,7 @@ def test_output_names_and_shapes(converted):
     assert config["architectures"] == [arch_mod.spec_of(cfg).out_arch or arch]
     # ExLlamaV2 reads the RoPE from the older keys, which a transformers 5 source keeps in rope_parameters
     fields = config.get("text_config", config)
+    assert fields[arch_mod.spec_of(cfg).exllamav2_eps_key] == cfg.norm_eps  # Starcoder2's norm_epsilon
     assert fields["rope_theta"] == cfg.rope_theta
     assert fields.get("partial_rotary_factor", 1.0) == cfg.partial_rotary_factor
 
@@ -350,6 +351,13 @@ def test_measurement_keys_carry_the_architecture_prefix(converted):
     want += [f"{p}model.norm.norm", f"{p}lm_head.linear"]
     assert list(doc["measurement"]) == want
     assert doc["last_module_idx"] == 2 * cfg.num_layers + 2
+    # every entry of a module names exactly its linears: an ungated MLP (Starcoder2) has no gate_proj
+    for i in range(cfg.num_layers):
+        for part, key in (("attn", want[2 * i]), ("mlp", want[2 * i + 1])):
+            shorts = {spec.short for spec in layer_linears(cfg, i, part).values()}
+            entries = doc["measurement"][key]
+            assert len(entries) == (19 if part == "attn" else 17)
+            assert all(set(e) - {"accuracy", "total_bits"} == shorts for e in entries), key
 
 
 def test_mixtral_eval_scores_the_conversion(mixtral, tmp_path):

@@ -72,32 +72,33 @@ def as_exllamav2_reads_it(src, cfg, folder):
 
 
 def runtime_linears(model) -> dict:
-    """key -> (ExLlamaV2Linear, whether the runtime permuted it along the MLP's intermediate dim)."""
+    """key -> (ExLlamaV2Linear, the key of its MLP's down projection where the runtime permuted it
+    along the MLP's intermediate dimension by that linear's q_invperm, else None)."""
     out = {}
     for m in model.modules:
+        down = getattr(m, "down_proj", None)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             lin = getattr(m, name, None)
             if lin is not None:
-                out[lin.key] = (lin, name in ("gate_proj", "up_proj", "down_proj"))
+                out[lin.key] = (lin, down.key if name in ("gate_proj", "up_proj", "down_proj") else None)
         for name in ("w1", "w2", "w3"):  # MoE experts: loaded without the MLP permutation
             for lin in getattr(m, name, None) or []:
-                out[lin.key] = (lin, False)
+                out[lin.key] = (lin, None)
     head = model.modules[-1]
-    out[head.key] = (head, False)
+    out[head.key] = (head, None)
     return out
 
 
 def check_linears_decode_like_ours(model, tensors: dict) -> int:
     checked = 0
-    for key, (lin, permuted) in runtime_linears(model).items():
+    for key, (lin, down) in runtime_linears(model).items():
         if not lin.is_quant():
             continue
         ours = decode_linear({k: tensors[f"{key}.{k}"] for k in QKEYS}, key)
         theirs = lin.get_weight_tensor_dq().cpu()
-        if permuted:
-            mlp = key.rsplit(".", 1)[0]
-            perm = torch.argsort(tensors[f"{mlp}.down_proj.q_invperm"].long())
-            ours = ours[perm, :] if key.endswith("down_proj") else ours[:, perm]
+        if down is not None:
+            perm = torch.argsort(tensors[f"{down}.q_invperm"].long())
+            ours = ours[perm, :] if key == down else ours[:, perm]
         ours = ours[:, : theirs.shape[1]]
         assert theirs.shape == ours.shape, key
         assert torch.equal(theirs, ours), (key, (theirs.float() - ours.float()).abs().max())

@@ -66,7 +66,7 @@ def hf_trace(model, arch: str, ids: torch.Tensor, norms: tuple[str, str] | None 
             layer.self_attn.o_proj.register_forward_hook(keep(i, "attn_output", True)),
             pre_mlp.register_forward_hook(keep(i, "mid", True)),
             pre_mlp.register_forward_hook(keep(i, "mlp_post_norm")),
-            layer.mlp.down_proj.register_forward_hook(keep(i, "pre_down", True)),
+            getattr(layer.mlp, spec.linear_name("down_proj")).register_forward_hook(keep(i, "pre_down", True)),
         ]
     return logits_with_hooks(model, ids, hooks), trace
 
@@ -129,11 +129,14 @@ def check_forward(path, arch: str, model, norms: tuple[str, str] | None = None) 
     ("OrionForCausalLM", set(), ["input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.bias"]),
     ("IndexForCausalLM", set(), ["input_layernorm.weight"]),
     ("MiniCPMForCausalLM", set(), ["input_layernorm.weight"]),
+    ("Starcoder2ForCausalLM", {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
+     ["input_layernorm.bias", "mlp.c_fc.weight", "mlp.c_proj.bias"]),
 ])
 def test_tensor_table(models, remote_models, arch, biased, extra):
     cfg = load_config((models | remote_models)[arch])
     specs = layer_linears(cfg, 1)
-    assert list(specs) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    gated = ["gate_proj"] if "gate_proj" in arch_mod.spec_of(cfg).mlp_linears else []
+    assert list(specs) == ["q_proj", "k_proj", "v_proj", "o_proj", *gated, "up_proj", "down_proj"]
     assert {s for s, sp in specs.items() if sp.bias} == biased
     names = expected_tensors(cfg)
     for suffix in extra:
@@ -255,6 +258,7 @@ def remote_models(tmp_path_factory):
     ("OrionForCausalLM", {}, {"norm_bias": False}),
     ("IndexForCausalLM", {"norm_head": False}, {}),
     ("MiniCPMForCausalLM", {"logit_scale": 1.0}, {}),
+    ("Starcoder2ForCausalLM", {}, {"norm_bias": False}),
 ])
 def test_each_architecture_feature_changes_the_result(models, remote_models, monkeypatch, arch, change, spec_change):
     """Matching transformers proves a feature right only if leaving it out changes the logits."""
