@@ -163,9 +163,11 @@ class Context:
         # keys carry the architecture's prefix (Gemma3ForConditionalGeneration: "language_model."),
         # as ExLlamaV2's measurement.json does (reference 3.7)
         spec = arch.spec_of(self.cfg)
-        p = spec.out_prefix + spec.prefix
-        return module_list(self.cfg.num_layers, layers_prefix=f"{p}{spec.layers}", norm_key=f"{p}{spec.final_norm}",
-                           head_key=f"{p}{spec.head}", embed_key=f"{p}{spec.embed}", moe=spec.moe)
+
+        def key(name: str) -> str:
+            return arch.output_name(self.cfg, spec.prefix + name)
+        return module_list(self.cfg.num_layers, layers_prefix=key(spec.layers), norm_key=key(spec.final_norm),
+                           head_key=key(spec.head), embed_key=key(spec.embed), moe=spec.moe)
 
     def chunk(self, length: int) -> int:
         """Calibration rows per forward call: a quarter of :data:`CHUNK_BYTES` (1 GiB on a GPU,
@@ -1106,8 +1108,8 @@ def summarize(ctx: Context) -> Summary:
                 head_kl = (before, after)
             elif before > 0:
                 gains.append(1 - after / before)
-        for name, _desc, bits, numel in rec.get("linears", []):
-            if name.endswith("lm_head"):
+        for _name, _desc, bits, numel in rec.get("linears", []):
+            if "ppl" in rec:  # the head's record (its name is the checkpoint's: InternLM2's is "output")
                 head_bits, head_numel = head_bits + bits, head_numel + numel
             else:
                 dec_bits, dec_numel = dec_bits + bits, dec_numel + numel

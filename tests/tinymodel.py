@@ -287,7 +287,7 @@ def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16
 
 # Each is a Llama checkpoint with one thing changed; :func:`transformers_twin` builds the
 # transformers model that computes the same function, the reference their forward is checked against.
-REMOTE_ARCHS = ("YiForCausalLM", "OrionForCausalLM", "IndexForCausalLM", "MiniCPMForCausalLM")
+REMOTE_ARCHS = ("YiForCausalLM", "OrionForCausalLM", "IndexForCausalLM", "MiniCPMForCausalLM", "InternLM2ForCausalLM")
 _YI_NORMS = {".input_layernorm.": ".ln1.", ".post_attention_layernorm.": ".ln2."}
 # MiniCPM's settings in the tiny model: far from neutral, as the Granite ones
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -300,7 +300,7 @@ def make_tiny_remote(path, arch: str, *, seed: int = 0, dtype: torch.dtype = tor
     from safetensors.torch import load_file
 
     model_type = {"YiForCausalLM": "Yi", "OrionForCausalLM": "orion", "IndexForCausalLM": "index",
-                  "MiniCPMForCausalLM": "minicpm"}[arch]
+                  "MiniCPMForCausalLM": "minicpm", "InternLM2ForCausalLM": "internlm2"}[arch]
     extra = {"model_type": model_type} | ({"norm_head": True} if arch == "IndexForCausalLM" else {}) \
         | (MINICPM if arch == "MiniCPMForCausalLM" else {})
     path = make_tiny_llama(path, seed=seed, dtype=dtype, layers=layers, arch=arch, extra_config=extra)
@@ -312,8 +312,64 @@ def make_tiny_remote(path, arch: str, *, seed: int = 0, dtype: torch.dtype = tor
     if arch == "OrionForCausalLM":
         for name in [n for n in tensors if "norm" in n]:
             tensors[name.replace(".weight", ".bias")] = (0.1 * torch.randn(tensors[name].shape, generator=g)).to(dtype)
+    if arch == "InternLM2ForCausalLM":
+        tensors = _to_internlm2(tensors, json.loads((path / "config.json").read_text()))
     _save(path, tensors, 1)
     return path
+
+
+_INTERNLM2 = (("model.embed_tokens.", "model.tok_embeddings."), ("lm_head.", "output."),
+              (".input_layernorm.", ".attention_norm."), (".post_attention_layernorm.", ".ffn_norm."),
+              (".self_attn.o_proj.", ".attention.wo."), (".mlp.gate_proj.", ".feed_forward.w1."),
+              (".mlp.up_proj.", ".feed_forward.w3."), (".mlp.down_proj.", ".feed_forward.w2."))
+
+
+def _to_internlm2(tensors: dict, cfg: dict) -> dict:
+    """A Llama checkpoint in InternLM2's layout: its names, and q/k/v fused into one wqkv with, per
+    key/value head, that head's group of query heads, then its key head, then its value head."""
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // heads
+    out = {}
+    for name, t in tensors.items():
+        if ".self_attn.q_proj." in name:
+            p = name.split(".self_attn.")[0]
+            q = t.view(kv, heads // kv * d, -1)
+            k = tensors[f"{p}.self_attn.k_proj.weight"].view(kv, d, -1)
+            v = tensors[f"{p}.self_attn.v_proj.weight"].view(kv, d, -1)
+            out[f"{p}.attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, t.shape[1]).contiguous()
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            out[_rename(name, _INTERNLM2)] = t
+    return out
+
+
+def _from_internlm2(tensors: dict, cfg: dict) -> dict:
+    """The inverse of :func:`_to_internlm2`: InternLM2's checkpoint names and wqkv back in Llama's."""
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // heads
+    out = {}
+    for name, t in tensors.items():
+        if ".attention.wqkv." in name:
+            p = name.split(".attention.")[0]
+            blocks = t.view(kv, (heads // kv + 2) * d, -1)
+            q, k, v = blocks.split([heads // kv * d, d, d], dim=1)
+            for short, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[f"{p}.self_attn.{short}.weight"] = part.reshape(-1, t.shape[1])
+            continue
+        out[_rename(name, [(new, old) for old, new in _INTERNLM2])] = t
+    return out
+
+
+def _rename(name: str, pairs) -> str:
+    """Each (old, new) of ``pairs`` applied to ``name``: an ``old`` that starts with "." anywhere in
+    it, any other only at its start."""
+    for old, new in pairs:
+        if old.startswith("."):
+            name = name.replace(old, new)
+        elif name.startswith(old):
+            name = new + name[len(old):]
+    return name
 
 
 def transformers_twin(path, arch: str):
@@ -342,6 +398,8 @@ def transformers_twin(path, arch: str):
     if arch == "YiForCausalLM":
         for old, new in _YI_NORMS.items():
             tensors = {k.replace(new, old): v for k, v in tensors.items()}
+    if arch == "InternLM2ForCausalLM":
+        tensors = _from_internlm2(tensors, raw)
     if arch == "OrionForCausalLM":
         def swap(parent, name):
             setattr(parent, name, torch.nn.LayerNorm(raw["hidden_size"], eps=raw["rms_norm_eps"]))

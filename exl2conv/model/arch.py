@@ -77,6 +77,12 @@ class ArchSpec:
     bias_qkv_only: bool = False
     # MiniCPM: the logits are divided by hidden_size / dim_model_base.
     logit_scale_basedim: bool = False
+    # InternLM2: the fused qkv tensor holds q, k and v per key/value head (:func:`_fused_rows`).
+    qkv_interleaved: bool = False
+    # Renaming from the checkpoint's names to the output's, as ExLlamaV2's keymap renames every
+    # tensor it reads (exllamav2/architecture.py): each (old, new) replaces the text ``old`` in a
+    # name, and an ``old`` starting with "$" only at the name's start; applied in order.
+    keymap: tuple[tuple[str, str], ...] = ()
     # The config.json key ExLlamaV2 reads the norms' epsilon from; the output's config.json gets
     # it where the source's lacks it (Starcoder2's configs say norm_epsilon, ExLlamaV2 0.3.2
     # reads layer_norm_epsilon only).
@@ -133,6 +139,13 @@ ARCHS: dict[str, ArchSpec] = {
     "IndexForCausalLM": ArchSpec("IndexForCausalLM"),
     "GraniteForCausalLM": ArchSpec("GraniteForCausalLM"),
     "MiniCPMForCausalLM": ArchSpec("MiniCPMForCausalLM", logit_scale_basedim=True),
+    "InternLM2ForCausalLM": ArchSpec(
+        "InternLM2ForCausalLM", embed="model.tok_embeddings", head="output", attn_norms=("attention_norm",),
+        mlp_norms=("ffn_norm",), attn_prefix="attention", mlp_prefix="feed_forward", qkv_interleaved=True,
+        linear_names=(("o_proj", "wo"), ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+        fused=(("q_proj", "attention.wqkv", 0), ("k_proj", "attention.wqkv", 1), ("v_proj", "attention.wqkv", 2)),
+        keymap=(("$output.", "lm_head."), ("$model.tok_embeddings.", "model.embed_tokens."),
+                (".attention.", ".self_attn."), (".wo.", ".o_proj."))),
     "Starcoder2ForCausalLM": ArchSpec(
         "Starcoder2ForCausalLM", norm="layer", norm_bias=True, eps_keys=("norm_epsilon", "layer_norm_epsilon"),
         exllamav2_eps_key="layer_norm_epsilon", act="gelu_pytorch_tanh", mlp_linears=("up_proj", "down_proj"),
@@ -195,9 +208,10 @@ def moe_hessian_input(short: str, expert: int) -> str:
 class LinearSpec:
     """One linear to quantize.
 
-    ``name`` is the output key (``model.layers.3.self_attn.q_proj``, or ``lm_head``);
-    ``tensor`` the HF weight it is read from (differs for a tied head or a fused source, where
-    ``rows`` = (start, end) is its output-row range inside ``tensor``). K = ``in_features``,
+    ``name`` is its key (``model.layers.3.self_attn.q_proj``, or ``lm_head``; :func:`output_name`
+    gives its name in the output); ``tensor`` the HF weight it is read from (differs for a tied
+    head or a fused source, where ``rows`` = ((start, end), ...) are its output-row ranges inside
+    ``tensor``, in order). K = ``in_features``,
     N = ``padded_out`` = ceil32(``out_features``). ``part`` is "attn", "mlp" or "head";
     ``hessian_input`` names the forward intermediate that feeds it. ``expert`` is the expert
     index of an MoE linear (``short`` is then "w1", "w3" or "w2", its measurement column)."""
@@ -211,7 +225,7 @@ class LinearSpec:
     bias: bool
     part: str
     hessian_input: str
-    rows: tuple[int, int] | None = None
+    rows: tuple[tuple[int, int], ...] | None = None
     expert: int | None = None
 
     @property
@@ -229,8 +243,20 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
 
 
 def output_name(cfg: "ModelConfig", name: str) -> str:
-    """The name a source tensor (or module key) takes in the output and the measurement."""
-    return spec_of(cfg).out_prefix + name
+    """The name a source tensor (or module key) takes in the output and the measurement: the
+    architecture's keymap applied (a module key is matched as if its tensors' "." followed it),
+    then its output prefix."""
+    spec = spec_of(cfg)
+    if spec.keymap:
+        name = name + "."
+        for old, new in spec.keymap:
+            if old.startswith("$"):
+                if name.startswith(old[1:]):
+                    name = new + name[len(old) - 1:]
+            else:
+                name = name.replace(old, new)
+        name = name[:-1]
+    return spec.out_prefix + name
 
 
 def layer_prefix(cfg: "ModelConfig", i: int) -> str:
@@ -247,15 +273,24 @@ def is_biased(cfg: "ModelConfig", short: str) -> bool:
     )
 
 
-def _fused_rows(cfg: "ModelConfig", short: str, part: int) -> tuple[int, int]:
-    """Output-row range of part ``part`` of a fused tensor: q, k, v of qkv_proj are
-    [0, H*d), [H*d, H*d + Hkv*d), [.., .. + Hkv*d); gate and up are the halves of gate_up_proj."""
+def _fused_rows(cfg: "ModelConfig", short: str, part: int) -> tuple[tuple[int, int], ...]:
+    """Output-row ranges of part ``part`` of a fused tensor: q, k, v of qkv_proj are
+    [0, H*d), [H*d, H*d + Hkv*d), [.., .. + Hkv*d); gate and up are the halves of gate_up_proj.
+    InternLM2's wqkv (``ArchSpec.qkv_interleaved``) holds one block per key/value head: its G =
+    heads / kv_heads query heads, then its key head, then its value head; q takes the first G*d
+    rows of every block, k the next d, v the last d (ExLlamaV2's module.load_weight_fused)."""
     if short in ("gate_proj", "up_proj"):
         n = cfg.intermediate_size
-        return part * n, (part + 1) * n
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    start = (0, q, q + kv)[part]
-    return start, start + (q if part == 0 else kv)
+        return ((part * n, (part + 1) * n),)
+    d, kv = cfg.head_dim, cfg.num_kv_heads
+    if spec_of(cfg).qkv_interleaved:
+        group = cfg.num_heads // kv
+        block = (group + 2) * d
+        start, size = ((0, group * d), (group * d, d), ((group + 1) * d, d))[part]
+        return tuple((h * block + start, h * block + start + size) for h in range(kv))
+    q, kvd = cfg.num_heads * d, kv * d
+    start = (0, q, q + kvd)[part]
+    return ((start, start + (q if part == 0 else kvd)),)
 
 
 def _linear(cfg: "ModelConfig", i: int, part: str, prefix: str, short: str) -> LinearSpec:
@@ -414,7 +449,7 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
                 if norm_bias_tensor(cfg, norm):
                     out[norm_bias_tensor(cfg, norm)] = (h,)
             for lin in layer_linears(cfg, i, part).values():
-                end = lin.rows[1] if lin.rows else lin.out_features
+                end = max(b for _, b in lin.rows) if lin.rows else lin.out_features
                 rows = max(end, out.get(lin.tensor, (0,))[0])
                 out[lin.tensor] = (rows, lin.in_features)
                 if lin.bias:

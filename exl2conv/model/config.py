@@ -359,6 +359,9 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     head_dim = r.int("head_dim", hidden // heads)
     _check_dims(r, hidden, inter, heads, kv_heads, head_dim)
     _activation(r, arch)
+    if spec.qkv_interleaved and r.bool("bias"):
+        raise r.fail(f"field 'bias' is true, and ExLlamaV2 0.3.2 reads no biases for {arch}: its EXL2 output "
+                     "would run without them, so the model is not converted")
     nested = isinstance(r.raw.get("rope_parameters"), dict) and "full_attention" in r.raw["rope_parameters"]
     theta, scaling = _rope(r, "full_attention" if nested else None)
     scale = float(scaling["factor"]) if scaling and scaling["rope_type"] == "linear" else 1.0

@@ -294,17 +294,22 @@ class WeightIndex:
 
     def get(self, name: str, dtype: torch.dtype = torch.float32,
             device: torch.device | str | None = None,
-            rows: tuple[int, int] | None = None) -> torch.Tensor:
+            rows: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
         """Read one tensor from disk and return it as ``dtype`` on ``device`` (CPU if None).
-        ``rows`` = (start, end) reads only that range of the first dimension (one linear of a
-        fused source such as Phi-3's qkv_proj)."""
+        ``rows`` = ((start, end), ...) reads only those ranges of the first dimension, one after
+        another (one linear of a fused source: Phi-3's q_proj is one range of qkv_proj,
+        InternLM2's one range per key/value head of wqkv)."""
         e = self.entry(name)
         if e.dtype not in READABLE:
             raise Exl2Error(f"tensor {name!r} in {e.file} is {e.dtype}; only float16, bfloat16 and "
                             f"float32 sources can be converted")
         try:
             with safe_open(str(e.file), framework="pt", device="cpu") as f:
-                t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+                if rows is None:
+                    t = f.get_tensor(name)
+                else:
+                    part = f.get_slice(name)
+                    t = torch.cat([part[a:b] for a, b in rows]) if len(rows) > 1 else part[rows[0][0]:rows[0][1]]
         except Exception as err:  # safetensors raises its own error type or OSError
             raise FormatError(f"{e.file}: reading {name!r} failed ({err}); download the file again") from None
         # Move before casting: the copy to a GPU is then at the (smaller) source width, and the

@@ -81,9 +81,16 @@ def expected_names(cfg, index) -> dict[str, tuple[int, ...] | None]:
     return {arch_mod.output_name(cfg, name): shape for name, shape in out.items()}
 
 
-def source_name(cfg, name: str) -> str:
-    """The source tensor an output tensor comes from."""
-    return name.removeprefix(arch_mod.spec_of(cfg).out_prefix)
+def unquantized_sources(cfg, index) -> dict[str, str]:
+    """Output name -> the source tensor each unquantized output tensor is copied from."""
+    final = arch_mod.final_norm_tensor(cfg)
+    names = [arch_mod.embedding_tensor(cfg), final, arch_mod.norm_bias_tensor(cfg, final)]
+    for i in range(cfg.num_layers):
+        for part in ("attn", "mlp"):
+            names += list(arch_mod.norm_weights(cfg, i, part).values())
+            names.append(arch_mod.router_tensor(cfg, i))
+    names += arch_mod.extra_tensors(cfg, index)
+    return {arch_mod.output_name(cfg, n): n for n in names if n}
 
 
 def test_output_names_and_shapes(converted):
@@ -165,11 +172,12 @@ def test_unquantized_tensors_are_the_source_values(converted):
     cfg, index = load_config(src), WeightIndex(src)
     tensors = read_output(out)
     tweaked = tweaked_norms(cfg)
+    sources = unquantized_sources(cfg, index)
     moved = 0
     for name, t in tensors.items():
         if name.rsplit(".", 1)[-1] in LINEAR_KEYS:
             continue
-        name = source_name(cfg, name)
+        name = sources[name]
         ref = index.get(name, dtype=index.source_dtype(name))
         if t.dim() == 2 and ref.dim() == 1:
             ref = ref.expand(t.shape[0], -1)
@@ -290,7 +298,9 @@ def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:
         packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
         w = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
         if spec.rows:  # a part of a fused source (Phi-3's qkv_proj, gate_up_proj): its rows of the whole
-            out.setdefault(spec.tensor, index.get(spec.tensor).clone())[spec.rows[0]:spec.rows[1]] = w
+            whole = out.setdefault(spec.tensor, index.get(spec.tensor).clone())
+            rows = torch.cat([torch.arange(a, b) for a, b in spec.rows])
+            whole[rows] = w
         else:
             out[spec.tensor] = w
     return out
@@ -314,7 +324,8 @@ class _Swapped:
 
     def get(self, name, dtype=torch.float32, device=None, rows=None):
         if name in self.decoded:
-            w = self.decoded[name] if rows is None else self.decoded[name][rows[0]:rows[1]]
+            w = self.decoded[name]
+            w = w if rows is None else torch.cat([w[a:b] for a, b in rows])
             return w.to(device=device, dtype=dtype)
         return self.index.get(name, dtype=dtype, device=device, rows=rows)
 

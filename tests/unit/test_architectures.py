@@ -45,12 +45,12 @@ def _layers(model):
     return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
 
 
-def hf_trace(model, arch: str, ids: torch.Tensor, norms: tuple[str, str] | None = None):
+def hf_trace(model, arch: str, ids: torch.Tensor, llama_names: bool = False):
     """transformers' logits and, per layer: input x, the residual between attention and MLP
-    (the input of the MLP's pre-norm), output y, and the Hessian inputs. ``norms``: the layers'
-    attention and MLP pre-norm names where they differ from ``arch``'s."""
-    spec = arch_mod.ARCHS[arch]
-    attn_norm, mlp_norm = norms or (spec.attn_norms[0], spec.mlp_norms[0])
+    (the input of the MLP's pre-norm), output y, and the Hessian inputs. ``llama_names``: the
+    model is a Llama-named twin of ``arch`` (tests.tinymodel.transformers_twin)."""
+    spec = arch_mod.ARCHS["LlamaForCausalLM" if llama_names else arch]
+    attn_norm, mlp_norm = spec.attn_norms[0], spec.mlp_norms[0]
     layers = _layers(model)
     trace = [dict() for _ in layers]
     hooks = []
@@ -87,10 +87,10 @@ def test_remote_code_forward_matches_its_transformers_twin(tf, tmp_path, arch):
     """Yi, Orion, Index and MiniCPM have no transformers class: each is checked against the
     transformers model that computes the same function (tests.tinymodel.transformers_twin)."""
     path = make_tiny_remote(tmp_path / arch, arch, dtype=torch.float32)
-    check_forward(path, arch, transformers_twin(path, arch), norms=("input_layernorm", "post_attention_layernorm"))
+    check_forward(path, arch, transformers_twin(path, arch), llama_names=True)
 
 
-def check_forward(path, arch: str, model, norms: tuple[str, str] | None = None) -> None:
+def check_forward(path, arch: str, model, llama_names: bool = False) -> None:
     """Our float32 forward on ``path``, module by module and whole, against transformers'
     ``model`` (eager attention, float32)."""
     cfg = load_config(path)
@@ -98,7 +98,7 @@ def check_forward(path, arch: str, model, norms: tuple[str, str] | None = None) 
     index.check(expected_tensors(cfg))
     ids = ids_for(cfg.vocab_size)
     model.config._attn_implementation = "eager"
-    ref_logits, trace = hf_trace(model, arch, ids, norms)
+    ref_logits, trace = hf_trace(model, arch, ids, llama_names)
 
     x0 = fw.embed(ids, index.get(arch_mod.embedding_tensor(cfg)), cfg.embed_scale)
     close(x0, trace[0]["x"])
@@ -131,6 +131,8 @@ def check_forward(path, arch: str, model, norms: tuple[str, str] | None = None) 
     ("MiniCPMForCausalLM", set(), ["input_layernorm.weight"]),
     ("Starcoder2ForCausalLM", {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
      ["input_layernorm.bias", "mlp.c_fc.weight", "mlp.c_proj.bias"]),
+    ("InternLM2ForCausalLM", set(), ["attention.wqkv.weight", "attention.wo.weight", "attention_norm.weight",
+                                     "feed_forward.w1.weight", "ffn_norm.weight"]),
 ])
 def test_tensor_table(models, remote_models, arch, biased, extra):
     cfg = load_config((models | remote_models)[arch])
@@ -141,7 +143,8 @@ def test_tensor_table(models, remote_models, arch, biased, extra):
     names = expected_tensors(cfg)
     for suffix in extra:
         assert f"model.layers.1.{suffix}" in names
-    assert specs["q_proj"].name == "model.layers.1.self_attn.q_proj"
+    # the output's name: ExLlamaV2's, whatever the checkpoint calls it (InternLM2's attention.wqkv)
+    assert arch_mod.output_name(cfg, specs["q_proj"].name).endswith("model.layers.1.self_attn.q_proj")
 
 
 def test_phi3_fused_rows(models):
@@ -150,8 +153,8 @@ def test_phi3_fused_rows(models):
     path = models["Phi3ForCausalLM"]
     cfg = load_config(path)
     specs = layer_linears(cfg, 0)
-    assert [specs[s].rows for s in ("q_proj", "k_proj", "v_proj")] == [(0, 64), (64, 96), (96, 128)]
-    assert [specs[s].rows for s in ("gate_proj", "up_proj")] == [(0, 128), (128, 256)]
+    assert [specs[s].rows for s in ("q_proj", "k_proj", "v_proj")] == [((0, 64),), ((64, 96),), ((96, 128),)]
+    assert [specs[s].rows for s in ("gate_proj", "up_proj")] == [((0, 128),), ((128, 256),)]
     assert specs["k_proj"].tensor == "model.layers.0.self_attn.qkv_proj.weight"
     assert expected_tensors(cfg)["model.layers.0.mlp.gate_up_proj.weight"] == (256, 64)
     index = WeightIndex(path)
@@ -188,6 +191,30 @@ def test_config_multipliers_and_rotary(models, remote_models):
         "post_attention_layernorm": "model.layers.0.post_attention_layernorm.weight",
         "post_attention_layernorm.bias": "model.layers.0.post_attention_layernorm.bias"}
     assert "model.norm.bias" in expected_tensors(orion)
+
+
+def test_internlm2_names_and_wqkv_rows(remote_models):
+    """InternLM2's tensors take ExLlamaV2's names in the output (its keymap), and q/k/v are read
+    from wqkv's per-key/value-head blocks: 4 query heads of 16 over 2 KV heads, blocks of 64 rows."""
+    cfg = load_config(remote_models["InternLM2ForCausalLM"])
+    specs = layer_linears(cfg, 0)
+    assert [specs[s].rows for s in ("q_proj", "k_proj", "v_proj")] == [
+        ((0, 32), (64, 96)), ((32, 48), (96, 112)), ((48, 64), (112, 128))]
+    names = {n: arch_mod.output_name(cfg, n) for n in (
+        "model.tok_embeddings.weight", "output", "model.layers.0.attention.wo", "model.layers.0.attention.q_proj",
+        "model.layers.0.attention_norm.weight", "model.layers.0.feed_forward.w1", "model.norm.weight")}
+    assert list(names.values()) == [
+        "model.embed_tokens.weight", "lm_head", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
+        "model.layers.0.attention_norm.weight", "model.layers.0.feed_forward.w1", "model.norm.weight"]
+    assert arch_mod.output_name(cfg, "model.layers.0.wo_extra.weight") == "model.layers.0.wo_extra.weight"
+
+
+def test_internlm2_with_biases_is_refused(tmp_path):
+    path = make_tiny_remote(tmp_path / "m", "InternLM2ForCausalLM")
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(raw | {"bias": True}))
+    with pytest.raises(Exl2Error, match="field 'bias' is true"):
+        load_config(path)
 
 
 def test_gemma1_config_as_google_ships_it(tmp_path, models):
@@ -259,6 +286,7 @@ def remote_models(tmp_path_factory):
     ("IndexForCausalLM", {"norm_head": False}, {}),
     ("MiniCPMForCausalLM", {"logit_scale": 1.0}, {}),
     ("Starcoder2ForCausalLM", {}, {"norm_bias": False}),
+    ("InternLM2ForCausalLM", {}, {"qkv_interleaved": False}),
 ])
 def test_each_architecture_feature_changes_the_result(models, remote_models, monkeypatch, arch, change, spec_change):
     """Matching transformers proves a feature right only if leaving it out changes the logits."""
