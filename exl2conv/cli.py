@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error, Interrupted
+from exl2conv.model.arch import ARCHS
 
 SUBCOMMANDS = ("inspect", "eval", "demo", "to-safetensors")
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face model folder to EXL2 (ExLlamaV2's format). Re-running the same "
                     "command resumes an interrupted job. Other commands: exl2conv inspect, eval, demo, "
                     "to-safetensors (each with --help).",
+        epilog="Architectures (config.json's architectures[0]): " + ", ".join(ARCHS) + ".",
     )
     # Defaults are None so that a resumed run can tell given arguments from absent ones; the real
     # defaults live in exl2conv.job.ARGS and are shown here for --help.
