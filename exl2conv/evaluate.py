@@ -81,8 +81,10 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
     with ExitStack() as stack:
         q = Exl2Weights(exl2_path, ref, stack, rename=lambda name: arch.output_name(cfg, name))
         emb_ref = ref.get(arch.embedding_tensor(cfg), device=dev)
-        x_ref = forward.embed(ids.to(dev), emb_ref, cfg.embed_scale)
-        x_q = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev), cfg.embed_scale)
+        pos = arch.position_tensor(cfg)
+        x_ref = forward.embed(ids.to(dev), emb_ref, cfg.embed_scale, forward.load_positions(ref, cfg, dev))
+        x_q = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev), cfg.embed_scale,
+                            q.plain(pos, dev) if pos else None)
         del emb_ref
         rope = forward.rope_tables(cfg, ids.shape[1], dev)
         for i in range(cfg.num_layers):

@@ -18,14 +18,14 @@ from exl2conv.gptq import Hessian
 from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
 
-MODES = {"embed": None, "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear"}
+MODES = {"embed": None, "pos_emb": "pos_emb", "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear"}
 MOE_MODE = "block_sparse_moe"
 
 
 @dataclass(frozen=True)
 class Module:
     index: int
-    kind: str          # embed | attn | mlp | norm | head
+    kind: str          # embed | pos_emb | attn | mlp | norm | head
     key: str           # "model.layers.3", "model.norm", "lm_head"
     layer: int | None = None
     # an MoE MLP: same kind (it runs and quantizes as the MLP slot), ExLlamaV2's own mode
@@ -43,9 +43,14 @@ class Module:
 
 def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: str = "model.norm",
                 head_key: str = "lm_head", embed_key: str = "model.embed_tokens",
-                moe: bool = False) -> list[Module]:
-    """``moe``: the MLPs are MoE blocks, keyed ``<layer>.block_sparse_moe`` (spec 3.1, 3.7)."""
+                moe: bool = False, positions_key: str | None = None) -> list[Module]:
+    """``moe``: the MLPs are MoE blocks, keyed ``<layer>.block_sparse_moe`` (spec 3.1, 3.7).
+    ``positions_key``: a learned position table's module (GPTBigCode's ``model.wpe``), which
+    ExLlamaV2 lists after the embedding: it shifts every later module's index, and its
+    measurement entry is null."""
     mods = [Module(0, "embed", embed_key)]
+    if positions_key:
+        mods.append(Module(1, "pos_emb", positions_key))
     for i in range(num_layers):
         mods.append(Module(len(mods), "attn", f"{layers_prefix}.{i}", i))
         mods.append(Module(len(mods), "mlp", f"{layers_prefix}.{i}", i, moe=moe))

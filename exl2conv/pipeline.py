@@ -167,7 +167,8 @@ class Context:
         def key(name: str) -> str:
             return arch.output_name(self.cfg, spec.prefix + name)
         return module_list(self.cfg.num_layers, layers_prefix=key(spec.layers), norm_key=key(spec.final_norm),
-                           head_key=key(spec.head), embed_key=key(spec.embed), moe=spec.moe)
+                           head_key=key(spec.head), embed_key=key(spec.embed), moe=spec.moe,
+                           positions_key=key(spec.positions) if spec.positions else None)
 
     def chunk(self, length: int) -> int:
         """Calibration rows per forward call: a quarter of :data:`CHUNK_BYTES` (1 GiB on a GPU,
@@ -359,11 +360,13 @@ def stage_begin(ctx: Context) -> None:
 
 
 def embedded_rows(ctx: Context, ids: torch.Tensor, step: int):
-    """The token embeddings of ``ids`` ``[R, L]`` on ``ctx.device``, ``step`` rows at a time:
-    yields ``(first row, [<=step, L, H] float32)``; the table is read once."""
+    """The token embeddings of ``ids`` ``[R, L]`` (with the learned positions where the model has
+    them) on ``ctx.device``, ``step`` rows at a time: yields ``(first row, [<=step, L, H]
+    float32)``; the table is read once."""
     table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
+    positions = forward.load_positions(ctx.weights, ctx.cfg, ctx.device)
     for r in range(0, ids.shape[0], step):
-        yield r, forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale)
+        yield r, forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale, positions)
 
 
 def embed_states(ctx: Context, ids: torch.Tensor, home: torch.device | None = None) -> torch.Tensor:
@@ -425,10 +428,10 @@ def stage_sensitivity(ctx: Context) -> None:
     rows = sensitivity.rows_for(ids, ctx.cfg.hidden_size, ctx.cfg.num_layers)
     ctx.rep.info(f"Output sensitivity of each module: {rows} rows x {ids.shape[1]} tokens, forward and backward")
     with ctx.rep.progress("Sensitivity", 2 * ctx.cfg.num_layers, "Sensitivity") as bar:
-        mods = ctx.modules
+        blocks = [m for m in ctx.modules if m.kind in ("attn", "mlp")]  # in the order of the Fisher's rows
         fisher = sensitivity.fisher_diagonals(
             ctx.weights, ctx.cfg, ids, ctx.device, on_layer=lambda: bar.update(1),
-            check=lambda m, x: check_finite(x, f"{mods[m + 1].meas_key} output"), chunk=ctx.chunk(ids.shape[1]))
+            check=lambda m, x: check_finite(x, f"{blocks[m].meas_key} output"), chunk=ctx.chunk(ids.shape[1]))
     if not bool(torch.isfinite(fisher).all()):
         raise Exl2Error("the output sensitivity holds NaN or Inf values (the model's forward or backward pass "
                         "overflows float32 on the calibration data); check the model's weights")
@@ -516,7 +519,8 @@ def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dic
         entries, states, pred = measure_module(
             mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
             ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-            fisher=None if fisher is None else fisher[mod.index - 1], device=ctx.device, arena=arena)
+            fisher=None if fisher is None else fisher[2 * mod.layer + (mod.kind == "mlp")], device=ctx.device,
+            arena=arena)
         if pred is not None:
             predicted[mod.meas_key] = pred
         best = max(e["accuracy"] for e in entries)
@@ -796,8 +800,8 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
         record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
         del w  # before the next module's weights (or the head's) are read
         bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
-    elif mod.kind == "norm":
-        bar.update(1)  # the head applies the final norm (it may tweak it first)
+    elif mod.kind in ("norm", "pos_emb"):
+        bar.update(1)  # the embedding stage adds the positions; the head applies the final norm
     else:
         release_cached(ctx.device)  # the head's large buffers start from a clean slate
         record.update(quantize_head(ctx, states, save, stream))
@@ -930,6 +934,9 @@ def stage_compile(ctx: Context) -> None:
 
     tensors.append(embedding())
     ends.append(len(tensors))
+    if arch.position_tensor(cfg):  # a module of its own in ExLlamaV2's list
+        tensors.append(fp16(arch.position_tensor(cfg)))
+        ends.append(len(tensors))
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
             for norm in arch.norm_tensors(cfg, i, part):
@@ -1197,6 +1204,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
         check_bits_reachable(cfg, job["bits"])
     if not job["output_measurement"]:
         check_shard_size(cfg, weights, float(job["shard_size"]))
+    check_positions(cfg, job)
     ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     remove_stray_checkpoints(ctx)
@@ -1230,6 +1238,18 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
             signal.signal(signal.SIGINT, previous)
         stop.reset()
     return summarize(ctx)
+
+
+def check_positions(cfg, job: Job) -> None:
+    """A model with learned positions (GPTBigCode) has rows for its first n positions only: longer
+    calibration rows are refused before any work."""
+    if arch.position_tensor(cfg) is None:
+        return
+    for flag, field_ in (("-l", "length"), ("-ml", "measurement_length")):
+        if int(job[field_]) > cfg.max_position_embeddings:
+            raise Exl2Error(f"{flag} {job[field_]}: {cfg.arch} has learned positions for its first "
+                            f"{cfg.max_position_embeddings} tokens only; give {flag} {cfg.max_position_embeddings} "
+                            "or less")
 
 
 def check_shard_size(cfg, weights: WeightIndex, shard_mb: float) -> None:

@@ -127,7 +127,8 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     def load(i: int, part: str, ahead: list[str] | None = None) -> dict:
         return forward.load_layer_weights(weights, cfg, i, part, device, ahead=ahead)
 
-    x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale)
+    x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale,
+                      forward.load_positions(weights, cfg, device))
     inputs = []
     step = chunk or rows
     with torch.no_grad():

@@ -158,6 +158,9 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
         return tf.GraniteConfig(**common, **({"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                               "attention_multiplier": 0.2, "logits_scaling": 4.0,
                                               "pad_token_id": 0} | extra))
+    if arch == "GPTBigCodeForCausalLM":
+        return tf.GPTBigCodeConfig(**common, **({"n_inner": common["intermediate_size"], "n_positions": 256,
+                                                 "multi_query": True, "layer_norm_epsilon": 1e-5} | extra))
     if arch == "Starcoder2ForCausalLM":
         return tf.Starcoder2Config(**common, **({"norm_epsilon": 1e-5} | extra))
     if arch == "Glm4ForCausalLM":
@@ -182,7 +185,7 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
 
 HF_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
             "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "GraniteForCausalLM",
-            "Glm4ForCausalLM", "Starcoder2ForCausalLM")
+            "Glm4ForCausalLM", "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM")
 
 
 def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16,

@@ -61,8 +61,13 @@ class ArchSpec:
     # as transformers computes it). Empty: ``act`` only.
     act_names: tuple[str, ...] = ()
     # "neox": dimension j pairs with j + rot/2; "gptj": 2j pairs with 2j + 1 (Glm4, Cohere). Over
-    # the first rot = head_dim * partial_rotary_factor dimensions of each head.
+    # the first rot = head_dim * partial_rotary_factor dimensions of each head. "none": no RoPE,
+    # positions come from the learned table ``positions`` (GPTBigCode).
     rope_style: str = "neox"
+    # The learned position table [max positions, hidden] added to the embeddings, where there is one.
+    positions: str | None = None
+    # Multi-query attention: one key/value head whatever config.json says (GPTBigCode, as ExLlamaV2).
+    mqa: bool = False
     # "rms": RMSNorm; "layer": LayerNorm (mean subtracted), with a "<norm>.bias" tensor for every
     # norm where ``norm_bias`` (Orion).
     norm: str = "rms"
@@ -146,6 +151,17 @@ ARCHS: dict[str, ArchSpec] = {
         fused=(("q_proj", "attention.wqkv", 0), ("k_proj", "attention.wqkv", 1), ("v_proj", "attention.wqkv", 2)),
         keymap=(("$output.", "lm_head."), ("$model.tok_embeddings.", "model.embed_tokens."),
                 (".attention.", ".self_attn."), (".wo.", ".o_proj."))),
+    "GPTBigCodeForCausalLM": ArchSpec(
+        "GPTBigCodeForCausalLM", layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
+        attn_norms=("ln_1",), mlp_norms=("ln_2",), attn_prefix="attn", mlp_linears=("up_proj", "down_proj"),
+        linear_names=(("o_proj", "c_proj"), ("up_proj", "c_fc"), ("down_proj", "c_proj")),
+        fused=(("q_proj", "attn.c_attn", 0), ("k_proj", "attn.c_attn", 1), ("v_proj", "attn.c_attn", 2)),
+        norm="layer", norm_bias=True, eps_keys=("layer_norm_epsilon",), exllamav2_eps_key="layer_norm_epsilon",
+        act="gelu_pytorch_tanh", act_names=("gelu_pytorch_tanh", "gelu_new"), rope_style="none",
+        positions="transformer.wpe", mqa=True, head_falls_back=True,
+        always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}),
+        keymap=(("transformer.ln_f", "model.norm"), ("transformer.", "model."), (".attn.c_proj.", ".self_attn.o_proj."),
+                (".attn.", ".self_attn."), (".h.", ".layers."), (".wte.", ".embed_tokens."))),
     "Starcoder2ForCausalLM": ArchSpec(
         "Starcoder2ForCausalLM", norm="layer", norm_bias=True, eps_keys=("norm_epsilon", "layer_norm_epsilon"),
         exllamav2_eps_key="layer_norm_epsilon", act="gelu_pytorch_tanh", mlp_linears=("up_proj", "down_proj"),
@@ -230,7 +246,8 @@ class LinearSpec:
 
     @property
     def bias_tensor(self) -> str | None:
-        return f"{self.name}.bias" if self.bias else None
+        """The source bias: beside the weight, and of a fused source the same rows."""
+        return self.tensor.removesuffix(".weight") + ".bias" if self.bias else None
 
 
 def spec_of(cfg: "ModelConfig") -> ArchSpec:
@@ -422,6 +439,12 @@ def embedding_tensor(cfg: "ModelConfig") -> str:
     return f"{spec.prefix}{spec.embed}.weight"
 
 
+def position_tensor(cfg: "ModelConfig") -> str | None:
+    """The learned position table (GPTBigCode's wpe), or None where positions come from RoPE."""
+    spec = spec_of(cfg)
+    return f"{spec.prefix}{spec.positions}.weight" if spec.positions else None
+
+
 def final_norm_tensor(cfg: "ModelConfig") -> str:
     spec = spec_of(cfg)
     return f"{spec.prefix}{spec.final_norm}.weight"
@@ -442,6 +465,8 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
     spec = spec_of(cfg)
     h = cfg.hidden_size
     out: dict[str, tuple[int, ...]] = {embedding_tensor(cfg): (cfg.vocab_size, h)}
+    if position_tensor(cfg):
+        out[position_tensor(cfg)] = (cfg.max_position_embeddings, h)
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
             for norm in norm_tensors(cfg, i, part):
@@ -453,7 +478,7 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
                 rows = max(end, out.get(lin.tensor, (0,))[0])
                 out[lin.tensor] = (rows, lin.in_features)
                 if lin.bias:
-                    out[lin.bias_tensor] = (lin.out_features,)
+                    out[lin.bias_tensor] = (rows,)
             if part == "attn":
                 for norm in head_norm_tensors(cfg, i):
                     out[norm] = (cfg.head_dim,)

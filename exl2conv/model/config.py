@@ -308,7 +308,7 @@ def _first(r: _Reader, keys: tuple[str, ...]) -> str | None:
 
 def _activation(r: _Reader, arch: str) -> None:
     spec = ARCHS[arch]
-    act = r.raw.get("hidden_act") or r.raw.get("hidden_activation") or spec.act
+    act = r.raw.get("hidden_act") or r.raw.get("hidden_activation") or r.raw.get("activation_function") or spec.act
     if act not in (spec.act_names or (spec.act,)):
         raise r.fail(f"hidden_act is {act!r}; {arch} is supported with {spec.act!r} only")
 
@@ -349,10 +349,18 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     arch = _arch(r)
     r = _Reader(path, _text_fields(r.raw, arch))
     spec = ARCHS[arch]
-    hidden = r.int("hidden_size")
-    inter = r.int("intermediate_size")
-    heads = r.int("num_attention_heads")
+    # the older names GPT-style configs use (n_embd, ...), which ExLlamaV2 reads for every architecture
+    hidden = r.int(_first(r, ("hidden_size", "n_embd")) or "hidden_size")
+    inter_key = _first(r, ("intermediate_size", "n_inner"))
+    # GPTBigCode's n_inner may be null: 4 x hidden, as transformers builds it
+    inter = r.int(inter_key) if inter_key or not spec.positions else 4 * hidden
+    heads = r.int(_first(r, ("num_attention_heads", "n_head")) or "num_attention_heads")
     kv_heads = r.int("num_key_value_heads", heads)
+    if spec.mqa:
+        if r.raw.get("multi_query") is False:
+            raise r.fail(f"multi_query is false: ExLlamaV2 0.3.2 runs every {arch} with one key/value head, so "
+                         "its EXL2 output would run wrongly; the model is not converted")
+        kv_heads = 1
     if r.raw.get("head_dim") is None and hidden % heads:
         raise r.fail(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) "
                      f"and there is no head_dim field")
@@ -371,7 +379,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     bos = r.raw.get("bos_token_id")
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
         raise r.fail(f"field 'bos_token_id' must be an integer, not {bos!r}")
-    num_layers = r.int("num_hidden_layers")
+    num_layers = r.int(_first(r, ("num_hidden_layers", "n_layer")) or "num_hidden_layers")
     window = r.int("sliding_window", None) if spec.sliding_window or spec.gemma else None
     gemma = _gemma_fields(r, num_layers) if spec.gemma else {}
     if not spec.gemma:
@@ -394,7 +402,8 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         norm_eps=r.float(_first(r, spec.eps_keys) or spec.eps_keys[0], 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=r.int("max_position_embeddings", 2048),
+        max_position_embeddings=r.int(_first(r, ("max_position_embeddings", "n_positions")) or
+                                      "max_position_embeddings", 2048),
         tie_word_embeddings=r.bool("tie_word_embeddings"),
         attention_bias=r.bool("attention_bias"),
         mlp_bias=r.bool("mlp_bias"),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import (MOE_SHARED_INPUT, embedding_tensor, final_norm_tensor, head_spec, layer_linears,
-                   norm_bias_tensor, norm_weights, router_tensor, spec_of)
+                   norm_bias_tensor, norm_weights, position_tensor, router_tensor, spec_of)
 from .config import ModelConfig
 from .weights import WeightIndex
 
@@ -158,15 +158,26 @@ def _module_norm(x: torch.Tensor, w: dict, key: str, cfg: ModelConfig) -> torch.
     return norm(x, w[key], cfg, w.get(f"{key}.bias"))
 
 
-def embed(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def embed(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0,
+          positions: torch.Tensor | None = None) -> torch.Tensor:
     """ids [B, L] int64, table [V, H] -> f32 [B, L, H] on the table's device, times ``scale``
-    (``cfg.embed_scale``: Gemma's sqrt(hidden)).
+    (``cfg.embed_scale``: Gemma's sqrt(hidden)), plus rows 0..L-1 of the learned position table
+    ``positions`` where the model has one (GPTBigCode).
 
     Ids at or above V become 0 and negative ids (noise rows) look up row 0 (spec 2.4)."""
     ids = ids.to(table.device)
     ids = torch.where(ids >= table.shape[0], 0, ids).clamp(min=0)
     x = F.embedding(ids, table).float()
-    return x * scale if scale != 1.0 else x
+    x = x * scale if scale != 1.0 else x
+    if positions is not None:
+        x = x + positions[: ids.shape[-1]].to(x.device, torch.float32)
+    return x
+
+
+def load_positions(index: WeightIndex, cfg: ModelConfig, device=None) -> torch.Tensor | None:
+    """The learned position table [positions, hidden] f32, or None where the model has none."""
+    name = position_tensor(cfg)
+    return index.get(name, device=device) if name else None
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -328,7 +339,8 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     spec = spec_of(cfg)
     layer = w.get(LAYER)
-    cos, sin = _layer_rope(cfg, rope, layer, length, x.device)
+    if spec.rope_style != "none":
+        cos, sin = _layer_rope(cfg, rope, layer, length, x.device)
 
     n = _module_norm(x, w, spec.attn_norms[0], cfg)
     q = _linear(n, w, "q_proj").view(b, length, heads, d).transpose(1, 2)
@@ -337,7 +349,8 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     if spec.qk_norm:
         q = rms_norm(q, _head_norm(w["q_norm"]), cfg.norm_eps)
         k = rms_norm(k, _head_norm(w["k_norm"]), cfg.norm_eps)
-    q, k = apply_rope(q, cos, sin, spec.rope_style), apply_rope(k, cos, sin, spec.rope_style)
+    if spec.rope_style != "none":
+        q, k = apply_rope(q, cos, sin, spec.rope_style), apply_rope(k, cos, sin, spec.rope_style)
     if kv != heads:
         k = k.repeat_interleave(heads // kv, dim=1)
         v = v.repeat_interleave(heads // kv, dim=1)
@@ -540,7 +553,7 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     for short, lin in layer_linears(cfg, i, part).items():
         w[short] = index.get(lin.tensor, dtype=index.held_dtype(lin.tensor, compact), device=device, rows=lin.rows)
         if lin.bias:
-            w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device)
+            w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device, rows=lin.rows)
     index.read_ahead(next_module_tensors(index, cfg, i, part) if ahead is None else ahead)
     return w
 
@@ -573,7 +586,8 @@ def next_module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str)
 def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=None) -> torch.Tensor:
     """ids [B, L] -> f32 logits [B, L, V]: the whole model, one layer's weights in memory at a time.
     For checks and perplexity on small models; the converter drives the modules itself."""
-    x = embed(ids, index.get(embedding_tensor(cfg), device=device), cfg.embed_scale)
+    x = embed(ids, index.get(embedding_tensor(cfg), device=device), cfg.embed_scale,
+              load_positions(index, cfg, device))
     rope = RotaryCache(cfg)
     for i in range(cfg.num_layers):
         x, _ = attention(x, load_layer_weights(index, cfg, i, "attn", device), cfg, rope)

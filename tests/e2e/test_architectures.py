@@ -65,6 +65,8 @@ def expected_names(cfg, index) -> dict[str, tuple[int, ...] | None]:
     norms = [arch_mod.final_norm_tensor(cfg)] + [n for i in range(cfg.num_layers) for part in ("attn", "mlp")
                                                  for n in arch_mod.norm_tensors(cfg, i, part)]
     out = {arch_mod.embedding_tensor(cfg): (cfg.vocab_size, h)}
+    if arch_mod.position_tensor(cfg):
+        out[arch_mod.position_tensor(cfg)] = (cfg.max_position_embeddings, h)
     for name in norms:
         out[name] = (h,)
         if arch_mod.norm_bias_tensor(cfg, name):
@@ -84,7 +86,7 @@ def expected_names(cfg, index) -> dict[str, tuple[int, ...] | None]:
 def unquantized_sources(cfg, index) -> dict[str, str]:
     """Output name -> the source tensor each unquantized output tensor is copied from."""
     final = arch_mod.final_norm_tensor(cfg)
-    names = [arch_mod.embedding_tensor(cfg), final, arch_mod.norm_bias_tensor(cfg, final)]
+    names = [arch_mod.embedding_tensor(cfg), arch_mod.position_tensor(cfg), final, arch_mod.norm_bias_tensor(cfg, final)]
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
             names += list(arch_mod.norm_weights(cfg, i, part).values())
@@ -109,7 +111,8 @@ def test_output_names_and_shapes(converted):
     # ExLlamaV2 reads the RoPE from the older keys, which a transformers 5 source keeps in rope_parameters
     fields = config.get("text_config", config)
     assert fields[arch_mod.spec_of(cfg).exllamav2_eps_key] == cfg.norm_eps  # Starcoder2's norm_epsilon
-    assert fields["rope_theta"] == cfg.rope_theta
+    if arch_mod.spec_of(cfg).rope_style != "none":
+        assert fields["rope_theta"] == cfg.rope_theta
     assert fields.get("partial_rotary_factor", 1.0) == cfg.partial_rotary_factor
 
 
@@ -150,6 +153,16 @@ def test_a_gemma3_text_model_exllamav2_would_run_wrongly_is_refused(tmp_path, ca
     assert main(["-i", str(src), "-o", str(tmp_path / "work"), "-ml", "128", "-l", "128"]) == 1
     err = capsys.readouterr().err
     assert "runs Gemma3ForCausalLM models at 10000" in err and not (tmp_path / "work").exists()
+
+
+def test_rows_longer_than_the_learned_positions_are_refused(tmp_path, capsys):
+    """GPTBigCode's position table has 256 rows here: -ml 512 is refused before any stage runs."""
+    pytest.importorskip("transformers")
+    src = make_tiny_hf(tmp_path / "model", "GPTBigCodeForCausalLM", seed=3)
+    assert main(["-i", str(src), "-o", str(tmp_path / "work"), "-ml", "512", "-l", "256"]) == 1
+    err = capsys.readouterr().err
+    assert "-ml 512: GPTBigCodeForCausalLM has learned positions for its first 256 tokens only" in err
+    assert not (tmp_path / "work" / "measurement.json").exists()
 
 
 def tweaked_norms(cfg) -> set[str]:
@@ -211,7 +224,7 @@ def test_decoded_weights_are_close(converted):
         errs[spec.name] = float((w - ref).norm() / ref.norm())
         if spec.bias:
             bias = tensors[f"{name}.bias"][: spec.out_features]
-            assert torch.equal(bias, index.get(spec.bias_tensor, dtype=torch.float16))
+            assert torch.equal(bias, index.get(spec.bias_tensor, dtype=torch.float16, rows=spec.rows))
     # ~6 bpw on Gaussian weights: the solver spends bits unevenly (4-bit linears err ~0.09, 8-bit ~0.01)
     assert max(errs.values()) < 0.15, errs
     assert sum(errs.values()) / len(errs) < 0.07, errs
@@ -356,12 +369,15 @@ def test_measurement_keys_carry_the_architecture_prefix(converted):
     cfg = load_config(src)
     p = arch_mod.spec_of(cfg).out_prefix + arch_mod.spec_of(cfg).prefix
     doc = json.loads((out.parent / "work" / "measurement.json").read_text())
-    want = []
+    # a learned position table is a module of its own, after the embedding (GPTBigCode)
+    want = ["model.wpe.pos_emb"] if arch_mod.position_tensor(cfg) else []
     for i in range(cfg.num_layers):
         want += [f"{p}model.layers.{i}.self_attn", f"{p}model.layers.{i}.mlp"]
     want += [f"{p}model.norm.norm", f"{p}lm_head.linear"]
     assert list(doc["measurement"]) == want
-    assert doc["last_module_idx"] == 2 * cfg.num_layers + 2
+    assert doc["last_module_idx"] == len(want)
+    want = [k for k in want if not k.endswith(".pos_emb")]
+    assert doc["measurement"].get("model.wpe.pos_emb", None) is None
     # every entry of a module names exactly its linears: an ungated MLP (Starcoder2) has no gate_proj
     for i in range(cfg.num_layers):
         for part, key in (("attn", want[2 * i]), ("mlp", want[2 * i + 1])):

@@ -41,6 +41,8 @@ def models(tmp_path_factory, tf):
 
 
 def _layers(model):
+    if hasattr(model, "transformer"):  # GPTBigCode
+        return model.transformer.h
     inner = model.model
     return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
 
@@ -63,10 +65,12 @@ def hf_trace(model, arch: str, ids: torch.Tensor, llama_names: bool = False):
             layer.register_forward_pre_hook(keep_layer_input(i), with_kwargs=True),
             layer.register_forward_hook(keep(i, "y")),
             pre_attn.register_forward_hook(keep(i, "attn_post_norm")),
-            layer.self_attn.o_proj.register_forward_hook(keep(i, "attn_output", True)),
+            getattr(getattr(layer, spec.attn_prefix), spec.linear_name("o_proj")).register_forward_hook(
+                keep(i, "attn_output", True)),
             pre_mlp.register_forward_hook(keep(i, "mid", True)),
             pre_mlp.register_forward_hook(keep(i, "mlp_post_norm")),
-            getattr(layer.mlp, spec.linear_name("down_proj")).register_forward_hook(keep(i, "pre_down", True)),
+            getattr(getattr(layer, spec.mlp_prefix), spec.linear_name("down_proj")).register_forward_hook(
+                keep(i, "pre_down", True)),
         ]
     return logits_with_hooks(model, ids, hooks), trace
 
@@ -100,7 +104,7 @@ def check_forward(path, arch: str, model, llama_names: bool = False) -> None:
     model.config._attn_implementation = "eager"
     ref_logits, trace = hf_trace(model, arch, ids, llama_names)
 
-    x0 = fw.embed(ids, index.get(arch_mod.embedding_tensor(cfg)), cfg.embed_scale)
+    x0 = fw.embed(ids, index.get(arch_mod.embedding_tensor(cfg)), cfg.embed_scale, fw.load_positions(index, cfg))
     close(x0, trace[0]["x"])
     rope = fw.RotaryCache(cfg)
     for i, t in enumerate(trace):
@@ -133,6 +137,8 @@ def check_forward(path, arch: str, model, llama_names: bool = False) -> None:
      ["input_layernorm.bias", "mlp.c_fc.weight", "mlp.c_proj.bias"]),
     ("InternLM2ForCausalLM", set(), ["attention.wqkv.weight", "attention.wo.weight", "attention_norm.weight",
                                      "feed_forward.w1.weight", "ffn_norm.weight"]),
+    ("GPTBigCodeForCausalLM", {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
+     ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "mlp.c_fc.weight", "mlp.c_proj.bias"]),
 ])
 def test_tensor_table(models, remote_models, arch, biased, extra):
     cfg = load_config((models | remote_models)[arch])
@@ -141,8 +147,9 @@ def test_tensor_table(models, remote_models, arch, biased, extra):
     assert list(specs) == ["q_proj", "k_proj", "v_proj", "o_proj", *gated, "up_proj", "down_proj"]
     assert {s for s, sp in specs.items() if sp.bias} == biased
     names = expected_tensors(cfg)
+    layers = arch_mod.spec_of(cfg).layers
     for suffix in extra:
-        assert f"model.layers.1.{suffix}" in names
+        assert f"{layers}.1.{suffix}" in names
     # the output's name: ExLlamaV2's, whatever the checkpoint calls it (InternLM2's attention.wqkv)
     assert arch_mod.output_name(cfg, specs["q_proj"].name).endswith("model.layers.1.self_attn.q_proj")
 
@@ -207,6 +214,33 @@ def test_internlm2_names_and_wqkv_rows(remote_models):
         "model.embed_tokens.weight", "lm_head", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
         "model.layers.0.attention_norm.weight", "model.layers.0.feed_forward.w1", "model.norm.weight"]
     assert arch_mod.output_name(cfg, "model.layers.0.wo_extra.weight") == "model.layers.0.wo_extra.weight"
+
+
+def test_gptbigcode_config_and_names(models):
+    """GPTBigCode: the GPT-2 names of its config (n_embd, n_layer, n_head, n_inner, n_positions), one
+    key/value head (multi-query) whatever num_key_value_heads says, no RoPE but learned positions,
+    c_attn split into q [0, 64), k [64, 80), v [80, 96) with its bias likewise, and ExLlamaV2's
+    names in the output."""
+    cfg = load_config(models["GPTBigCodeForCausalLM"])
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size) == (64, 2, 4, 1, 128)
+    assert cfg.max_position_embeddings == 256 and arch_mod.position_tensor(cfg) == "transformer.wpe.weight"
+    specs = layer_linears(cfg, 1)
+    assert [specs[s].rows for s in ("q_proj", "k_proj", "v_proj")] == [((0, 64),), ((64, 80),), ((80, 96),)]
+    assert specs["k_proj"].bias_tensor == "transformer.h.1.attn.c_attn.bias"
+    names = [arch_mod.output_name(cfg, n) for n in (
+        "transformer.wte.weight", "transformer.wpe", "transformer.h.1.ln_1.weight", specs["q_proj"].name,
+        specs["o_proj"].name, specs["up_proj"].name, specs["down_proj"].name, "transformer.ln_f.bias", "lm_head")]
+    assert names == ["model.embed_tokens.weight", "model.wpe", "model.layers.1.ln_1.weight",
+                     "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.c_fc",
+                     "model.layers.1.mlp.c_proj", "model.norm.bias", "lm_head"]
+
+
+def test_gptbigcode_without_multi_query_is_refused(tmp_path, models):
+    raw = json.loads((models["GPTBigCodeForCausalLM"] / "config.json").read_text())
+    path = make_tiny_hf(tmp_path / "m", "GPTBigCodeForCausalLM")
+    (path / "config.json").write_text(json.dumps(raw | {"multi_query": False}))
+    with pytest.raises(Exl2Error, match="multi_query is false"):
+        load_config(path)
 
 
 def test_internlm2_with_biases_is_refused(tmp_path):
@@ -287,6 +321,7 @@ def remote_models(tmp_path_factory):
     ("MiniCPMForCausalLM", {"logit_scale": 1.0}, {}),
     ("Starcoder2ForCausalLM", {}, {"norm_bias": False}),
     ("InternLM2ForCausalLM", {}, {"qkv_interleaved": False}),
+    ("GPTBigCodeForCausalLM", {}, {"positions": None}),
 ])
 def test_each_architecture_feature_changes_the_result(models, remote_models, monkeypatch, arch, change, spec_change):
     """Matching transformers proves a feature right only if leaving it out changes the logits."""
