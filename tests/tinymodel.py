@@ -161,6 +161,10 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
     if arch == "GPTBigCodeForCausalLM":
         return tf.GPTBigCodeConfig(**common, **({"n_inner": common["intermediate_size"], "n_positions": 256,
                                                  "multi_query": True, "layer_norm_epsilon": 1e-5} | extra))
+    if arch == "GPT2LMHeadModel":  # no grouped attention: num_key_value_heads must not appear in its config
+        plain = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+        return tf.GPT2Config(**plain, **({"n_inner": common["intermediate_size"], "n_positions": 256,
+                                          "layer_norm_epsilon": 1e-5} | extra))
     if arch == "Starcoder2ForCausalLM":
         return tf.Starcoder2Config(**common, **({"norm_epsilon": 1e-5} | extra))
     if arch == "Glm4ForCausalLM":
@@ -185,7 +189,7 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
 
 HF_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
             "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "GraniteForCausalLM",
-            "Glm4ForCausalLM", "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM")
+            "Glm4ForCausalLM", "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel")
 
 
 def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16,

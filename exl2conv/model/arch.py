@@ -11,6 +11,8 @@ the transpose ``[K, N]`` with K = in_features and N = out_features padded to a m
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -68,6 +70,12 @@ class ArchSpec:
     positions: str | None = None
     # Multi-query attention: one key/value head whatever config.json says (GPTBigCode, as ExLlamaV2).
     mqa: bool = False
+    # The linears are stored [in, out] (GPT-2's Conv1D), transposed as they are read.
+    transposed: bool = False
+    # A prefix the checkpoint may put before every name (a GPT-2 saved by transformers says
+    # "transformer.h.0...", the original checkpoint "h.0..."): ModelConfig.source_prefix holds the
+    # one the checkpoint uses.
+    optional_prefix: str = ""
     # "rms": RMSNorm; "layer": LayerNorm (mean subtracted), with a "<norm>.bias" tensor for every
     # norm where ``norm_bias`` (Orion).
     norm: str = "rms"
@@ -162,6 +170,18 @@ ARCHS: dict[str, ArchSpec] = {
         always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}),
         keymap=(("transformer.ln_f", "model.norm"), ("transformer.", "model."), (".attn.c_proj.", ".self_attn.o_proj."),
                 (".attn.", ".self_attn."), (".h.", ".layers."), (".wte.", ".embed_tokens."))),
+    "GPT2LMHeadModel": ArchSpec(
+        "GPT2LMHeadModel", layers="h", embed="wte", final_norm="ln_f", attn_norms=("ln_1",), mlp_norms=("ln_2",),
+        attn_prefix="attn", mlp_linears=("up_proj", "down_proj"),
+        linear_names=(("o_proj", "c_proj"), ("up_proj", "c_fc"), ("down_proj", "c_proj")),
+        fused=(("q_proj", "attn.c_attn", 0), ("k_proj", "attn.c_attn", 1), ("v_proj", "attn.c_attn", 2)),
+        norm="layer", norm_bias=True, eps_keys=("layer_norm_epsilon",), exllamav2_eps_key="layer_norm_epsilon",
+        act="gelu_pytorch_tanh", act_names=("gelu_new", "gelu_pytorch_tanh"), rope_style="none", positions="wpe",
+        head_falls_back=True, transposed=True, optional_prefix="transformer.",
+        always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}),
+        keymap=(("$transformer.", ""), ("$ln_f.", "model.norm."), (".attn.c_proj.", ".self_attn.o_proj."),
+                (".attn.", ".self_attn."), ("$h.", "model.layers."), ("$wte.", "model.embed_tokens."),
+                ("$wpe.", "model.wpe."))),
     "Starcoder2ForCausalLM": ArchSpec(
         "Starcoder2ForCausalLM", norm="layer", norm_bias=True, eps_keys=("norm_epsilon", "layer_norm_epsilon"),
         exllamav2_eps_key="layer_norm_epsilon", act="gelu_pytorch_tanh", mlp_linears=("up_proj", "down_proj"),
@@ -243,6 +263,7 @@ class LinearSpec:
     hessian_input: str
     rows: tuple[tuple[int, int], ...] | None = None
     expert: int | None = None
+    transposed: bool = False
 
     @property
     def bias_tensor(self) -> str | None:
@@ -252,11 +273,18 @@ class LinearSpec:
 
 def spec_of(cfg: "ModelConfig") -> ArchSpec:
     try:
-        return ARCHS[cfg.arch]
+        spec = ARCHS[cfg.arch]
     except KeyError:
         raise Exl2Error(
             f"architecture {cfg.arch!r} is not supported; supported: {', '.join(ARCHS)}"
         ) from None
+    prefix = getattr(cfg, "source_prefix", "")
+    return _with_prefix(spec, prefix) if prefix else spec
+
+
+@functools.lru_cache(maxsize=None)
+def _with_prefix(spec: ArchSpec, prefix: str) -> ArchSpec:
+    return dataclasses.replace(spec, prefix=prefix)
 
 
 def output_name(cfg: "ModelConfig", name: str) -> str:
@@ -321,7 +349,7 @@ def _linear(cfg: "ModelConfig", i: int, part: str, prefix: str, short: str) -> L
     return LinearSpec(
         name=name, short=short, tensor=tensor, in_features=k, out_features=n,
         padded_out=ceil32(n), bias=is_biased(cfg, short), part=part,
-        hessian_input=HESSIAN_INPUT[short], rows=rows,
+        hessian_input=HESSIAN_INPUT[short], rows=rows, transposed=spec_of(cfg).transposed,
     )
 
 
@@ -475,8 +503,8 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
                     out[norm_bias_tensor(cfg, norm)] = (h,)
             for lin in layer_linears(cfg, i, part).values():
                 end = max(b for _, b in lin.rows) if lin.rows else lin.out_features
-                rows = max(end, out.get(lin.tensor, (0,))[0])
-                out[lin.tensor] = (rows, lin.in_features)
+                rows = max(end, out.get(lin.tensor, (0, 0))[1 if lin.transposed else 0])
+                out[lin.tensor] = (lin.in_features, rows) if lin.transposed else (rows, lin.in_features)
                 if lin.bias:
                     out[lin.bias_tensor] = (rows,)
             if part == "attn":

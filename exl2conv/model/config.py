@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import Exl2Error
 from .arch import ARCHS, PAD
+from .weights import WeightIndex
 
 # RoPE scaling types we compute (spec 8.1's Llama family). "dynamic" NTK equals plain RoPE up to
 # max_position_embeddings, and calibration rows are at most 2048 tokens, so it computes as none.
@@ -67,6 +68,9 @@ class ModelConfig:
     rope_local_theta: float | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # The prefix the checkpoint puts before every name, where the architecture allows one
+    # (ArchSpec.optional_prefix); "" otherwise.
+    source_prefix: str = ""
     # Read for every architecture, as ExLlamaV2 0.3.2's config.py reads them (Granite, MiniCPM and
     # Index are the models that set them): the embeddings' factor (scale_emb or
     # embedding_multiplier), the factor on every attention and MLP output before it joins the
@@ -339,6 +343,17 @@ def _scales(r: _Reader, arch: str, hidden: int, num_layers: int) -> dict:
                 norm_head=bool(r.raw.get("norm_head")), partial_rotary_factor=partial)
 
 
+def _source_prefix(model_dir: Path, prefix: str) -> str:
+    """``prefix`` where the checkpoint's tensor names start with it, else "" (headers only)."""
+    if not prefix:
+        return ""
+    try:
+        names = WeightIndex(model_dir).entries
+    except Exl2Error:
+        return ""  # the weights' own check reports what is wrong with them
+    return prefix if any(n.startswith(prefix) for n in names) else ""
+
+
 def load_config(model_dir: str | Path, rope_scale: float | None = None,
                 rope_alpha: float | None = None) -> ModelConfig:
     """Read and check ``model_dir/config.json``. ``rope_scale`` (-rs) and ``rope_alpha`` (-ra)
@@ -390,6 +405,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
                      f"{head_dim}-wide head to rotate")
     moe = _moe_fields(r) if spec.moe else {}
     return ModelConfig(
+        source_prefix=_source_prefix(model_dir, spec.optional_prefix),
         model_dir=model_dir,
         arch=arch,
         hidden_size=hidden,

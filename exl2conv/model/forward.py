@@ -515,6 +515,17 @@ def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> t
     return w + cfg.norm_offset if cfg.norm_offset else w
 
 
+def load_linear(index: WeightIndex, lin, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A linear's weight [out, in] (``lin``: its :class:`LinearSpec`): its rows of a fused source,
+    and a weight stored [in, out] (GPT-2's Conv1D) transposed."""
+    if not lin.transposed:
+        return index.get(lin.tensor, dtype=dtype, device=device, rows=lin.rows)
+    w = index.get(lin.tensor, dtype=dtype, device=device).T
+    if lin.rows:
+        w = torch.cat([w[a:b] for a, b in lin.rows])
+    return w.contiguous()
+
+
 def load_final_norm(index: WeightIndex, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The final norm's (weight, bias) as the forward uses them; bias None where it has none."""
     name = final_norm_tensor(cfg)
@@ -551,7 +562,7 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     if router:
         w[spec_of(cfg).moe_router] = index.get(router, device=device)
     for short, lin in layer_linears(cfg, i, part).items():
-        w[short] = index.get(lin.tensor, dtype=index.held_dtype(lin.tensor, compact), device=device, rows=lin.rows)
+        w[short] = load_linear(index, lin, index.held_dtype(lin.tensor, compact), device)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device, rows=lin.rows)
     index.read_ahead(next_module_tensors(index, cfg, i, part) if ahead is None else ahead)

@@ -220,14 +220,15 @@ def test_decoded_weights_are_close(converted):
         name = arch_mod.output_name(cfg, spec.name)
         packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
         w = decode_linear(packed, name).float()[:, : spec.out_features].T
-        ref = forward.load_head(index, cfg) if spec.part == "head" else index.get(spec.tensor, rows=spec.rows)
-        errs[spec.name] = float((w - ref).norm() / ref.norm())
+        ref = forward.load_head(index, cfg) if spec.part == "head" else forward.load_linear(index, spec)
+        # bound by the layout's fewest bits b: Gaussian weights err ~1.3-2.5 x 2^-b (4 bits ~0.09,
+        # 8 bits ~0.01); the solver may give a linear that matters little 2 or 3 bits (GPT-2's)
+        bits = int(packed["q_groups"][0::2].min())
+        errs[spec.name] = (float((w - ref).norm() / ref.norm()), 3 * 2.0 ** -bits)
         if spec.bias:
             bias = tensors[f"{name}.bias"][: spec.out_features]
             assert torch.equal(bias, index.get(spec.bias_tensor, dtype=torch.float16, rows=spec.rows))
-    # ~6 bpw on Gaussian weights: the solver spends bits unevenly (4-bit linears err ~0.09, 8-bit ~0.01)
-    assert max(errs.values()) < 0.15, errs
-    assert sum(errs.values()) / len(errs) < 0.07, errs
+    assert all(err < bound for err, bound in errs.values()), errs
 
 
 def test_quantized_model_runs_close_to_the_original(converted):
@@ -310,12 +311,17 @@ def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:
         name = arch_mod.output_name(cfg, spec.name)
         packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
         w = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
+        if spec.transposed:  # stored [in, out] (GPT-2's Conv1D): kept [out, in] until the end
+            w = w.T
         if spec.rows:  # a part of a fused source (Phi-3's qkv_proj, gate_up_proj): its rows of the whole
             whole = out.setdefault(spec.tensor, index.get(spec.tensor).clone())
             rows = torch.cat([torch.arange(a, b) for a, b in spec.rows])
-            whole[rows] = w
+            if spec.transposed:
+                whole[:, rows] = w
+            else:
+                whole[rows] = w
         else:
-            out[spec.tensor] = w
+            out[spec.tensor] = w.contiguous()
     return out
 
 
@@ -367,12 +373,15 @@ def test_measurement_keys_carry_the_architecture_prefix(converted):
     Gemma3ForCausalLM, written in that checkpoint's layout."""
     arch, src, out = converted
     cfg = load_config(src)
-    p = arch_mod.spec_of(cfg).out_prefix + arch_mod.spec_of(cfg).prefix
+    p = arch_mod.output_name(cfg, arch_mod.spec_of(cfg).prefix)
     doc = json.loads((out.parent / "work" / "measurement.json").read_text())
     # a learned position table is a module of its own, after the embedding (GPTBigCode)
+    spec = arch_mod.spec_of(cfg)
     want = ["model.wpe.pos_emb"] if arch_mod.position_tensor(cfg) else []
     for i in range(cfg.num_layers):
-        want += [f"{p}model.layers.{i}.self_attn", f"{p}model.layers.{i}.mlp"]
+        layer = arch_mod.output_name(cfg, f"{spec.prefix}{spec.layers}.{i}")
+        assert layer == f"{p}model.layers.{i}"
+        want += [f"{layer}.self_attn", f"{layer}.mlp"]
     want += [f"{p}model.norm.norm", f"{p}lm_head.linear"]
     assert list(doc["measurement"]) == want
     assert doc["last_module_idx"] == len(want)

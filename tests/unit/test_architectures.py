@@ -139,6 +139,8 @@ def check_forward(path, arch: str, model, llama_names: bool = False) -> None:
                                      "feed_forward.w1.weight", "ffn_norm.weight"]),
     ("GPTBigCodeForCausalLM", {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
      ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "mlp.c_fc.weight", "mlp.c_proj.bias"]),
+    ("GPT2LMHeadModel", {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
+     ["ln_1.weight", "attn.c_attn.weight", "attn.c_attn.bias", "mlp.c_fc.weight", "mlp.c_proj.bias"]),
 ])
 def test_tensor_table(models, remote_models, arch, biased, extra):
     cfg = load_config((models | remote_models)[arch])
@@ -147,7 +149,7 @@ def test_tensor_table(models, remote_models, arch, biased, extra):
     assert list(specs) == ["q_proj", "k_proj", "v_proj", "o_proj", *gated, "up_proj", "down_proj"]
     assert {s for s, sp in specs.items() if sp.bias} == biased
     names = expected_tensors(cfg)
-    layers = arch_mod.spec_of(cfg).layers
+    layers = arch_mod.spec_of(cfg).prefix + arch_mod.spec_of(cfg).layers
     for suffix in extra:
         assert f"{layers}.1.{suffix}" in names
     # the output's name: ExLlamaV2's, whatever the checkpoint calls it (InternLM2's attention.wqkv)
@@ -233,6 +235,38 @@ def test_gptbigcode_config_and_names(models):
     assert names == ["model.embed_tokens.weight", "model.wpe", "model.layers.1.ln_1.weight",
                      "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.c_fc",
                      "model.layers.1.mlp.c_proj", "model.norm.bias", "lm_head"]
+
+
+def test_gpt2_in_both_checkpoint_layouts(tmp_path, models):
+    """A GPT-2 saved by transformers names its tensors "transformer.h.0...", the original
+    checkpoint "h.0..." (the only one ExLlamaV2 0.3.2 itself converts): both read the same, with
+    Conv1D weights [in, out] transposed, n_inner null meaning 4 x hidden, and ExLlamaV2's names out."""
+    from safetensors.torch import load_file, save_file
+
+    src = models["GPT2LMHeadModel"]
+    bare = tmp_path / "gpt2"
+    bare.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (bare / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    assert all(n.startswith("transformer.") for n in tensors if n != "lm_head.weight")
+    save_file({n.removeprefix("transformer."): t for n, t in tensors.items()}, str(bare / "model.safetensors"))
+    cfg, cfg_bare = load_config(src), load_config(bare)
+    assert (cfg.source_prefix, cfg_bare.source_prefix) == ("transformer.", "")
+    ids = ids_for(cfg.vocab_size)
+    assert torch.equal(fw.run_model(WeightIndex(src), cfg, ids), fw.run_model(WeightIndex(bare), cfg_bare, ids))
+    for c in (cfg, cfg_bare):
+        specs = layer_linears(c, 0)
+        assert specs["q_proj"].transposed and specs["q_proj"].rows == ((0, 64),)
+        assert [arch_mod.output_name(c, specs[s].name) for s in ("q_proj", "o_proj", "down_proj")] == [
+            "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.c_proj"]
+        assert arch_mod.output_name(c, arch_mod.head_spec(c, WeightIndex(c.model_dir)).name) == "lm_head"
+    raw = json.loads((bare / "config.json").read_text())
+    raw["n_inner"] = None
+    raw.pop("intermediate_size", None)
+    (bare / "config.json").write_text(json.dumps(raw))
+    assert load_config(bare).intermediate_size == 4 * 64
 
 
 def test_gptbigcode_without_multi_query_is_refused(tmp_path, models):
@@ -322,6 +356,7 @@ def remote_models(tmp_path_factory):
     ("Starcoder2ForCausalLM", {}, {"norm_bias": False}),
     ("InternLM2ForCausalLM", {}, {"qkv_interleaved": False}),
     ("GPTBigCodeForCausalLM", {}, {"positions": None}),
+    ("GPT2LMHeadModel", {}, {"positions": None}),
 ])
 def test_each_architecture_feature_changes_the_result(models, remote_models, monkeypatch, arch, change, spec_change):
     """Matching transformers proves a feature right only if leaving it out changes the logits."""
