@@ -111,8 +111,8 @@ def config_field_missing(env):
 
 
 def unknown_architecture(env):
-    edit_config(env, architectures=["GPT2LMHeadModel"])
-    return base(env), "'GPT2LMHeadModel', which exl2conv does not support"
+    edit_config(env, architectures=["FalconForCausalLM"])
+    return base(env), "'FalconForCausalLM', which exl2conv does not support"
 
 
 def no_weights(env):
