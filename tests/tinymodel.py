@@ -331,11 +331,16 @@ _INTERNLM2 = (("model.embed_tokens.", "model.tok_embeddings."), ("lm_head.", "ou
               (".mlp.up_proj.", ".feed_forward.w3."), (".mlp.down_proj.", ".feed_forward.w2."))
 
 
+def _head_shape(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a config.json dict."""
+    heads = cfg["num_attention_heads"]
+    return heads, cfg["num_key_value_heads"], cfg["hidden_size"] // heads
+
+
 def _to_internlm2(tensors: dict, cfg: dict) -> dict:
     """A Llama checkpoint in InternLM2's layout: its names, and q/k/v fused into one wqkv with, per
     key/value head, that head's group of query heads, then its key head, then its value head."""
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // heads
+    heads, kv, d = _head_shape(cfg)
     out = {}
     for name, t in tensors.items():
         if ".self_attn.q_proj." in name:
@@ -353,8 +358,7 @@ def _to_internlm2(tensors: dict, cfg: dict) -> dict:
 
 def _from_internlm2(tensors: dict, cfg: dict) -> dict:
     """The inverse of :func:`_to_internlm2`: InternLM2's checkpoint names and wqkv back in Llama's."""
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // heads
+    heads, kv, d = _head_shape(cfg)
     out = {}
     for name, t in tensors.items():
         if ".attention.wqkv." in name:

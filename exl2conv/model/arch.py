@@ -100,9 +100,6 @@ class ArchSpec:
     # it where the source's lacks it (Starcoder2's configs say norm_epsilon, ExLlamaV2 0.3.2
     # reads layer_norm_epsilon only).
     exllamav2_eps_key: str = "rms_norm_eps"
-
-    def linear_name(self, short: str) -> str:
-        return dict(self.linear_names).get(short, short)
     # Whether config.json's sliding_window applies (Mistral); Llama has no such field.
     sliding_window: bool = False
     # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
@@ -129,10 +126,24 @@ class ArchSpec:
     out_arch: str | None = None
     out_prefix: str = ""
 
+    def linear_name(self, short: str) -> str:
+        """The checkpoint's name of linear ``short`` (``linear_names``)."""
+        return dict(self.linear_names).get(short, short)
+
 
 _PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
                ("v_proj", "self_attn.qkv_proj", 2), ("gate_proj", "mlp.gate_up_proj", 0),
                ("up_proj", "mlp.gate_up_proj", 1))
+_ALL_BIASED = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"})
+# GPTBigCode's and GPT-2's blocks: LayerNorms ln_1/ln_2 with biases, c_attn split into q/k/v, an
+# ungated tanh-GELU MLP c_fc/c_proj, every linear biased, learned positions instead of RoPE.
+_GPT2_BLOCKS = dict(
+    attn_norms=("ln_1",), mlp_norms=("ln_2",), attn_prefix="attn", mlp_linears=("up_proj", "down_proj"),
+    linear_names=(("o_proj", "c_proj"), ("up_proj", "c_fc"), ("down_proj", "c_proj")),
+    fused=(("q_proj", "attn.c_attn", 0), ("k_proj", "attn.c_attn", 1), ("v_proj", "attn.c_attn", 2)),
+    norm="layer", norm_bias=True, eps_keys=("layer_norm_epsilon",), exllamav2_eps_key="layer_norm_epsilon",
+    act="gelu_pytorch_tanh", act_names=("gelu_new", "gelu_pytorch_tanh"), rope_style="none", head_falls_back=True,
+    always_biased=_ALL_BIASED)
 _GEMMA = dict(act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, head_falls_back=True)
 _GEMMA2 = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
                mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), gemma=True, **_GEMMA)
@@ -161,24 +172,12 @@ ARCHS: dict[str, ArchSpec] = {
                 (".attention.", ".self_attn."), (".wo.", ".o_proj."))),
     "GPTBigCodeForCausalLM": ArchSpec(
         "GPTBigCodeForCausalLM", layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
-        attn_norms=("ln_1",), mlp_norms=("ln_2",), attn_prefix="attn", mlp_linears=("up_proj", "down_proj"),
-        linear_names=(("o_proj", "c_proj"), ("up_proj", "c_fc"), ("down_proj", "c_proj")),
-        fused=(("q_proj", "attn.c_attn", 0), ("k_proj", "attn.c_attn", 1), ("v_proj", "attn.c_attn", 2)),
-        norm="layer", norm_bias=True, eps_keys=("layer_norm_epsilon",), exllamav2_eps_key="layer_norm_epsilon",
-        act="gelu_pytorch_tanh", act_names=("gelu_pytorch_tanh", "gelu_new"), rope_style="none",
-        positions="transformer.wpe", mqa=True, head_falls_back=True,
-        always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}),
+        positions="transformer.wpe", mqa=True, **_GPT2_BLOCKS,
         keymap=(("transformer.ln_f", "model.norm"), ("transformer.", "model."), (".attn.c_proj.", ".self_attn.o_proj."),
                 (".attn.", ".self_attn."), (".h.", ".layers."), (".wte.", ".embed_tokens."))),
     "GPT2LMHeadModel": ArchSpec(
-        "GPT2LMHeadModel", layers="h", embed="wte", final_norm="ln_f", attn_norms=("ln_1",), mlp_norms=("ln_2",),
-        attn_prefix="attn", mlp_linears=("up_proj", "down_proj"),
-        linear_names=(("o_proj", "c_proj"), ("up_proj", "c_fc"), ("down_proj", "c_proj")),
-        fused=(("q_proj", "attn.c_attn", 0), ("k_proj", "attn.c_attn", 1), ("v_proj", "attn.c_attn", 2)),
-        norm="layer", norm_bias=True, eps_keys=("layer_norm_epsilon",), exllamav2_eps_key="layer_norm_epsilon",
-        act="gelu_pytorch_tanh", act_names=("gelu_new", "gelu_pytorch_tanh"), rope_style="none", positions="wpe",
-        head_falls_back=True, transposed=True, optional_prefix="transformer.",
-        always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}),
+        "GPT2LMHeadModel", layers="h", embed="wte", final_norm="ln_f", positions="wpe", transposed=True,
+        optional_prefix="transformer.", **_GPT2_BLOCKS,
         keymap=(("$transformer.", ""), ("$ln_f.", "model.norm."), (".attn.c_proj.", ".self_attn.o_proj."),
                 (".attn.", ".self_attn."), ("$h.", "model.layers."), ("$wte.", "model.embed_tokens."),
                 ("$wpe.", "model.wpe."))),
@@ -186,7 +185,7 @@ ARCHS: dict[str, ArchSpec] = {
         "Starcoder2ForCausalLM", norm="layer", norm_bias=True, eps_keys=("norm_epsilon", "layer_norm_epsilon"),
         exllamav2_eps_key="layer_norm_epsilon", act="gelu_pytorch_tanh", mlp_linears=("up_proj", "down_proj"),
         linear_names=(("up_proj", "c_fc"), ("down_proj", "c_proj")), sliding_window=True, head_falls_back=True,
-        always_biased=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"})),
+        always_biased=_ALL_BIASED),
     "Glm4ForCausalLM": ArchSpec(
         "Glm4ForCausalLM", attn_norms=("input_layernorm", "post_self_attn_layernorm"),
         mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), rope_style="gptj", bias_qkv_only=True,

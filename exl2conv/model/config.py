@@ -310,6 +310,11 @@ def _first(r: _Reader, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if r.raw.get(k) is not None), None)
 
 
+def _key(r: _Reader, keys: tuple[str, ...]) -> str:
+    """The first of ``keys`` present in the config, else the first (whose absence errors name)."""
+    return _first(r, keys) or keys[0]
+
+
 def _activation(r: _Reader, arch: str) -> None:
     spec = ARCHS[arch]
     act = r.raw.get("hidden_act") or r.raw.get("hidden_activation") or r.raw.get("activation_function") or spec.act
@@ -319,7 +324,7 @@ def _activation(r: _Reader, arch: str) -> None:
 
 def _scales(r: _Reader, arch: str, hidden: int, num_layers: int) -> dict:
     """The multipliers and options ExLlamaV2 reads whatever the architecture (ModelConfig)."""
-    emb = r.float(_first(r, ("scale_emb", "embedding_multiplier")) or "scale_emb", 1.0)
+    emb = r.float(_key(r, ("scale_emb", "embedding_multiplier")), 1.0)
     if r.raw.get("residual_multiplier") is not None:
         residual = r.float("residual_multiplier", 1.0)
     elif r.raw.get("scale_depth") is not None:
@@ -365,11 +370,11 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     r = _Reader(path, _text_fields(r.raw, arch))
     spec = ARCHS[arch]
     # the older names GPT-style configs use (n_embd, ...), which ExLlamaV2 reads for every architecture
-    hidden = r.int(_first(r, ("hidden_size", "n_embd")) or "hidden_size")
+    hidden = r.int(_key(r, ("hidden_size", "n_embd")))
     inter_key = _first(r, ("intermediate_size", "n_inner"))
     # GPTBigCode's n_inner may be null: 4 x hidden, as transformers builds it
     inter = r.int(inter_key) if inter_key or not spec.positions else 4 * hidden
-    heads = r.int(_first(r, ("num_attention_heads", "n_head")) or "num_attention_heads")
+    heads = r.int(_key(r, ("num_attention_heads", "n_head")))
     kv_heads = r.int("num_key_value_heads", heads)
     if spec.mqa:
         if r.raw.get("multi_query") is False:
@@ -394,11 +399,9 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     bos = r.raw.get("bos_token_id")
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
         raise r.fail(f"field 'bos_token_id' must be an integer, not {bos!r}")
-    num_layers = r.int(_first(r, ("num_hidden_layers", "n_layer")) or "num_hidden_layers")
+    num_layers = r.int(_key(r, ("num_hidden_layers", "n_layer")))
     window = r.int("sliding_window", None) if spec.sliding_window or spec.gemma else None
-    gemma = _gemma_fields(r, num_layers) if spec.gemma else {}
-    if not spec.gemma:
-        gemma["attn_scale"] = _attention_scale(r)
+    attention = _gemma_fields(r, num_layers) if spec.gemma else {"attn_scale": _attention_scale(r)}
     scales = _scales(r, arch, hidden, num_layers)
     if scales["partial_rotary_factor"] * head_dim < 2:
         raise r.fail(f"partial_rotary_factor {scales['partial_rotary_factor']} leaves no dimension of a "
@@ -415,11 +418,10 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=r.int("vocab_size"),
-        norm_eps=r.float(_first(r, spec.eps_keys) or spec.eps_keys[0], 1e-6),
+        norm_eps=r.float(_key(r, spec.eps_keys), 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=r.int(_first(r, ("max_position_embeddings", "n_positions")) or
-                                      "max_position_embeddings", 2048),
+        max_position_embeddings=r.int(_key(r, ("max_position_embeddings", "n_positions")), 2048),
         tie_word_embeddings=r.bool("tie_word_embeddings"),
         attention_bias=r.bool("attention_bias"),
         mlp_bias=r.bool("mlp_bias"),
@@ -429,7 +431,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         rope_scale=float(rope_scale) if rope_scale is not None else scale,
         rope_alpha=float(rope_alpha) if rope_alpha is not None else 1.0,
         raw=r.raw,
-        **gemma,
+        **attention,
         **moe,
         **scales,
     )

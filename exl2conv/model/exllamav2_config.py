@@ -11,7 +11,7 @@ Then, ExLlamaV2 reads the norms' epsilon from one key per architecture
 norm_epsilon, and ExLlamaV2 0.3.2 asks for layer_norm_epsilon. The output's config.json gains
 that key with the model's value.
 
-Second, an output that takes another architecture's layout (``ArchSpec.out_arch``).
+Third, an output that takes another architecture's layout (``ArchSpec.out_arch``).
 
 ExLlamaV2 0.3.2 has no entry for Gemma3ForCausalLM (the text-only Gemma 3): its loader takes it
 for a Llama and computes garbage. Its Gemma3ForConditionalGeneration entry runs the same language
