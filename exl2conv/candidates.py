@@ -54,12 +54,15 @@ class _Corrected:
     happens not to have changed. (An equality test instead cost a host sync per linear call.)"""
 
     def __init__(self, io: dict, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], low: torch.dtype,
-                 fixed: dict[str, torch.Tensor] | None = None):
+                 fixed: dict[str, torch.Tensor] | None = None, frozen: frozenset = frozenset()):
         self.io, self.base, self.delta, self.low = io, base, delta, low
         self.fixed = fixed or {}  # key -> its recorded input in ``low``
+        self.frozen = frozen
 
     def __call__(self, x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
         x_ref, y = self.io[key]
+        if key in self.frozen:
+            return y
         x_low = self.fixed.get(key)
         if x_low is None:
             if x is not x_ref:
@@ -101,10 +104,14 @@ class CandidateScorer:
     def __init__(self, kind: str, states: torch.Tensor, w: dict, linears, cfg, rope, chunk: int,
                  y_ref: torch.Tensor, err_weight: torch.Tensor | None = None, corrected: bool | None = None,
                  low: torch.dtype = LOW, fisher: torch.Tensor | None = None, table: bool = False,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, frozen: frozenset = frozenset()):
         self.kind, self.states, self.w, self.cfg, self.rope, self.chunk = kind, states, w, cfg, rope, chunk
         self.device = device or states.device
         self.linears = list(linears)
+        # the module's other linears, in a branch that no candidate's input reaches (a parallel
+        # block's MLP while its attention is measured, and the reverse): their recorded outputs
+        # stand as they are
+        self.frozen = frozen
         # linears given with their specs: those fed by the module's input norm (see _Corrected)
         self.fixed = frozenset(key for key, spec in linears.items() if spec.hessian_input == NORMED_INPUT) \
             if isinstance(linears, dict) else frozenset()
@@ -203,7 +210,7 @@ class CandidateScorer:
                       delta: dict) -> torch.Tensor:
         io, lows = recorded
         wc = dict(trial)
-        wc[LINEAR_HOOK] = _Corrected(io, self.base, delta, self.low, lows)
+        wc[LINEAR_HOOK] = _Corrected(io, self.base, delta, self.low, lows, self.frozen)
         with torch.no_grad():
             y, _ = block_forward(self.kind, x, wc, self.cfg, self.rope)
         return relative_errors(y, y_ref, self.err_weight, self.fisher)

@@ -88,12 +88,13 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
         del emb_ref
         rope = forward.rope_tables(cfg, ids.shape[1], dev)
         for i in range(cfg.num_layers):
-            for part in ("attn", "mlp"):
+            for part in forward.layer_parts(cfg):
                 w_ref = forward.load_layer_weights(ref, cfg, i, part, dev)
                 w_q = {}
-                specs = arch.layer_linears(cfg, i, part)
+                specs = arch.layer_linears(cfg, i, None if part == "parallel" else part)
                 router = arch.router_tensor(cfg, i) if part == "mlp" else None
-                norms = arch.norm_weights(cfg, i, part)
+                norms = {k: v for p in (("attn", "mlp") if part == "parallel" else (part,))
+                         for k, v in arch.norm_weights(cfg, i, p).items()}
                 for key, t in w_ref.items():
                     base = key.removesuffix(".bias")
                     if not isinstance(t, torch.Tensor):  # the layer index
@@ -108,7 +109,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                         w_q[key] = q.plain(norms[key], dev)
                     else:  # a norm, stored without the architecture's offset
                         w_q[key] = q.plain(norms[key], dev) + cfg.norm_offset
-                fn = forward.attention if part == "attn" else forward.mlp
+                fn = forward.BLOCKS[part]
                 x_ref = _batched(fn, x_ref, w_ref, cfg, rope)
                 x_q = _batched(fn, x_q, w_q, cfg, rope)
         norm_name = arch.final_norm_tensor(cfg)

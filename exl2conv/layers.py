@@ -18,14 +18,15 @@ from exl2conv.gptq import Hessian
 from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
 
-MODES = {"embed": None, "pos_emb": "pos_emb", "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear"}
+MODES = {"embed": None, "pos_emb": "pos_emb", "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear",
+         "parallel": "parallel_decoder"}
 MOE_MODE = "block_sparse_moe"
 
 
 @dataclass(frozen=True)
 class Module:
     index: int
-    kind: str          # embed | pos_emb | attn | mlp | norm | head
+    kind: str          # embed | pos_emb | attn | mlp | parallel | norm | head
     key: str           # "model.layers.3", "model.norm", "lm_head"
     layer: int | None = None
     # an MoE MLP: same kind (it runs and quantizes as the MLP slot), ExLlamaV2's own mode
@@ -37,21 +38,45 @@ class Module:
 
     @property
     def meas_key(self) -> str:
-        """The module's key in measurement.json and in the job's strategy."""
+        """The module's key in measurement.json (and in the job's strategy, but for a parallel
+        block: :meth:`strategy_key`)."""
         return f"{self.key}.{self.mode}"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the module holds linears that the measurement and the quantization handle."""
+        return self.kind in ("attn", "mlp", "parallel")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The option tables a quantized module is measured on and solved over, one slot each: its
+        kind, or a parallel block's "attn" then "mlp"."""
+        return ("attn", "mlp") if self.kind == "parallel" else (self.kind,)
+
+    def strategy_key(self, part: str) -> str:
+        """The job strategy's key of ``part``'s chosen entry: the module's measurement key, and for
+        a parallel block ExLlamaV2's "<layer>.self_attn" and "<layer>.mlp" (its convert.py keys the
+        strategy of a parallel decoder so)."""
+        if self.kind != "parallel":
+            return self.meas_key
+        return f"{self.key}.{MODES[part]}"
 
 
 def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: str = "model.norm",
                 head_key: str = "lm_head", embed_key: str = "model.embed_tokens",
-                moe: bool = False, positions_key: str | None = None) -> list[Module]:
+                moe: bool = False, positions_key: str | None = None, parallel: bool = False) -> list[Module]:
     """``moe``: the MLPs are MoE blocks, keyed ``<layer>.block_sparse_moe`` (spec 3.1, 3.7).
     ``positions_key``: a learned position table's module (GPTBigCode's ``model.wpe``), which
     ExLlamaV2 lists after the embedding: it shifts every later module's index, and its
-    measurement entry is null."""
+    measurement entry is null. ``parallel``: each layer is one module, attention and MLP side by
+    side (Cohere), keyed ``<layer>.parallel_decoder`` as ExLlamaV2 keys it (``1 + L + 2`` modules)."""
     mods = [Module(0, "embed", embed_key)]
     if positions_key:
         mods.append(Module(1, "pos_emb", positions_key))
     for i in range(num_layers):
+        if parallel:
+            mods.append(Module(len(mods), "parallel", f"{layers_prefix}.{i}", i))
+            continue
         mods.append(Module(len(mods), "attn", f"{layers_prefix}.{i}", i))
         mods.append(Module(len(mods), "mlp", f"{layers_prefix}.{i}", i, moe=moe))
     mods.append(Module(len(mods), "norm", norm_key))
@@ -159,9 +184,9 @@ def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> 
 
 
 def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool = False):
-    fn = forward.attention if kind == "attn" else forward.mlp
+    """Module ``kind`` ("attn", "mlp", "parallel") on ``x``: (outputs, intermediates or None)."""
     with module_matmuls(x.device):
-        return fn(x, w, cfg, rope, capture=capture)
+        return forward.BLOCKS[kind](x, w, cfg, rope, capture=capture)
 
 
 def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,

@@ -1,4 +1,4 @@
-"""Measurement of one attention, MLP or MoE module: every candidate of the option table, quantized
+"""Measurement of one attention, MLP or MoE module (or one branch of a parallel block): every candidate of the option table, quantized
 by GPTQ and scored by the module's output error on the calibration states (reference 3.2-3.5).
 
 Returns records; printing is the caller's business.
@@ -13,8 +13,8 @@ from exl2conv.errors import Exl2Error
 from exl2conv import gptq
 from exl2conv.gptq import Coded, Filler, Hessian, Prepared, prepare, quantize_batches
 from exl2conv.layers import padded_wt, run_block
-from exl2conv.model.arch import LinearSpec
-from exl2conv.model.forward import EXPERT_TOKENS
+from exl2conv.model.arch import LinearSpec, layer_linears
+from exl2conv.model.forward import EXPERT_TOKENS, LAYER
 from exl2conv.model.weights import all_finite
 from exl2conv.moe import ExpertCoverage
 from exl2conv.qparams import (ATTN_LINEARS, ATTN_OPTIONS, MLP_LINEARS, MLP_OPTIONS, MOE_LINEARS,
@@ -156,8 +156,11 @@ def entry_bits(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
                    on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None,
-                   arena: gptq.HostArena | None = None) -> tuple[list[dict], torch.Tensor, list[float] | None]:
-    """kind: "attn" or "mlp"; states: ``[R, L, H]`` float32 reference inputs; w: the module's
+                   arena: gptq.HostArena | None = None, block: str | None = None
+                   ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
+    """kind: "attn" or "mlp" (the option table); block: the module whose forward runs, when it
+    is not ``kind`` itself: "parallel", a parallel decoder block (Cohere) measured one branch at
+    a time, ``specs`` that branch's linears, the other branch left unquantized; states: ``[R, L, H]`` float32 reference inputs; w: the module's
     weights by name (HF orientation; float32, or a linear in its 2-byte source dtype,
     :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
     err_weight: channel weights of the output error (:func:`layers.error_weight`);
@@ -186,7 +189,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     large = dev.type == "cuda" and numel * 4 >= gptq.RELEASE_BYTES
     if large:
         gptq.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
-    y_ref, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
+    block = block or kind
+    y_ref, hess = reference_pass(block, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
@@ -219,8 +223,9 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
         gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
-    scorer = CandidateScorer(kind, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,
-                             table=not moe, device=dev)
+    others = frozenset(layer_linears(cfg, w[LAYER])) - specs.keys() if block == "parallel" else frozenset()
+    scorer = CandidateScorer(block, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,
+                             table=not moe, device=dev, frozen=others)
     tokens = states.shape[0] * states.shape[1]
     if moe:
         current: dict[str, int] = {}

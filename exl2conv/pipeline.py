@@ -168,7 +168,7 @@ class Context:
             return arch.output_name(self.cfg, spec.prefix + name)
         return module_list(self.cfg.num_layers, layers_prefix=key(spec.layers), norm_key=key(spec.final_norm),
                            head_key=key(spec.head), embed_key=key(spec.embed), moe=spec.moe,
-                           positions_key=key(spec.positions) if spec.positions else None)
+                           positions_key=key(spec.positions) if spec.positions else None, parallel=spec.parallel)
 
     def chunk(self, length: int) -> int:
         """Calibration rows per forward call: a quarter of :data:`CHUNK_BYTES` (1 GiB on a GPU,
@@ -183,10 +183,9 @@ class Context:
         """A module's weights and its linears' specs. On a GPU the linears' weights stay in their
         2-byte source dtype (not for MoE blocks, whose experts' candidates are handled apart):
         GPTQ and the forwards widen them exactly where they need float32."""
-        part = "attn" if mod.kind == "attn" else "mlp"
         compact = self.device.type == "cuda" and not arch.spec_of(self.cfg).moe
-        w = forward.load_layer_weights(self.weights, self.cfg, mod.layer, part, self.device, compact)
-        return w, arch.layer_linears(self.cfg, mod.layer, part)
+        w = forward.load_layer_weights(self.weights, self.cfg, mod.layer, mod.kind, self.device, compact)
+        return w, module_linears(self.cfg, mod)
 
     def next_norm_weight(self, mod: Module) -> torch.Tensor:
         """Weight of the RMSNorm that next reads the residual stream after ``mod``."""
@@ -200,6 +199,30 @@ class Context:
 
     def numel_decoder(self) -> int:
         return decoder_numel(self.cfg)
+
+    def numel_budget(self) -> int:
+        return budget_numel(self.cfg, self.weights)
+
+
+def module_linears(cfg, mod: Module, part: str | None = None) -> dict:
+    """The linears of a quantized module, or of one ``part`` (a slot) of it: a parallel block's
+    "attn" or "mlp" branch, all of them without ``part``."""
+    if part is None:
+        part = None if mod.kind == "parallel" else mod.kind
+    return arch.layer_linears(cfg, mod.layer, part)
+
+
+def budget_numel(cfg, weights: WeightIndex) -> int:
+    """The weights -b's budget is counted over (bits x this): the decoder's linears, and for a
+    model of parallel decoder blocks (Cohere) the head's as well. ExLlamaV2's optimizer sums the
+    sizes of the 2L modules that follow the embedding, which in a list of L parallel blocks reach
+    the final norm and the head (exllamav2/conversion/optimize.py); the same -b gives the same
+    decoder bits as its convert.py."""
+    numel = decoder_numel(cfg)
+    if arch.spec_of(cfg).parallel and cfg.num_layers >= 2:
+        head = arch.head_spec(cfg, weights)
+        numel += head.in_features * head.padded_out
+    return numel
 
 
 def decoder_numel(cfg) -> int:
@@ -428,10 +451,11 @@ def stage_sensitivity(ctx: Context) -> None:
     rows = sensitivity.rows_for(ids, ctx.cfg.hidden_size, ctx.cfg.num_layers)
     ctx.rep.info(f"Output sensitivity of each module: {rows} rows x {ids.shape[1]} tokens, forward and backward")
     with ctx.rep.progress("Sensitivity", 2 * ctx.cfg.num_layers, "Sensitivity") as bar:
-        blocks = [m for m in ctx.modules if m.kind in ("attn", "mlp")]  # in the order of the Fisher's rows
+        # the module after which each of the Fisher's rows sits (a parallel block owns two)
+        rows = [m.meas_key for m in ctx.modules if m.quantized for _ in range(2 if m.kind == "parallel" else 1)]
         fisher = sensitivity.fisher_diagonals(
             ctx.weights, ctx.cfg, ids, ctx.device, on_layer=lambda: bar.update(1),
-            check=lambda m, x: check_finite(x, f"{blocks[m].meas_key} output"), chunk=ctx.chunk(ids.shape[1]))
+            check=lambda m, x: check_finite(x, f"{rows[m]} output"), chunk=ctx.chunk(ids.shape[1]))
     if not bool(torch.isfinite(fisher).all()):
         raise Exl2Error("the output sensitivity holds NaN or Inf values (the model's forward or backward pass "
                         "overflows float32 on the calibration data); check the model's weights")
@@ -478,8 +502,8 @@ def _stopped_in(ctx: Context, mod: Module, checkpoint) -> Interrupted:
 def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
     """One page-locked buffer for the candidates' codes of the measurement's largest module
     (:class:`gptq.HostArena`), when they go to host memory (the states do: a large model)."""
-    sizes = [HostArena.size_for(codes_sizes(m.kind, arch.layer_linears(ctx.cfg, m.layer, m.kind)))
-             for m in mods if m.kind in ("attn", "mlp")]
+    sizes = [HostArena.size_for(codes_sizes(part, module_linears(ctx.cfg, m, part)))
+             for m in mods if m.quantized for part in m.parts]
     if ctx.device.type != "cuda" or not sizes or max(sizes) == 0:
         return None
     return HostArena(max(sizes))
@@ -514,20 +538,29 @@ def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dic
                  bar):
     """Measure one module into ``meas`` and ``predicted``; returns the states after it. Leaves
     ``states`` as they were (a stop inside checkpoints them)."""
-    if mod.kind in ("attn", "mlp"):
-        w, specs = ctx.layer_weights(mod)
-        entries, states, pred = measure_module(
-            mod.kind, states, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.meas_key,
-            ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-            fisher=None if fisher is None else fisher[2 * mod.layer + (mod.kind == "mlp")], device=ctx.device,
-            arena=arena)
-        if pred is not None:
-            predicted[mod.meas_key] = pred
-        best = max(e["accuracy"] for e in entries)
-        if best < 0.1:
-            raise Exl2Error(f"{mod.meas_key}: every candidate has accuracy below 0.1 (best {best:.4f}); "
-                            "the model's forward pass or calibration data is broken")
-        meas[mod.meas_key] = entries
+    if mod.quantized:
+        w, _ = ctx.layer_weights(mod)
+        # a parallel block is measured a branch at a time on the same inputs (the other branch
+        # unquantized), into ExLlamaV2's {"attn": [...], "mlp": [...]}; both branches' errors land
+        # in the layer's output, whose Fisher row is the second of the layer's two
+        row = 2 * mod.layer + (mod.kind != "attn")
+        measured, outputs = {}, None
+        for part in mod.parts:
+            outputs = None  # the first branch's reference outputs are the second's too
+            entries, outputs, pred = measure_module(
+                part, states, w, module_linears(ctx.cfg, mod, part), ctx.cfg, rope, ctx.chunk(length),
+                mod.strategy_key(part), ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
+                fisher=None if fisher is None else fisher[row], device=ctx.device, arena=arena,
+                block=mod.kind)
+            if pred is not None:
+                predicted[mod.strategy_key(part)] = pred
+            best = max(e["accuracy"] for e in entries)
+            if best < 0.1:
+                raise Exl2Error(f"{mod.strategy_key(part)}: every candidate has accuracy below 0.1 (best {best:.4f}); "
+                                "the model's forward pass or calibration data is broken")
+            measured[part] = entries
+        meas[mod.meas_key] = measured if mod.kind == "parallel" else measured[mod.kind]
+        states = outputs
         del w  # before the next module's weights are read (a 7B MLP's are 0.54 GiB)
         bar.update(1, module=mod.meas_key, best=f"{best:.5f}")
     else:
@@ -553,7 +586,8 @@ def stage_measure(ctx: Context) -> None:
     keep = {m.meas_key for m in mods[1:start + 1]}
     meas = {k: v for k, v in meas.items() if k in keep}
     fisher = load_sensitivity(ctx)
-    predicted = {k: v for k, v in predicted.items() if k in keep} if fisher is not None else {}
+    keep_predicted = {m.strategy_key(part) for m in mods[1:start + 1] if m.quantized for part in m.parts}
+    predicted = {k: v for k, v in predicted.items() if k in keep_predicted} if fisher is not None else {}
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
     arena = codes_arena(ctx, mods[start + 1:]) if home != ctx.device else None
@@ -573,26 +607,41 @@ def stage_measure(ctx: Context) -> None:
         job.advance(Stage.OPTIMIZE)
 
 
-def measurement_slots(ctx: Context, meas: dict) -> tuple[list[Module], list[list[dict]]]:
-    """The measured modules in order, with their measurement entries."""
-    mods, slots = [], []
+@dataclass(frozen=True)
+class Slot:
+    """One choice the solver makes: a quantized module's (or a parallel block's branch's) option,
+    from its measured ``entries``, stored in the strategy under ``key``."""
+    mod: Module
+    part: str
+    entries: list
+
+    @property
+    def key(self) -> str:
+        return self.mod.strategy_key(self.part)
+
+
+def measurement_slots(ctx: Context, meas: dict) -> list[Slot]:
+    """The solver's slots in module order, with their measurement entries."""
+    slots = []
     for mod in ctx.modules:
-        if mod.kind in ("attn", "mlp"):
-            entries = meas.get(mod.meas_key)
+        if not mod.quantized:
+            continue
+        got = meas.get(mod.meas_key)
+        for part in mod.parts:
+            entries = got.get(part) if mod.kind == "parallel" and isinstance(got, dict) else got
             if not isinstance(entries, list) or not entries:
-                raise Exl2Error(f"the measurement has no entries for {mod.meas_key}; it was made for another "
-                                "model or is incomplete: measure this model (leave out -m)")
-            mods.append(mod)
-            slots.append(entries)
-    return mods, slots
+                raise Exl2Error(f"the measurement has no entries for {mod.strategy_key(part)}; it was made for "
+                                "another model or is incomplete: measure this model (leave out -m)")
+            slots.append(Slot(mod, part, entries))
+    return slots
 
 
-def check_measurement_matches(ctx: Context, mods: list[Module], slots: list[list[dict]], source: str) -> None:
+def check_measurement_matches(ctx: Context, slots: list[Slot], source: str) -> None:
     """Every entry's total_bits must equal what its settings cost on this model's shapes: a
     measurement made for another model is refused here, before any work."""
-    for mod, entries in zip(mods, slots):
-        specs = arch.layer_linears(ctx.cfg, mod.layer, mod.kind)
-        for e in entries:
+    for slot in slots:
+        specs = module_linears(ctx.cfg, slot.mod, slot.part)
+        for e in slot.entries:
             try:
                 # keyed by each linear's short name: an MoE entry's "w1" covers every expert's w1
                 bits = sum(QParams.from_dict(e[sp.short]).total_bits(sp.in_features, sp.padded_out, sp.bias)
@@ -601,7 +650,7 @@ def check_measurement_matches(ctx: Context, mods: list[Module], slots: list[list
             except (KeyError, TypeError, ValueError):
                 ok = False
             if not ok:
-                raise Exl2Error(f"{source}: the entry for {mod.meas_key} does not fit this model's shapes (its "
+                raise Exl2Error(f"{source}: the entry for {slot.key} does not fit this model's shapes (its "
                                 "total_bits or settings differ); it was measured on another model: "
                                 "measure this model instead (leave out -m)")
 
@@ -611,15 +660,18 @@ def stage_optimize(ctx: Context) -> None:
     ctx.rep.info("Optimizing...")
     ctx.rep.status("Optimizing", 0, 1)
     meas, pred = read_measurement(ctx)
-    mods, slots = measurement_slots(ctx, meas)
-    check_measurement_matches(ctx, mods, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
-    numel = ctx.numel_decoder()
+    slots = measurement_slots(ctx, meas)
+    check_measurement_matches(ctx, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
+    numel = ctx.numel_budget()
+    if numel != ctx.numel_decoder():
+        ctx.rep.info(f"Bits budget: -b x {numel:,} weights (the decoder's and the head's, as ExLlamaV2 counts "
+                     "them for parallel decoder blocks): the decoder gets more than -b bits per weight")
     budget = int(numel * job["bits"])
-    errs = [[1.0 - float(e["accuracy"]) for e in entries] for entries in slots]
-    costs = [[int(e["total_bits"]) for e in entries] for entries in slots]
-    kls = [pred.get(mod.meas_key) for mod in mods]
+    errs = [[1.0 - float(e["accuracy"]) for e in slot.entries] for slot in slots]
+    costs = [[int(e["total_bits"]) for e in slot.entries] for slot in slots]
+    kls = [pred.get(slot.key) for slot in slots]
     forced = settings.active().objective == "error"
-    if forced or not all(k is not None and len(k) == len(e) for k, e in zip(kls, slots)):
+    if forced or not all(k is not None and len(k) == len(slot.entries) for k, slot in zip(kls, slots)):
         kls = None
     lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
     if budget > hi:
@@ -643,11 +695,11 @@ def stage_optimize(ctx: Context) -> None:
     else:
         ctx.rep.info("Objective: the smallest predicted KL from the unquantized model")
     strategy = {}
-    for mod, entries, c in zip(mods, slots, sol.choice):
-        e = strategy[mod.meas_key] = entries[c]
-        mod_numel = sum(sp.in_features * sp.padded_out for sp in arch.layer_linears(ctx.cfg, mod.layer, mod.kind).values())
-        ctx.rep.line(f"    {mod.meas_key:40s} option {c:2d}  {e['total_bits'] / mod_numel:.4f} bpw  err {1 - e['accuracy']:.6f}")
-    chosen = [1 - float(entries[c]["accuracy"]) for entries, c in zip(slots, sol.choice)]
+    for slot, c in zip(slots, sol.choice):
+        e = strategy[slot.key] = slot.entries[c]
+        slot_numel = sum(sp.in_features * sp.padded_out for sp in module_linears(ctx.cfg, slot.mod, slot.part).values())
+        ctx.rep.line(f"    {slot.key:40s} option {c:2d}  {e['total_bits'] / slot_numel:.4f} bpw  err {1 - e['accuracy']:.6f}")
+    chosen = [1 - float(slot.entries[c]["accuracy"]) for slot, c in zip(slots, sol.choice)]
     info = {"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap}
     line = (f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error: "
             f"sum {sum(chosen):.6f}, worst module {max(chosen):.6f}")
@@ -784,9 +836,10 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
     module's quant_log record. ``states`` are overwritten only where no stop can come between
     (:func:`stop.held`), so a stop inside leaves them as they came in."""
     record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
-    if mod.kind in ("attn", "mlp"):
+    if mod.quantized:
         w, specs = ctx.layer_weights(mod)
-        entry = ctx.job["strategy"][mod.meas_key]
+        # per linear by short name: a parallel block's two entries name different linears
+        entry = {k: v for part in mod.parts for k, v in ctx.job["strategy"][mod.strategy_key(part)].items()}
         if stream is not None:
             stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
         states, rfn, reports, tweaked = quantize_module(
@@ -794,7 +847,7 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
             ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream,
             device=ctx.device)
         if tweaked is not None:
-            norm = arch.norm_tensors(ctx.cfg, mod.layer, "attn" if mod.kind == "attn" else "mlp")[0]
+            norm = arch.norm_tensors(ctx.cfg, mod.layer, mod.parts[0])[0]
             save_norm(ctx, save, norm, tweaked.weight)
             record["tweak"] = [tweaked.before, tweaked.after]
         record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
@@ -879,7 +932,7 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     x = embed_states(ctx, ids)
     rope = _rope(ctx, ids.shape[1])
     for mod in done:
-        if mod.kind in ("attn", "mlp"):
+        if mod.quantized:
             w, _ = ctx.layer_weights(mod)
             x, _ = run_block(mod.kind, x, w, ctx.cfg, rope, ctx.chunk(ids.shape[1]))
     return x
@@ -948,9 +1001,12 @@ def stage_compile(ctx: Context) -> None:
                 linear(spec.name)
             if part == "attn":
                 q_norm, k_norm = arch.head_norm_tensors(cfg, i) or (None, None)
-                if q_norm:
+                if q_norm and cfg.use_qk_norm:  # stored per head already (Cohere)
+                    tensors += [fp16(q_norm), fp16(k_norm)]
+                elif q_norm:
                     tensors += [fp16(q_norm, cfg.num_heads), fp16(k_norm, cfg.num_kv_heads)]
-            ends.append(len(tensors))
+            if part == "mlp" or not arch.spec_of(cfg).parallel:  # a parallel block is one module
+                ends.append(len(tensors))
     tensors.extend(norm_entries(arch.final_norm_tensor(cfg)))
     linear(arch.head_spec(cfg, ctx.weights).name)
     tensors.extend(fp16(name, dtype=ctx.weights.source_dtype(name)) for name in arch.extra_tensors(cfg, ctx.weights))
@@ -1201,7 +1257,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     cfg, weights = load_model(Path(job["in_dir"]), job["rope_scale"], job["rope_alpha"])
     check_model_unchanged(job, cfg, weights)
     if STAGE_ORDER.index(job.stage) <= STAGE_ORDER.index(Stage.OPTIMIZE) and not job["output_measurement"]:
-        check_bits_reachable(cfg, job["bits"])
+        check_bits_reachable(cfg, job["bits"], weights)
     if not job["output_measurement"]:
         check_shard_size(cfg, weights, float(job["shard_size"]))
     check_positions(cfg, job)
@@ -1262,7 +1318,7 @@ def check_shard_size(cfg, weights: WeightIndex, shard_mb: float) -> None:
         raise compile_mod.shard_too_small(arch.output_name(cfg, name), nbytes)
 
 
-def check_bits_reachable(cfg, bits: float) -> None:
+def check_bits_reachable(cfg, bits: float, weights: WeightIndex) -> None:
     """-b must lie within what the option tables can give this model's shapes (the cheapest and
     the dearest option of every module): known before any work, where the measurement would
     otherwise run for hours before the optimizer found it out."""
@@ -1271,7 +1327,7 @@ def check_bits_reachable(cfg, bits: float) -> None:
         for kind in ("attn", "mlp"):
             totals = entry_bits(kind, arch.layer_linears(cfg, i, kind))
             lo, hi = lo + min(totals), hi + max(totals)
-    numel = decoder_numel(cfg)
+    numel = budget_numel(cfg, weights)
     budget = int(numel * float(bits))
     if not lo <= budget <= hi:
         raise _bits_range_error(bits, lo, hi, numel)

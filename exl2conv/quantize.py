@@ -79,7 +79,9 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
                     cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None, on_coverage=None,
                     target: torch.Tensor | None = None, device: torch.device | None = None
                     ) -> tuple[torch.Tensor, float, list[LinearReport], Tweak | None]:
-    """kind: "attn" or "mlp"; entry: the chosen measurement entry (per-linear QParams dicts, keyed
+    """kind: "attn", "mlp" or "parallel" (a parallel decoder block, all of its linears in
+    ``specs``, as ExLlamaV2 quantizes one: every Hessian from one pass of the unquantized block);
+    entry: the chosen measurement entry (per-linear QParams dicts, keyed
     by each linear's ``short``: an MoE block's "w1", "w3", "w2" apply to every expert);
     save(name, tensors) stores one linear's packed tensors; on_coverage: gets an MoE block's
     :class:`ExpertCoverage`. Linears are quantized in ``specs`` order (an MoE block's expert by
@@ -118,7 +120,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
         rows = TWEAK_CHUNK * chunk
-        limit = grad_rows(cfg, states.shape[1], dev) if kind == "attn" else None
+        limit = grad_rows(cfg, states.shape[1], dev) if kind in ("attn", "parallel") else None
         rows = rows if limit is None else min(rows, limit)
         rows = -(-target.shape[0] // -(-target.shape[0] // rows))  # calls of equal size: 8 + 8, not 11 + 5
         g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]].to(dev), target, quantized, cfg, rope,

@@ -112,7 +112,8 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
                      check=None, chunk: int | None = None) -> torch.Tensor:
     """ids: int64 ``[R, L]`` calibration rows (the first :func:`rows_for` are used). Returns float32
     ``[2 * layers, H]`` on the CPU: row ``2i`` is the Fisher diagonal of the residual stream after
-    layer i's attention, row ``2i + 1`` after its MLP (in module order, module index - 1).
+    layer i's attention, row ``2i + 1`` after its MLP (in module order, module index - 1); a
+    parallel block (Cohere) has no stream between its branches: both rows are its output's.
     on_layer(): called once per layer in each of the two passes (for a progress bar);
     check(m, x): called with each module's forward output ``x`` (m as the rows above), to refuse
     non-finite states before the backward pass spreads them; chunk: rows per forward call (all at
@@ -134,7 +135,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     with torch.no_grad():
         for i in range(layers):
             inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
-            for j, part in enumerate(("attn", "mlp")):
+            for part in forward.layer_parts(cfg):
                 stop.check()
                 w = load(i, part)
                 if step >= rows:
@@ -144,7 +145,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
                                    for r0 in range(0, rows, step)])
                 del w
                 if check:
-                    check(2 * i + j, x)
+                    check(2 * i + (part != "attn"), x)
             if on_layer:
                 on_layer()
     norm_w, norm_b = forward.load_final_norm(weights, cfg, device)
@@ -153,8 +154,15 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     del x, head_w
 
     fisher = torch.zeros(2 * layers, hidden, dtype=torch.float32, device=device)
+    parts = forward.layer_parts(cfg)
     for i in reversed(range(layers)):
-        below = [t for part in ("attn", "mlp") for t in forward.module_tensors(weights, cfg, i - 1, part)] if i else []
+        below = [t for part in parts for t in forward.module_tensors(weights, cfg, i - 1, part)] if i else []
+        if parts == ("parallel",):
+            _parallel_backward(i, load(i, "parallel", ahead=below), inputs, grad, fisher, cfg, rope)
+            inputs[i] = None
+            if on_layer:
+                on_layer()
+            continue
         w_attn, w_mlp = load(i, "attn"), load(i, "mlp", ahead=below)  # backwards: the layer below next
         for r in range(rows):
             stop.check()  # a row's backward through a layer is the stage's unit of work
@@ -182,6 +190,23 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         if on_layer:
             on_layer()
     return (fisher / (rows * length)).cpu()
+
+
+def _parallel_backward(i: int, w: dict, inputs: list, grad: torch.Tensor, fisher: torch.Tensor, cfg, rope) -> None:
+    """:func:`fisher_diagonals`' backward through parallel block ``i``: its output's Fisher into
+    both of the layer's rows, and ``grad`` (row by row) replaced by the gradient at its input."""
+    for r in range(grad.shape[0]):
+        stop.check()
+        g = grad[r:r + 1]
+        sq = g.square().sum((0, 1))
+        fisher[2 * i] += sq
+        fisher[2 * i + 1] += sq
+        xin = inputs[i][r:r + 1].to(g.device).requires_grad_(True)
+        with torch.enable_grad(), grad_pass(xin.device):
+            out, _ = block_forward("parallel", xin, w, cfg, rope)
+            (out * g).sum().backward()
+            del out
+        grad[r:r + 1] = xin.grad
 
 
 def predicted_kl(cost_sums: torch.Tensor, tokens: int) -> float:

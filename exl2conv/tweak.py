@@ -85,9 +85,10 @@ def rows_for(rows: int, length: int, device: torch.device, layer_params: int) ->
 
 
 def norm_key(kind: str, cfg) -> str:
-    """The key (in the module's weight dict) of the norm that feeds the module's linears."""
+    """The key (in the module's weight dict) of the norm that feeds the module's linears (a
+    parallel block's one norm feeds both branches)."""
     spec = spec_of(cfg)
-    return (spec.attn_norms if kind == "attn" else spec.mlp_norms)[0]
+    return (spec.mlp_norms if kind == "mlp" else spec.attn_norms)[0]
 
 
 def stored(g: torch.Tensor, offset: float) -> torch.Tensor:

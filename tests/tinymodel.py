@@ -169,6 +169,11 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
         return tf.Starcoder2Config(**common, **({"norm_epsilon": 1e-5} | extra))
     if arch == "Glm4ForCausalLM":
         return tf.Glm4Config(**common, **({"head_dim": 16, "attention_bias": True, "pad_token_id": 0} | extra))
+    if arch == "CohereForCausalLM":  # Command R+'s per-head q/k LayerNorms on
+        return tf.CohereConfig(**common, **({"logit_scale": 0.25, "use_qk_norm": True, "pad_token_id": 0} | extra))
+    if arch == "Cohere2ForCausalLM":  # a sliding layer (rotated) and a global one (no RoPE)
+        return tf.Cohere2Config(**common, **({"logit_scale": 0.25, "sliding_window": 4096, "pad_token_id": 0,
+                                              "layer_types": ["sliding_attention", "full_attention"]} | extra))
     if arch == "Gemma2ForCausalLM":
         return tf.Gemma2Config(**common, **(gemma | {"attn_logit_softcapping": 2.0,
                                                      "final_logit_softcapping": 3.0} | extra))
@@ -189,7 +194,8 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
 
 HF_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
             "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "GraniteForCausalLM",
-            "Glm4ForCausalLM", "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel")
+            "Glm4ForCausalLM", "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel",
+            "CohereForCausalLM", "Cohere2ForCausalLM")
 
 
 def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16,
@@ -219,10 +225,10 @@ def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.f
                 continue
             if "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith("norm.weight"):  # Cohere's q/k norms are [heads, head_dim]
+                p.copy_(offset + 0.1 * torch.randn(p.shape, generator=g))
             elif p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            elif name.endswith("norm.weight"):
-                p.copy_(offset + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     model.to(dtype).save_pretrained(path)

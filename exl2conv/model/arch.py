@@ -104,6 +104,16 @@ class ArchSpec:
     sliding_window: bool = False
     # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
     qk_norm: bool = False
+    # What the q/k head norms compute over each head's dimensions: "rms", or "layer" (mean
+    # subtracted: Cohere's use_qk_norm).
+    head_norm: str = "rms"
+    # Parallel decoder blocks (Cohere): attention and MLP both read the layer's one norm
+    # (``attn_norms[0]``; ``mlp_norms`` is empty) and both add to the residual stream:
+    # y = x + attn(n) + mlp(n). ExLlamaV2 runs such a layer as one module ("parallel_decoder").
+    parallel: bool = False
+    # Cohere2: the sliding-window layers rotate q and k, the global layers use no position
+    # encoding at all (transformers' Cohere2Attention).
+    rope_sliding_only: bool = False
     fused: tuple[tuple[str, str, int], ...] = ()
     # Gemma stores norm weights as w - 1; the norm multiplies by (w + offset).
     norm_offset: float = 0.0
@@ -144,6 +154,8 @@ _GPT2_BLOCKS = dict(
     norm="layer", norm_bias=True, eps_keys=("layer_norm_epsilon",), exllamav2_eps_key="layer_norm_epsilon",
     act="gelu_pytorch_tanh", act_names=("gelu_new", "gelu_pytorch_tanh"), rope_style="none", head_falls_back=True,
     always_biased=_ALL_BIASED)
+_COHERE = dict(mlp_norms=(), parallel=True, norm="layer", head_norm="layer", eps_keys=("layer_norm_eps",),
+               exllamav2_eps_key="layer_norm_eps", rope_style="gptj", head_falls_back=True)
 _GEMMA = dict(act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, head_falls_back=True)
 _GEMMA2 = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
                mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), gemma=True, **_GEMMA)
@@ -196,6 +208,9 @@ ARCHS: dict[str, ArchSpec] = {
     "Gemma3ForConditionalGeneration": ArchSpec(
         "Gemma3ForConditionalGeneration", prefix="language_model.", qk_norm=True, text_config=True,
         extra_prefixes=("vision_tower.", "multi_modal_projector."), **_GEMMA2),
+    # Cohere's LayerNorm has no bias; its head is the embedding (ExLlamaV2's lm_head key for both).
+    "CohereForCausalLM": ArchSpec("CohereForCausalLM", **_COHERE),
+    "Cohere2ForCausalLM": ArchSpec("Cohere2ForCausalLM", sliding_window=True, rope_sliding_only=True, **_COHERE),
     "MixtralForCausalLM": ArchSpec("MixtralForCausalLM", sliding_window=True, moe=True,
                                    mlp_prefix="block_sparse_moe", mlp_linears=("w1", "w3", "w2")),
 }
@@ -447,18 +462,19 @@ def norm_bias_tensor(cfg: "ModelConfig", weight_name: str) -> str | None:
 
 
 def head_norm_tensors(cfg: "ModelConfig", i: int) -> list[str]:
-    """The q/k head norms of layer ``i`` (Qwen3, Gemma3), each HF shape [head_dim]; else []."""
-    if not spec_of(cfg).qk_norm:
+    """The q/k head norms of layer ``i``: Qwen3's and Gemma3's, each HF shape [head_dim]; a Cohere
+    with use_qk_norm's, [heads, head_dim] and [kv_heads, head_dim]; else []."""
+    if not (spec_of(cfg).qk_norm or cfg.use_qk_norm):
         return []
     p = f"{layer_prefix(cfg, i)}.{spec_of(cfg).attn_prefix}"
     return [f"{p}.q_norm.weight", f"{p}.k_norm.weight"]
 
 
 def unquantized_tensors(cfg: "ModelConfig", i: int) -> list[str]:
-    """HF names of the two norms of layer ``i`` that read the residual stream: the attention's
-    pre-norm, then the MLP's. Every FP16 tensor of a layer is in :func:`norm_tensors` and
-    :func:`head_norm_tensors`."""
-    return [norm_tensors(cfg, i, "attn")[0], norm_tensors(cfg, i, "mlp")[0]]
+    """HF names of the norms of layer ``i`` that read the residual stream: the attention's
+    pre-norm, then the MLP's (a parallel layer has the first only). Every FP16 tensor of a layer
+    is in :func:`norm_tensors` and :func:`head_norm_tensors`."""
+    return [norm_tensors(cfg, i, part)[0] for part in ("attn", "mlp") if norm_tensors(cfg, i, part)]
 
 
 def embedding_tensor(cfg: "ModelConfig") -> str:
@@ -506,9 +522,11 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
                 out[lin.tensor] = (lin.in_features, rows) if lin.transposed else (rows, lin.in_features)
                 if lin.bias:
                     out[lin.bias_tensor] = (rows,)
-            if part == "attn":
-                for norm in head_norm_tensors(cfg, i):
-                    out[norm] = (cfg.head_dim,)
+            if part == "attn" and head_norm_tensors(cfg, i):
+                q_norm, k_norm = head_norm_tensors(cfg, i)
+                per_head = cfg.use_qk_norm
+                out[q_norm] = (cfg.num_heads, cfg.head_dim) if per_head else (cfg.head_dim,)
+                out[k_norm] = (cfg.num_kv_heads, cfg.head_dim) if per_head else (cfg.head_dim,)
             elif router_tensor(cfg, i):
                 out[router_tensor(cfg, i)] = (cfg.num_experts, h)
     out[final_norm_tensor(cfg)] = (h,)

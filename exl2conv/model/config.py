@@ -83,6 +83,9 @@ class ModelConfig:
     logit_scale: float = 1.0
     norm_head: bool = False
     partial_rotary_factor: float = 1.0
+    # Cohere's use_qk_norm (Command R+): a LayerNorm over each head's q and k before RoPE, with a
+    # weight per head ([heads, head_dim]); Qwen3's and Gemma3's RMS head norms are ArchSpec.qk_norm.
+    use_qk_norm: bool = False
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -261,16 +264,22 @@ def _text_fields(raw: dict, arch: str) -> dict:
     return merged
 
 
-def _gemma_fields(r: _Reader, num_layers: int) -> dict:
-    """Gemma2/3: per-layer windows, softcaps, attention scale, Gemma3's local RoPE base."""
+def _sliding_layers(r: _Reader, num_layers: int, pattern: int | None) -> tuple[bool, ...]:
+    """Which layers attend through the sliding window: config.json's layer_types, else every
+    P-th layer global (``sliding_window_pattern``, default ``pattern``), else (``pattern`` None
+    and no such key: Gemma2) the even layers."""
     types = r.raw.get("layer_types")
     if isinstance(types, list) and len(types) == num_layers:
-        sliding = tuple(t == "sliding_attention" for t in types)
-    elif r.raw.get("model_type", "").startswith("gemma3") or "sliding_window_pattern" in r.raw:
-        pattern = r.int("sliding_window_pattern", r.raw.get("_sliding_window_pattern") or 6)
-        sliding = tuple(bool((i + 1) % pattern) for i in range(num_layers))
-    else:  # Gemma2: even layers slide
-        sliding = tuple(i % 2 == 0 for i in range(num_layers))
+        return tuple(t == "sliding_attention" for t in types)
+    if pattern is not None or "sliding_window_pattern" in r.raw:
+        pattern = r.int("sliding_window_pattern", r.raw.get("_sliding_window_pattern") or pattern or 6)
+        return tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    return tuple(i % 2 == 0 for i in range(num_layers))
+
+
+def _gemma_fields(r: _Reader, num_layers: int) -> dict:
+    """Gemma2/3: per-layer windows, softcaps, attention scale, Gemma3's local RoPE base."""
+    sliding = _sliding_layers(r, num_layers, 6 if r.raw.get("model_type", "").startswith("gemma3") else None)
     local = None
     if ARCHS[r.raw["architectures"][0]].qk_norm:  # Gemma3 has a local RoPE base
         params = r.raw.get("rope_parameters")
@@ -402,6 +411,8 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     num_layers = r.int(_key(r, ("num_hidden_layers", "n_layer")))
     window = r.int("sliding_window", None) if spec.sliding_window or spec.gemma else None
     attention = _gemma_fields(r, num_layers) if spec.gemma else {"attn_scale": _attention_scale(r)}
+    if spec.rope_sliding_only:  # Cohere2: three sliding layers, then a global one (transformers' default)
+        attention["sliding_layers"] = _sliding_layers(r, num_layers, 4)
     scales = _scales(r, arch, hidden, num_layers)
     if scales["partial_rotary_factor"] * head_dim < 2:
         raise r.fail(f"partial_rotary_factor {scales['partial_rotary_factor']} leaves no dimension of a "
@@ -428,6 +439,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         bos_token_id=bos,
         eos_token_ids=_eos(r),
         sliding_window=window,
+        use_qk_norm=spec.parallel and r.bool("use_qk_norm"),
         rope_scale=float(rope_scale) if rope_scale is not None else scale,
         rope_alpha=float(rope_alpha) if rope_alpha is not None else 1.0,
         raw=r.raw,

@@ -1,6 +1,6 @@
 """The output's config.json where the copied one would be misread by ExLlamaV2 0.3.2.
 
-Three cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
+Four cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
 scaling, partial_rotary_factor) in ``rope_parameters``, which ExLlamaV2 does not read: it would run
 the model at its defaults (base 10000, every dimension rotated). The output's config.json gains
 the older top-level keys with the same values (:func:`legacy_rope_keys`); transformers reads
@@ -11,7 +11,11 @@ Then, ExLlamaV2 reads the norms' epsilon from one key per architecture
 norm_epsilon, and ExLlamaV2 0.3.2 asks for layer_norm_epsilon. The output's config.json gains
 that key with the model's value.
 
-Third, an output that takes another architecture's layout (``ArchSpec.out_arch``).
+Third, Cohere2's layer kinds: ExLlamaV2 reads them from ``sliding_window_pattern`` only (every
+P-th layer global; without the key it alternates), where transformers 5 writes ``layer_types``:
+the output's config.json gains the pattern, and layers that follow none are refused.
+
+Fourth, an output that takes another architecture's layout (``ArchSpec.out_arch``).
 
 ExLlamaV2 0.3.2 has no entry for Gemma3ForCausalLM (the text-only Gemma 3): its loader takes it
 for a Llama and computes garbage. Its Gemma3ForConditionalGeneration entry runs the same language
@@ -56,6 +60,8 @@ def sliding_window_pattern(cfg) -> int:
 
 def check_expressible(cfg) -> None:
     """Refuse, before any work, a model whose output ExLlamaV2 would run as another model."""
+    if spec_of(cfg).rope_sliding_only:
+        sliding_window_pattern(cfg)
     if spec_of(cfg).out_arch is None:
         return
     sliding_window_pattern(cfg)
@@ -94,8 +100,8 @@ def legacy_rope_keys(cfg, fields: dict) -> dict[str, Any]:
         return {}
     wanted: dict[str, Any] = {"rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
-        # "type" as well: ExLlamaV2 reads either name, older readers only "type"
-        wanted["rope_scaling"] = dict(cfg.rope_scaling) | {"type": cfg.rope_scaling["rope_type"]}
+        # under "rope_type" only: ExLlamaV2 0.3.2 reads either name and refuses a dict with both
+        wanted["rope_scaling"] = dict(cfg.rope_scaling)
     if cfg.partial_rotary_factor != 1.0:
         wanted["partial_rotary_factor"] = cfg.partial_rotary_factor
     if cfg.rope_local_theta is not None:
@@ -117,6 +123,9 @@ def output_config(cfg) -> dict[str, Any] | None:
     missing = legacy_rope_keys(cfg, fields)
     if fields.get(spec.exllamav2_eps_key) is None:
         missing[spec.exllamav2_eps_key] = cfg.norm_eps
+    if spec.rope_sliding_only and fields.get("sliding_window_pattern") is None:
+        # ExLlamaV2 reads the layers' kinds from this key alone (default 1: alternate layers)
+        missing["sliding_window_pattern"] = sliding_window_pattern(cfg)
     if not missing:
         return None
     fields.update(missing)

@@ -335,26 +335,32 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     Causal from position 0, GQA by repeating KV heads. ``rope`` is a :class:`RotaryCache` or a
     (cos, sin) pair with at least L rows. With ``capture``, intermediates are
     {"post_norm": [B, L, H], "attn_output": [B, L, heads*head_dim]}."""
-    b, length, _ = x.shape
+    n = _module_norm(x, w, spec_of(cfg).attn_norms[0], cfg)
+    o, a = _attention_branch(n, w, cfg, rope)
+    return x + o, ({"post_norm": n, "attn_output": a} if capture else None)
+
+
+def _attention_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention on its normed input ``n`` [B, L, H]: (what it adds to the residual stream,
+    the attention's output before o_proj [B, L, heads*head_dim])."""
+    b, length, _ = n.shape
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     spec = spec_of(cfg)
     layer = w.get(LAYER)
-    if spec.rope_style != "none":
-        cos, sin = _layer_rope(cfg, rope, layer, length, x.device)
-
-    n = _module_norm(x, w, spec.attn_norms[0], cfg)
+    rotates = _rotates(cfg, layer)
+    if rotates:
+        cos, sin = _layer_rope(cfg, rope, layer, length, n.device)
     q = _linear(n, w, "q_proj").view(b, length, heads, d).transpose(1, 2)
     k = _linear(n, w, "k_proj").view(b, length, kv, d).transpose(1, 2)
     v = _linear(n, w, "v_proj").view(b, length, kv, d).transpose(1, 2)
-    if spec.qk_norm:
-        q = rms_norm(q, _head_norm(w["q_norm"]), cfg.norm_eps)
-        k = rms_norm(k, _head_norm(w["k_norm"]), cfg.norm_eps)
-    if spec.rope_style != "none":
+    if "q_norm" in w:
+        q, k = _qk_norm(q, w["q_norm"], cfg), _qk_norm(k, w["k_norm"], cfg)
+    if rotates:
         q, k = apply_rope(q, cos, sin, spec.rope_style), apply_rope(k, cos, sin, spec.rope_style)
     if kv != heads:
         k = k.repeat_interleave(heads // kv, dim=1)
         v = v.repeat_interleave(heads // kv, dim=1)
-    mask = _attn_mask(cfg, length, x.device, layer)
+    mask = _attn_mask(cfg, length, n.device, layer)
     if cfg.attn_softcap is None:
         mode = _GRAD_ATTENTION.get() if mask is None and q.is_cuda else None
         if mode == "half":
@@ -368,9 +374,36 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rop
     else:
         a = _capped_attention(q, k, v, cfg, mask)
     a = a.transpose(1, 2).reshape(b, length, heads * d)
-    o = _branch_out(_linear(a, w, "o_proj"), w, spec.attn_norms, cfg)
-    y = x + o
-    return y, ({"post_norm": n, "attn_output": a} if capture else None)
+    return _branch_out(_linear(a, w, "o_proj"), w, spec.attn_norms, cfg), a
+
+
+def _rotates(cfg: ModelConfig, layer: int | None) -> bool:
+    """Whether ``layer``'s attention applies RoPE: not without RoPE (learned positions), and
+    for Cohere2 only in its sliding-window layers."""
+    spec = spec_of(cfg)
+    if spec.rope_style == "none":
+        return False
+    return not (spec.rope_sliding_only and layer is not None and not cfg.sliding_layers[layer])
+
+
+def _qk_norm(t: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A q or k head norm on ``t`` [B, heads, L, d] over each head's d dimensions, as
+    ``ArchSpec.head_norm`` says: RMS (Qwen3, Gemma3) or LayerNorm (Cohere)."""
+    if spec_of(cfg).head_norm == "layer":
+        return F.layer_norm(t, (t.shape[-1],), eps=cfg.norm_eps) * _head_norm(weight)
+    return rms_norm(t, _head_norm(weight), cfg.norm_eps)
+
+
+def parallel(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope,
+             capture: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """A parallel decoder layer (Cohere): x -> x + attn(n) + mlp(n), n = norm(x), the attention's
+    and the MLP's linears all in ``w``. Intermediates: post_norm (the input of q/k/v, gate and up),
+    attn_output, pre_down."""
+    n = _module_norm(x, w, spec_of(cfg).attn_norms[0], cfg)
+    o_attn, a = _attention_branch(n, w, cfg, rope)
+    o_mlp, h = _mlp_branch(n, w, cfg)
+    y = x + o_attn + o_mlp
+    return y, ({"post_norm": n, "attn_output": a, "pre_down": h} if capture else None)
 
 
 def _branch_out(o: torch.Tensor, w: dict, norms: tuple[str, ...], cfg: ModelConfig) -> torch.Tensor:
@@ -420,8 +453,16 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
     spec = spec_of(cfg)
     if spec.moe:
         return moe_mlp(x, w, cfg, rope, capture)
-    act = ACTIVATIONS[spec.act]
     n = _module_norm(x, w, spec.mlp_norms[0], cfg)
+    o, h = _mlp_branch(n, w, cfg)
+    return x + o, ({"post_norm": n, "pre_down": h} if capture else None)
+
+
+def _mlp_branch(n: torch.Tensor, w: dict, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense MLP on its normed input ``n``: (what it adds to the residual stream, down_proj's
+    input [B, L, intermediate])."""
+    spec = spec_of(cfg)
+    act = ACTIVATIONS[spec.act]
     if "gate_proj" in spec.mlp_linears:
         h = act(_linear(n, w, "gate_proj"))
         up = _linear(n, w, "up_proj")
@@ -431,9 +472,7 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
         del up
     else:
         h = act(_linear(n, w, "up_proj"))
-    o = _branch_out(_linear(h, w, "down_proj"), w, spec.mlp_norms, cfg)
-    y = x + o
-    return y, ({"post_norm": n, "pre_down": h} if capture else None)
+    return _branch_out(_linear(h, w, "down_proj"), w, spec.mlp_norms, cfg), h
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,8 +585,8 @@ def load_head(index: WeightIndex, cfg: ModelConfig, device=None, dtype: torch.dt
 
 def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
                        device=None, compact: bool = False, ahead: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The f32 tensors :func:`attention` (part "attn") or :func:`mlp` (part "mlp") needs for
-    layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
+    """The f32 tensors :func:`attention` (part "attn"), :func:`mlp` ("mlp") or :func:`parallel`
+    ("parallel") needs for layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
     of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
     architecture has them, an MoE router [E, H] (under its short name, "gate"), and the layer
     index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
@@ -556,12 +595,13 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     at a time). Once read, the tensors ``ahead`` names (by default those of the module a forward
     pass reads next, :func:`next_module_tensors`) are read from the disk in the background."""
     w: dict = {LAYER: i}
-    for key, name in norm_weights(cfg, i, part).items():
-        w[key] = index.get(name, device=device) if key.endswith(".bias") else load_norm(index, cfg, name, device)
+    for p in _parts(part):
+        for key, name in norm_weights(cfg, i, p).items():
+            w[key] = index.get(name, device=device) if key.endswith(".bias") else load_norm(index, cfg, name, device)
     router = router_tensor(cfg, i) if part == "mlp" else None
     if router:
         w[spec_of(cfg).moe_router] = index.get(router, device=device)
-    for short, lin in layer_linears(cfg, i, part).items():
+    for short, lin in _linears(cfg, i, part).items():
         w[short] = load_linear(index, lin, index.held_dtype(lin.tensor, compact), device)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device, rows=lin.rows)
@@ -569,13 +609,29 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     return w
 
 
+def layer_parts(cfg: ModelConfig) -> tuple[str, ...]:
+    """The modules of one decoder layer, in order, by the part name that :func:`load_layer_weights`
+    and :data:`BLOCKS` take: ("attn", "mlp"), or ("parallel",) where attention and MLP form one
+    parallel block (Cohere)."""
+    return ("parallel",) if spec_of(cfg).parallel else ("attn", "mlp")
+
+
+def _parts(part: str) -> tuple[str, ...]:
+    return ("attn", "mlp") if part == "parallel" else (part,)
+
+
+def _linears(cfg: ModelConfig, i: int, part: str) -> dict:
+    """The linears of layer ``i``'s ``part`` ("parallel": all of the layer's)."""
+    return layer_linears(cfg, i, None if part == "parallel" else part)
+
+
 def module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str) -> list[str]:
     """The names of the tensors :func:`load_layer_weights` reads for layer ``i``'s ``part``."""
-    names = list(norm_weights(cfg, i, part).values())
+    names = [name for p in _parts(part) for name in norm_weights(cfg, i, p).values()]
     router = router_tensor(cfg, i) if part == "mlp" else None
     if router:
         names.append(router)
-    for lin in layer_linears(cfg, i, part).values():
+    for lin in _linears(cfg, i, part).values():
         names.append(lin.tensor)
         if lin.bias:
             names.append(lin.bias_tensor)
@@ -589,7 +645,7 @@ def next_module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str)
     if part == "attn":
         return module_tensors(index, cfg, i, "mlp")
     if i + 1 < cfg.num_layers:
-        return module_tensors(index, cfg, i + 1, "attn")
+        return module_tensors(index, cfg, i + 1, layer_parts(cfg)[0])
     bias = norm_bias_tensor(cfg, final_norm_tensor(cfg))
     return [final_norm_tensor(cfg)] + ([bias] if bias else []) + [head_spec(cfg, index).tensor]
 
@@ -601,8 +657,12 @@ def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=No
               load_positions(index, cfg, device))
     rope = RotaryCache(cfg)
     for i in range(cfg.num_layers):
-        x, _ = attention(x, load_layer_weights(index, cfg, i, "attn", device), cfg, rope)
-        x, _ = mlp(x, load_layer_weights(index, cfg, i, "mlp", device), cfg)
+        for part in layer_parts(cfg):
+            x, _ = BLOCKS[part](x, load_layer_weights(index, cfg, i, part, device), cfg, rope)
     g, b = load_final_norm(index, cfg, device)
     x = final_norm(x, g, cfg, b)
     return logits(x, load_head(index, cfg, device), cfg)
+
+
+# part name -> the module's forward (see layer_parts)
+BLOCKS = {"attn": attention, "mlp": mlp, "parallel": parallel}

@@ -114,6 +114,11 @@ def test_output_names_and_shapes(converted):
     if arch_mod.spec_of(cfg).rope_style != "none":
         assert fields["rope_theta"] == cfg.rope_theta
     assert fields.get("partial_rotary_factor", 1.0) == cfg.partial_rotary_factor
+    # ExLlamaV2 0.3.2 asserts that a rope_scaling names its type once, under "type" or "rope_type"
+    scaling = fields.get("rope_scaling") or {}
+    assert not ("type" in scaling and "rope_type" in scaling), scaling
+    if arch_mod.spec_of(cfg).rope_sliding_only:  # Cohere2: the layer kinds in the key ExLlamaV2 reads
+        assert fields["sliding_window_pattern"] == 2
 
 
 def test_gemma3_text_model_is_written_as_exllamav2s_gemma3(tmp_path):
@@ -171,8 +176,9 @@ def tweaked_norms(cfg) -> set[str]:
     out = {arch_mod.final_norm_tensor(cfg)}
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
-            if part == "attn" or not cfg.num_experts:
-                out.add(arch_mod.norm_tensors(cfg, i, part)[0])
+            norms = arch_mod.norm_tensors(cfg, i, part)  # none of its own for a parallel block's MLP
+            if norms and (part == "attn" or not cfg.num_experts):
+                out.add(norms[0])
     return out
 
 
@@ -381,17 +387,20 @@ def test_measurement_keys_carry_the_architecture_prefix(converted):
     for i in range(cfg.num_layers):
         layer = arch_mod.output_name(cfg, f"{spec.prefix}{spec.layers}.{i}")
         assert layer == f"{p}model.layers.{i}"
-        want += [f"{layer}.self_attn", f"{layer}.mlp"]
+        # a parallel block (Cohere) is one module, its two branches' entries under one key
+        want += [f"{layer}.parallel_decoder"] if spec.parallel else [f"{layer}.self_attn", f"{layer}.mlp"]
     want += [f"{p}model.norm.norm", f"{p}lm_head.linear"]
     assert list(doc["measurement"]) == want
     assert doc["last_module_idx"] == len(want)
     want = [k for k in want if not k.endswith(".pos_emb")]
     assert doc["measurement"].get("model.wpe.pos_emb", None) is None
     # every entry of a module names exactly its linears: an ungated MLP (Starcoder2) has no gate_proj
+    # (a parallel block's: under "attn" and "mlp" of its one entry, as ExLlamaV2 writes them)
     for i in range(cfg.num_layers):
-        for part, key in (("attn", want[2 * i]), ("mlp", want[2 * i + 1])):
+        keys = (want[i], want[i]) if spec.parallel else (want[2 * i], want[2 * i + 1])
+        for part, key in zip(("attn", "mlp"), keys):
             shorts = {spec.short for spec in layer_linears(cfg, i, part).values()}
-            entries = doc["measurement"][key]
+            entries = doc["measurement"][key][part] if spec.parallel else doc["measurement"][key]
             assert len(entries) == (19 if part == "attn" else 17)
             assert all(set(e) - {"accuracy", "total_bits"} == shorts for e in entries), key
 

@@ -52,7 +52,7 @@ def hf_trace(model, arch: str, ids: torch.Tensor, llama_names: bool = False):
     (the input of the MLP's pre-norm), output y, and the Hessian inputs. ``llama_names``: the
     model is a Llama-named twin of ``arch`` (tests.tinymodel.transformers_twin)."""
     spec = arch_mod.ARCHS["LlamaForCausalLM" if llama_names else arch]
-    attn_norm, mlp_norm = spec.attn_norms[0], spec.mlp_norms[0]
+    attn_norm = spec.attn_norms[0]
     layers = _layers(model)
     trace = [dict() for _ in layers]
     hooks = []
@@ -60,18 +60,19 @@ def hf_trace(model, arch: str, ids: torch.Tensor, llama_names: bool = False):
     keep, keep_layer_input = trace_hooks(trace)
 
     for i, layer in enumerate(layers):
-        pre_attn, pre_mlp = getattr(layer, attn_norm), getattr(layer, mlp_norm)
         hooks += [
             layer.register_forward_pre_hook(keep_layer_input(i), with_kwargs=True),
             layer.register_forward_hook(keep(i, "y")),
-            pre_attn.register_forward_hook(keep(i, "attn_post_norm")),
+            getattr(layer, attn_norm).register_forward_hook(keep(i, "attn_post_norm")),
             getattr(getattr(layer, spec.attn_prefix), spec.linear_name("o_proj")).register_forward_hook(
                 keep(i, "attn_output", True)),
-            pre_mlp.register_forward_hook(keep(i, "mid", True)),
-            pre_mlp.register_forward_hook(keep(i, "mlp_post_norm")),
             getattr(getattr(layer, spec.mlp_prefix), spec.linear_name("down_proj")).register_forward_hook(
                 keep(i, "pre_down", True)),
         ]
+        if spec.mlp_norms:  # a parallel block's MLP reads the attention's norm
+            pre_mlp = getattr(layer, spec.mlp_norms[0])
+            hooks += [pre_mlp.register_forward_hook(keep(i, "mid", True)),
+                      pre_mlp.register_forward_hook(keep(i, "mlp_post_norm"))]
     return logits_with_hooks(model, ids, hooks), trace
 
 
@@ -108,6 +109,13 @@ def check_forward(path, arch: str, model, llama_names: bool = False) -> None:
     close(x0, trace[0]["x"])
     rope = fw.RotaryCache(cfg)
     for i, t in enumerate(trace):
+        if arch_mod.spec_of(cfg).parallel:
+            y, inter = fw.parallel(t["x"], fw.load_layer_weights(index, cfg, i, "parallel"), cfg, rope, capture=True)
+            close(y, t["y"])
+            close(inter["post_norm"], t["attn_post_norm"])
+            close(inter["attn_output"], t["attn_output"])
+            close(inter["pre_down"], t["pre_down"])
+            continue
         y, inter = fw.attention(t["x"], fw.load_layer_weights(index, cfg, i, "attn"), cfg, rope, capture=True)
         close(y, t["mid"])
         close(inter["post_norm"], t["attn_post_norm"])
@@ -357,6 +365,11 @@ def remote_models(tmp_path_factory):
     ("InternLM2ForCausalLM", {}, {"qkv_interleaved": False}),
     ("GPTBigCodeForCausalLM", {}, {"positions": None}),
     ("GPT2LMHeadModel", {}, {"positions": None}),
+    ("CohereForCausalLM", {"use_qk_norm": False}, {}),
+    ("CohereForCausalLM", {"logit_scale": 1.0}, {}),
+    ("CohereForCausalLM", {}, {"rope_style": "neox"}),
+    ("CohereForCausalLM", {}, {"norm": "rms"}),
+    ("Cohere2ForCausalLM", {}, {"rope_sliding_only": False}),
 ])
 def test_each_architecture_feature_changes_the_result(models, remote_models, monkeypatch, arch, change, spec_change):
     """Matching transformers proves a feature right only if leaving it out changes the logits."""
