@@ -18,7 +18,7 @@ from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.model import arch, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
-from exl2conv.pack import LINEAR_KEYS, decode_linear
+from exl2conv.pack import LINEAR_KEYS, decode_linear, mlp_bias_from_runtime_order
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "eval" / "lcet10.txt"
 
@@ -53,6 +53,17 @@ class Exl2Weights:
                    for k in LINEAR_KEYS if f"{name}.{k}" in self.where}
         wt = decode_linear(tensors, name)
         return wt[:, :out_features].T.to(device=device, dtype=torch.float32)
+
+    def bias(self, spec, specs: dict, device) -> torch.Tensor:
+        """Linear ``spec``'s bias in the model's own order: a dense MLP's gate/up bias is stored in
+        the order of its down projection's q_perm (:func:`pack.mlp_bias_to_runtime_order`)."""
+        b = self.plain(f"{spec.name}.bias", device)
+        down = specs.get("down_proj")
+        if spec.short in ("gate_proj", "up_proj") and down is not None:
+            inv = self.rename(f"{down.name}.q_invperm")
+            if inv in self.where:
+                b = mlp_bias_from_runtime_order(b, self.where[inv].get_tensor(inv).to(b.device))
+        return b[: spec.out_features]
 
     def plain(self, name: str, device) -> torch.Tensor:
         out = self.rename(name)
@@ -102,7 +113,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                     elif key in specs:
                         w_q[key] = q.linear(specs[key].name, specs[key].out_features, dev)
                     elif base in specs:  # bias: stored padded in the EXL2 tensors
-                        w_q[key] = q.plain(f"{specs[base].name}.bias", dev)[: specs[base].out_features]
+                        w_q[key] = q.bias(specs[base], specs, dev)
                     elif router and key == arch.spec_of(cfg).moe_router:  # MoE router, stored as is
                         w_q[key] = q.plain(router, dev)
                     elif key.endswith(".bias"):  # a LayerNorm's bias

@@ -420,3 +420,31 @@ def find_linears(names: Iterable[str]) -> list[str]:
     order (layer 2 before layer 10)."""
     suffix = ".q_weight"
     return sorted({s[: -len(suffix)] for s in names if s.endswith(suffix)}, key=_natural)
+
+
+# -- the biases of a dense MLP's gate and up projections ------------------------------------------
+#
+# ExLlamaV2 0.3.2 loads an MLP's gate_proj and up_proj with their output columns reordered by the
+# down projection's q_perm (exllamav2/mlp.py: ``output_map = down_map``; ext_stloader.cpp's
+# tensor_remap: new column c = old column q_perm[c]), so that down_proj then reads its input in its
+# own order; it reorders q_weight and q_scale but adds the bias as stored. An EXL2 file therefore
+# stores these two biases in that runtime order, ``b[q_perm]``: ExLlamaV2 then adds each element to
+# the column it belongs to (docs/format.md). A file with ``b`` as is (what ExLlamaV2's convert.py
+# writes) runs with the bias misplaced: GPT-2's logits came out 40 % off on the GPU.
+
+
+def mlp_bias_to_runtime_order(bias: torch.Tensor, down_invperm: torch.Tensor) -> torch.Tensor:
+    """A gate/up bias (padded to the linear's N) as stored: its first K(down) entries in the order
+    of down_proj's q_perm (argsort of its q_invperm), the padding after them unchanged."""
+    k = down_invperm.numel()
+    out = bias.clone()
+    out[:k] = bias[:k][torch.argsort(down_invperm.long())]
+    return out
+
+
+def mlp_bias_from_runtime_order(stored: torch.Tensor, down_invperm: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`mlp_bias_to_runtime_order`: the bias in the model's own order."""
+    k = down_invperm.numel()
+    out = stored.clone()
+    out[:k] = stored[:k][down_invperm.long()]
+    return out

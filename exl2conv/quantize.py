@@ -15,7 +15,7 @@ from exl2conv.gptq import Prepared, prepare, quantize_batches
 from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
 from exl2conv.measure import check_finite, module_name, reference_pass
 from exl2conv.model.arch import LinearSpec
-from exl2conv.pack import decode_linear, pack_linear
+from exl2conv.pack import decode_linear, mlp_bias_to_runtime_order, pack_linear
 from exl2conv.qparams import QParams
 
 # The tweak's forward and backward take this many times the pass's chunk of rows per call: fewer,
@@ -103,6 +103,7 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     quantized = dict(w)
     reports = []
+    in_runtime_order: dict[str, dict] = {}  # biased gate/up, saved once down_proj's q_invperm is known
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
@@ -112,7 +113,14 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
         tensors, decoded, rep = quantize_linear(w[key], bias, spec, preps[src], qparams)
-        save(spec.name, tensors)
+        if spec.short in ("gate_proj", "up_proj") and spec.expert is None and "bias" in tensors:
+            in_runtime_order[spec.name] = tensors
+        else:
+            save(spec.name, tensors)
+        if spec.short == "down_proj" and spec.expert is None:
+            for name, t in in_runtime_order.items():
+                save(name, t | {"bias": mlp_bias_to_runtime_order(t["bias"], tensors["q_invperm"])})
+            in_runtime_order.clear()
         quantized[key] = decoded
         reports.append(rep)
         if last_user[src] == key:  # an MoE block holds one per expert: free each when done

@@ -231,9 +231,7 @@ def test_decoded_weights_are_close(converted):
         # 8 bits ~0.01); the solver may give a linear that matters little 2 or 3 bits (GPT-2's)
         bits = int(packed["q_groups"][0::2].min())
         errs[spec.name] = (float((w - ref).norm() / ref.norm()), 3 * 2.0 ** -bits)
-        if spec.bias:
-            bias = tensors[f"{name}.bias"][: spec.out_features]
-            assert torch.equal(bias, index.get(spec.bias_tensor, dtype=torch.float16, rows=spec.rows))
+        # (the biases: test_mlp_biases_are_stored_in_exllamav2s_runtime_order)
     assert all(err < bound for err, bound in errs.values()), errs
 
 
@@ -413,3 +411,51 @@ def test_mixtral_eval_scores_the_conversion(mixtral, tmp_path):
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(8))
     res = evaluate(out, src, ids, device="cpu")
     assert 0 < res["kl"] < 0.05 and res["top1"] > 0.8, res
+
+
+def test_parallel_blocks_count_the_head_in_the_bits_budget(converted):
+    """ExLlamaV2's optimizer counts -b over the 2L modules after the embedding, which for a model
+    of L parallel blocks (Cohere) take in the final norm and the head: the decoder then gets the
+    head's share of bits as well (exllamav2/conversion/optimize.py). Other models: the decoder."""
+    from exl2conv.pipeline import budget_numel, decoder_numel
+
+    arch, src, out = converted
+    cfg, index = load_config(src), WeightIndex(src)
+    head = arch_mod.head_spec(cfg, index)
+    extra = head.in_features * head.padded_out if arch_mod.spec_of(cfg).parallel else 0
+    assert budget_numel(cfg, index) == decoder_numel(cfg) + extra
+    job = json.loads((out.parent / "work" / "job.json").read_text())
+    decoder_bits = sum(int(e["total_bits"]) for e in job["strategy"].values())
+    assert decoder_bits <= int(budget_numel(cfg, index) * job["bits"])
+    if extra:  # more than -b over the decoder alone: the head's share went to it
+        assert decoder_bits > decoder_numel(cfg) * job["bits"]
+
+
+def test_mlp_biases_are_stored_in_exllamav2s_runtime_order(converted):
+    """A biased dense MLP's gate/up biases are stored in down_proj's q_perm order, the order
+    ExLlamaV2 computes those columns in (exl2conv.pack.mlp_bias_to_runtime_order); every other
+    bias as the source has it. exl2conv eval's reader gives back the source's biases."""
+    from contextlib import ExitStack
+
+    from exl2conv.evaluate import Exl2Weights
+
+    _, src, out = converted
+    cfg, index = load_config(src), WeightIndex(src)
+    tensors = read_output(out)
+    reordered = 0
+    with ExitStack() as stack:
+        q = Exl2Weights(out, index, stack, rename=lambda name: arch_mod.output_name(cfg, name))
+        for i in range(cfg.num_layers):
+            specs = layer_linears(cfg, i)
+            for short, spec in specs.items():
+                if not spec.bias or spec.expert is not None:
+                    continue
+                source = index.get(spec.bias_tensor, dtype=torch.float16, rows=spec.rows)
+                assert torch.equal(q.bias(spec, specs, "cpu").half(), source), spec.name
+                stored = tensors[f"{arch_mod.output_name(cfg, spec.name)}.bias"][: spec.out_features]
+                if short in ("gate_proj", "up_proj"):
+                    assert not torch.equal(stored, source), spec.name
+                    reordered += 1
+                else:
+                    assert torch.equal(stored, source), spec.name
+    assert reordered == (cfg.num_layers if cfg.mlp_bias or "up_proj" in arch_mod.spec_of(cfg).always_biased else 0)

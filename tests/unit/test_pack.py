@@ -384,3 +384,28 @@ def test_fixture_decoded_weights_look_like_weights(exl2_linears):
         assert float(wt.abs().max()) < 100.0, name
         per_output = wt.std(dim=0)  # one value per output feature (HF row)
         assert float(per_output.min()) > 1e-3 and float(per_output.max()) < 4.0, name
+
+
+def test_mlp_bias_in_runtime_order_is_what_exllamav2_adds_where_it_belongs():
+    """ExLlamaV2 reorders an MLP's up/gate output columns by down_proj's q_perm (ext_stloader.cpp
+    tensor_remap: new column c = old column q_perm[c]) and adds the bias as stored: a bias stored
+    in runtime order lands on its own column; stored as is, it lands elsewhere."""
+    from exl2conv.pack import mlp_bias_from_runtime_order, mlp_bias_to_runtime_order
+
+    g = torch.Generator().manual_seed(0)
+    k, padded = 40, 64
+    y = torch.randn(3, padded, generator=g)            # x @ W_up^T, the model's column order
+    b = torch.randn(padded, generator=g)
+    invperm = torch.randperm(k, generator=g).to(torch.int16)
+    q_perm = torch.argsort(invperm.long())
+
+    def runtime(stored):  # columns remapped, bias added as stored; back to model order for comparing
+        out = y[:, :k][:, q_perm] + stored[:k]
+        return out[:, invperm.long()]
+
+    want = y[:, :k] + b[:k]
+    stored = mlp_bias_to_runtime_order(b, invperm)
+    assert torch.allclose(runtime(stored), want)
+    assert not torch.allclose(runtime(b), want)
+    assert torch.equal(stored[k:], b[k:])
+    assert torch.equal(mlp_bias_from_runtime_order(stored, invperm), b)
