@@ -158,8 +158,9 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
         return tf.GraniteConfig(**common, **({"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                               "attention_multiplier": 0.2, "logits_scaling": 4.0,
                                               "pad_token_id": 0} | extra))
-    if arch == "GPTBigCodeForCausalLM":
-        return tf.GPTBigCodeConfig(**common, **({"n_inner": common["intermediate_size"], "n_positions": 256,
+    if arch == "GPTBigCodeForCausalLM":  # one key/value head: num_key_value_heads must not appear either
+        plain = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+        return tf.GPTBigCodeConfig(**plain, **({"n_inner": common["intermediate_size"], "n_positions": 256,
                                                  "multi_query": True, "layer_norm_epsilon": 1e-5} | extra))
     if arch == "GPT2LMHeadModel":  # no grouped attention: num_key_value_heads must not appear in its config
         plain = {k: v for k, v in common.items() if k != "num_key_value_heads"}
@@ -265,7 +266,8 @@ def logits_with_hooks(model, ids: torch.Tensor, hooks: list) -> torch.Tensor:
 
 
 def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16, layers: int = 2,
-                      experts: int = 4, per_token: int = 2, extra_config: dict | None = None) -> Path:
+                      experts: int = 4, per_token: int = 2, intermediate: int = 96,
+                      extra_config: dict | None = None) -> Path:
     """A tiny random MixtralForCausalLM saved by transformers (which writes the checkpoint layout,
     ``block_sparse_moe.experts.<j>.w1/w3/w2`` and ``block_sparse_moe.gate``), with the byte-level
     tokenizer: hidden 64, 4 heads of 16, 2 KV heads, experts of width 96, 258 tokens. Linears and
@@ -276,7 +278,7 @@ def make_tiny_mixtral(path, *, seed: int = 0, dtype: torch.dtype = torch.float16
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     n_tokens = write_tokenizer(path)
-    config = tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    config = tf.MixtralConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, vocab_size=n_tokens,
                               rms_norm_eps=1e-5, bos_token_id=BYTE_TOKENS, eos_token_id=BYTE_TOKENS + 1,
                               num_local_experts=experts, num_experts_per_tok=per_token,
