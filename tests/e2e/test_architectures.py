@@ -459,3 +459,30 @@ def test_mlp_biases_are_stored_in_exllamav2s_runtime_order(converted):
                 else:
                     assert torch.equal(stored, source), spec.name
     assert reordered == (cfg.num_layers if cfg.mlp_bias or "up_proj" in arch_mod.spec_of(cfg).always_biased else 0)
+
+
+@pytest.mark.parametrize("kill", ["module:2", "measurement:2", "module:6"])
+def test_a_parallel_block_model_killed_and_rerun_resumes_to_the_same_bytes(tmp_path, kill):
+    """Cohere's module list (1 + L + 2 modules, one per parallel block) checkpoints and resumes
+    in the measurement and the quantization as a sequential model's does: a SIGKILL, the same
+    command again, the bytes of an uninterrupted run."""
+    import signal
+
+    from exl2conv import faults
+    from tests.e2e.test_resume import digest, run_cli
+
+    pytest.importorskip("transformers")
+    src = make_tiny_hf(tmp_path / "model", "CohereForCausalLM", seed=3)
+    cal = write_parquet(tmp_path / "cal.parquet")
+
+    def args(root):
+        return ["-i", str(src), "-o", str(root / "work"), "-cf", str(root / "out"), "-c", str(cal), *ARGS,
+                "-cpi", "0"]
+
+    assert main(args(tmp_path / "ref")) == 0
+    killed = run_cli(args(tmp_path / "run"), {faults.ENV: kill})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli(args(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming job" in resumed.stdout
+    assert digest(tmp_path / "run" / "out") == digest(tmp_path / "ref" / "out")
