@@ -158,14 +158,13 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
         return tf.GraniteConfig(**common, **({"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                               "attention_multiplier": 0.2, "logits_scaling": 4.0,
                                               "pad_token_id": 0} | extra))
-    if arch == "GPTBigCodeForCausalLM":  # one key/value head: num_key_value_heads must not appear either
+    if arch in ("GPTBigCodeForCausalLM", "GPT2LMHeadModel"):
+        # BigCode: one key/value head; GPT-2: none grouped. num_key_value_heads must not appear in their configs
         plain = {k: v for k, v in common.items() if k != "num_key_value_heads"}
-        return tf.GPTBigCodeConfig(**plain, **({"n_inner": common["intermediate_size"], "n_positions": 256,
-                                                 "multi_query": True, "layer_norm_epsilon": 1e-5} | extra))
-    if arch == "GPT2LMHeadModel":  # no grouped attention: num_key_value_heads must not appear in its config
-        plain = {k: v for k, v in common.items() if k != "num_key_value_heads"}
-        return tf.GPT2Config(**plain, **({"n_inner": common["intermediate_size"], "n_positions": 256,
-                                          "layer_norm_epsilon": 1e-5} | extra))
+        defaults = {"n_inner": common["intermediate_size"], "n_positions": 256, "layer_norm_epsilon": 1e-5}
+        if arch == "GPT2LMHeadModel":
+            return tf.GPT2Config(**(plain | defaults | extra))
+        return tf.GPTBigCodeConfig(**(plain | defaults | {"multi_query": True} | extra))
     if arch == "Starcoder2ForCausalLM":
         return tf.Starcoder2Config(**common, **({"norm_epsilon": 1e-5} | extra))
     if arch == "Glm4ForCausalLM":
