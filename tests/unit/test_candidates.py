@@ -25,7 +25,7 @@ def perturbed(w, keys, scale, seed):
     return trial
 
 
-def check(cfg, w, specs, part, tol_f32=1e-5, tol_bf16=2e-2):
+def check(cfg, w, specs, part, tol_f32=1e-5, tol_bf16=2e-2, frozen=frozenset()):
     g = torch.Generator().manual_seed(3)
     states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
     rope = forward.RotaryCache(cfg)
@@ -33,8 +33,10 @@ def check(cfg, w, specs, part, tol_f32=1e-5, tol_bf16=2e-2):
     keys = list(specs)
     weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
     plain = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=False)
-    exact = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.float32)
-    fast = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.bfloat16)
+    exact = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.float32,
+                            frozen=frozen)
+    fast = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.bfloat16,
+                           frozen=frozen)
     assert exact.corrected and fast.corrected and not plain.corrected
     for seed, scale in enumerate((0.3, 0.03, 0.003)):
         trial = perturbed(w, keys, scale, seed)
@@ -68,6 +70,21 @@ def test_corrected_errors_equal_plain_other_archs(tmp_path, arch):
         src = make_tiny_hf(tmp_path / "m", arch, seed=2, dtype=torch.float32)
     for part in ("attn", "mlp"):
         check(*module(src, part, layer=0), part)
+
+
+@pytest.mark.parametrize("branch", ["attn", "mlp"])
+def test_corrected_errors_equal_plain_parallel_block(tmp_path, branch):
+    """A parallel block (Cohere) scored one branch at a time: the other branch's linears are
+    frozen at their recorded outputs (their input, the block's normed input, no candidate changes).
+    Without ``frozen`` the scorer has no reference weights for them and fails."""
+    pytest.importorskip("transformers")
+    from tests.tinymodel import make_tiny_hf
+
+    src = make_tiny_hf(tmp_path / "m", "CohereForCausalLM", seed=2, dtype=torch.float32)
+    cfg, index = load_config(src), WeightIndex(src)
+    w = forward.load_layer_weights(index, cfg, 0, "parallel", "cpu")
+    specs = layer_linears(cfg, 0, branch)
+    check(cfg, w, specs, "parallel", frozen=frozenset(layer_linears(cfg, 0)) - specs.keys())
 
 
 def scoring_setup(tmp_path, part, seed: int, draws: int):
