@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exl2conv import pipeline  # noqa: E402
+from exl2conv import allocation, pipeline  # noqa: E402
 from exl2conv.model.config import load_config  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:
         f"median {100 * median:.3f} %, worst {100 * worst[0]:.3f} %{where}")
 
     cfg = load_config(model)
-    numel = pipeline.decoder_numel(cfg)
+    numel = allocation.decoder_numel(cfg)
     budget = int(numel * bits)
     both_kl = all(k in pa and k in pb for k in keys)
     choices = []
@@ -64,7 +64,7 @@ def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:
         costs = [[int(e["total_bits"]) for e in m[k]] for k in keys]
         errs = [[1.0 - float(e["accuracy"]) for e in m[k]] for k in keys]
         kls = [p[k] for k in keys] if both_kl else None
-        sol, _ = pipeline.choose(costs, errs, kls, budget)
+        sol, _ = allocation.choose(costs, errs, kls, budget)
         choices.append(sol)
     objective = "predicted KL" if both_kl else "error (ExLlamaV2's)"
     same = sum(x == y for x, y in zip(choices[0].choice, choices[1].choice))

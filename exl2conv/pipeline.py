@@ -21,19 +21,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from exl2conv import atomic, calibration, compile as compile_mod, faults, sensitivity, settings, solver, stop, tweak
+from exl2conv import allocation, atomic, calibration, compile as compile_mod, faults, sensitivity, settings, stop, tweak
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import Hessian, HostArena, prepare, release_unused
 from exl2conv.job import (ARGS, STAGE_ORDER, FINGERPRINT_KEY, JOB_FILE, ROWS_USED, Job, Stage, calibration_settings,
                           clear_work_dir, entries_besides_lock, is_ours, measurement_fingerprint, model_fingerprint,
                           new_job_data, normalize, resume_conflicts)
-from exl2conv.layers import Module, error_weight, module_list, release_cached, run_block
-from exl2conv.measure import check_finite, codes_sizes, entry_bits, measure_module
+from exl2conv.layers import Module, error_weight, module_linears, module_list, release_cached, run_block
+from exl2conv.measure import check_finite, codes_sizes, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, exllamav2_config, forward
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex, all_finite
-from exl2conv.qparams import HEAD_OPTIONS, QParams
+from exl2conv.qparams import HEAD_OPTIONS
 from exl2conv.quantize import quantize_linear, quantize_module
 from exl2conv.report import Reporter, fmt_seconds, peak_rss_gib
 from exl2conv.tokenizer import load_tokenizer
@@ -198,41 +198,7 @@ class Context:
         return error_weight(forward.load_norm(self.weights, self.cfg, name, self.device))
 
     def numel_decoder(self) -> int:
-        return decoder_numel(self.cfg)
-
-    def numel_budget(self) -> int:
-        return budget_numel(self.cfg, self.weights)
-
-
-def module_linears(cfg, mod: Module, part: str | None = None) -> dict:
-    """The linears of a quantized module, or of one ``part`` (a slot) of it: a parallel block's
-    "attn" or "mlp" branch, all of them without ``part``."""
-    if part is None:
-        part = None if mod.kind == "parallel" else mod.kind
-    return arch.layer_linears(cfg, mod.layer, part)
-
-
-def budget_numel(cfg, weights: WeightIndex) -> int:
-    """The weights -b's budget is counted over (bits x this): the decoder's linears, and for a
-    model of parallel decoder blocks (Cohere) the head's as well. ExLlamaV2's optimizer sums the
-    sizes of the 2L modules that follow the embedding, which in a list of L parallel blocks reach
-    the final norm and the head (exllamav2/conversion/optimize.py); the same -b gives the same
-    decoder bits as its convert.py."""
-    numel = decoder_numel(cfg)
-    if arch.spec_of(cfg).parallel and cfg.num_layers >= 2:
-        head = arch.head_spec(cfg, weights)
-        numel += head.in_features * head.padded_out
-    return numel
-
-
-def decoder_numel(cfg) -> int:
-    """The weights of every quantized decoder linear (output rows padded as stored): what -b's
-    bits per weight are counted over."""
-    total = 0
-    for i in range(cfg.num_layers):
-        for spec in arch.layer_linears(cfg, i).values():
-            total += spec.in_features * spec.padded_out
-    return total
+        return allocation.decoder_numel(self.cfg)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -607,157 +573,14 @@ def stage_measure(ctx: Context) -> None:
         job.advance(Stage.OPTIMIZE)
 
 
-@dataclass(frozen=True)
-class Slot:
-    """One choice the solver makes: a quantized module's (or a parallel block's branch's) option,
-    from its measured ``entries``, stored in the strategy under ``key``."""
-    mod: Module
-    part: str
-    entries: list
-
-    @property
-    def key(self) -> str:
-        return self.mod.strategy_key(self.part)
-
-
-def measurement_slots(ctx: Context, meas: dict) -> list[Slot]:
-    """The solver's slots in module order, with their measurement entries."""
-    slots = []
-    for mod in ctx.modules:
-        if not mod.quantized:
-            continue
-        got = meas.get(mod.meas_key)
-        for part in mod.parts:
-            entries = got.get(part) if mod.kind == "parallel" and isinstance(got, dict) else got
-            if not isinstance(entries, list) or not entries:
-                raise Exl2Error(f"the measurement has no entries for {mod.strategy_key(part)}; it was made for "
-                                "another model or is incomplete: measure this model (leave out -m)")
-            slots.append(Slot(mod, part, entries))
-    return slots
-
-
-def check_measurement_matches(ctx: Context, slots: list[Slot], source: str) -> None:
-    """Every entry's total_bits must equal what its settings cost on this model's shapes: a
-    measurement made for another model is refused here, before any work."""
-    for slot in slots:
-        specs = module_linears(ctx.cfg, slot.mod, slot.part)
-        for e in slot.entries:
-            try:
-                # keyed by each linear's short name: an MoE entry's "w1" covers every expert's w1
-                bits = sum(QParams.from_dict(e[sp.short]).total_bits(sp.in_features, sp.padded_out, sp.bias)
-                           for sp in specs.values())
-                ok = bits == int(e["total_bits"]) and 0 <= float(e["accuracy"]) <= 1
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise Exl2Error(f"{source}: the entry for {slot.key} does not fit this model's shapes (its "
-                                "total_bits or settings differ); it was measured on another model: "
-                                "measure this model instead (leave out -m)")
-
-
 def stage_optimize(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Optimizing...")
     ctx.rep.status("Optimizing", 0, 1)
     meas, pred = read_measurement(ctx)
-    slots = measurement_slots(ctx, meas)
-    check_measurement_matches(ctx, slots, str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT))
-    numel = ctx.numel_budget()
-    if numel != ctx.numel_decoder():
-        ctx.rep.info(f"Bits budget: -b x {numel:,} weights (the decoder's and the head's, as ExLlamaV2 counts "
-                     "them for parallel decoder blocks): the decoder gets more than -b bits per weight")
-    budget = int(numel * job["bits"])
-    errs = [[1.0 - float(e["accuracy"]) for e in slot.entries] for slot in slots]
-    costs = [[int(e["total_bits"]) for e in slot.entries] for slot in slots]
-    kls = [pred.get(slot.key) for slot in slots]
-    forced = settings.active().objective == "error"
-    if forced or not all(k is not None and len(k) == len(slot.entries) for k, slot in zip(kls, slots)):
-        kls = None
-    lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
-    if budget > hi:
-        # every module would take its largest option and the target would still not be met:
-        # the user asked for something else than they would get
-        raise _bits_range_error(job["bits"], lo, hi, numel)
-    try:
-        sol, rejected = choose(costs, errs, kls, budget)
-    except Exl2Error as exc:
-        lo, hi = getattr(exc, "min_total", None), getattr(exc, "max_total", None)
-        if lo is None:
-            raise
-        raise _bits_range_error(job["bits"], lo, hi, numel) from None
-    if rejected is not None:
-        ctx.rep.info(f"Objective: ExLlamaV2's (the smallest worst-module error), as the smallest predicted KL, "
-                     f"{rejected:.3f} nats/token, is past the range where it predicts well (> {KL_TRUST})")
-        kls = None
-    elif kls is None:
-        why = f"{OBJECTIVE_ENV}=error" if forced else "the measurement has no predicted KL"
-        ctx.rep.info(f"Objective: ExLlamaV2's (the smallest worst-module error), as {why}")
-    else:
-        ctx.rep.info("Objective: the smallest predicted KL from the unquantized model")
-    strategy = {}
-    for slot, c in zip(slots, sol.choice):
-        e = strategy[slot.key] = slot.entries[c]
-        slot_numel = sum(sp.in_features * sp.padded_out for sp in module_linears(ctx.cfg, slot.mod, slot.part).values())
-        ctx.rep.line(f"    {slot.key:40s} option {c:2d}  {e['total_bits'] / slot_numel:.4f} bpw  err {1 - e['accuracy']:.6f}")
-    chosen = [1 - float(slot.entries[c]["accuracy"]) for slot, c in zip(slots, sol.choice)]
-    info = {"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap}
-    line = (f"Chosen: {sol.total_bits / numel:.4f} bpw of {job['bits']} allowed; expected error: "
-            f"sum {sum(chosen):.6f}, worst module {max(chosen):.6f}")
-    if rejected is not None:
-        info["rejected_predicted_kl"] = rejected
-    if kls is not None:
-        info["predicted_kl"] = sol.loss
-        line += f"; predicted KL {sol.loss:.5f} nats/token"
-    ctx.rep.info(f"{line} (optimality gap {sol.gap:.2g})")
-    job.advance(Stage.TOKENS_CAL, strategy=strategy, solver=info)
-
-
-def _bits_range_error(bits: float, lo: int, hi: int, numel: int) -> Exl2Error:
-    return Exl2Error(f"-b {bits}: this model can be quantized at {lo / numel:.3f} to {hi / numel:.3f} bits per "
-                     "weight (decoder, overheads included); choose -b in that range")
-
-
-def choose(costs: list[list[int]], errs: list[list[float]], kls: list[list[float]] | None, budget: int
-           ) -> tuple[solver.Solution, float | None]:
-    """The solver's choice: the smallest predicted KL (``kls``: each entry's), unless that
-    smallest predicted KL exceeds :data:`KL_TRUST`, or without ``kls``: then the error objective
-    (:func:`solve_budget`). Returns the solution and the rejected predicted KL (None when it was
-    not rejected)."""
-    if kls is None:
-        return solve_budget(costs, errs, budget), None
-    sol = solver.solve([list(zip(c, k)) for c, k in zip(costs, kls)], budget)
-    if sol.loss > KL_TRUST:
-        return solve_budget(costs, errs, budget), sol.loss
-    return sol, None
-
-
-def solve_budget(costs: list[list[int]], errs: list[list[float]], budget: int) -> solver.Solution:
-    """One option per module within the budget, minimizing ``sum(err ** alpha)``.
-
-    alpha is searched as ExLlamaV2 does (the alpha whose optimum has the smallest worst-module
-    error wins; ties go to the smaller error sum), but each solve is exact and deterministic.
-    Minimizing the plain error sum (alpha 1) starves a few modules and measured worse: on
-    SmolLM2 at 4.0 bpw, KL 0.243 against 0.156 with this search (docs/quality.md)."""
-    best = None
-    for alpha in ALPHAS:
-        sol = solver.solve([[(ci, ei ** alpha) for ci, ei in zip(c, e)] for c, e in zip(costs, errs)], budget)
-        worst = max(e[i] for e, i in zip(errs, sol.choice))
-        total = sum(e[i] for e, i in zip(errs, sol.choice))
-        if best is None or (worst, total) < best[0]:
-            best = ((worst, total), sol)
-    return best[1]
-
-
-ALPHAS = tuple(1.0 + 0.25 * i for i in range(11))
-# Set to "error" to solve on the measured errors with ExLlamaV2's objective even when the
-# measurement carries predicted KL (for comparisons).
-OBJECTIVE_ENV = "EXL2CONV_OBJECTIVE"
-# Above this predicted KL (nats/token) the solver drops the predicted-KL objective for the error
-# objective. The prediction is a second-order expansion: it holds for small errors, and on
-# SmolLM2-135M it tracked the measured KL of its own choice within 2-14 % at 3.0-6.0 bpw (predicted
-# 0.69 at 3.0), but at 2.5 bpw (predicted 1.30) the error objective's choice, predicted at 1.63,
-# measured 1.158 against the KL objective's 1.259 (docs/quality.md).
-KL_TRUST = 1.0
+    source = str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT)
+    chosen = allocation.allocate(ctx.cfg, ctx.weights, ctx.modules, meas, pred, job["bits"], source, ctx.rep)
+    job.advance(Stage.TOKENS_CAL, strategy=chosen.strategy, solver=chosen.info)
 
 
 def stage_tokens_cal(ctx: Context) -> None:
@@ -1257,7 +1080,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     cfg, weights = load_model(Path(job["in_dir"]), job["rope_scale"], job["rope_alpha"])
     check_model_unchanged(job, cfg, weights)
     if STAGE_ORDER.index(job.stage) <= STAGE_ORDER.index(Stage.OPTIMIZE) and not job["output_measurement"]:
-        check_bits_reachable(cfg, job["bits"], weights)
+        allocation.check_bits_reachable(cfg, job["bits"], weights)
     if not job["output_measurement"]:
         check_shard_size(cfg, weights, float(job["shard_size"]))
     check_positions(cfg, job)
@@ -1316,21 +1139,6 @@ def check_shard_size(cfg, weights: WeightIndex, shard_mb: float) -> None:
     nbytes = 2 * math.prod(weights.shape(name))
     if nbytes > shard_mb * 2**20:
         raise compile_mod.shard_too_small(arch.output_name(cfg, name), nbytes)
-
-
-def check_bits_reachable(cfg, bits: float, weights: WeightIndex) -> None:
-    """-b must lie within what the option tables can give this model's shapes (the cheapest and
-    the dearest option of every module): known before any work, where the measurement would
-    otherwise run for hours before the optimizer found it out."""
-    lo = hi = 0
-    for i in range(cfg.num_layers):
-        for kind in ("attn", "mlp"):
-            totals = entry_bits(kind, arch.layer_linears(cfg, i, kind))
-            lo, hi = lo + min(totals), hi + max(totals)
-    numel = budget_numel(cfg, weights)
-    budget = int(numel * float(bits))
-    if not lo <= budget <= hi:
-        raise _bits_range_error(bits, lo, hi, numel)
 
 
 def _main_thread() -> bool:

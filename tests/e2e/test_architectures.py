@@ -417,7 +417,7 @@ def test_parallel_blocks_count_the_head_in_the_bits_budget(converted):
     """ExLlamaV2's optimizer counts -b over the 2L modules after the embedding, which for a model
     of L parallel blocks (Cohere) take in the final norm and the head: the decoder then gets the
     head's share of bits as well (exllamav2/conversion/optimize.py). Other models: the decoder."""
-    from exl2conv.pipeline import budget_numel, decoder_numel
+    from exl2conv.allocation import budget_numel, decoder_numel
 
     arch, src, out = converted
     cfg, index = load_config(src), WeightIndex(src)

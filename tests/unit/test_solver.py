@@ -212,9 +212,9 @@ def test_synthetic_80_layers(fixture_dir):
 
 
 def test_choose_drops_the_predicted_kl_past_its_range():
-    """pipeline.choose: the smallest predicted KL while it stays under KL_TRUST; past it, the
+    """allocation.choose: the smallest predicted KL while it stays under KL_TRUST; past it, the
     error objective's choice (smallest worst-module error), and the rejected value is reported."""
-    from exl2conv.pipeline import KL_TRUST, choose
+    from exl2conv.allocation import KL_TRUST, choose
     costs = [[1, 2], [1, 2]]
     errs = [[0.5, 0.1], [0.3, 0.2]]
     kls = [[0.3, 0.25], [0.45, 0.05]]  # KL optimum: option 0 then 1, predicted 0.35
