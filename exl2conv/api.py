@@ -25,7 +25,7 @@ def convert(in_dir: str | Path | None, out_dir: str | Path, bits: float = 4.125,
     """Convert (or resume converting) the model in ``in_dir``; ``out_dir`` is the working folder
     (``-o``). Keyword arguments are the CLI's long option names (``measurement`` is ``-m``);
     None means the CLI's default. ``options`` takes any further job field of
-    :data:`exl2conv.job.ARGS`. Returns the :class:`exl2conv.pipeline.Summary`; raises
+    :data:`exl2conv.job.ARGS`. Returns the :class:`exl2conv.report.Summary`; raises
     :class:`exl2conv.errors.Exl2Error` with a one-line message on bad input."""
     from exl2conv.pipeline import convert as run
     from exl2conv.job import ARG_BY_FIELD

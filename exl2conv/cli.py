@@ -141,7 +141,8 @@ def _values(args: argparse.Namespace) -> dict:
 
 
 def run_convert(argv: list[str]) -> int:
-    from exl2conv.pipeline import convert, format_summary
+    from exl2conv.pipeline import convert
+    from exl2conv.report import format_summary
     from exl2conv.report import Reporter
 
     args = build_parser().parse_args(argv)

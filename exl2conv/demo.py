@@ -50,7 +50,8 @@ def run_demo(out: str | Path = "exl2conv-demo", bits: float = 4.0, full: bool = 
              device: str | None = None, print_=print):
     """Build the model, convert it (resuming a previous demo run in the same folder) and print
     the summary and what to try next. Returns the converter's Summary."""
-    from exl2conv.pipeline import convert, format_summary, pick_device
+    from exl2conv.pipeline import convert, pick_device
+    from exl2conv.report import format_summary
     from exl2conv.gguf import smollm2_gguf_path, SMOLLM2_HINT
 
     if smollm2_gguf_path() is None:

@@ -35,7 +35,7 @@ from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex, all_finite
 from exl2conv.qparams import HEAD_OPTIONS
 from exl2conv.quantize import quantize_linear, quantize_module
-from exl2conv.report import Reporter, fmt_seconds, peak_rss_gib
+from exl2conv.report import Reporter, Summary, summarize
 from exl2conv.tokenizer import load_tokenizer
 from exl2conv.worklock import WorkLock
 
@@ -966,58 +966,6 @@ def check_model_unchanged(job: Job, cfg: Any, weights: WeightIndex) -> None:
                         "names, shapes, dtypes or config.json changed); restore it, or start afresh with -nr")
 
 
-@dataclass
-class Summary:
-    out_dir: Path
-    output_files: list[str]
-    decoder_bpw: float | None
-    head_bpw: float | None
-    expected_error: float | None
-    calibration_ppl: float | None
-    times: dict[str, float]
-    measurement_only: bool = False
-    calibration_ppl_on: tuple[int, int] | None = None  # (rows, tokens per row) of the quantization set
-    # norm tweaking: mean relative drop of the modules' losses, and the head's KL before/after
-    tweak_gain: float | None = None
-    head_kl: tuple[float, float] | None = None
-
-
-def summarize(ctx: Context) -> Summary:
-    job = ctx.job
-    dec_bits = dec_numel = head_bits = head_numel = 0
-    ppl = head_kl = ppl_on = None
-    gains = []
-    for rec in job["quant_log"] or []:
-        if "tweak" in rec:
-            before, after = rec["tweak"]
-            if "ppl" in rec:
-                head_kl = (before, after)
-            elif before > 0:
-                gains.append(1 - after / before)
-        for _name, _desc, bits, numel in rec.get("linears", []):
-            if "ppl" in rec:  # the head's record (its name is the checkpoint's: InternLM2's is "output")
-                head_bits, head_numel = head_bits + bits, head_numel + numel
-            else:
-                dec_bits, dec_numel = dec_bits + bits, dec_numel + numel
-        if "ppl" in rec:
-            ppl = rec["ppl"]
-            ppl_on = (rec["ppl_rows"], rec["ppl_length"]) if "ppl_rows" in rec else None
-    solver_info = job["solver"] or {}
-    return Summary(
-        out_dir=ctx.out_dir,
-        output_files=list(job["output_files"] or []),
-        decoder_bpw=dec_bits / dec_numel if dec_numel else None,
-        head_bpw=head_bits / head_numel if head_numel else None,
-        expected_error=solver_info.get("loss"),
-        calibration_ppl=ppl,
-        calibration_ppl_on=ppl_on,
-        times=dict(job["times"] or {}),
-        measurement_only=bool(job["output_measurement"]),
-        tweak_gain=sum(gains) / len(gains) if gains else None,
-        head_kl=head_kl,
-    )
-
-
 def pick_device(name: str | None) -> torch.device:
     if name:
         dev = torch.device(name)
@@ -1068,7 +1016,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
                 atomic.remove_temps(folder)
         if job.stage == Stage.FINISHED:
             rep.info(f"The job in {out} has already finished; use -nr to start a new one")
-            return summarize(Context(job, None, None, torch.device("cpu"), rep))  # type: ignore[arg-type]
+            return summarize(job)
         return run_job(job, dev, rep)
 
 
@@ -1116,7 +1064,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         stop.reset()
-    return summarize(ctx)
+    return summarize(ctx.job)
 
 
 def check_positions(cfg, job: Job) -> None:
@@ -1167,35 +1115,3 @@ def _print_plan(ctx: Context) -> None:
     if job["rope_alpha"]:
         rep.info(f"RoPE alpha: {job['rope_alpha']:.2f}")
     rep.info(f"Device: {ctx.device}")
-
-
-def format_summary(s: Summary) -> str:
-    lines = ["", " == Finished" + (" (measurement only)" if s.measurement_only else "")]
-    if s.decoder_bpw is not None:
-        lines.append(f"    decoder: {s.decoder_bpw:.4f} bpw    head: {s.head_bpw:.4f} bpw")
-    if s.expected_error is not None:
-        lines.append(f"    expected error (sum over modules): {s.expected_error:.6f}")
-    if s.calibration_ppl is not None:
-        on = (f", first {s.calibration_ppl_on[0]} rows x {s.calibration_ppl_on[1]} tokens of the quantization set"
-              if s.calibration_ppl_on else "")
-        lines.append(f"    calibration perplexity (quantized{on}): {s.calibration_ppl:.4f}")
-    if s.tweak_gain is not None:
-        text = f"    norm tweaking: module output error on its rows -{100 * s.tweak_gain:.1f} % (mean)"
-        if s.head_kl is not None:
-            text += f"; KL at the head {s.head_kl[0]:.4f} -> {s.head_kl[1]:.4f} nats/token"
-        lines.append(text)
-    if s.times:
-        lines.append("    time: " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in s.times.items())
-                     + f"; total {fmt_seconds(sum(s.times.values()))}")
-    lines.append("    peak memory: " + peak_memory())
-    for f in s.output_files:
-        lines.append(f"    output: {f}")
-    return "\n".join(lines)
-
-
-def peak_memory() -> str:
-    rss = peak_rss_gib()
-    text = f"RSS {rss:.2f} GiB"
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        text += f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-    return text

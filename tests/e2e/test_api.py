@@ -47,7 +47,7 @@ def test_convert_function_matches_cli(tiny, cli_out, tmp_path):
     assert s.decoder_bpw is not None and s.decoder_bpw <= 4.0
     assert s.output_files == [str((tmp_path / "out" / "output.safetensors").resolve())]
     # the job module returns its Summary
-    from exl2conv.pipeline import Summary
+    from exl2conv.report import Summary
     assert isinstance(s, Summary)
 
 
