@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from exl2conv import EXL2_FORMAT_VERSION, atomic, faults, stop
 from exl2conv.errors import Exl2Error
+from exl2conv.model import arch
 
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2, "I64": 8, "U8": 1, "I8": 1}
 SKIP_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth", ".gguf")
@@ -145,3 +146,74 @@ def write_quant_config(dest: Path, bits: float, head_bits: int, rows: int, lengt
         },
     }
     atomic.write_json(path, cfg, indent=4, ensure_ascii=True)
+
+
+def output_tensors(cfg, weights, tensor_file: Callable[[str], Path]) -> tuple[list[OutTensor], list[int]]:
+    """Every tensor of the output of model ``cfg`` (its source tensors in ``weights``, a
+    :class:`WeightIndex`) in ExLlamaV2's order (exllamav2/conversion/compile.py): the embedding, the
+    position table, each module's norms, linears and head norms, the final norm, the head, the
+    tensors outside the language model. Returns them with the index after each module's last
+    tensor: shards are split only there. ``tensor_file(prefix)``: the quantization pass's file of a
+    linear's packed tensors or a tweaked norm's weight."""
+    tensors: list[OutTensor] = []
+    ends: list[int] = []
+
+    def fp16(name: str, repeat: int = 0, dtype: torch.dtype = torch.float16) -> OutTensor:
+        """A tensor copied unquantized; ``repeat`` > 0 expands a q/k norm [d] to [repeat, d]
+        (ExLlamaV2 saves the loaded, per-head form; spec 6.8)."""
+        shape = weights.shape(name)
+        n = torch.empty((), dtype=dtype).element_size() * max(repeat, 1)
+        for d in shape:
+            n *= d
+        out = arch.output_name(cfg, name)
+        if repeat:
+            return OutTensor(out, n, lambda: weights.get(name, dtype=dtype).repeat(repeat, 1))
+        return OutTensor(out, n, lambda: weights.get(name, dtype=dtype))
+
+    def norm_entries(name: str) -> list[OutTensor]:
+        """A norm's weight as the quantization pass tweaked it, else copied; then its bias."""
+        path = tensor_file(name.removesuffix(".weight"))
+        bias = arch.norm_bias_tensor(cfg, name)
+        return ([tensor_file_entries(path)[0] if path.is_file() else fp16(name)]
+                + ([fp16(bias)] if bias else []))
+
+    def embedding() -> OutTensor:
+        """The table as ExLlamaV2 writes it: where the config scales the embeddings (Granite,
+        MiniCPM), its loader multiplies the float16 table by the factor and the compile divides
+        it back, each in float16."""
+        name, s = arch.embedding_tensor(cfg), cfg.embedding_multiplier
+        entry = fp16(name)
+        if s == 1.0:
+            return entry
+        return OutTensor(entry.name, entry.nbytes, lambda: (weights.get(name, dtype=torch.float16) * s) / s)
+
+    def linear(name: str) -> None:
+        tensors.extend(tensor_file_entries(tensor_file(name)))
+
+    tensors.append(embedding())
+    ends.append(len(tensors))
+    if arch.position_tensor(cfg):  # a module of its own in ExLlamaV2's list
+        tensors.append(fp16(arch.position_tensor(cfg)))
+        ends.append(len(tensors))
+    for i in range(cfg.num_layers):
+        for part in ("attn", "mlp"):
+            for norm in arch.norm_tensors(cfg, i, part):
+                tensors.extend(norm_entries(norm))
+            router = arch.router_tensor(cfg, i) if part == "mlp" else None
+            if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (spec 6.9)
+                tensors.append(fp16(router))
+            for spec in arch.layer_linears(cfg, i, part).values():
+                linear(spec.name)
+            if part == "attn":
+                q_norm, k_norm = arch.head_norm_tensors(cfg, i) or (None, None)
+                if q_norm and cfg.use_qk_norm:  # stored per head already (Cohere)
+                    tensors += [fp16(q_norm), fp16(k_norm)]
+                elif q_norm:
+                    tensors += [fp16(q_norm, cfg.num_heads), fp16(k_norm, cfg.num_kv_heads)]
+            if part == "mlp" or not arch.spec_of(cfg).parallel:  # a parallel block is one module
+                ends.append(len(tensors))
+    tensors.extend(norm_entries(arch.final_norm_tensor(cfg)))
+    linear(arch.head_spec(cfg, weights).name)
+    tensors.extend(fp16(name, dtype=weights.source_dtype(name)) for name in arch.extra_tensors(cfg, weights))
+    ends.append(len(tensors))
+    return tensors, ends

@@ -773,67 +773,7 @@ def stage_compile(ctx: Context) -> None:
     cfg = ctx.cfg
     dest = Path(job["compile_full"]) if job["compile_full"] else ctx.out_dir
     dest.mkdir(parents=True, exist_ok=True)
-    tensors: list[compile_mod.OutTensor] = []
-    ends: list[int] = []
-
-    def fp16(name: str, repeat: int = 0, dtype: torch.dtype = torch.float16) -> compile_mod.OutTensor:
-        """A tensor copied unquantized; ``repeat`` > 0 expands a q/k norm [d] to [repeat, d]
-        (ExLlamaV2 saves the loaded, per-head form; spec 6.8)."""
-        shape = ctx.weights.shape(name)
-        n = torch.empty((), dtype=dtype).element_size() * max(repeat, 1)
-        for d in shape:
-            n *= d
-        out = arch.output_name(cfg, name)
-        if repeat:
-            return compile_mod.OutTensor(out, n, lambda: ctx.weights.get(name, dtype=dtype).repeat(repeat, 1))
-        return compile_mod.OutTensor(out, n, lambda: ctx.weights.get(name, dtype=dtype))
-
-    def norm_entries(name: str) -> list[compile_mod.OutTensor]:
-        """A norm's weight as the quantization pass tweaked it, else copied; then its bias."""
-        path = out_tensor_file(ctx, name.removesuffix(".weight"))
-        bias = arch.norm_bias_tensor(cfg, name)
-        return ([compile_mod.tensor_file_entries(path)[0] if path.is_file() else fp16(name)]
-                + ([fp16(bias)] if bias else []))
-
-    def embedding() -> compile_mod.OutTensor:
-        """The table as ExLlamaV2 writes it: where the config scales the embeddings (Granite,
-        MiniCPM), its loader multiplies the float16 table by the factor and the compile divides
-        it back, each in float16."""
-        name, s = arch.embedding_tensor(cfg), cfg.embedding_multiplier
-        entry = fp16(name)
-        if s == 1.0:
-            return entry
-        return compile_mod.OutTensor(entry.name, entry.nbytes, lambda: (ctx.weights.get(name, dtype=torch.float16) * s) / s)
-
-    def linear(name: str) -> None:
-        tensors.extend(compile_mod.tensor_file_entries(out_tensor_file(ctx, name)))
-
-    tensors.append(embedding())
-    ends.append(len(tensors))
-    if arch.position_tensor(cfg):  # a module of its own in ExLlamaV2's list
-        tensors.append(fp16(arch.position_tensor(cfg)))
-        ends.append(len(tensors))
-    for i in range(cfg.num_layers):
-        for part in ("attn", "mlp"):
-            for norm in arch.norm_tensors(cfg, i, part):
-                tensors.extend(norm_entries(norm))
-            router = arch.router_tensor(cfg, i) if part == "mlp" else None
-            if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (spec 6.9)
-                tensors.append(fp16(router))
-            for spec in arch.layer_linears(cfg, i, part).values():
-                linear(spec.name)
-            if part == "attn":
-                q_norm, k_norm = arch.head_norm_tensors(cfg, i) or (None, None)
-                if q_norm and cfg.use_qk_norm:  # stored per head already (Cohere)
-                    tensors += [fp16(q_norm), fp16(k_norm)]
-                elif q_norm:
-                    tensors += [fp16(q_norm, cfg.num_heads), fp16(k_norm, cfg.num_kv_heads)]
-            if part == "mlp" or not arch.spec_of(cfg).parallel:  # a parallel block is one module
-                ends.append(len(tensors))
-    tensors.extend(norm_entries(arch.final_norm_tensor(cfg)))
-    linear(arch.head_spec(cfg, ctx.weights).name)
-    tensors.extend(fp16(name, dtype=ctx.weights.source_dtype(name)) for name in arch.extra_tensors(cfg, ctx.weights))
-    ends.append(len(tensors))
+    tensors, ends = compile_mod.output_tensors(cfg, ctx.weights, lambda prefix: out_tensor_file(ctx, prefix))
 
     limit = int(float(job["shard_size"]) * 1024 ** 2)
     shards = compile_mod.plan_shards(tensors, ends, limit)
