@@ -23,11 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exl2conv import allocation, pipeline  # noqa: E402
 from exl2conv.model.config import load_config  # noqa: E402
+from exl2conv.model.weights import WeightIndex  # noqa: E402
+
+PARALLEL = ".parallel_decoder"
 
 
 def load(path: Path) -> tuple[dict, dict]:
+    """The measurement's entries by slot (a parallel block's two branches under the strategy keys
+    ``<layer>.self_attn`` and ``<layer>.mlp``, as the predicted KL is keyed), and the predicted KL."""
     doc = json.loads(path.read_text(encoding="utf-8"))
-    return doc["measurement"], pipeline.predicted_of(doc)
+    slots = {}
+    for key, value in doc["measurement"].items():
+        if key.endswith(PARALLEL) and isinstance(value, dict):
+            layer = key[: -len(PARALLEL)]
+            slots[f"{layer}.self_attn"], slots[f"{layer}.mlp"] = value.get("attn"), value.get("mlp")
+        else:
+            slots[key] = value
+    return slots, pipeline.predicted_of(doc)
 
 
 def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:
@@ -56,7 +68,7 @@ def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:
         f"median {100 * median:.3f} %, worst {100 * worst[0]:.3f} %{where}")
 
     cfg = load_config(model)
-    numel = allocation.decoder_numel(cfg)
+    numel = allocation.budget_numel(cfg, WeightIndex(model))
     budget = int(numel * bits)
     both_kl = all(k in pa and k in pb for k in keys)
     choices = []
