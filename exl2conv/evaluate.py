@@ -102,10 +102,9 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
             for part in forward.layer_parts(cfg):
                 w_ref = forward.load_layer_weights(ref, cfg, i, part, dev)
                 w_q = {}
-                specs = arch.layer_linears(cfg, i, None if part == "parallel" else part)
+                specs = forward.block_linears(cfg, i, part)
                 router = arch.router_tensor(cfg, i) if part == "mlp" else None
-                norms = {k: v for p in (("attn", "mlp") if part == "parallel" else (part,))
-                         for k, v in arch.norm_weights(cfg, i, p).items()}
+                norms = forward.block_norm_weights(cfg, i, part)
                 for key, t in w_ref.items():
                     base = key.removesuffix(".bias")
                     if not isinstance(t, torch.Tensor):  # the layer index

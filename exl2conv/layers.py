@@ -16,7 +16,7 @@ import torch
 from exl2conv import settings, stop
 from exl2conv.gptq import Hessian
 from exl2conv.model import forward
-from exl2conv.model.arch import LinearSpec, layer_linears
+from exl2conv.model.arch import LinearSpec
 
 MODES = {"embed": None, "pos_emb": "pos_emb", "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear",
          "parallel": "parallel_decoder"}
@@ -87,9 +87,7 @@ def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: 
 def module_linears(cfg, mod: Module, part: str | None = None) -> dict:
     """The linears of a quantized module, or of one ``part`` (a slot) of it: a parallel block's
     "attn" or "mlp" branch, all of them without ``part``."""
-    if part is None:
-        part = None if mod.kind == "parallel" else mod.kind
-    return layer_linears(cfg, mod.layer, part)
+    return forward.block_linears(cfg, mod.layer, part or mod.kind)
 
 
 def padded_wt(w: torch.Tensor, spec: LinearSpec, perm: torch.Tensor | None = None,

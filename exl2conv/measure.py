@@ -1,5 +1,6 @@
-"""Measurement of one attention, MLP or MoE module (or one branch of a parallel block): every candidate of the option table, quantized
-by GPTQ and scored by the module's output error on the calibration states (reference 3.2-3.5).
+"""Measurement of one attention, MLP or MoE module (or one branch of a parallel block): every
+candidate of the option table, quantized by GPTQ and scored by the module's output error on the
+calibration states (reference 3.2-3.5).
 
 Returns records; printing is the caller's business.
 """
@@ -160,9 +161,9 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
                    ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
     """kind: "attn" or "mlp" (the option table); block: the module whose forward runs, when it
     is not ``kind`` itself: "parallel", a parallel decoder block (Cohere) measured one branch at
-    a time, ``specs`` that branch's linears, the other branch left unquantized; states: ``[R, L, H]`` float32 reference inputs; w: the module's
-    weights by name (HF orientation; float32, or a linear in its 2-byte source dtype,
-    :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
+    a time, ``specs`` that branch's linears, the other branch left unquantized; states:
+    ``[R, L, H]`` float32 reference inputs; w: the module's weights by name (HF orientation;
+    float32, or a linear in its 2-byte source dtype, :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
     err_weight: channel weights of the output error (:func:`layers.error_weight`);
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);

@@ -512,7 +512,7 @@ def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dic
         row = 2 * mod.layer + (mod.kind != "attn")
         measured, outputs = {}, None
         for part in mod.parts:
-            outputs = None  # the first branch's reference outputs are the second's too
+            outputs = None  # the first branch's reference outputs, freed: the second's pass makes them again
             entries, outputs, pred = measure_module(
                 part, states, w, module_linears(ctx.cfg, mod, part), ctx.cfg, rope, ctx.chunk(length),
                 mod.strategy_key(part), ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),

@@ -59,13 +59,13 @@ def sliding_window_pattern(cfg) -> int:
 
 
 def check_expressible(cfg) -> None:
-    """Refuse, before any work, a model whose output ExLlamaV2 would run as another model."""
-    if spec_of(cfg).rope_sliding_only:
+    """Refuse, before any work, a model whose output ExLlamaV2 would run as another model: layer
+    kinds that its sliding_window_pattern cannot express (Cohere2, and a model written in another
+    architecture's layout), a local RoPE base it would not use."""
+    spec = spec_of(cfg)
+    if spec.rope_sliding_only or spec.out_arch:
         sliding_window_pattern(cfg)
-    if spec_of(cfg).out_arch is None:
-        return
-    sliding_window_pattern(cfg)
-    if cfg.rope_local_theta is not None and float(cfg.rope_local_theta) != EXLLAMAV2_LOCAL_ROPE_BASE:
+    if spec.out_arch and cfg.rope_local_theta is not None and float(cfg.rope_local_theta) != EXLLAMAV2_LOCAL_ROPE_BASE:
         raise Exl2Error(f"{cfg.model_dir / 'config.json'}: the sliding-window layers use RoPE base "
                         f"{cfg.rope_local_theta:g}, and ExLlamaV2 0.3.2 runs {cfg.arch} models at "
                         f"{EXLLAMAV2_LOCAL_ROPE_BASE:g} whatever the config says; its EXL2 output would run "

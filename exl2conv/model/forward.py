@@ -586,8 +586,8 @@ def load_head(index: WeightIndex, cfg: ModelConfig, device=None, dtype: torch.dt
 def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
                        device=None, compact: bool = False, ahead: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The f32 tensors :func:`attention` (part "attn"), :func:`mlp` ("mlp") or :func:`parallel`
-    ("parallel") needs for layer ``i``, keyed by short name: the norms (offset added), each linear's weight (sliced out
-    of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
+    ("parallel") needs for layer ``i``, keyed by short name: the norms (offset added), each
+    linear's weight (sliced out of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
     architecture has them, an MoE router [E, H] (under its short name, "gate"), and the layer
     index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
     ``compact``: the linears' weights in their source dtype where that is float16 or bfloat16
@@ -595,13 +595,12 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     at a time). Once read, the tensors ``ahead`` names (by default those of the module a forward
     pass reads next, :func:`next_module_tensors`) are read from the disk in the background."""
     w: dict = {LAYER: i}
-    for p in _parts(part):
-        for key, name in norm_weights(cfg, i, p).items():
-            w[key] = index.get(name, device=device) if key.endswith(".bias") else load_norm(index, cfg, name, device)
+    for key, name in block_norm_weights(cfg, i, part).items():
+        w[key] = index.get(name, device=device) if key.endswith(".bias") else load_norm(index, cfg, name, device)
     router = router_tensor(cfg, i) if part == "mlp" else None
     if router:
         w[spec_of(cfg).moe_router] = index.get(router, device=device)
-    for short, lin in _linears(cfg, i, part).items():
+    for short, lin in block_linears(cfg, i, part).items():
         w[short] = load_linear(index, lin, index.held_dtype(lin.tensor, compact), device)
         if lin.bias:
             w[f"{short}.bias"] = index.get(lin.bias_tensor, device=device, rows=lin.rows)
@@ -616,22 +615,24 @@ def layer_parts(cfg: ModelConfig) -> tuple[str, ...]:
     return ("parallel",) if spec_of(cfg).parallel else ("attn", "mlp")
 
 
-def _parts(part: str) -> tuple[str, ...]:
-    return ("attn", "mlp") if part == "parallel" else (part,)
-
-
-def _linears(cfg: ModelConfig, i: int, part: str) -> dict:
-    """The linears of layer ``i``'s ``part`` ("parallel": all of the layer's)."""
+def block_linears(cfg: ModelConfig, i: int, part: str) -> dict:
+    """The linears of layer ``i``'s module ``part`` ("parallel": all of the layer's)."""
     return layer_linears(cfg, i, None if part == "parallel" else part)
+
+
+def block_norm_weights(cfg: ModelConfig, i: int, part: str) -> dict[str, str]:
+    """:func:`arch.norm_weights` of layer ``i``'s module ``part`` ("parallel": both branches')."""
+    parts = ("attn", "mlp") if part == "parallel" else (part,)
+    return {key: name for p in parts for key, name in norm_weights(cfg, i, p).items()}
 
 
 def module_tensors(index: WeightIndex, cfg: ModelConfig, i: int, part: str) -> list[str]:
     """The names of the tensors :func:`load_layer_weights` reads for layer ``i``'s ``part``."""
-    names = [name for p in _parts(part) for name in norm_weights(cfg, i, p).values()]
+    names = list(block_norm_weights(cfg, i, part).values())
     router = router_tensor(cfg, i) if part == "mlp" else None
     if router:
         names.append(router)
-    for lin in _linears(cfg, i, part).values():
+    for lin in block_linears(cfg, i, part).values():
         names.append(lin.tensor)
         if lin.bias:
             names.append(lin.bias_tensor)

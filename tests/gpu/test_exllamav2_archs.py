@@ -199,10 +199,11 @@ def test_exllamav2_decodes_converted_tiny_model(arch, tmp_path, monkeypatch):
 
     # the decoded head is used as it is: Index's norm_head normalizes the unquantized head only
     cfg_q = dataclasses.replace(cfg, norm_head=False)
-    true_q = forward.run_model(_Swapped(index, output_weights(cfg, index, tensors)), cfg_q, ids)[..., : cfg.vocab_size]
-    if arch in EXLLAMAV2_RUNS:
+    quant = _Swapped(index, output_weights(cfg, index, tensors))
+    true_q = ours_q = forward.run_model(quant, cfg_q, ids)[..., : cfg.vocab_size]
+    if arch in EXLLAMAV2_RUNS:  # from here on our forward computes what ExLlamaV2 computes
         monkeypatch.setitem(arch_mod.ARCHS, arch, dataclasses.replace(arch_mod.ARCHS[arch], **EXLLAMAV2_RUNS[arch]))
-    ours_q = forward.run_model(_Swapped(index, output_weights(cfg, index, tensors)), cfg_q, ids)[..., : cfg.vocab_size]
+        ours_q = forward.run_model(quant, cfg_q, ids)[..., : cfg.vocab_size]
     ours_fp = forward.run_model(index, cfg, ids)[..., : cfg.vocab_size]
     try:
         theirs_fp, _ = exl_logits(as_exllamav2_reads_it(src, cfg, tmp_path / "source"), ids, cfg.vocab_size)
