@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exl2conv import allocation, pipeline  # noqa: E402
+from exl2conv import allocation, workdir  # noqa: E402
 from exl2conv.model.config import load_config  # noqa: E402
 from exl2conv.model.weights import WeightIndex  # noqa: E402
 
@@ -39,7 +39,7 @@ def load(path: Path) -> tuple[dict, dict]:
             slots[f"{layer}.self_attn"], slots[f"{layer}.mlp"] = value.get("attn"), value.get("mlp")
         else:
             slots[key] = value
-    return slots, pipeline.predicted_of(doc)
+    return slots, workdir.predicted_of(doc)
 
 
 def compare(a: Path, b: Path, model: Path, bits: float, out=print) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from exl2conv import settings
 from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error, Interrupted
 from exl2conv.model.arch import ARCHS
 
@@ -211,10 +211,7 @@ def run_to_safetensors(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Read when CUDA first allocates: growable segments instead of fixed blocks keep the measurement
-    # pass's many differently-sized buffers from fragmenting the cache (peak reserved memory on a
-    # 7B layer 22 GiB -> about what is allocated). A user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    settings.set_library_defaults()  # before anything touches CUDA
     try:
         if argv and argv[0] == "inspect":
             return run_inspect(argv[1:])

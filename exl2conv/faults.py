@@ -23,7 +23,9 @@ import os
 import signal
 from pathlib import Path
 
-ENV = "EXL2CONV_FAULT"
+from exl2conv import settings
+
+ENV = settings.FAULT_VARIABLE
 POINTS = ("write", "module", "measurement", "checkpoint", "shard", "stage", "stage_start")
 ACTIONS = ("kill", "sigint", "enospc")
 
@@ -51,7 +53,7 @@ def parse(spec: str) -> list[tuple[str, int, str]]:
 
 def point(name: str, path: str | Path | None = None) -> None:
     """Reached ``name``; ``path`` is the file being written there, if any."""
-    spec = os.environ.get(ENV)
+    spec = settings.fault_spec()
     if not spec:
         return
     faults = [f for f in parse(spec) if f[0] == name]

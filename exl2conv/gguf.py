@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from exl2conv import settings
 from exl2conv.errors import Exl2Error, FormatError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -571,7 +572,7 @@ def smollm2_gguf_path() -> Path | None:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("EXL2CONV_CACHE") or Path.home() / ".cache" / "exl2conv")
+    return settings.cache_root()
 
 
 def _is_built(folder: Path) -> bool:

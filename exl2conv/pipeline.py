@@ -9,128 +9,35 @@ at every checkpoint, so an interruption at any instant resumes from the last sav
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from exl2conv import allocation, atomic, calibration, compile as compile_mod, faults, sensitivity, settings, stop, tweak
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import Hessian, HostArena, prepare, release_unused
-from exl2conv.job import (ARGS, STAGE_ORDER, FINGERPRINT_KEY, JOB_FILE, ROWS_USED, Job, Stage, calibration_settings,
-                          clear_work_dir, entries_besides_lock, is_ours, measurement_fingerprint, model_fingerprint,
-                          new_job_data, normalize, resume_conflicts)
+from exl2conv.job import JOB_FILE, ROWS_USED, STAGE_ORDER, Job, Stage
 from exl2conv.layers import Module, error_weight, module_linears, module_list, release_cached, run_block
 from exl2conv.measure import check_finite, codes_sizes, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, exllamav2_config, forward
-from exl2conv.model.config import load_config
-from exl2conv.model.weights import WeightIndex, all_finite
+from exl2conv.model.weights import WeightIndex
+from exl2conv.passloop import run_modules
 from exl2conv.qparams import HEAD_OPTIONS
 from exl2conv.quantize import quantize_linear, quantize_module
 from exl2conv.report import Reporter, Summary, summarize
 from exl2conv.tokenizer import load_tokenizer
+from exl2conv.validate import (check_model_unchanged, check_paths, check_positions, check_shard_size, load_model,
+                               model_fingerprint_of, pick_device)
+from exl2conv.workdir import (MEASUREMENT, OUT_TENSOR, WorkFolder, check_measurement_fingerprint, check_work_dir,
+                              load_measurement_file, open_job)
 from exl2conv.worklock import WorkLock
 
-CAL_MEASURE = "cal_measure.safetensors"
-CAL_QUANT = "cal_quant.safetensors"
-MEASUREMENT = "measurement.json"
-SENSITIVITY = "sensitivity.safetensors"
-PREDICTED_KEY = "predicted_kl"  # under FINGERPRINT_KEY: each entry's predicted KL, by module key
-OUT_TENSOR = "out_tensor"
 PPL_TOKENS = 512  # positions per head forward of the calibration perplexity (a 7B's logits over a row: 0.25 GiB)
-
-
-# -- validation before any work ------------------------------------------------------------------
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
-def check_paths(values: dict[str, Any], out_dir: Path) -> None:
-    """Refuse folder combinations that would write into the input or mix outputs."""
-    in_dir = values.get("in_dir")
-    if in_dir is not None:
-        src = Path(in_dir).expanduser().resolve()
-        if src.exists() and not src.is_dir():
-            raise Exl2Error(f"-i {in_dir} is a file, not a folder; give the Hugging Face model folder that holds "
-                            "it (config.json, tokenizer, *.safetensors)")
-        if not src.is_dir():
-            raise Exl2Error(f"-i {in_dir}: no such folder; give the Hugging Face model folder "
-                            "(config.json, tokenizer, *.safetensors)")
-        if _inside(out_dir, src):
-            raise Exl2Error(f"-o {out_dir} is inside (or equal to) the input folder {src}; the input "
-                            "is never written to: choose a working folder elsewhere")
-        if values.get("compile_full"):
-            cf = Path(values["compile_full"]).expanduser().resolve()
-            if _inside(cf, src):
-                raise Exl2Error(f"-cf {cf} is inside (or equal to) the input folder {src}; choose an "
-                                "output folder elsewhere")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise Exl2Error(f"-o {out_dir} is a file, not a folder; give a new or empty working folder")
-    if values.get("compile_full"):
-        cf = Path(values["compile_full"]).expanduser().resolve()
-        if cf.exists() and not cf.is_dir():
-            raise Exl2Error(f"-cf {cf} exists and is not a folder")
-        if cf == out_dir:
-            raise Exl2Error(f"-cf {cf} is the working folder itself; give another folder (or leave "
-                            "out -cf to write the shards into the working folder)")
-    if values.get("output_measurement") and values.get("reuse_measurement"):
-        raise Exl2Error("-om (measure, then save the measurement) and -m (reuse a measurement, no measuring) "
-                        "cannot be combined: copy the measurement file instead, or leave out one of them")
-    if values.get("output_measurement") and values.get("compile_full"):
-        raise Exl2Error("-om (measure only) and -cf (compile a full model) cannot be combined: "
-                        "run -om first, then a second job with -m and -cf")
-    hb = values.get("head_bits")
-    if hb is not None and int(hb) not in HEAD_OPTIONS:
-        raise Exl2Error(f"-hb {hb} is not a head layout; choose one of {sorted(HEAD_OPTIONS)}")
-    for flag, field_, lo in (("-l", "length", 1), ("-ml", "measurement_length", 1),
-                             ("-r", "dataset_rows", 1), ("-mr", "measurement_rows", 1)):
-        v = values.get(field_)
-        if v is not None and int(v) < lo:
-            raise Exl2Error(f"{flag} {v}: must be at least {lo}")
-    if not values.get("cal_dataset"):
-        for flag, field_ in (("-l", "length"), ("-ml", "measurement_length")):
-            v = values.get(field_)
-            if v is not None and min(int(v), calibration.MAX_CTX) % calibration.CHUNK:
-                raise Exl2Error(f"{flag} {v}: the built-in calibration set needs a row length that is a multiple "
-                                f"of {calibration.CHUNK} (e.g. {max(calibration.CHUNK, int(v) // calibration.CHUNK * calibration.CHUNK)}), "
-                                "or give a parquet dataset with -c")
-    b = values.get("bits")
-    if b is not None and not (math.isfinite(float(b)) and float(b) > 0):
-        raise Exl2Error(f"-b {b}: give a positive number of bits per weight, e.g. -b 4.0")
-    ss = values.get("shard_size")
-    if ss is not None and float(ss) < 0:
-        raise Exl2Error(f"-ss {ss}: the shard size in MB cannot be negative (0 means unlimited)")
-    cpi = values.get("checkpoint_interval")
-    if cpi is not None and float(cpi) < 0:
-        raise Exl2Error(f"-cpi {cpi}: the checkpoint interval in seconds cannot be negative")
-
-
-def load_measurement_file(path: Path) -> dict:
-    """A measurement.json (ours or ExLlamaV2's): its ``measurement`` and ``last_module_idx``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise Exl2Error(f"-m {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Exl2Error(f"-m {path}: not a readable measurement.json ({exc.__class__.__name__}); "
-                        "measure again with -om") from None
-    if not isinstance(data, dict) or not isinstance(data.get("measurement"), dict):
-        raise Exl2Error(f"-m {path}: not a measurement file (no 'measurement' object)")
-    return data
 
 
 # -- context ------------------------------------------------------------------------------------
@@ -151,6 +58,10 @@ class Context:
     @property
     def out_dir(self) -> Path:
         return self.job.out_dir
+
+    @property
+    def folder(self) -> WorkFolder:
+        return WorkFolder(self.job)
 
     @property
     def tok(self):
@@ -204,101 +115,14 @@ class Context:
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
-def save_checkpoint(ctx: Context, pass_: str, index: int, states: torch.Tensor | None, **fields) -> None:
-    """States after module ``index`` are written to a new file first; only then does the job name
-    it (one atomic save), and only then is the previous file removed: at every instant the job
-    names a complete checkpoint."""
-    job = ctx.job
-    old = (job["checkpoint"] or {}).get("file")
-    fname = None
-    if states is not None:
-        fname = f"states_{pass_}_{index:04d}.safetensors"
-        atomic.save_tensor_streamed(ctx.out_dir / fname, "hidden_states", states)
-    faults.point("checkpoint")
-    job.data.update(fields)
-    job["checkpoint"] = {"pass": pass_, "module": index, "file": fname}
-    job.save()
-    if old and old != fname:
-        atomic.remove(ctx.out_dir / old)
-
-
 def load_checkpoint(ctx: Context, pass_: str, home: torch.device | None = None) -> tuple[int, torch.Tensor | None]:
     """The module index and the calibration states of the job's checkpoint of ``pass_``, on
-    ``home`` (default: the compute device; pinned when the CPU stands in for a GPU)."""
-    cp = ctx.job["checkpoint"]
-    if not cp or cp.get("pass") != pass_:
-        raise Exl2Error(f"{ctx.job.path}: no {pass_} checkpoint to resume from; start afresh with -nr")
-    states = None
-    if cp.get("file"):
-        path = ctx.out_dir / cp["file"]
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                states = f.get_tensor("hidden_states")
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
-            raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
-        if not all_finite(states):
-            raise Exl2Error(f"{path}: the checkpointed calibration states hold NaN or Inf values (a damaged "
-                            "file); start afresh with -nr")
-        if home is None or home == ctx.device:
-            states = states.to(ctx.device)
-        elif ctx.device.type == "cuda":
-            states = states.pin_memory()
-    elif int(cp["module"]) == 0:  # the embeddings: recomputed from the saved token ids, not stored
-        states = embed_states(ctx, load_ids(ctx, pass_), home)
-    return int(cp["module"]), states
-
-
-def remove_stray_checkpoints(ctx: Context) -> None:
-    """States files the job does not name are leftovers of an interrupted checkpoint."""
-    keep = (ctx.job["checkpoint"] or {}).get("file")
-    for p in ctx.out_dir.glob("states_*.safetensors"):
-        if p.name != keep:
-            atomic.remove(p)
-
-
-def measurement_doc(ctx: Context, meas: dict, last_module_idx: int | None, predicted: dict | None = None) -> dict:
-    """measurement.json's content: ExLlamaV2's two keys, plus, under a key it ignores, our
-    fingerprint (so that -m can tell a measurement of another model) and each entry's predicted
-    KL (the solver's objective, see :mod:`exl2conv.sensitivity`)."""
-    ours = {"model_fingerprint": (ctx.job["fingerprint"] or {}).get("model"),
-            "calibration": calibration_settings(ctx.job.data)}
-    if predicted:
-        ours[PREDICTED_KEY] = predicted
-    return {"measurement": meas, "last_module_idx": last_module_idx, FINGERPRINT_KEY: ours}
-
-
-def predicted_of(doc: dict) -> dict[str, list[float]]:
-    """The predicted KL of each measured entry in a measurement.json ``doc``, by module key; empty
-    for a measurement without them (ExLlamaV2's). Entries that do not parse are left out, and the
-    solver then falls back to the error objective."""
-    block = doc.get(FINGERPRINT_KEY)
-    block = block.get(PREDICTED_KEY) if isinstance(block, dict) else None
-    out = {}
-    for key, values in (block.items() if isinstance(block, dict) else ()):
-        if not isinstance(values, list):
-            continue
-        try:
-            out[key] = [float(x) for x in values]
-        except (TypeError, ValueError):
-            pass
-    return out
-
-
-def read_measurement(ctx: Context) -> tuple[dict, dict[str, list[float]]]:
-    """The ``measurement`` object of the working folder's measurement.json, and its entries'
-    predicted KL (:func:`predicted_of`), from one read of the file."""
-    path = ctx.out_dir / MEASUREMENT
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        meas = doc["measurement"]
-        if not isinstance(meas, dict):
-            raise TypeError
-    except FileNotFoundError:
-        raise Exl2Error(f"{path} is missing; the job cannot go on without it: start afresh with -nr") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise Exl2Error(f"{path} is corrupt (not a measurement.json); start afresh with -nr "
-                        "(or give a good measurement with -m)") from None
-    return meas, predicted_of(doc)
+    ``home`` (default: the compute device; pinned when the CPU stands in for a GPU); the
+    embeddings (module 0) are recomputed from the saved token ids, not stored."""
+    index, states = ctx.folder.load_checkpoint(pass_, ctx.device, home)
+    if states is None and index == 0:
+        states = embed_states(ctx, ctx.folder.load_ids(pass_), home)
+    return index, states
 
 
 # -- stages ------------------------------------------------------------------------------------------
@@ -316,7 +140,7 @@ def tokenize(ctx: Context, which: str) -> torch.Tensor:
     ctx.rep.info(f"{'Measurement' if measure else 'Quantization'} calibration: {ids.shape[0]} rows x {ids.shape[1]} tokens")
     for line in calibration.describe_rows(ctx.tok, ids).splitlines():
         ctx.rep.info(line)
-    atomic.save_tensors(ctx.out_dir / (CAL_MEASURE if measure else CAL_QUANT), {"input_ids": ids})
+    ctx.folder.save_ids(which, ids)
     return ids
 
 
@@ -325,16 +149,8 @@ def tokenize_stage(ctx: Context, which: str, next_stage: Stage) -> None:
     :data:`ROWS_USED`, never into -mr / -r: the built-in set fixes its own count (ExLlamaV2
     overwrites its job's -mr / -r with it), and a resume must find the command's values there."""
     ids = tokenize(ctx, which)
-    measure = which == "measure"
     used = {**(ctx.job[ROWS_USED] or {}), which: int(ids.shape[0])}
-    ctx.job.advance(next_stage, cal_filename=str(ctx.out_dir / (CAL_MEASURE if measure else CAL_QUANT)),
-                    **{ROWS_USED: used})
-
-
-def load_ids(ctx: Context, which: str) -> torch.Tensor:
-    path = ctx.out_dir / (CAL_MEASURE if which == "measure" else CAL_QUANT)
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("input_ids")
+    ctx.job.advance(next_stage, cal_filename=str(ctx.folder.ids_file(which)), **{ROWS_USED: used})
 
 
 def stage_begin(ctx: Context) -> None:
@@ -380,7 +196,7 @@ STATES_GPU_BYTES = 1 << 30
 
 def states_bytes(ctx: Context, which: str) -> int:
     """The size of a pass's float32 calibration states (``which``: "measure" or "quant")."""
-    rows, length = load_ids(ctx, which).shape
+    rows, length = ctx.folder.load_ids(which).shape
     return rows * length * ctx.cfg.hidden_size * 4
 
 
@@ -403,17 +219,17 @@ def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
 def stage_initial_embeddings(ctx: Context) -> None:
     ctx.rep.info("Token embeddings (measurement)...")
     ctx.rep.status("Embeddings", 0, 1)
-    states = embed_states(ctx, load_ids(ctx, "measure"))
+    states = embed_states(ctx, ctx.folder.load_ids("measure"))
     check_finite(states, "the token embeddings")
-    atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, {}, 0))
-    save_checkpoint(ctx, "measure", 0, None, last_module_idx=0)  # cheaper to recompute than to store
+    ctx.folder.write_measurement({}, 0)
+    ctx.folder.save_checkpoint("measure", 0, None, last_module_idx=0)  # cheaper to recompute than to store
     ctx.job.advance(Stage.SENSITIVITY)
 
 
 def stage_sensitivity(ctx: Context) -> None:
     """The Fisher diagonal of every module's output (exl2conv.sensitivity), from the unquantized
     model on the first measurement rows; the measurement turns it into predicted KL."""
-    ids = load_ids(ctx, "measure")
+    ids = ctx.folder.load_ids("measure")
     rows = sensitivity.rows_for(ids, ctx.cfg.hidden_size, ctx.cfg.num_layers)
     ctx.rep.info(f"Output sensitivity of each module: {rows} rows x {ids.shape[1]} tokens, forward and backward")
     with ctx.rep.progress("Sensitivity", 2 * ctx.cfg.num_layers, "Sensitivity") as bar:
@@ -425,44 +241,12 @@ def stage_sensitivity(ctx: Context) -> None:
     if not bool(torch.isfinite(fisher).all()):
         raise Exl2Error("the output sensitivity holds NaN or Inf values (the model's forward or backward pass "
                         "overflows float32 on the calibration data); check the model's weights")
-    atomic.save_tensors(ctx.out_dir / SENSITIVITY, {"fisher": fisher})
+    ctx.folder.save_sensitivity(fisher)
     ctx.job.advance(Stage.MEASURE)
-
-
-def load_sensitivity(ctx: Context) -> torch.Tensor | None:
-    """``[2 * layers, H]`` from the sensitivity stage, or None when the job has none."""
-    path = ctx.out_dir / SENSITIVITY
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.get_tensor("fisher")
-    except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
-        raise Exl2Error(f"{path}: unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
 
 
 def _rope(ctx: Context, length: int):
     return forward.rope_tables(ctx.cfg, length, ctx.device)
-
-
-def _checkpoint_due(ctx: Context, last: float) -> bool:
-    return time.monotonic() - last >= float(ctx.job["checkpoint_interval"]) or stop.requested()
-
-
-def _stopped_after(ctx: Context, mod: Module) -> Interrupted:
-    """Ctrl-C came while ``mod`` ran and its checkpoint is saved: the error to raise."""
-    return Interrupted(f"stopped after {mod.meas_key}; state saved in {ctx.out_dir}: run the same "
-                       "command to resume")
-
-
-def _stopped_in(ctx: Context, mod: Module, checkpoint) -> Interrupted:
-    """Ctrl-C reached a safe point inside ``mod``: its inputs are intact, so ``checkpoint(index,
-    states)`` saves them as the state after the module before (unless the job's checkpoint is
-    there already) and the resume starts with ``mod``. Returns the error to raise."""
-    if (ctx.job["checkpoint"] or {}).get("module") != mod.index - 1:
-        checkpoint(mod.index - 1)
-    return Interrupted(f"stopped in {mod.meas_key}; state saved in {ctx.out_dir} up to the module before it: "
-                       "run the same command to resume")
 
 
 def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
@@ -473,31 +257,6 @@ def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
     if ctx.device.type != "cuda" or not sizes or max(sizes) == 0:
         return None
     return HostArena(max(sizes))
-
-
-def _measure_modules(ctx: Context, mods: list[Module], start: int, states, rope, length: int, meas: dict,
-                     predicted: dict, fisher, arena) -> None:
-    """The measurement's loop over the modules after ``start``, checkpointing as it goes."""
-    last_cp = time.monotonic()
-
-    def checkpoint(index: int, states) -> None:
-        atomic.write_json(ctx.out_dir / MEASUREMENT, measurement_doc(ctx, meas, index, predicted))
-        faults.point("measurement")
-        save_checkpoint(ctx, "measure", index, states if index else None, last_module_idx=index)
-
-    with ctx.rep.progress("Measuring", len(mods) - 1, "Measuring", initial=start) as bar:
-        for mod in mods[start + 1:]:
-            try:
-                states = _measure_one(ctx, mod, states, rope, length, meas, predicted, fisher, arena, bar)
-            except stop.StopRequested:
-                raise _stopped_in(ctx, mod, lambda index: checkpoint(index, states)) from None
-            final = mod.index == len(mods) - 1
-            faults.point("module")
-            if final or _checkpoint_due(ctx, last_cp):
-                checkpoint(mod.index, states)
-                last_cp = time.monotonic()
-                if stop.requested() and not final:
-                    raise _stopped_after(ctx, mod)
 
 
 def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dict, predicted: dict, fisher, arena,
@@ -546,19 +305,27 @@ def stage_measure(ctx: Context) -> None:
         ctx.rep.info(f"Calibration states and reference outputs ({2 * nbytes / 2**30:.2f} GiB) and the "
                      f"candidates' codes kept in host memory ({why}): streamed through the GPU")
     start, states = load_checkpoint(ctx, "measure", home)
-    meas, predicted = read_measurement(ctx)
+    meas, predicted = ctx.folder.read_measurement()
     mods = ctx.modules
     # entries past the checkpoint belong to work that is about to be redone
     keep = {m.meas_key for m in mods[1:start + 1]}
     meas = {k: v for k, v in meas.items() if k in keep}
-    fisher = load_sensitivity(ctx)
+    fisher = ctx.folder.load_sensitivity()
     keep_predicted = {m.strategy_key(part) for m in mods[1:start + 1] if m.quantized for part in m.parts}
     predicted = {k: v for k, v in predicted.items() if k in keep_predicted} if fisher is not None else {}
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
     arena = codes_arena(ctx, mods[start + 1:]) if home != ctx.device else None
+    def checkpoint(index: int, states) -> None:
+        ctx.folder.write_measurement(meas, index, predicted)
+        faults.point("measurement")
+        ctx.folder.save_checkpoint("measure", index, states if index else None, last_module_idx=index)
+
+    def step(mod: Module, states, bar):
+        return _measure_one(ctx, mod, states, rope, length, meas, predicted, fisher, arena, bar)
+
     try:
-        _measure_modules(ctx, mods, start, states, rope, length, meas, predicted, fisher, arena)
+        run_modules(ctx, "Measuring", mods, start, states, step, checkpoint)
     finally:
         if arena is not None:
             arena.close()
@@ -577,7 +344,7 @@ def stage_optimize(ctx: Context) -> None:
     job = ctx.job
     ctx.rep.info("Optimizing...")
     ctx.rep.status("Optimizing", 0, 1)
-    meas, pred = read_measurement(ctx)
+    meas, pred = ctx.folder.read_measurement()
     source = str(job["reuse_measurement"] or ctx.out_dir / MEASUREMENT)
     chosen = allocation.allocate(ctx.cfg, ctx.weights, ctx.modules, meas, pred, job["bits"], source, ctx.rep)
     job.advance(Stage.TOKENS_CAL, strategy=chosen.strategy, solver=chosen.info)
@@ -594,24 +361,18 @@ def stage_embeddings(ctx: Context) -> None:
     ctx.rep.status("Embeddings", 0, 1)
     # checked a few rows at a time, not kept: the quantization pass recomputes them (the
     # embeddings of 115 rows of 2048 tokens take 3.6 GiB for Llama-2-7B)
-    ids = load_ids(ctx, "quant")
+    ids = ctx.folder.load_ids("quant")
     for _, x in embedded_rows(ctx, ids, ctx.chunk(ids.shape[1])):
         check_finite(x, "the token embeddings")
-    save_checkpoint(ctx, "quant", 0, None, q_last_module_idx=0, quant_log=[])  # recomputed on loading
+    ctx.folder.save_checkpoint("quant", 0, None, q_last_module_idx=0, quant_log=[])  # recomputed on loading
     ctx.job.advance(Stage.QUANT)
-
-
-def out_tensor_file(ctx: Context, prefix: str) -> Path:
-    """The quantization pass's file of the tensors named ``<prefix>.*`` (a linear's packed
-    tensors, a tweaked norm's weight), which the compile copies into the output."""
-    return ctx.out_dir / OUT_TENSOR / f"{prefix}.safetensors"
 
 
 def save_linear(ctx: Context):
     """save(source name, tensors): into the name's out_tensor file, under the output names."""
     def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
         out = arch.output_name(ctx.cfg, name)
-        atomic.save_tensors(out_tensor_file(ctx, name), {f"{out}.{k}": v for k, v in tensors.items()})
+        atomic.save_tensors(ctx.folder.out_tensor_file(name), {f"{out}.{k}": v for k, v in tensors.items()})
     return save
 
 
@@ -632,25 +393,17 @@ def stage_quant(ctx: Context) -> None:
     save = save_linear(ctx)
     # the unquantized model's residual stream on the first rows, the target of norm tweaking
     stream = unquantized_stream(ctx, mods[1:start + 1]) if tweak.enabled() else None
-    last_cp = time.monotonic()
 
     def checkpoint(index: int, states) -> None:
-        save_checkpoint(ctx, "quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
+        ctx.folder.save_checkpoint("quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
 
-    with ctx.rep.progress("Quantizing", len(mods) - 1, "Quantizing", initial=start) as bar:
-        for mod in mods[start + 1:]:
-            try:
-                states, stream, record = _quantize_one(ctx, mod, states, stream, rope, length, save, bar)
-            except stop.StopRequested:
-                raise _stopped_in(ctx, mod, lambda index: checkpoint(index, states)) from None
-            log.append(record)
-            final = mod.index == len(mods) - 1
-            faults.point("module")
-            if final or _checkpoint_due(ctx, last_cp):
-                checkpoint(mod.index, states)
-                last_cp = time.monotonic()
-                if stop.requested() and not final:
-                    raise _stopped_after(ctx, mod)
+    def step(mod: Module, states, bar):
+        nonlocal stream
+        states, stream, record = _quantize_one(ctx, mod, states, stream, rope, length, save, bar)
+        log.append(record)
+        return states
+
+    run_modules(ctx, "Quantizing", mods, start, states, step, checkpoint)
     job.advance(Stage.COMPILE)
 
 
@@ -719,7 +472,7 @@ def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor
     head = decoded.float()  # widened once for every row below (0.5 GiB for a 7B head)
     del decoded
     release_unused(dev)
-    ids = load_ids(ctx, "quant").to(ctx.device)
+    ids = ctx.folder.load_ids("quant").to(ctx.device)
     rows = perplexity_rows(ctx.job, ids.shape[0])
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
@@ -750,7 +503,7 @@ def perplexity_rows(job: Job, available: int) -> int:
 def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     """The unquantized model's residual stream after the modules ``done`` (a resumed pass's),
     on the first rows of the quantization set that norm tweaking fits on."""
-    ids = load_ids(ctx, "quant")
+    ids = ctx.folder.load_ids("quant")
     ids = ids[:tweak.rows_for(ids.shape[0], ids.shape[1], ctx.device, ctx.numel_decoder() // ctx.cfg.num_layers)]
     x = embed_states(ctx, ids)
     rope = _rope(ctx, ids.shape[1])
@@ -773,7 +526,7 @@ def stage_compile(ctx: Context) -> None:
     cfg = ctx.cfg
     dest = Path(job["compile_full"]) if job["compile_full"] else ctx.out_dir
     dest.mkdir(parents=True, exist_ok=True)
-    tensors, ends = compile_mod.output_tensors(cfg, ctx.weights, lambda prefix: out_tensor_file(ctx, prefix))
+    tensors, ends = compile_mod.output_tensors(cfg, ctx.weights, lambda prefix: ctx.folder.out_tensor_file(prefix))
 
     limit = int(float(job["shard_size"]) * 1024 ** 2)
     shards = compile_mod.plan_shards(tensors, ends, limit)
@@ -816,107 +569,7 @@ STAGES = {
 # -- the job ------------------------------------------------------------------------------------------
 
 
-def check_work_dir(values: dict[str, Any], out_dir: Path, no_resume: bool) -> None:
-    """The refusals due before anything in the working folder is created, locked or cleared."""
-    if out_dir.exists() and entries_besides_lock(out_dir) and not is_ours(out_dir):
-        if no_resume:
-            clear_work_dir(out_dir)  # refuses, naming the folder
-        if (out_dir / JOB_FILE).exists():
-            Job.load(out_dir)  # refuses, saying what is wrong with the job file
-        raise Exl2Error(f"-o {out_dir} already holds files that are not an exl2conv job; choose an empty "
-                        "or new working folder (exl2conv never writes over files it did not make)")
-    if (no_resume or not (out_dir / JOB_FILE).exists()) and not values.get("in_dir"):
-        raise Exl2Error(f"no job to resume in {out_dir}; give the model folder with -i to start one")
-
-
-def open_job(values: dict[str, Any], out_dir: Path, no_resume: bool, rep: Reporter, recorded: dict[str, Any],
-             fingerprint: str | None = None, reuse: dict | None = None) -> Job:
-    """Create a new job or resume the saved one, enforcing the resume rules; the caller holds the
-    folder's lock. ``recorded``: the output settings in force (:meth:`Settings.recorded`), which a
-    resume must match; ``fingerprint``: the model's (:func:`model_fingerprint_of`), needed to
-    start a job; ``reuse``: the -m measurement file's content."""
-    if no_resume:
-        clear_work_dir(out_dir)
-    if (out_dir / JOB_FILE).exists():
-        job = Job.load(out_dir)
-        again = f"or add -nr to start a new job (this deletes the job's files in {out_dir})"
-        conflicts = resume_conflicts(job.data, values)
-        if conflicts:
-            raise Exl2Error(f"the arguments differ from the saved job in {out_dir} ({'; '.join(conflicts)}); "
-                            f"run the same command as before to resume, {again}")
-        # a finished job only prints its summary: nothing it computes could mix two settings
-        changed = settings.differences(job["settings"], recorded) if job.stage != Stage.FINISHED else []
-        if changed:
-            raise Exl2Error(f"the settings differ from those the job in {out_dir} started with "
-                            f"({'; '.join(changed)}); resume with the same settings, version and device, {again}")
-        for arg in ARGS:
-            if arg.changeable(job.stage) and values.get(arg.field) is not None:
-                job[arg.field] = normalize(arg.field, values[arg.field])
-        rep.info(f"Resuming job in {out_dir} (stage: {job.stage.value})")
-        return job
-    job = Job(out_dir, new_job_data(values))
-    job["settings"] = recorded
-    job["fingerprint"] = {"model": fingerprint, "calibration": calibration_settings(job.data)}
-    if reuse is not None:
-        doc = {"measurement": reuse["measurement"], "last_module_idx": reuse.get("last_module_idx")}
-        if isinstance(reuse.get(FINGERPRINT_KEY), dict):
-            doc[FINGERPRINT_KEY] = reuse[FINGERPRINT_KEY]
-        atomic.write_json(out_dir / MEASUREMENT, doc)
-        job["last_module_idx"] = reuse.get("last_module_idx")
-    job.save()
-    rep.info(f"Starting new job in {out_dir}")
-    return job
-
-
-def check_measurement_fingerprint(data: dict, fingerprint: str | None, values: dict[str, Any]) -> None:
-    """-m with a measurement of another model is refused, unless --force-measurement. ExLlamaV2's
-    own files carry no fingerprint: they are checked by their total_bits only (stage optimize)."""
-    theirs = measurement_fingerprint(data)
-    if theirs is None or fingerprint is None or theirs == fingerprint or values.get("force_measurement"):
-        return
-    raise Exl2Error(f"-m {values['reuse_measurement']}: this measurement was made for another model (its "
-                    f"fingerprint {theirs[:12]} is not {fingerprint[:12]}, the fingerprint of the tensor names, "
-                    f"shapes and config of {values['in_dir']}); measure this model (leave out -m), or add "
-                    "--force-measurement if you know it fits")
-
-
-def load_model(in_dir: Path, rope_scale: float | None, rope_alpha: float | None) -> tuple[Any, WeightIndex]:
-    """config.json and the safetensors index of ``in_dir``, checked against each other (headers
-    only: no tensor data is read)."""
-    cfg = load_config(in_dir, rope_scale, rope_alpha)
-    exllamav2_config.check_expressible(cfg)
-    weights = WeightIndex(in_dir)
-    weights.check(arch.expected_tensors(cfg))
-    return cfg, weights
-
-
-def model_fingerprint_of(cfg: Any, weights: WeightIndex) -> str:
-    return model_fingerprint(cfg.raw, {n: (e.dtype, e.shape) for n, e in weights.entries.items()})
-
-
-def check_model_unchanged(job: Job, cfg: Any, weights: WeightIndex) -> None:
-    """A resumed job must find the model it started with."""
-    fp = model_fingerprint_of(cfg, weights)
-    saved = (job["fingerprint"] or {}).get("model")
-    if saved is None:
-        job["fingerprint"] = {"model": fp, "calibration": calibration_settings(job.data)}
-        job.save()
-    elif saved != fp:
-        raise Exl2Error(f"the model in {job['in_dir']} is not the one this job started with (its tensor "
-                        "names, shapes, dtypes or config.json changed); restore it, or start afresh with -nr")
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise Exl2Error(f"--device {name}: no CUDA device is available here; leave --device out to use the CPU")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def configure_determinism() -> None:
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -927,7 +580,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
     """Run (or resume) a conversion job. ``values`` maps job fields (see :data:`exl2conv.job.ARGS`)
     to the values given; None means not given. Raises :class:`Exl2Error` on bad input."""
     rep = rep or Reporter(status_output=bool(values.get("status_output")))
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # see cli.main
+    settings.set_library_defaults()
     out = Path(out_dir).expanduser().resolve()
     check_paths(values, out)
     current = settings.Settings.from_env()  # a bad EXL2CONV_* value is refused now, not hours later
@@ -974,7 +627,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     check_positions(cfg, job)
     ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
-    remove_stray_checkpoints(ctx)
+    ctx.folder.remove_stray_checkpoints()
     _print_plan(ctx)
 
     def on_sigint(signum, frame):
@@ -1005,28 +658,6 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
             signal.signal(signal.SIGINT, previous)
         stop.reset()
     return summarize(ctx.job)
-
-
-def check_positions(cfg, job: Job) -> None:
-    """A model with learned positions (GPTBigCode) has rows for its first n positions only: longer
-    calibration rows are refused before any work."""
-    if arch.position_tensor(cfg) is None:
-        return
-    for flag, field_ in (("-l", "length"), ("-ml", "measurement_length")):
-        if int(job[field_]) > cfg.max_position_embeddings:
-            raise Exl2Error(f"{flag} {job[field_]}: {cfg.arch} has learned positions for its first "
-                            f"{cfg.max_position_embeddings} tokens only; give {flag} {cfg.max_position_embeddings} "
-                            "or less")
-
-
-def check_shard_size(cfg, weights: WeightIndex, shard_mb: float) -> None:
-    """-ss below the size of the embedding table, which the output copies in float16 (usually its
-    largest tensor: a quantized linear takes at most about a byte per weight), is refused before
-    any work; the compile stage still checks every tensor."""
-    name = arch.embedding_tensor(cfg)
-    nbytes = 2 * math.prod(weights.shape(name))
-    if nbytes > shard_mb * 2**20:
-        raise compile_mod.shard_too_small(arch.output_name(cfg, name), nbytes)
 
 
 def _main_thread() -> bool:

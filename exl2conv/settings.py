@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from exl2conv import __version__
@@ -163,3 +164,31 @@ def use(settings: Settings) -> Iterator[Settings]:
         yield settings
     finally:
         _in_use.pop()
+
+
+# -- the variables that are not settings of a conversion ----------------------------------------------
+
+
+def cache_root() -> Path:
+    """``EXL2CONV_CACHE``, or ``~/.cache/exl2conv``: where the CUDA extension's builds and the
+    demo's model are kept. Where files are cached changes no result, so it is read when asked."""
+    return Path(os.environ.get(PREFIX + "CACHE") or Path.home() / ".cache" / "exl2conv")
+
+
+FAULT_VARIABLE = PREFIX + "FAULT"
+
+
+def fault_spec() -> str:
+    """``EXL2CONV_FAULT``, the tests' fault injection (:mod:`exl2conv.faults`); read at every
+    fault point, so a test that sets it for a child process needs nothing else."""
+    return os.environ.get(FAULT_VARIABLE, "")
+
+
+def set_library_defaults() -> None:
+    """The defaults exl2conv wants for torch's own variables, unless the user set them: growable
+    CUDA cache segments (read when CUDA first allocates: instead of fixed blocks they keep the
+    measurement pass's many differently-sized buffers from fragmenting the cache, which took a 7B
+    layer's peak reserved memory to 22 GiB), and cuBLAS's fixed workspace, which its deterministic
+    mode needs (the same command gives the same bytes)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

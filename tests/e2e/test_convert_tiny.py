@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from exl2conv import pipeline, report
+from exl2conv import report
 from exl2conv.cli import main
 from exl2conv.inspect import inspect
+from exl2conv.job import Job
 from exl2conv.model import WeightIndex
 from tests.tinymodel import make_tiny_llama
 
@@ -86,7 +87,7 @@ def test_tiny_converts_with_full_output(tiny, reference_run):
     tweaks = [r["tweak"] for r in job["quant_log"] if "tweak" in r]
     assert len(tweaks) == 2 * 2 + 1
     assert all(after <= before for before, after in tweaks) and any(after < before for before, after in tweaks)
-    summary = report.format_summary(report.summarize(pipeline.Job.load(work)))
+    summary = report.format_summary(report.summarize(Job.load(work)))
     assert "norm tweaking: module output error on its rows -" in summary and "KL at the head" in summary
 
 
