@@ -21,6 +21,7 @@ import torch
 
 from exl2conv import kernels, settings, stop
 from exl2conv.errors import Exl2Error
+from exl2conv.pack import dequant, dequant_scale
 from exl2conv.qparams import Group, QParams
 
 PERCDAMP = 0.12
@@ -244,16 +245,6 @@ def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
 # -- scales -----------------------------------------------------------------------------------------
 
 
-def fp16_scale(qs: torch.Tensor, qscale_max: torch.Tensor) -> torch.Tensor:
-    """Effective scale exactly as the runtime computes it, widened to float32.
-
-    qs: int ``[..., N]`` in 1..16; qscale_max: ``[...]`` (any float, rounded to fp16 first)."""
-    qmax16 = qscale_max.to(torch.float16)
-    inner = qmax16 * (1.0 / 256)  # float16 (exact: a power of two); a Python scalar needs no copy to the GPU
-    sq = (qs * qs).to(torch.float16)
-    return (sq * inner.unsqueeze(-1)).to(torch.float32)
-
-
 def find_params(x: torch.Tensor, bits: int, row_weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group scale search (reference 5.4), then each column's scale index refined
@@ -275,7 +266,7 @@ def row_weights(u: torch.Tensor) -> torch.Tensor:
 def refine_qs(x: torch.Tensor, qs: torch.Tensor, qscale_max: torch.Tensor, bits: list[int],
               row_weight: torch.Tensor) -> torch.Tensor:
     """Torch reference of the scale-index refinement: for each column, of ``qs - 1``, ``qs`` and
-    ``qs + 1`` (within 1..16) the index whose effective scale (:func:`fp16_scale`) rounds the
+    ``qs + 1`` (within 1..16) the index whose effective scale (:func:`exl2conv.pack.dequant_scale`) rounds the
     group's rows with the least weighted squared error ``sum_r row_weight[r] (q s - x)^2``, where
     ``q = clamp(rint(x / s))`` as in the p-grid search; ``qs`` itself unless another is strictly
     better. The p-grid search picks one multiplier for the whole group from the columns' maxima;
@@ -292,7 +283,7 @@ def refine_qs(x: torch.Tensor, qs: torch.Tensor, qscale_max: torch.Tensor, bits:
     rw = row_weight.view(1, -1, 1)
     best_q, best_e = qs, None
     for cand in (qs, torch.clamp(qs - 1, min=1), torch.clamp(qs + 1, max=16)):
-        s = fp16_scale(cand, qscale_max).unsqueeze(1)  # [B, 1, N]
+        s = dequant_scale(cand, qscale_max).float().unsqueeze(1)  # [B, 1, N]
         d = torch.minimum(torch.maximum(torch.round(x / s), lo), hi) * s - x
         e = (rw * (d * d)).sum(dim=1)
         if best_e is None:
@@ -388,7 +379,7 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
                                   qscale_max.contiguous(), row_weight[:span].contiguous(), a)
     else:
         qs_i = refine_qs(x, qs_i, qscale_max, bits, row_weight[:span])
-    return qs_i, qscale_max, fp16_scale(qs_i, qscale_max)
+    return qs_i, qscale_max, dequant_scale(qs_i, qscale_max).float()
 
 
 def pgrid_errors(x: torch.Tensor, cand: torch.Tensor, grid: torch.Tensor, z: int, m: int) -> torch.Tensor:
@@ -416,11 +407,6 @@ def pgrid_errors(x: torch.Tensor, cand: torch.Tensor, grid: torch.Tensor, z: int
         d3.mul_(d.sqrt_())
         err[j0:j1] = d3.sum(dim=(1, 2))
     return err
-
-
-def dequant(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``fp16(fp16(code - zero) * fp16(scale))`` widened to float32; shapes broadcast."""
-    return ((codes - zero).to(torch.float16) * scale.to(torch.float16)).to(torch.float32)
 
 
 # -- GPTQ -------------------------------------------------------------------------------------------
@@ -482,7 +468,7 @@ class Coded:
             return (torch.repeat_interleave(torch.arange(len(res.groups)), rows).to(dev),
                     torch.repeat_interleave(zero, rows).to(dev))
         group, zero = device_constant(("coded", tuple((g.rows, g.bits) for g in res.groups)), dev, make)
-        scale = fp16_scale(res.qs, res.qscale_max).to(torch.float16)
+        scale = dequant_scale(res.qs, res.qscale_max)
         k, n = res.q.shape
         codes = torch.empty((k, n), dtype=torch.uint8, device=dev)
         ext = kernels.get() if res.q.is_cuda else None
@@ -526,8 +512,7 @@ class Coded:
         :meth:`to_host`); by default copied from wherever they are."""
         if codes is None:
             codes = self.codes.to(self.scale.device, non_blocking=True)
-        q = (codes.to(torch.int16) - self.zero.view(-1, 1)).to(torch.float16)
-        q.mul_(self.scale[self.group])  # float16 product of float16 values: one rounding, as dequant
+        q = dequant(codes, self.zero.view(-1, 1), self.scale[self.group])
         return q[self.invperm][:, : self.out_features].T
 
 
@@ -744,7 +729,7 @@ def gptq_block_rows(w, scale, zero_rows, max_rows, floor, u, q_out, codes_out, e
         z = zero_rows[:, c:c + 1]
         row = w[:, c, :]
         q = torch.clamp(torch.round(row / scale) + z, floor, max_rows[:, c:c + 1])
-        qv = dequant(q, z, scale)
+        qv = dequant(q, z, scale).float()
         err = (row - qv) / u[c, c]
         q_out[:, c, :] = qv
         err_blk[:, c - a, :] = err

@@ -247,21 +247,42 @@ def parse_q_groups(q_groups: torch.Tensor, k: int, name: str = "q_groups") -> li
 
 
 def dequant_scale(qs_idx: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
-    """Per-group, per-column scales in the runtime's fp16 arithmetic (reference 6.5).
+    """Per-group, per-column scales in the runtime's fp16 arithmetic (docs/format.md; ExLlamaV2's
+    ext.py, make_q_matrix).
 
-    qs_idx: int [G, N] in 1..16; q_scale_max: fp16 [G]. Returns fp16 [G, N]:
+    qs_idx: int [..., N] in 1..16; q_scale_max: [...] (any float, rounded to fp16 first). Returns fp16 [..., N]:
     fp16( fp16(qs^2) * fp16(q_scale_max / 256) ).
     A single fp16*fp16 product is exact in float32, so torch's widen-multiply-round on half tensors
     is the correctly rounded IEEE half product the CUDA runtime computes. (The runtime's extra
     ``prescale`` for scale_depth / logit_scale models is not part of the file and is left out.)
+    GPTQ's scale search and the measurement's candidates use it too: the scales they choose by are
+    the ones the runtime decodes with.
     """
     qs2 = (qs_idx.to(torch.int32) ** 2).to(torch.float16)       # <= 256: exact
     maxs = q_scale_max.to(torch.float16) * (1.0 / 256)            # rounds only when subnormal, as at load
     return qs2 * maxs.unsqueeze(-1)
 
 
+def dequant(codes: torch.Tensor, zero: int | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp16( fp16(code - zero) * fp16(scale) ): the runtime's reconstruction of one value, which
+    GPTQ's rounding (:func:`exl2conv.ops.gptq_block_ref`) and the measurement's candidates
+    (:class:`exl2conv.coded.Coded`) reproduce too.
+
+    codes: integer codes, or float tensors holding integers (GPTQ's rounded rows); byte-sized
+    codes are widened first, so that subtracting the zero point cannot wrap. zero and scale
+    broadcast to codes. Returns fp16 of the broadcast shape.
+    """
+    if not codes.is_floating_point():
+        codes = codes.to(torch.int16 if codes.element_size() == 1 else torch.int32)
+    q = (codes - zero).to(torch.float16)
+    scale = scale.to(torch.float16)
+    if torch.broadcast_shapes(q.shape, scale.shape) == q.shape:
+        return q.mul_(scale)  # no second temporary of the result's size
+    return q * scale
+
+
 def dequant_codes(codes: torch.Tensor, bits: int | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp16( fp16(code - 2^(b-1)) * scale ).
+    """:func:`dequant` with each row's zero point ``2^(b-1)`` from its bit width.
 
     codes: int [rows, N]; bits: an int, or an int tensor broadcastable to codes (e.g. [rows, 1]);
     scale: fp16 broadcastable to codes ([N] or [rows, N]). Returns fp16 [rows, N].
@@ -270,7 +291,7 @@ def dequant_codes(codes: torch.Tensor, bits: int | torch.Tensor, scale: torch.Te
         zero = torch.bitwise_left_shift(torch.ones_like(bits, dtype=torch.int32), bits.to(torch.int32) - 1)
     else:
         zero = 1 << (bits - 1)
-    return (codes.to(torch.int32) - zero).to(torch.float16) * scale.to(torch.float16)
+    return dequant(codes.to(torch.int32), zero, scale)
 
 
 # -- one linear -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from exl2conv import gptq
+from exl2conv.pack import dequant, dequant_scale
 from exl2conv.qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, qp
 
 
@@ -20,7 +21,7 @@ def literal_gptq(wt, prep, q):
         err = torch.empty(b - a, n)
         for c in range(a, b):
             code = torch.clamp(torch.round(w[c] / scale) + z, 0, m)
-            qv = gptq.dequant(code, torch.tensor(z), scale)
+            qv = dequant(code, torch.tensor(z), scale).float()
             e = (w[c] - qv) / u[c, c]
             w[c:b] -= u[c, c:b].view(-1, 1) * e.view(1, -1)
             codes[c], out[c], err[c - a] = code, qv, e
@@ -148,7 +149,7 @@ def test_refine_qs_never_worse_and_moves_by_one_step(bits):
     qs, qmax2, scale = gptq.find_params(x, bits, rw)
     assert torch.equal(qmax, qmax2)  # the group's multiplier is the p-grid search's
     assert (qs - plain).abs().max() <= 1 and qs.min() >= 1 and qs.max() <= 16
-    before = weighted_sq_error(x, gptq.fp16_scale(plain, qmax), bits, rw)
+    before = weighted_sq_error(x, dequant_scale(plain, qmax).float(), bits, rw)
     after = weighted_sq_error(x, scale, bits, rw)
     assert torch.all(after <= before)
     moved = qs != plain
