@@ -1,9 +1,9 @@
-"""The CUDA extension (csrc/): built on first use into a cache, under a file lock, with a torch
-fallback for every kernel.
+"""The CUDA extension (csrc/): built on first use into a cache, under a file lock.
 
 ``get()`` returns the loaded module, or None when the kernels cannot be used here (no CUDA, no
-toolchain, no csrc/ beside the package, or ``EXL2CONV_NO_KERNELS=1``); callers then run the torch
-reference in :mod:`exl2conv.gptq`, which defines the arithmetic the kernels reproduce.
+toolchain, no csrc/ beside the package, or ``EXL2CONV_NO_KERNELS=1``). Code does not call the
+kernels directly: :mod:`exl2conv.ops` has one function per kernel of :data:`OPS`, which runs the
+kernel or its named torch reference, the arithmetic the kernel reproduces.
 """
 
 from __future__ import annotations

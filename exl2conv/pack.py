@@ -246,6 +246,16 @@ def parse_q_groups(q_groups: torch.Tensor, k: int, name: str = "q_groups") -> li
 # -- fp16 dequantization (bit-exact with the runtime's reconstruct) --------------------------------
 
 
+def qzero(bits: int) -> int:
+    """The zero point of ``bits``-bit codes: code ``2^(bits-1)`` stands for 0."""
+    return 1 << (bits - 1)
+
+
+def maxq(bits: int) -> int:
+    """The largest ``bits``-bit code."""
+    return (1 << bits) - 1
+
+
 def dequant_scale(qs_idx: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
     """Per-group, per-column scales in the runtime's fp16 arithmetic (docs/format.md; ExLlamaV2's
     ext.py, make_q_matrix).
