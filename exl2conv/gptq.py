@@ -1,14 +1,15 @@
 """GPTQ as ExLlamaV2's AdaptiveGPTQ computes it, as pure torch functions (CPU or CUDA).
 
-Shapes follow the reference's convention: a linear's HF weight ``W`` is ``[out, in]``; GPTQ works on
+Shapes follow ExLlamaV2's convention: a linear's HF weight ``W`` is ``[out, in]``; GPTQ works on
 ``Wt = W^T`` of shape ``[K, N]`` with K = in_features and N = out_features padded to a multiple of 32.
 "Permuted" means rows of ``Wt`` reordered by the act-order permutation ``perm``.
 
 Several candidate QParams of one linear are quantized together (:func:`quantize_many`): they share
 the weight, the Hessian inverse and the row order, so one pass over the rows serves them all. The
-arithmetic per row is ExLlamaV2's (reference 5.4-5.5); only the order in which the lazy block
-updates are summed differs (spans of 128 rows, see :func:`_gptq_pass`, instead of each group),
-which changes float32 rounding, not the maths.
+arithmetic per row is ExLlamaV2's (conversion/adaptivegptq.py, AdaptiveQuantizer.find_params and
+AdaptiveGPTQ.quantize); only the order in which the lazy block updates are summed differs (spans of
+128 rows, see :func:`_gptq_pass`, instead of each group), which changes float32 rounding, not the
+maths. The CUDA kernels and their torch references are in :mod:`exl2conv.ops`.
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
     handed over and freed as soon as it is copied).
 
     Damping adds ``max(0.12 * mean(diag H), 1e-5)`` to the diagonal, once more on every failed
-    attempt, up to 10 attempts (reference 5.2). Holds two ``[K, K]`` float32 matrices at once
-    besides a given tensor ``h`` (a Llama-2-7B down_proj's is 0.45 GiB), and for a spent
-    accumulator two in all: on a GPU the permuted Hessian waits in host memory for a retry."""
+    attempt, up to 10 attempts (ExLlamaV2's conversion/adaptivegptq.py, AdaptiveGPTQ.prepare).
+    Holds two ``[K, K]`` float32 matrices at once besides a given tensor ``h`` (a Llama-2-7B
+    down_proj's is 0.45 GiB), and for a spent accumulator two in all: on a GPU the permuted Hessian
+    waits in host memory for a retry."""
     if isinstance(h, Hessian):
         acc, h = h, h.normalized(in_place=True)
         acc.h = None  # the only reference left is ours
@@ -149,8 +151,8 @@ def prepare(h: "torch.Tensor | Hessian", name: str = "") -> Prepared:
 
 def find_params(x: torch.Tensor, bits: int, row_weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group scale search (reference 5.4), then each column's scale index refined
-    (:func:`exl2conv.ops.refine_qs`).
+    """Per-group scale search (ExLlamaV2's conversion/adaptivegptq.py, AdaptiveQuantizer.find_params),
+    then each column's scale index refined (:func:`exl2conv.ops.refine_qs`).
 
     x: float32 ``[rows, N]``, the group's current (error-compensated) rows; row_weight: float32
     ``[rows]``, each row's weight in the refinement (:func:`row_weights`; None: all 1).

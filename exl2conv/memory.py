@@ -86,10 +86,10 @@ RELEASE_BYTES = 256 << 20
 def release_unused(dev: torch.device) -> None:
     """Unmaps the GPU memory that the caching allocator holds unused, when that is at least
     :data:`RELEASE_BYTES`: buffers of other sizes than the next phase's would otherwise sit beside
-    its own, and add to the peak reserved memory. It costs a sync and fresh mappings after it:
-    callers use it only around buffers of that size (done after every factor of SmolLM2-135M,
-    whose norm fits leave that much unused, it slowed its job from 48 to 58 s; used only around
-    large buffers, the job took 45 s: docs/performance.md, sessions 10 and 11)."""
+    its own, and add to the peak reserved memory. It costs a host sync and fresh mappings for the
+    allocations after it, which add up where it runs often: callers use it only around buffers of
+    that size (a small model, whose norm fits leave that much unused after every factor, converts
+    about a fifth slower when the cache is released there: docs/performance.md)."""
     if dev.type == "cuda" and torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) >= RELEASE_BYTES:
         torch.cuda.empty_cache()
 

@@ -1,6 +1,6 @@
 """EXL2 tensor packing, unpacking and decoding in torch: the reference the CUDA kernels are checked against.
 
-The tensors of one quantized linear (reference 6.1-6.5), for K input features (rows of ``Wt = W^T``),
+The tensors of one quantized linear (docs/format.md), for K input features (rows of ``Wt = W^T``),
 padded width N (a multiple of 32) and G groups, rows in permuted (act-order) order:
 
     q_weight     int32 [sum_g rows_g*bits_g/32, N]  each group's codes as a little-endian bit stream down
@@ -95,7 +95,7 @@ def packed_rows(groups: list[Group]) -> int:
 
 
 def pack_qweight(codes: torch.Tensor, groups: list[Group]) -> torch.Tensor:
-    """Pack codes into the q_weight bit streams (reference 6.2).
+    """Pack codes into the q_weight bit streams (docs/format.md).
 
     codes: int [K, N], rows in permuted order, values 0..2^b-1 for the group's b; N a multiple of 32.
     groups: the layout, covering exactly K rows.
@@ -138,7 +138,8 @@ def unpack_qweight(q_weight: torch.Tensor, groups: list[Group], k: int) -> torch
         raise ValueError(f"the groups cover {sum(g.rows for g in groups)} rows, expected K = {k}")
     runs = _runs(groups)
     if q_weight.dim() != 2 or q_weight.shape[0] != packed_rows(groups):
-        raise ValueError(f"q_weight must have {packed_rows(groups)} rows for this layout, got shape {list(q_weight.shape)}")
+        raise ValueError(f"q_weight must have {packed_rows(groups)} rows for this layout, "
+                         f"got shape {list(q_weight.shape)}")
     n = q_weight.shape[1]
     q_weight = q_weight.to(torch.int32)
     codes = torch.empty((k, n), dtype=torch.int32, device=q_weight.device)
@@ -169,7 +170,7 @@ def _unpack_into(c: torch.Tensor, words: torch.Tensor, bits: int) -> None:
 
 
 def pack_qscale(qs: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit scale indices (reference 6.3).
+    """Pack 4-bit scale indices (docs/format.md).
 
     qs: int [G, N], values 1..16, N a multiple of 8. Returns int32 [G, N/8] holding qs-1 in nibbles.
     """
@@ -195,7 +196,7 @@ def unpack_qscale(q_scale: torch.Tensor) -> torch.Tensor:
 
 
 def make_q_groups(groups: list[Group]) -> torch.Tensor:
-    """int16 [2G]: (bits, first packed row) per group (reference 6.4)."""
+    """int16 [2G]: (bits, first packed row) per group (docs/format.md)."""
     _runs(groups)  # validates bit widths and whole-word groups
     pairs = []
     qrow = 0
@@ -309,7 +310,7 @@ def dequant_codes(codes: torch.Tensor, bits: int | torch.Tensor, scale: torch.Te
 
 def pack_linear(codes: torch.Tensor, qs: torch.Tensor, q_scale_max: torch.Tensor, groups: list[Group],
                 invperm: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one quantized linear, without a key prefix (reference 6.1).
+    """The tensors of one quantized linear, without a key prefix (docs/format.md).
 
     codes: int [K, N] in permuted order; qs: int [G, N] in 1..16; q_scale_max: [G] (stored as fp16);
     groups: the G groups; invperm: int [K]; bias: [N] or None.
@@ -364,7 +365,8 @@ def _expect(tensors: dict[str, torch.Tensor], name: str, key: str, dtypes: tuple
 
 
 def check_linear(tensors: dict[str, torch.Tensor], name: str = "") -> LinearInfo:
-    """Validate the tensors of one quantized linear against the loader's checklist (reference 6.6).
+    """Validate the tensors of one quantized linear against the loader's checklist (ExLlamaV2's linear.py
+    and ext.py, make_q_matrix).
 
     tensors: the linear's tensors keyed without prefix (q_weight, q_scale, ...); name: its key, for
     messages. Reads only q_groups, q_scale_max and q_invperm values (small). Raises FormatError naming
@@ -403,7 +405,7 @@ def decode_linear(tensors: dict[str, torch.Tensor], name: str = "") -> torch.Ten
 
     tensors: q_weight, q_scale, q_scale_max, q_groups, q_invperm (bias ignored), keyed without prefix.
     Returns fp16 Wt [K, N] in ORIGINAL row order (HF weight = Wt.T[:out_features]). Unlike the runtime's
-    MLP weights (reference 6.11), no load-time permutation of the intermediate dimension is applied.
+    MLP weights (ExLlamaV2's mlp.py, load), no load-time permutation of the intermediate dimension is applied.
     Raises FormatError naming the tensor when the tensors are inconsistent.
     """
     info = check_linear(tensors, name)

@@ -8,7 +8,8 @@ from exl2conv.qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, qp
 
 
 def literal_gptq(wt, prep, q):
-    """The reference's 5.5 procedure, row by row with the lazy update at each group end."""
+    """ExLlamaV2's procedure (conversion/adaptivegptq.py, AdaptiveGPTQ.quantize), row by row with the
+    lazy update at each group end."""
     k, n = wt.shape
     w = wt.float()[prep.perm].clone()
     u = prep.u
