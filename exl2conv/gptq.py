@@ -178,9 +178,10 @@ def find_params_many(w: torch.Tensor, cidx: list[int], a: int, rows: list[int],
     w: float32 ``[C, K, N]``. Returns ``(qs int64 [B, N], qscale_max float16 [B], scale float32
     [B, N])`` for the B groups. Every value equals what a per-group search gives: the batching only
     saves kernel launches (hundreds of groups per linear). scale_out: float32 ``[C', N]``, where
-    the caller keeps each candidate's current scales; given, the CUDA path writes group ``i``'s into
-    its row ``out_idx[i]`` (``cidx[i]`` by default) itself and returns None for ``scale``, in five
-    kernel launches instead of about thirty (the same values: tests/gpu/test_kernels.py)."""
+    the caller keeps each candidate's current scales; given, group ``i``'s are written into its row
+    ``out_idx[i]`` (``cidx[i]`` by default) and None is returned for ``scale``. On a GPU the search
+    is five kernel launches (:mod:`exl2conv.ops`: params_start, pgrid_err_many, params_finish)
+    instead of about thirty (the same values: tests/gpu/test_kernels.py)."""
     dev = w.device
     span = max(rows)
     t = ops.group_batch(dev, cidx, rows, bits, P_GRID)

@@ -242,7 +242,7 @@ def test_coded_delta_kernel_matches_torch(ext, fused, dtype):
 
 @pytest.mark.parametrize("spread", [False, True])
 def test_fused_scale_search_matches_the_unfused_path(ext, fused, monkeypatch, spread):
-    """find_params_many with ``scale_out`` (params_start, p-grid, params_finish) gives the qs,
+    """find_params_many with the fused kernels (params_start, p-grid, params_finish) gives the qs,
     qscale_max and scales of the unfused path (torch operations around the pgrid and refine
     kernels), bit for bit: groups of one and of several sizes (rows past a group's end ignored),
     bit widths 2..8, candidate rows written where ``out_idx`` says."""
@@ -260,7 +260,9 @@ def test_fused_scale_search_matches_the_unfused_path(ext, fused, monkeypatch, sp
             src, src_idx, start = x, list(range(len(cidx))), 0
         else:
             src, src_idx, start = w, cidx, a
+        monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "0")  # the unfused path
         want_qs, want_qmax, want_scale = gptq.find_params_many(src, src_idx, start, rows, bits, rw[a:])
+        monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "1")
         scale = torch.full((c, n), -1.0, device="cuda")
         qs, qmax, none = gptq.find_params_many(src, src_idx, start, rows, bits, rw[a:], scale_out=scale,
                                                out_idx=out_idx if spread else None)
