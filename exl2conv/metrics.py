@@ -1,4 +1,6 @@
-"""The measures of a module's output error that the measurement and the quantization score by."""
+"""The measures of a module's output error that the measurement and the quantization score by
+(:func:`relative_errors`, weighted by :func:`error_weight`), and :func:`feed`, which hands a chunk's
+intermediates to the accumulators that :func:`exl2conv.layers.run_block` fills beside them."""
 
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ class GroupBatch:
 def group_batch(dev: torch.device, cidx: list[int], rows: list[int], bits: list[int],
                 grid: torch.Tensor) -> GroupBatch:
     """The :class:`GroupBatch` of these lists on ``dev`` (a host copy per batch would sync the host
-    with the GPU hundreds of times per linear); grid: the p-grid, any float dtype."""
+    with the GPU hundreds of times per linear); grid: the p-grid, any float dtype, the same for the
+    whole run (batches are cached by their lists alone)."""
     def make():
         i32 = dict(dtype=torch.int32, device=dev)
         keep = None
