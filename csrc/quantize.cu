@@ -1,7 +1,8 @@
-// GPTQ kernels for exl2conv. Each has a torch reference in exl2conv/gptq.py that defines the
-// arithmetic; tests/gpu/test_kernels.py checks parity. Every float operation that the torch
-// reference rounds separately is written with an explicit _rn intrinsic so that nvcc cannot fuse
-// it into an FMA: the codes must come out as the reference computes them.
+// GPTQ kernels for exl2conv. Each has a named torch reference in exl2conv/ops.py (<name>_ref,
+// listed in ops.REGISTRY) that defines the arithmetic; tests/gpu/test_kernels.py checks parity.
+// Every float operation that the torch reference rounds separately is written with an explicit _rn
+// intrinsic so that nvcc cannot fuse it into an FMA: the codes must come out as the reference
+// computes them.
 
 // Only the ATen core headers: torch/extension.h (all of libtorch's C++ API) would triple the
 // first-use build time.
@@ -155,7 +156,7 @@ __device__ __forceinline__ int64_t refine_column(const float* __restrict__ x, in
     return cand[best];
 }
 
-// The scale-index refinement (refine_qs in exl2conv/gptq.py): for each column of one group of each
+// The scale-index refinement (refine_qs in exl2conv/ops.py): for each column of one group of each
 // of B candidates, of qs - 1, qs and qs + 1 (within 1..16) the index whose effective scale
 // fp16(fp16(q^2) * fp16(qscale_max / 256)) rounds the group's rows with the least weighted squared
 // error sum_i rw[i] (clamp(rint(x / s)) s - x)^2; qs itself unless another is strictly better.
@@ -177,7 +178,7 @@ __global__ void refine_qs_many_kernel(const float* __restrict__ w, const int* __
                                               qs_in[(size_t)c * N + n], qmax[c], lo, hi);
 }
 
-// The scale search before the p-grid (find_params_many in exl2conv/gptq.py), for one group of each
+// The scale search before the p-grid (params_start_ref in exl2conv/ops.py), for one group of each
 // of B candidates, in two kernels. First each column's base = (max_r |x| + 1e-12) / half_m[c],
 // then per group s_max = max_n base and per column qs = clamp(rint(16 sqrt(base / s_max)), 1, 16),
 // cand = (qs / 16)^2 s_max. w: [C, K, N] f32; cidx, rows: [B] i32; half_m: [B] f32;
@@ -223,9 +224,10 @@ __global__ void params_qs_kernel(float* __restrict__ cand, float* __restrict__ q
     }
 }
 
-// The scale search after the p-grid: per group the first p with the least error, qscale_max =
-// fp16(s_max * p), each column's index refined (refine_column), and the effective scales
-// fp16(fp16(qs^2) * fp16(qscale_max / 256)) written to rows out_idx[c] of scale_out.
+// The scale search after the p-grid (params_finish_ref in exl2conv/ops.py): per group the first p
+// with the least error, qscale_max = fp16(s_max * p), each column's index refined (refine_column),
+// and the effective scales fp16(fp16(qs^2) * fp16(qscale_max / 256)) written to rows out_idx[c] of
+// scale_out.
 // err: [B, P] f32; grid: [P] f32; qs_f: [B, N] f32; s_max: [B] f32; rw: [max rows] f32;
 // qs_out: [B, N] i64; qmax_out: [B] f16; scale_out: [C, N] f32.
 __global__ void params_finish_kernel(const float* __restrict__ w, const int* __restrict__ cidx,
@@ -256,7 +258,7 @@ __global__ void params_finish_kernel(const float* __restrict__ w, const int* __r
 }
 
 
-// Codes of a quantized weight from its dequantized values (Coded.of in exl2conv/gptq.py):
+// Codes of a quantized weight from its dequantized values (codes_of_ref in exl2conv/ops.py):
 // codes[r, n] = (s > 0 ? rint(q[r, n] / s) : 0) + zero[r] with s = scale[group[r], n].
 // q: [K, N] f32; scale: [G, N] f16; group: [K] i64; zero: [K] i16; codes: [K, N] u8
 __global__ void codes_of_kernel(const float* __restrict__ q, const __half* __restrict__ scale,
@@ -277,7 +279,7 @@ template <> __device__ __forceinline__ float as_float<__half>(__half x) { return
 template <> __device__ __forceinline__ float as_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // A candidate's difference from the unquantized weight, as the measurement's corrected forwards
-// take it (CandidateScorer._delta in exl2conv/candidates.py): for output o and input k, with
+// take it (coded_delta_ref in exl2conv/ops.py): for output o and input k, with
 // r = invperm[k] (the code row of input k),
 //   outT[k, o] = bf16(float(fp16(fp16(codes[r, o] - zero[r]) * scale[group[r], o])) - float(base[o, k]))
 // written as the [K, O] array whose transpose the torch path yields (same strides, so the

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from exl2conv import stop
-from exl2conv.gptq import Coded
-from exl2conv.layers import Prefetch, block_forward, relative_errors, run_block
+from exl2conv.coded import Coded
+from exl2conv.layers import block_forward, run_block
+from exl2conv.memory import Prefetch
+from exl2conv.metrics import relative_errors
 from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT, plain_linear
 
 LOW = torch.bfloat16
@@ -89,7 +91,7 @@ class CandidateScorer:
     states: ``[R, L, H]`` module inputs; w: the module's unquantized weights (float32, or a
     linear's held in its float16 or bfloat16 source dtype, :meth:`WeightIndex.held_dtype`); linears: the
     keys of ``w`` that candidates replace (or those keys' specs); a trial gives each such key a
-    tensor or a :class:`gptq.Coded` weight; y_ref: ``[R, L, H]`` reference
+    tensor or a :class:`coded.Coded` weight; y_ref: ``[R, L, H]`` reference
     outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False
     forces it (tests); ``low``: the dtype of the corrections.
 
@@ -219,7 +221,7 @@ class CandidateScorer:
         """Per-row relative errors (float64 ``[R]``; left on the states' device by the corrected
         forwards, on the CPU otherwise) of the module with ``trial``'s weights (the candidate
         linears in any float dtype and on any device); with ``fisher``, ``[R, 2]``: also each row's
-        Fisher-weighted squared error (see :func:`layers.relative_errors`)."""
+        Fisher-weighted squared error (see :func:`metrics.relative_errors`)."""
         return self.errors_table([trial])[0]
 
     def errors_table(self, trials: list[dict]) -> torch.Tensor:
@@ -272,7 +274,7 @@ class CandidateScorer:
 
 class _Codes:
     """The codes of host-memory :class:`Coded` candidates, copied to the GPU in the order in
-    which they are decoded (:class:`layers.Prefetch`)."""
+    which they are decoded (:class:`memory.Prefetch`)."""
 
     def __init__(self, order: list[Coded], device: torch.device):
         self.order, self.pos = order, 0

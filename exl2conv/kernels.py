@@ -1,9 +1,9 @@
-"""The CUDA extension (csrc/): built on first use into a cache, under a file lock, with a torch
-fallback for every kernel.
+"""The CUDA extension (csrc/): built on first use into a cache, under a file lock.
 
 ``get()`` returns the loaded module, or None when the kernels cannot be used here (no CUDA, no
-toolchain, no csrc/ beside the package, or ``EXL2CONV_NO_KERNELS=1``); callers then run the torch
-reference in :mod:`exl2conv.gptq`, which defines the arithmetic the kernels reproduce.
+toolchain, no csrc/ beside the package, or ``EXL2CONV_NO_KERNELS=1``). Code does not call the
+kernels directly: :mod:`exl2conv.ops` has one function per kernel of :data:`OPS`, which runs the
+kernel or its named torch reference, the arithmetic the kernel reproduces.
 """
 
 from __future__ import annotations
@@ -18,7 +18,21 @@ from pathlib import Path
 
 from exl2conv import atomic, settings
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PACKAGE = Path(__file__).resolve().parent
+# Where the kernel sources are: inside the package when installed from a wheel (pyproject.toml ships
+# csrc/ as exl2conv/_csrc), at the repository root in a source checkout or an editable install.
+CSRC_PLACES = (PACKAGE / "_csrc", PACKAGE.parent / "csrc")
+
+
+def find_csrc() -> Path:
+    """The first of :data:`CSRC_PLACES` that holds kernel sources (the repository's when none does)."""
+    for place in CSRC_PLACES:
+        if any(place.glob("*.cu")):
+            return place
+    return CSRC_PLACES[-1]
+
+
+CSRC = find_csrc()
 NAME = "exl2conv_ext"
 OPS = ("gptq_block", "pgrid_err_many", "refine_qs_many", "codes_of", "coded_delta", "params_start", "params_finish")
 _state: dict = {}
@@ -46,7 +60,12 @@ def get():
     _state["mod"] = None
     import torch
 
-    if not torch.cuda.is_available() or not sources():
+    if not torch.cuda.is_available():
+        return None
+    if not sources():
+        places = " or ".join(str(p) for p in CSRC_PLACES)
+        print(f" !! Warning: the CUDA kernel sources are not installed (looked in {places}); using the slower "
+              "torch path. Install exl2conv from its repository or a wheel built from it.", file=sys.stderr)
         return None
     try:
         _state["mod"] = _build()

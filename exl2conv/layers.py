@@ -7,7 +7,6 @@ attention and an MLP per layer, then the final norm and the head (``2L + 2`` for
 
 from __future__ import annotations
 
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -15,6 +14,8 @@ import torch
 
 from exl2conv import settings, stop
 from exl2conv.gptq import Hessian
+from exl2conv.memory import Copier
+from exl2conv.metrics import feed, relative_errors
 from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
 
@@ -231,7 +232,7 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     # on the device the module runs on, copied to the CPU once at the end
     errs = (torch.empty(shape, dtype=torch.float64, device=device or states.device)
             if ref is not None or ref_weights is not None else None)
-    copier = _Copier(states, out, device, chunk)
+    copier = Copier(states, out, device, chunk)
     for r0 in range(0, rows, chunk):
         stop.check()
         x = copier.rows_in(r0)
@@ -253,156 +254,3 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
             copier.rows_out(r0, y)
     copier.finish()
     return out, (errs.cpu() if errs is not None else None)
-
-
-_SIDE: dict = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One copy stream per device for the whole run: memory the caching allocator holds for a
-    stream serves only that stream, so a new stream per call would strand blocks in each."""
-    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
-    if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(key)
-    return _SIDE[key]
-
-
-def release_cached(device: torch.device) -> None:
-    """Hands the allocators' cached, unused memory back at a stage's end: the GPU's (the next
-    stage's peak is then its own) and PyTorch's pinned host blocks, which it keeps for reuse in
-    power-of-two sizes that one stage's buffers rarely share with the next's (kept, a 32-layer
-    Llama-2-7B job's peak RSS was the sum of its stages': 18.9 GiB)."""
-    if device.type != "cuda" or not torch.cuda.is_initialized():
-        return
-    torch.cuda.synchronize(device)  # every pending copy done: its pinned block can go
-    torch.cuda.empty_cache()
-    accel = getattr(torch, "accelerator", None)
-    host = getattr(accel, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
-    if host is not None:
-        host()
-
-
-def side_copy(src: torch.Tensor, device: torch.device, side: torch.cuda.Stream) -> torch.Tensor:
-    """A copy of host tensor ``src`` on ``device``, made on the ``side`` stream after the work
-    queued so far on the current stream (record an event on ``side`` to wait for it). The copy
-    lives in the current stream's memory pool: a copy allocated on the side stream would leave its
-    memory in a pool of its own, unusable by the compute stream (0.25 GiB on a Llama-2-7B layer)."""
-    main = torch.cuda.current_stream(device)
-    out = torch.empty(src.shape, dtype=src.dtype, device=device)
-    side.wait_stream(main)  # the block may have been freed by work still queued on main
-    with torch.cuda.stream(side):
-        out.copy_(src, non_blocking=True)
-    out.record_stream(side)
-    return out
-
-
-class Prefetch:
-    """Host tensors copied to a GPU one after the other, in the order they are taken: the next one
-    on the side stream while the current one is used (:func:`side_copy`).
-
-    The host waits until the GPU has finished all but the last :data:`AHEAD` items taken before
-    it queues another copy. Unbounded, the host queued a whole module's copies at once, and an
-    item's memory is only reused once the GPU has run its copy and the work using it: with the
-    copies allocated on the side stream, that stream's pool grew to the size of all the states
-    (3.5 GiB of a Llama-2-7B quantization pass, on top of the 3.7 GiB that the pass used)."""
-
-    AHEAD = 2
-
-    def __init__(self, items: list[torch.Tensor], device: torch.device):
-        self.items, self.device, self.i = items, device, 0
-        self.side = side_stream(device)
-        self.next: tuple[torch.Tensor, torch.cuda.Event] | None = None
-        self.queued: deque = deque()  # per item taken: an event after the work queued before it
-
-    def _fetch(self) -> None:
-        self.next = None
-        if self.i < len(self.items):
-            self.next = (side_copy(self.items[self.i], self.device, self.side), self.side.record_event())
-            self.i += 1
-
-    def take(self) -> torch.Tensor:
-        """The next item on the device, ready for the current stream to use."""
-        if self.i == 0:
-            self._fetch()
-        x, ready = self.next
-        main = torch.cuda.current_stream(self.device)
-        self.queued.append(main.record_event())
-        while len(self.queued) > self.AHEAD:
-            self.queued.popleft().synchronize()
-        main.wait_event(ready)
-        self._fetch()
-        return x
-
-
-class _Copier:
-    """The chunks of :func:`run_block`, taken in order: views of ``states`` and ``out`` where they
-    live on the device the module runs on; where they live in (pinned) host memory and the module
-    on a GPU, copies on a side stream that overlap the module's compute: the next chunk comes in
-    while this one runs (:class:`Prefetch`), and outputs go back while the next one runs."""
-
-    def __init__(self, states: torch.Tensor, out: torch.Tensor | None, device: torch.device | None, chunk: int):
-        self.states, self.out, self.chunk = states, out, chunk
-        self.device = device if device is not None and states.device != device else None
-        self.side = side_stream(self.device) if self.device is not None and self.device.type == "cuda" else None
-        self.rows = (Prefetch([states[r0:r0 + chunk] for r0 in range(0, states.shape[0], chunk)], self.device)
-                     if self.side is not None else None)
-
-    def rows_in(self, r0: int) -> torch.Tensor:
-        if self.device is None:
-            return self.states[r0:r0 + self.chunk]
-        if self.side is None:
-            return self.states[r0:r0 + self.chunk].to(self.device)
-        return self.rows.take()
-
-    def rows_out(self, r0: int, y: torch.Tensor) -> None:
-        dst = self.out[r0:r0 + self.chunk]
-        if self.side is None or y.device == dst.device:
-            dst.copy_(y)
-            return
-        done = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.side):
-            self.side.wait_event(done)
-            dst.copy_(y, non_blocking=True)
-        y.record_stream(self.side)  # not reused before the copy has read it
-
-    def finish(self) -> None:
-        """Waits for the side stream: the outputs are in host memory, ready to read."""
-        if self.side is not None:
-            self.side.synchronize()
-
-
-def relative_errors(y: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor | None,
-                    fisher: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row relative Frobenius error ``||g * (y - ref)|| / ||g * ref||`` of ``[B, L, H]``
-    outputs, channels weighted by ``err_weight`` ``[H]`` when given; float64 ``[B]`` on the outputs'
-    device (no host sync: callers collect them and copy once).
-    With ``fisher`` ``[H]``, float64 ``[B, 2]``: the relative error and ``sum_{t,c} F[c] e[t, c]^2``
-    of each row (half of it is the row's predicted KL, see :mod:`exl2conv.sensitivity`)."""
-    d = y - ref
-    cost = None if fisher is None else (d.square() * fisher).sum((1, 2)).double()
-    r = ref
-    if err_weight is not None:
-        d, r = d * err_weight, r * err_weight
-    num = torch.linalg.vector_norm(d.flatten(1), dim=1)
-    den = torch.linalg.vector_norm(r.flatten(1), dim=1)
-    rel = (num / den).double()
-    return rel if cost is None else torch.stack([rel, cost], 1)
-
-
-def feed(acc, value) -> None:
-    """One chunk's intermediate into an accumulator (see :func:`run_block`)."""
-    if isinstance(value, list):
-        for row in value:
-            if row is not None:
-                acc.add(row)
-    else:
-        acc.add_rows(value)
-
-
-def error_weight(next_norm: torch.Tensor | None) -> torch.Tensor | None:
-    """Channel weights for a module's output error: the weight of the RMSNorm that next reads
-    the residual stream (absolute values). The next layer sees an error ``e`` in the residual as
-    ``g * e / rms(x)``, so ``||g * e|| / ||g * y||`` is the relative error it actually receives.
-    Unweighted, a few massive channels (SmolLM2 carries 24,000 in channel 507, where the norm
-    weight is 3e-4) dominate ``||y||`` and make real errors look negligible."""
-    return None if next_norm is None else next_norm.abs().to(torch.float32)

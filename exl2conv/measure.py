@@ -11,8 +11,9 @@ import torch
 
 from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
-from exl2conv import gptq
-from exl2conv.gptq import Coded, Filler, Hessian, Prepared, prepare, quantize_batches
+from exl2conv import gptq, memory
+from exl2conv.coded import Coded
+from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
 from exl2conv.layers import padded_wt, run_block
 from exl2conv.model.arch import LinearSpec, layer_linears
 from exl2conv.model.forward import EXPERT_TOKENS, LAYER
@@ -118,7 +119,7 @@ def codes_sizes(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
 
 def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list, host: bool,
                          host_codes: bool = False, buffer: torch.Tensor | None = None,
-                         arena: gptq.HostArena | None = None) -> list:
+                         arena: memory.HostArena | None = None) -> list:
     """Every setting of ``qparams`` applied to one linear (``w``: its ``[out, in]`` weight) by GPTQ,
     a pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
     quarter of float32; with ``host_codes`` their codes in pinned host memory, in ``arena`` when
@@ -157,14 +158,14 @@ def entry_bits(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
 def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
                    chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
                    on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None,
-                   arena: gptq.HostArena | None = None, block: str | None = None
+                   arena: memory.HostArena | None = None, block: str | None = None
                    ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
     """kind: "attn" or "mlp" (the option table); block: the module whose forward runs, when it
     is not ``kind`` itself: "parallel", a parallel decoder block (Cohere) measured one branch at
     a time, ``specs`` that branch's linears, the other branch left unquantized; states:
     ``[R, L, H]`` float32 reference inputs; w: the module's weights by name (HF orientation;
     float32, or a linear in its 2-byte source dtype, :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
-    err_weight: channel weights of the output error (:func:`layers.error_weight`);
+    err_weight: channel weights of the output error (:func:`metrics.error_weight`);
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);
     device: where the module runs when ``states`` live in (pinned) host memory: the reference
@@ -186,14 +187,14 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     distinct, rows = distinct_columns(TABLES[kind])
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
     numel = pass_numel(specs, {key: len(distinct[column[key]]) for key in specs})
-    # a module whose passes are large unmaps the cache between its phases (gptq.release_unused)
-    large = dev.type == "cuda" and numel * 4 >= gptq.RELEASE_BYTES
+    # a module whose passes are large unmaps the cache between its phases (memory.release_unused)
+    large = dev.type == "cuda" and numel * 4 >= memory.RELEASE_BYTES
     if large:
-        gptq.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
+        memory.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
     block = block or kind
     y_ref, hess = reference_pass(block, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
     if large:
-        gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
+        memory.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
     last_user = {spec.hessian_input: key for key, spec in specs.items()}
     buffer = None
@@ -206,7 +207,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
                 preps[spec.hessian_input] = prepare(hess.pop(spec.hessian_input).to(dev),
                                                     f"{name} ({spec.hessian_input})")
         if large:
-            gptq.release_unused(dev)
+            memory.release_unused(dev)
         buffer = torch.empty(numel, dtype=torch.float32, device=dev)
     for key, spec in specs.items():
         src = spec.hessian_input
@@ -221,7 +222,7 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)
     if large:
-        gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
+        memory.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
     others = frozenset(layer_linears(cfg, w[LAYER])) - specs.keys() if block == "parallel" else frozenset()

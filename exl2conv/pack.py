@@ -1,6 +1,6 @@
 """EXL2 tensor packing, unpacking and decoding in torch: the reference the CUDA kernels are checked against.
 
-The tensors of one quantized linear (reference 6.1-6.5), for K input features (rows of ``Wt = W^T``),
+The tensors of one quantized linear (docs/format.md), for K input features (rows of ``Wt = W^T``),
 padded width N (a multiple of 32) and G groups, rows in permuted (act-order) order:
 
     q_weight     int32 [sum_g rows_g*bits_g/32, N]  each group's codes as a little-endian bit stream down
@@ -95,7 +95,7 @@ def packed_rows(groups: list[Group]) -> int:
 
 
 def pack_qweight(codes: torch.Tensor, groups: list[Group]) -> torch.Tensor:
-    """Pack codes into the q_weight bit streams (reference 6.2).
+    """Pack codes into the q_weight bit streams (docs/format.md).
 
     codes: int [K, N], rows in permuted order, values 0..2^b-1 for the group's b; N a multiple of 32.
     groups: the layout, covering exactly K rows.
@@ -138,7 +138,8 @@ def unpack_qweight(q_weight: torch.Tensor, groups: list[Group], k: int) -> torch
         raise ValueError(f"the groups cover {sum(g.rows for g in groups)} rows, expected K = {k}")
     runs = _runs(groups)
     if q_weight.dim() != 2 or q_weight.shape[0] != packed_rows(groups):
-        raise ValueError(f"q_weight must have {packed_rows(groups)} rows for this layout, got shape {list(q_weight.shape)}")
+        raise ValueError(f"q_weight must have {packed_rows(groups)} rows for this layout, "
+                         f"got shape {list(q_weight.shape)}")
     n = q_weight.shape[1]
     q_weight = q_weight.to(torch.int32)
     codes = torch.empty((k, n), dtype=torch.int32, device=q_weight.device)
@@ -169,7 +170,7 @@ def _unpack_into(c: torch.Tensor, words: torch.Tensor, bits: int) -> None:
 
 
 def pack_qscale(qs: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit scale indices (reference 6.3).
+    """Pack 4-bit scale indices (docs/format.md).
 
     qs: int [G, N], values 1..16, N a multiple of 8. Returns int32 [G, N/8] holding qs-1 in nibbles.
     """
@@ -195,7 +196,7 @@ def unpack_qscale(q_scale: torch.Tensor) -> torch.Tensor:
 
 
 def make_q_groups(groups: list[Group]) -> torch.Tensor:
-    """int16 [2G]: (bits, first packed row) per group (reference 6.4)."""
+    """int16 [2G]: (bits, first packed row) per group (docs/format.md)."""
     _runs(groups)  # validates bit widths and whole-word groups
     pairs = []
     qrow = 0
@@ -246,22 +247,53 @@ def parse_q_groups(q_groups: torch.Tensor, k: int, name: str = "q_groups") -> li
 # -- fp16 dequantization (bit-exact with the runtime's reconstruct) --------------------------------
 
 
-def dequant_scale(qs_idx: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
-    """Per-group, per-column scales in the runtime's fp16 arithmetic (reference 6.5).
+def qzero(bits: int) -> int:
+    """The zero point of ``bits``-bit codes: code ``2^(bits-1)`` stands for 0."""
+    return 1 << (bits - 1)
 
-    qs_idx: int [G, N] in 1..16; q_scale_max: fp16 [G]. Returns fp16 [G, N]:
+
+def maxq(bits: int) -> int:
+    """The largest ``bits``-bit code."""
+    return (1 << bits) - 1
+
+
+def dequant_scale(qs_idx: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
+    """Per-group, per-column scales in the runtime's fp16 arithmetic (docs/format.md; ExLlamaV2's
+    ext.py, make_q_matrix).
+
+    qs_idx: int [..., N] in 1..16; q_scale_max: [...] (any float, rounded to fp16 first). Returns fp16 [..., N]:
     fp16( fp16(qs^2) * fp16(q_scale_max / 256) ).
     A single fp16*fp16 product is exact in float32, so torch's widen-multiply-round on half tensors
     is the correctly rounded IEEE half product the CUDA runtime computes. (The runtime's extra
     ``prescale`` for scale_depth / logit_scale models is not part of the file and is left out.)
+    GPTQ's scale search and the measurement's candidates use it too: the scales they choose by are
+    the ones the runtime decodes with.
     """
     qs2 = (qs_idx.to(torch.int32) ** 2).to(torch.float16)       # <= 256: exact
     maxs = q_scale_max.to(torch.float16) * (1.0 / 256)            # rounds only when subnormal, as at load
     return qs2 * maxs.unsqueeze(-1)
 
 
+def dequant(codes: torch.Tensor, zero: int | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp16( fp16(code - zero) * fp16(scale) ): the runtime's reconstruction of one value, which
+    GPTQ's rounding (:func:`exl2conv.ops.gptq_block_ref`) and the measurement's candidates
+    (:class:`exl2conv.coded.Coded`) reproduce too.
+
+    codes: integer codes, or float tensors holding integers (GPTQ's rounded rows); byte-sized
+    codes are widened first, so that subtracting the zero point cannot wrap. zero and scale
+    broadcast to codes. Returns fp16 of the broadcast shape.
+    """
+    if not codes.is_floating_point():
+        codes = codes.to(torch.int16 if codes.element_size() == 1 else torch.int32)
+    q = (codes - zero).to(torch.float16)
+    scale = scale.to(torch.float16)
+    if torch.broadcast_shapes(q.shape, scale.shape) == q.shape:
+        return q.mul_(scale)  # no second temporary of the result's size
+    return q * scale
+
+
 def dequant_codes(codes: torch.Tensor, bits: int | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp16( fp16(code - 2^(b-1)) * scale ).
+    """:func:`dequant` with each row's zero point ``2^(b-1)`` from its bit width.
 
     codes: int [rows, N]; bits: an int, or an int tensor broadcastable to codes (e.g. [rows, 1]);
     scale: fp16 broadcastable to codes ([N] or [rows, N]). Returns fp16 [rows, N].
@@ -270,7 +302,7 @@ def dequant_codes(codes: torch.Tensor, bits: int | torch.Tensor, scale: torch.Te
         zero = torch.bitwise_left_shift(torch.ones_like(bits, dtype=torch.int32), bits.to(torch.int32) - 1)
     else:
         zero = 1 << (bits - 1)
-    return (codes.to(torch.int32) - zero).to(torch.float16) * scale.to(torch.float16)
+    return dequant(codes.to(torch.int32), zero, scale)
 
 
 # -- one linear -----------------------------------------------------------------------------------
@@ -278,7 +310,7 @@ def dequant_codes(codes: torch.Tensor, bits: int | torch.Tensor, scale: torch.Te
 
 def pack_linear(codes: torch.Tensor, qs: torch.Tensor, q_scale_max: torch.Tensor, groups: list[Group],
                 invperm: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one quantized linear, without a key prefix (reference 6.1).
+    """The tensors of one quantized linear, without a key prefix (docs/format.md).
 
     codes: int [K, N] in permuted order; qs: int [G, N] in 1..16; q_scale_max: [G] (stored as fp16);
     groups: the G groups; invperm: int [K]; bias: [N] or None.
@@ -333,7 +365,8 @@ def _expect(tensors: dict[str, torch.Tensor], name: str, key: str, dtypes: tuple
 
 
 def check_linear(tensors: dict[str, torch.Tensor], name: str = "") -> LinearInfo:
-    """Validate the tensors of one quantized linear against the loader's checklist (reference 6.6).
+    """Validate the tensors of one quantized linear against the loader's checklist (ExLlamaV2's linear.py
+    and ext.py, make_q_matrix).
 
     tensors: the linear's tensors keyed without prefix (q_weight, q_scale, ...); name: its key, for
     messages. Reads only q_groups, q_scale_max and q_invperm values (small). Raises FormatError naming
@@ -372,7 +405,7 @@ def decode_linear(tensors: dict[str, torch.Tensor], name: str = "") -> torch.Ten
 
     tensors: q_weight, q_scale, q_scale_max, q_groups, q_invperm (bias ignored), keyed without prefix.
     Returns fp16 Wt [K, N] in ORIGINAL row order (HF weight = Wt.T[:out_features]). Unlike the runtime's
-    MLP weights (reference 6.11), no load-time permutation of the intermediate dimension is applied.
+    MLP weights (ExLlamaV2's mlp.py, load), no load-time permutation of the intermediate dimension is applied.
     Raises FormatError naming the tensor when the tensors are inconsistent.
     """
     info = check_linear(tensors, name)

@@ -19,9 +19,11 @@ import torch
 
 from exl2conv import allocation, atomic, calibration, compile as compile_mod, faults, sensitivity, settings, stop, tweak
 from exl2conv.errors import Exl2Error, Interrupted
-from exl2conv.gptq import Hessian, HostArena, prepare, release_unused
+from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import JOB_FILE, ROWS_USED, STAGE_ORDER, Job, Stage
-from exl2conv.layers import Module, error_weight, module_linears, module_list, release_cached, run_block
+from exl2conv.layers import Module, module_linears, module_list, run_block
+from exl2conv.memory import HostArena, release_cached, release_unused
+from exl2conv.metrics import error_weight
 from exl2conv.measure import check_finite, codes_sizes, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, exllamav2_config, forward
@@ -251,7 +253,7 @@ def _rope(ctx: Context, length: int):
 
 def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
     """One page-locked buffer for the candidates' codes of the measurement's largest module
-    (:class:`gptq.HostArena`), when they go to host memory (the states do: a large model)."""
+    (:class:`memory.HostArena`), when they go to host memory (the states do: a large model)."""
     sizes = [HostArena.size_for(codes_sizes(part, module_linears(ctx.cfg, m, part)))
              for m in mods if m.quantized for part in m.parts]
     if ctx.device.type != "cuda" or not sizes or max(sizes) == 0:

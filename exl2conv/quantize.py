@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import gptq, stop, tweak
+from exl2conv import memory, stop, tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, prepare, quantize_batches
 from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
@@ -107,8 +107,8 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
     for key, spec in specs.items():
         src = spec.hessian_input
         if src not in preps:
-            if gptq.large_factor(spec.in_features):  # the cache's blocks of other sizes would otherwise
-                gptq.release_unused(dev)  # sit beside the new [K, K] matrices
+            if memory.large_factor(spec.in_features):  # the cache's blocks of other sizes would otherwise
+                memory.release_unused(dev)  # sit beside the new [K, K] matrices
             preps[src] = prepare(hess.pop(src).to(dev), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")

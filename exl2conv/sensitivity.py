@@ -13,7 +13,7 @@ the scores of different positions are independent with mean zero, so their cross
 expectation, and ``E[g g^T]`` is the Fisher matrix itself.
 
 The measurement scores every candidate by ``1/2 mean_t sum_c F_i[c] e[t, c]^2`` (predicted KL,
-nats per token, see :func:`layers.relative_errors`), and the solver adds these predictions over
+nats per token, see :func:`metrics.relative_errors`), and the solver adds these predictions over
 modules: a single objective in the units the user cares about, which weighs a module by how much
 its errors reach the output instead of by a proxy. The cross terms that the diagonal leaves out
 (between channels and between positions) are what the measured error cannot carry anyway.

@@ -10,7 +10,7 @@ minimizes, over the norm weight ``g`` (one value per hidden channel),
     sum_rows || w * (module(x_q; g, quantized linears) - module_unquantized(x)) ||^2
 
 with ``w`` the weight of the norm that next reads the residual (as the measured error,
-:func:`layers.error_weight`), by :data:`STEPS` Adam steps on a multiplicative ``g = g0 (1 + s)``
+:func:`metrics.error_weight`), by :data:`STEPS` Adam steps on a multiplicative ``g = g0 (1 + s)``
 over the first calibration rows. The target is the unquantized model's own stream, so a module
 can also take back part of the error that the modules before it left in the residual (a target of
 the unquantized module on the quantized inputs was not tried on a real model). The best step is

@@ -1,12 +1,13 @@
-"""Parity of every CUDA kernel with its torch reference (run on the device machine)."""
+"""Parity of every CUDA kernel with its torch reference (exl2conv.ops.REGISTRY; run on the device machine)."""
 
 import time
 
 import pytest
 import torch
 
-from exl2conv import gptq, kernels
+from exl2conv import gptq, kernels, ops
 from exl2conv.qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, distinct_columns, qp
+from tests.opcases import CASES
 
 pytestmark = pytest.mark.gpu
 
@@ -18,6 +19,28 @@ def ext():
     print(f"\nextension ready in {time.monotonic() - t0:.1f} s")
     assert mod is not None, "the CUDA extension did not build"
     return mod
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused kernels on (on unless EXL2CONV_FUSED_KERNELS=0), whatever the environment."""
+    monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "1")
+
+
+@pytest.mark.parametrize("name", kernels.OPS)
+def test_every_kernel_matches_its_named_reference(ext, fused, name):
+    """Each kernel of the extension (kernels.OPS), through the operation that picks it, against its
+    named torch reference on the same inputs (tests/opcases.py): a kernel without a reference in
+    ops.REGISTRY, or without a case, fails here."""
+    assert name in ops.REGISTRY, f"{name}: no torch reference in exl2conv.ops.REGISTRY"
+    assert name in CASES, f"{name}: no parity case in tests/opcases.py"
+    op, case = ops.REGISTRY[name], CASES[name]
+    assert ops.kernel(name, torch.zeros(1, device="cuda")) is not None
+    args = case.make("cuda")
+    got = case.outputs(op.dispatch(*args), args)
+    args = case.make("cuda")
+    want = case.outputs(op.reference(*args), args)
+    case.check(got, want)
 
 
 def problem(k, n, seed):
@@ -45,7 +68,7 @@ def test_pgrid_kernel_matches_torch(ext, bits):
     qs = torch.clamp(torch.round(16 * torch.sqrt(base / base.max())), 1, 16)
     cand = (qs / 16) ** 2 * base.max()
     grid = gptq.P_GRID.to("cuda", torch.float32)
-    ref = gptq.pgrid_errors(x, cand, grid, 1 << (bits - 1), (1 << bits) - 1)
+    ref = ops.pgrid_errors(x, cand, grid, 1 << (bits - 1), (1 << bits) - 1)
     got = one_group(ext, x, cand, grid, bits).sum(1)
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
     assert int(torch.argmin(got)) == int(torch.argmin(ref))
@@ -87,7 +110,7 @@ def test_refine_qs_kernel_matches_torch(ext):
     got = ext.refine_qs_many(w, torch.tensor(cidx, **i32), torch.tensor(rows, **i32), torch.tensor(bits, **i32),
                              qs, qmax, rw, a)
     x = torch.stack([torch.nn.functional.pad(w[c, a:a + r], (0, 0, 0, 256 - r)) for c, r in zip(cidx, rows)])
-    ref = gptq.refine_qs(x, qs, qmax, bits, rw)
+    ref = ops.refine_qs(x, qs, qmax, bits, rw)
     assert (got != qs).float().mean() > 0.01  # the refinement did move columns
     assert (got != ref).float().mean() < 1e-3
     assert (got - qs).abs().max() <= 1
@@ -133,7 +156,7 @@ def test_a_built_extension_loads_without_cpp_extension(ext):
 def test_coded_codes_in_pinned_host_memory_decode_the_same():
     """The measurement of a large model keeps its candidates' codes in pinned host memory
     (Coded.to_host): decoding copies them back and gives the same weight."""
-    from exl2conv.gptq import Coded
+    from exl2conv.coded import Coded
 
     g = torch.Generator(device="cuda").manual_seed(1)
     k, n = 256, 96
@@ -149,10 +172,11 @@ def test_coded_codes_in_pinned_host_memory_decode_the_same():
 
 
 def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
-    """The measurement's candidates' codes go into one page-locked buffer (gptq.HostArena,
+    """The measurement's candidates' codes go into one page-locked buffer (memory.HostArena,
     registered with cudaHostRegister): copies into it are exact, page-locked (so the copies back to
     the GPU run asynchronously), and the buffer is reused after a reset."""
-    from exl2conv.gptq import Coded, HostArena
+    from exl2conv.coded import Coded
+    from exl2conv.memory import HostArena
 
     g = torch.Generator(device="cuda").manual_seed(2)
     k, n = 256, 96
@@ -178,15 +202,9 @@ def test_codes_in_a_host_arena_are_page_locked_and_decode_the_same():
     assert torch.equal(again.codes.to("cuda"), coded[2].codes)  # still readable once unpinned
 
 
-@pytest.fixture
-def fused(monkeypatch):
-    """The fused kernels on (on unless EXL2CONV_FUSED_KERNELS=0), whatever the environment."""
-    monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "1")
-
-
 def _coded_problem(k, n, out, seed):
-    """A quantized weight as :class:`gptq.Coded` with groups of 2..8 bits, and its result."""
-    from exl2conv.gptq import Coded
+    """A quantized weight as :class:`coded.Coded` with groups of 2..8 bits, and its result."""
+    from exl2conv.coded import Coded
 
     wt, h = problem(k, n, seed)
     prep = gptq.prepare(h)
@@ -196,7 +214,7 @@ def _coded_problem(k, n, out, seed):
 
 def test_codes_of_kernel_matches_torch(ext, fused, monkeypatch):
     """Coded.of's kernel (codes_of) gives the codes of its torch loop, and they decode to GPTQ's values."""
-    from exl2conv.gptq import Coded
+    from exl2conv.coded import Coded
 
     res, prep, coded = _coded_problem(256, 160, 150, 5)
     monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "0")
@@ -224,7 +242,7 @@ def test_coded_delta_kernel_matches_torch(ext, fused, dtype):
 
 @pytest.mark.parametrize("spread", [False, True])
 def test_fused_scale_search_matches_the_unfused_path(ext, fused, monkeypatch, spread):
-    """find_params_many with ``scale_out`` (params_start, p-grid, params_finish) gives the qs,
+    """find_params_many with the fused kernels (params_start, p-grid, params_finish) gives the qs,
     qscale_max and scales of the unfused path (torch operations around the pgrid and refine
     kernels), bit for bit: groups of one and of several sizes (rows past a group's end ignored),
     bit widths 2..8, candidate rows written where ``out_idx`` says."""
@@ -242,7 +260,9 @@ def test_fused_scale_search_matches_the_unfused_path(ext, fused, monkeypatch, sp
             src, src_idx, start = x, list(range(len(cidx))), 0
         else:
             src, src_idx, start = w, cidx, a
+        monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "0")  # the unfused path
         want_qs, want_qmax, want_scale = gptq.find_params_many(src, src_idx, start, rows, bits, rw[a:])
+        monkeypatch.setenv("EXL2CONV_FUSED_KERNELS", "1")
         scale = torch.full((c, n), -1.0, device="cuda")
         qs, qmax, none = gptq.find_params_many(src, src_idx, start, rows, bits, rw[a:], scale_out=scale,
                                                out_idx=out_idx if spread else None)

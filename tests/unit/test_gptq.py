@@ -1,12 +1,15 @@
 import pytest
 import torch
 
-from exl2conv import gptq
+from exl2conv import gptq, ops
+from exl2conv.coded import Coded
+from exl2conv.pack import dequant, dequant_scale, maxq, qzero
 from exl2conv.qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, qp
 
 
 def literal_gptq(wt, prep, q):
-    """The reference's 5.5 procedure, row by row with the lazy update at each group end."""
+    """ExLlamaV2's procedure (conversion/adaptivegptq.py, AdaptiveGPTQ.quantize), row by row with the
+    lazy update at each group end."""
     k, n = wt.shape
     w = wt.float()[prep.perm].clone()
     u = prep.u
@@ -16,11 +19,11 @@ def literal_gptq(wt, prep, q):
     for g in q.groups(k):
         a, b = pos, pos + g.rows
         qs, qmax, scale = gptq.find_params(w[a:b], g.bits, gptq.row_weights(u)[a:b])
-        z, m = gptq.qzero(g.bits), gptq.maxq(g.bits)
+        z, m = qzero(g.bits), maxq(g.bits)
         err = torch.empty(b - a, n)
         for c in range(a, b):
             code = torch.clamp(torch.round(w[c] / scale) + z, 0, m)
-            qv = gptq.dequant(code, torch.tensor(z), scale)
+            qv = dequant(code, torch.tensor(z), scale).float()
             e = (w[c] - qv) / u[c, c]
             w[c:b] -= u[c, c:b].view(-1, 1) * e.view(1, -1)
             codes[c], out[c], err[c - a] = code, qv, e
@@ -133,7 +136,7 @@ def test_mlp_table_runs_on_tiny_shapes():
 
 
 def weighted_sq_error(x, scale, bits, rw):
-    lo, hi = -gptq.qzero(bits), gptq.maxq(bits) - gptq.qzero(bits)
+    lo, hi = -qzero(bits), maxq(bits) - qzero(bits)
     d = torch.clamp(torch.round(x / scale), lo, hi) * scale - x
     return (rw.view(-1, 1) * d * d).sum(0)
 
@@ -148,7 +151,7 @@ def test_refine_qs_never_worse_and_moves_by_one_step(bits):
     qs, qmax2, scale = gptq.find_params(x, bits, rw)
     assert torch.equal(qmax, qmax2)  # the group's multiplier is the p-grid search's
     assert (qs - plain).abs().max() <= 1 and qs.min() >= 1 and qs.max() <= 16
-    before = weighted_sq_error(x, gptq.fp16_scale(plain, qmax), bits, rw)
+    before = weighted_sq_error(x, dequant_scale(plain, qmax).float(), bits, rw)
     after = weighted_sq_error(x, scale, bits, rw)
     assert torch.all(after <= before)
     moved = qs != plain
@@ -161,7 +164,7 @@ def test_scale_refinement_lowers_gptq_error(monkeypatch):
     prep = gptq.prepare(h)
     q = qp((4, 64, 1))
     refined = gptq.proxy_error(wt, gptq.quantize(wt, prep, q).weight, h)
-    monkeypatch.setattr(gptq, "refine_qs", lambda x, qs, *a: qs)
+    monkeypatch.setattr(ops, "refine_qs", lambda x, qs, *a: qs)
     plain = gptq.proxy_error(wt, gptq.quantize(wt, prep, q).weight, h)
     assert refined < 0.97 * plain
 
@@ -230,10 +233,10 @@ def test_coded_weight_decodes_to_the_dequantized_weight():
     cands = [qp((4, 32, 1)), qp((8, 32, 0.05), (4, 32, 0.1), (3, 32, 0.85)), qp((8, 64, 0.5), (2, 64, 0.5))]
     without = gptq.quantize_many(wt, prep, cands, keep_codes=False)
     for r, r_nc in zip(gptq.quantize_many(wt, prep, cands), without):
-        coded = gptq.Coded.of(r, 50, prep.invperm)
+        coded = Coded.of(r, 50, prep.invperm)
         assert coded.codes.dtype == torch.uint8
         assert torch.equal(coded.codes, r.codes.to(torch.uint8))  # recovered from q: GPTQ's own codes
-        assert torch.equal(gptq.Coded.of(r_nc, 50, prep.invperm).codes, coded.codes)
+        assert torch.equal(Coded.of(r_nc, 50, prep.invperm).codes, coded.codes)
         got = coded.decode()
         assert got.dtype == torch.float16 and got.shape == (50, 192)
         assert torch.equal(got, r.weight[:, :50].T.to(torch.float16))
@@ -258,7 +261,7 @@ def test_coded_to_host_is_the_same_weight():
     wt, h = make_problem(128, 64, seed=6)
     prep = gptq.prepare(h)
     res = gptq.quantize(wt, prep, ATTN_OPTIONS[4][0])
-    coded = gptq.Coded.of(res, 64, prep.invperm)
+    coded = Coded.of(res, 64, prep.invperm)
     assert coded.to_host() is coded  # already in host memory: nothing to move
     assert torch.equal(coded.decode(coded.codes.clone()), coded.decode())
 

@@ -1,11 +1,11 @@
 """The measurement's bookkeeping of its candidates' codes (exl2conv.measure.codes_sizes) and the
-host buffer they go to on a GPU (exl2conv.gptq.HostArena, here without page-locking)."""
+host buffer they go to on a GPU (exl2conv.memory.HostArena, here without page-locking)."""
 
 import pytest
 import torch
 
 from exl2conv import measure
-from exl2conv.gptq import HostArena
+from exl2conv.memory import HostArena
 from exl2conv.model import WeightIndex, forward, layer_linears, load_config
 from tests.tinymodel import make_tiny_llama
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from exl2conv import sensitivity
-from exl2conv.layers import block_forward, relative_errors
+from exl2conv.layers import block_forward
+from exl2conv.metrics import relative_errors
 from exl2conv.model import WeightIndex, forward, load_config
 from exl2conv.model.arch import embedding_tensor, final_norm_tensor, head_spec
 from tests.tinymodel import make_tiny_llama
