@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,10 @@ log = logging.getLogger("exl2conv")
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("EXL2CONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "exl2conv")
     import torch
 
     tag = f"torch{torch.__version__.split('+')[0]}-cu{(torch.version.cuda or 'none').replace('.', '')}"
-    return Path(base) / "ext" / tag
+    return settings.cache_root() / "ext" / tag
 
 
 def sources() -> list[Path]:
@@ -95,11 +93,10 @@ def _build():
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
     major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}.{minor}"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch)
+    arch = settings.cuda_arch_list(f"{major}.{minor}")
     library = build / f"{NAME}.so"
     stamp_file = build / "sources.sha256"
-    want = stamp(os.environ["TORCH_CUDA_ARCH_LIST"])
+    want = stamp(arch)
     t0 = time.monotonic()
     with open(build / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes

@@ -184,6 +184,13 @@ def fault_spec() -> str:
     return os.environ.get(FAULT_VARIABLE, "")
 
 
+def cuda_arch_list(device_arch: str) -> str:
+    """The GPU architectures the CUDA extension is built for: torch's ``TORCH_CUDA_ARCH_LIST``
+    where the user set it (to build for other GPUs too), else this GPU's (``device_arch``, e.g.
+    "9.0"), which is then set for torch's build to read."""
+    return os.environ.setdefault("TORCH_CUDA_ARCH_LIST", device_arch)
+
+
 def set_library_defaults() -> None:
     """The defaults exl2conv wants for torch's own variables, unless the user set them: growable
     CUDA cache segments (read when CUDA first allocates: instead of fixed blocks they keep the
