@@ -165,7 +165,7 @@ def table(title: str, rows: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.gguf.smollm2_fp16)")
+    ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.smollm2.smollm2_fp16)")
     ap.add_argument("--llama7b-layers", default="", help="layers of a random Llama-2-7B-shaped model; two counts "
                     "(e.g. 2,6) also give the cost of one more layer")
     ap.add_argument("--measure-only", action="store_true", help="Llama-2-7B shapes: the measurement job alone")

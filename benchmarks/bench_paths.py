@@ -60,7 +60,7 @@ def evaluate(out: Path, model: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, required=True, help="an FP16 model folder (SmolLM2: exl2conv.gguf.smollm2_fp16)")
+    ap.add_argument("--model", type=Path, required=True, help="an FP16 model folder (SmolLM2: exl2conv.smollm2.smollm2_fp16)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("-b", "--bits", type=float, default=4.0)
     ap.add_argument("--length", type=int, default=256, help="-ml and -l of every run (default 256)")

