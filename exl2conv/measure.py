@@ -13,9 +13,9 @@ from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
 from exl2conv import gptq
 from exl2conv.gptq import Coded, Filler, Hessian, Prepared, prepare, quantize_batches
-from exl2conv.layers import padded_wt, run_block
+from exl2conv.layers import ModuleRun, padded_wt, run_block
 from exl2conv.model.arch import LinearSpec, layer_linears
-from exl2conv.model.forward import EXPERT_TOKENS, LAYER
+from exl2conv.model.forward import EXPERT_TOKENS
 from exl2conv.model.weights import all_finite
 from exl2conv.moe import ExpertCoverage
 from exl2conv.qparams import (ATTN_LINEARS, ATTN_OPTIONS, MLP_LINEARS, MLP_OPTIONS, MOE_LINEARS,
@@ -66,26 +66,26 @@ def column_keys(kind: str, specs: dict[str, LinearSpec]) -> tuple[str, ...]:
     return COLUMNS["moe" if is_moe(specs) else kind]
 
 
-def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str, on_coverage=None, keep_output: bool = True,
-                   device: torch.device | None = None) -> tuple[torch.Tensor | None, dict[str, Hessian]]:
+def reference_pass(run: ModuleRun, states: torch.Tensor, name: str, on_coverage=None, keep_output: bool = True
+                   ) -> tuple[torch.Tensor | None, dict[str, Hessian]]:
     """The unquantized outputs ``[R, L, H]`` (None without ``keep_output``) and the filled Hessians
-    of the module's linears, from one pass over ``states`` (spec 3.2). For an MoE block, the
-    experts' calibration coverage is counted too and handed to ``on_coverage`` (an
-    :class:`ExpertCoverage`) when given. device: where the module runs when ``states`` live in
-    host memory (the Hessians are accumulated there; all but the first linear's then move to
-    pinned host memory until the caller moves each back for its turn)."""
+    of ``run.specs``, from one pass over ``states`` (spec 3.2). For an MoE block, the experts'
+    calibration coverage is counted too and handed to ``on_coverage`` (an :class:`ExpertCoverage`)
+    when given. Where the module runs on ``run.device`` and ``states`` live in host memory, the
+    Hessians are accumulated on the device; all but the first linear's then move to pinned host
+    memory until the caller moves each back for its turn."""
+    specs, device = run.specs, run.device
     hess = hessians_for(specs, device or states.device)
     accumulators: dict = dict(hess)
     cov = None
     if is_moe(specs):
-        cov = ExpertCoverage(name or module_name(specs), cfg.num_experts, states.shape[1])
+        cov = ExpertCoverage(name or module_name(specs), run.cfg.num_experts, states.shape[1])
         accumulators[EXPERT_TOKENS] = cov
     finite: list = []
-    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=accumulators, keep_output=keep_output,
-                         device=device, finite=finite if keep_output else None)
+    y_ref, _ = run_block(run, states, hessians=accumulators, keep_output=keep_output,
+                         finite=finite if keep_output else None)
     if y_ref is not None and not bool(torch.stack(finite).all()):  # checked chunk by chunk on the device
-        raise nonfinite_error(f"{name} output" if name else f"{kind} output")
+        raise nonfinite_error(f"{name} output" if name else f"{run.kind} output")
     if cov is not None and on_coverage is not None:
         on_coverage(cov)
     if device is not None and device != states.device:  # all but the first wait in host memory for their turn
@@ -154,29 +154,28 @@ def entry_bits(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
     return [sum(bits[key][row[column[key]]] for key in specs) for row in rows]
 
 
-def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
-                   on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None,
-                   arena: gptq.HostArena | None = None, block: str | None = None
-                   ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
-    """kind: "attn" or "mlp" (the option table); block: the module whose forward runs, when it
-    is not ``kind`` itself: "parallel", a parallel decoder block (Cohere) measured one branch at
-    a time, ``specs`` that branch's linears, the other branch left unquantized; states:
-    ``[R, L, H]`` float32 reference inputs; w: the module's weights by name (HF orientation;
-    float32, or a linear in its 2-byte source dtype, :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
-    err_weight: channel weights of the output error (:func:`layers.error_weight`);
+def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None, name: str = "",
+                   err_weight: torch.Tensor | None = None, on_coverage=None, fisher: torch.Tensor | None = None,
+                   arena: gptq.HostArena | None = None) -> tuple[list[dict], torch.Tensor, list[float] | None]:
+    """run: the module (:class:`ModuleRun`; its weights in HF orientation), ``run.specs`` the
+    linears measured; part: the option table, "attn" or "mlp", when it is not ``run.kind`` itself:
+    a parallel decoder block (Cohere, kind "parallel") is measured one branch at a time, ``specs``
+    that branch's linears, the other branch left unquantized; states: ``[R, L, H]`` float32
+    reference inputs; err_weight: channel weights of the output error (:func:`layers.error_weight`);
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);
-    device: where the module runs when ``states`` live in (pinned) host memory: the reference
-    outputs go there too, and the candidates' codes (into ``arena`` when given: it is reset here,
-    so nothing handed out from it before this call may still be in use; see :func:`codes_sizes`).
+    ``run.device``: where the module runs when ``states`` live in (pinned) host memory: the
+    reference outputs go there too, and the candidates' codes (into ``arena`` when given: it is
+    reset here, so nothing handed out from it before this call may still be in use; see
+    :func:`codes_sizes`).
     Returns the measurement entries (one per table row, ExLlamaV2's schema), the reference
     outputs ``[R, L, H]`` that feed the next module, and with ``fisher`` each entry's predicted
     KL (nats per token; else None).
 
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
     every expert, and its total_bits sums over all experts (spec 3.3)."""
-    dev = device or states.device
+    kind, specs, w = part or run.kind, run.specs, run.weights
+    dev = run.device or states.device
     host_codes = dev != states.device
     if host_codes and arena is not None:
         arena.reset()  # the last module's codes
@@ -190,8 +189,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     large = dev.type == "cuda" and numel * 4 >= gptq.RELEASE_BYTES
     if large:
         gptq.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
-    block = block or kind
-    y_ref, hess = reference_pass(block, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
+    run = run.replace(device=dev)
+    y_ref, hess = reference_pass(run, states, name, on_coverage)
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
@@ -224,9 +223,8 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
         gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
     # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
     # memory, so it is scored a row at a time (each row's changed experts copied in once)
-    others = frozenset(layer_linears(cfg, w[LAYER])) - specs.keys() if block == "parallel" else frozenset()
-    scorer = CandidateScorer(block, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,
-                             table=not moe, device=dev, frozen=others)
+    others = frozenset(layer_linears(run.cfg, run.layer)) - specs.keys() if run.kind == "parallel" else frozenset()
+    scorer = CandidateScorer(run, states, y_ref, err_weight, fisher=fisher, table=not moe, frozen=others)
     tokens = states.shape[0] * states.shape[1]
     if moe:
         current: dict[str, int] = {}

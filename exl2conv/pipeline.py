@@ -27,7 +27,7 @@ from exl2conv.gptq import Hessian, HostArena, prepare, release_unused
 from exl2conv.job import (ARGS, STAGE_ORDER, FINGERPRINT_KEY, JOB_FILE, ROWS_USED, Job, Stage, calibration_settings,
                           clear_work_dir, entries_besides_lock, is_ours, measurement_fingerprint, model_fingerprint,
                           new_job_data, normalize, resume_conflicts)
-from exl2conv.layers import Module, error_weight, module_linears, module_list, release_cached, run_block
+from exl2conv.layers import Module, ModuleRun, error_weight, module_linears, module_list, release_cached, run_block
 from exl2conv.measure import check_finite, codes_sizes, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, exllamav2_config, forward
@@ -514,10 +514,9 @@ def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dic
         for part in mod.parts:
             outputs = None  # the first branch's reference outputs, freed: the second's pass makes them again
             entries, outputs, pred = measure_module(
-                part, states, w, module_linears(ctx.cfg, mod, part), ctx.cfg, rope, ctx.chunk(length),
+                ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(length), ctx.device, part), states, part,
                 mod.strategy_key(part), ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-                fisher=None if fisher is None else fisher[row], device=ctx.device, arena=arena,
-                block=mod.kind)
+                fisher=None if fisher is None else fisher[row], arena=arena)
             if pred is not None:
                 predicted[mod.strategy_key(part)] = pred
             best = max(e["accuracy"] for e in entries)
@@ -661,20 +660,20 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
     record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
     if mod.quantized:
         w, specs = ctx.layer_weights(mod)
+        run = ModuleRun(mod.kind, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.layer, ctx.device)
         # per linear by short name: a parallel block's two entries name different linears
         entry = {k: v for part in mod.parts for k, v in ctx.job["strategy"][mod.strategy_key(part)].items()}
         if stream is not None:
-            stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
+            stream, _ = run_block(run, stream)
         states, rfn, reports, tweaked = quantize_module(
-            mod.kind, states, w, specs, entry, ctx.cfg, rope, ctx.chunk(length), save,
-            ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream,
-            device=ctx.device)
+            run, states, entry, save, ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
+            target=stream)
         if tweaked is not None:
             norm = arch.norm_tensors(ctx.cfg, mod.layer, mod.parts[0])[0]
             save_norm(ctx, save, norm, tweaked.weight)
             record["tweak"] = [tweaked.before, tweaked.after]
         record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
-        del w  # before the next module's weights (or the head's) are read
+        del w, run  # before the next module's weights (or the head's) are read
         bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
     elif mod.kind in ("norm", "pos_emb"):
         bar.update(1)  # the embedding stage adds the positions; the head applies the final norm
@@ -756,8 +755,8 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     rope = _rope(ctx, ids.shape[1])
     for mod in done:
         if mod.quantized:
-            w, _ = ctx.layer_weights(mod)
-            x, _ = run_block(mod.kind, x, w, ctx.cfg, rope, ctx.chunk(ids.shape[1]))
+            w, specs = ctx.layer_weights(mod)
+            x, _ = run_block(ModuleRun(mod.kind, w, specs, ctx.cfg, rope, ctx.chunk(ids.shape[1]), mod.layer), x)
     return x
 
 
