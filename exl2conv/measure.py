@@ -7,6 +7,8 @@ Returns records; printing is the caller's business.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from exl2conv.candidates import CandidateScorer
@@ -96,6 +98,52 @@ def reference_pass(run: ModuleRun, states: torch.Tensor, name: str, on_coverage=
     return y_ref, hess
 
 
+class Factors:
+    """The prepared Hessians (:func:`gptq.prepare`) of a module's linears, made from the reference
+    pass's accumulators ``hess`` on ``device``: each prepared when first needed (or all at once,
+    :meth:`prepare_all`), the accumulator handed over (and so freed) as it is, and let go after the
+    last linear that reads it (:meth:`done`; a down_proj's factor is 0.45 GiB on Llama-2-7B, and
+    an MoE block holds one per expert). label: names a linear's Hessian in error messages.
+    release_large: the cache is released before each large factor (:func:`gptq.large_factor`),
+    whose [K, K] matrices would otherwise sit beside the cache's blocks of other sizes."""
+
+    def __init__(self, specs: dict[str, LinearSpec], hess: dict[str, Hessian], device: torch.device,
+                 label: Callable[[LinearSpec], str], release_large: bool = False):
+        self.specs, self.hess, self.device, self.label = specs, hess, device, label
+        self.release_large = release_large
+        self.preps: dict[str, Prepared] = {}
+        self.last_user = {spec.hessian_input: key for key, spec in specs.items()}
+
+    def get(self, spec: LinearSpec) -> Prepared:
+        """The prepared Hessian of linear ``spec``'s input."""
+        src = spec.hessian_input
+        if src not in self.preps:
+            if self.release_large and gptq.large_factor(spec.in_features):
+                gptq.release_unused(self.device)
+            self.preps[src] = prepare(self.hess.pop(src).to(self.device), self.label(spec))
+        return self.preps[src]
+
+    def prepare_all(self) -> None:
+        """Every factor now, in the linears' order."""
+        for spec in self.specs.values():
+            self.get(spec)
+
+    def done(self, key: str) -> None:
+        """Linear ``key`` has used its factor: it goes if no later linear reads it."""
+        src = self.specs[key].hessian_input
+        if self.last_user[src] == key:
+            del self.preps[src]
+
+
+def reference_factors(run: ModuleRun, states: torch.Tensor, name: str, label: Callable[[LinearSpec], str],
+                      on_coverage=None, keep_output: bool = True, release_large: bool = False
+                      ) -> tuple[torch.Tensor | None, Factors]:
+    """:func:`reference_pass`, its Hessians handed to a :class:`Factors` on the device the module
+    runs on (nothing prepared yet)."""
+    y_ref, hess = reference_pass(run, states, name, on_coverage, keep_output)
+    return y_ref, Factors(run.specs, hess, run.device or states.device, label, release_large)
+
+
 def pass_numel(specs: dict[str, LinearSpec], counts: dict[str, int]) -> int:
     """float32 elements of the largest GPTQ pass of a module's linears (``counts``: candidates
     per linear): the measurement's one pass buffer for them all, so that passes of one size after
@@ -180,7 +228,6 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
     if host_codes and arena is not None:
         arena.reset()  # the last module's codes
     moe = is_moe(specs)
-    preps = {}
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
@@ -190,32 +237,25 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
     if large:
         gptq.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
     run = run.replace(device=dev)
-    y_ref, hess = reference_pass(run, states, name, on_coverage)
+    y_ref, factors = reference_factors(run, states, name, lambda spec: f"{name} ({spec.hessian_input})",
+                                       on_coverage)
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
     candidates: dict[str, list] = {}
-    last_user = {spec.hessian_input: key for key, spec in specs.items()}
     buffer = None
     if dev.type == "cuda" and not moe:
         # every factor first, then one pass buffer for all the linears' passes: no [K, K]
         # temporaries made between passes, nothing taking the place of a freed pass (an MoE
         # block's many experts are prepared one at a time: their factors would not fit)
-        for spec in specs.values():
-            if spec.hessian_input not in preps:
-                preps[spec.hessian_input] = prepare(hess.pop(spec.hessian_input).to(dev),
-                                                    f"{name} ({spec.hessian_input})")
+        factors.prepare_all()
         if large:
             gptq.release_unused(dev)
         buffer = torch.empty(numel, dtype=torch.float32, device=dev)
     for key, spec in specs.items():
-        src = spec.hessian_input
-        if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
-            preps[src] = prepare(hess.pop(src).to(dev), f"{name} ({src})")
-        candidates[key] = quantized_candidates(w[key], spec, preps[spec.hessian_input], distinct[column[key]], moe,
+        candidates[key] = quantized_candidates(w[key], spec, factors.get(spec), distinct[column[key]], moe,
                                                host_codes, buffer, arena)
-        if last_user[spec.hessian_input] == key:
-            del preps[spec.hessian_input]  # a down_proj's factor is 0.45 GiB on Llama-2-7B
-    del buffer
+        factors.done(key)
+    del buffer, factors
 
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import gptq, stop, tweak
+from exl2conv import stop, tweak
 from exl2conv.errors import Exl2Error
-from exl2conv.gptq import Prepared, prepare, quantize_batches
+from exl2conv.gptq import Prepared, quantize_batches
 from exl2conv.layers import ModuleRun, grad_rows, padded_bias, padded_wt, run_block
-from exl2conv.measure import check_finite, module_name, reference_pass
+from exl2conv.measure import check_finite, module_name, reference_factors
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, mlp_bias_to_runtime_order, pack_linear
 from exl2conv.qparams import QParams
@@ -99,21 +99,15 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
     kind, specs, w, cfg, chunk = run.kind, run.specs, run.weights, run.cfg, run.chunk
     dev = run.device or states.device
     run = run.replace(device=dev)
-    _, hess = reference_pass(run, states, module_name(specs), on_coverage, keep_output=False)
-    preps: dict[str, Prepared] = {}
-    last_user = {spec.hessian_input: key for key, spec in specs.items()}
+    _, factors = reference_factors(run, states, module_name(specs), lambda spec: spec.name, on_coverage,
+                                   keep_output=False, release_large=True)
     quantized = dict(w)
     reports = []
     in_runtime_order: dict[str, dict] = {}  # biased gate/up, saved once down_proj's q_invperm is known
     for key, spec in specs.items():
-        src = spec.hessian_input
-        if src not in preps:
-            if gptq.large_factor(spec.in_features):  # the cache's blocks of other sizes would otherwise
-                gptq.release_unused(dev)  # sit beside the new [K, K] matrices
-            preps[src] = prepare(hess.pop(src).to(dev), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
-        tensors, decoded, rep = quantize_linear(w[key], bias, spec, preps[src], qparams)
+        tensors, decoded, rep = quantize_linear(w[key], bias, spec, factors.get(spec), qparams)
         if spec.short in ("gate_proj", "up_proj") and spec.expert is None and "bias" in tensors:
             in_runtime_order[spec.name] = tensors
         else:
@@ -124,8 +118,8 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
             in_runtime_order.clear()
         quantized[key] = decoded
         reports.append(rep)
-        if last_user[src] == key:  # an MoE block holds one per expert: free each when done
-            del preps[src]
+        factors.done(key)
+    del factors
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
         rows = TWEAK_CHUNK * chunk
