@@ -222,12 +222,11 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
 
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
     every expert, and its total_bits sums over all experts (spec 3.3)."""
-    kind, specs, w = part or run.kind, run.specs, run.weights
+    kind, specs = part or run.kind, run.specs
     dev = run.device or states.device
     host_codes = dev != states.device
     if host_codes and arena is not None:
         arena.reset()  # the last module's codes
-    moe = is_moe(specs)
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
@@ -241,49 +240,17 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
                                        on_coverage)
     if large:
         gptq.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
-    candidates: dict[str, list] = {}
-    buffer = None
-    if dev.type == "cuda" and not moe:
-        # every factor first, then one pass buffer for all the linears' passes: no [K, K]
-        # temporaries made between passes, nothing taking the place of a freed pass (an MoE
-        # block's many experts are prepared one at a time: their factors would not fit)
-        factors.prepare_all()
-        if large:
-            gptq.release_unused(dev)
-        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
-    for key, spec in specs.items():
-        candidates[key] = quantized_candidates(w[key], spec, factors.get(spec), distinct[column[key]], moe,
-                                               host_codes, buffer, arena)
-        factors.done(key)
-    del buffer, factors
-
+    candidates = _candidates(run, factors, {key: distinct[column[key]] for key in specs}, numel, large,
+                             host_codes, arena)
+    del factors
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)
     if large:
         gptq.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
-    # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
-    # memory, so it is scored a row at a time (each row's changed experts copied in once)
-    others = frozenset(layer_linears(run.cfg, run.layer)) - specs.keys() if run.kind == "parallel" else frozenset()
-    scorer = CandidateScorer(run, states, y_ref, err_weight, fisher=fisher, table=not moe, frozen=others)
-    tokens = states.shape[0] * states.shape[1]
-    if moe:
-        current: dict[str, int] = {}
-        trial = dict(w)
-        row_errs = []
-        for row in rows:
-            for key in specs:
-                choice = row[column[key]]
-                if current.get(key) != choice:
-                    trial[key] = candidates[key][choice].to(dev, torch.float32)
-                    current[key] = choice
-            row_errs.append(scorer.errors(trial))
-        all_errs = torch.stack(row_errs)
-    else:
-        all_errs = scorer.errors_table([{**w, **{key: candidates[key][row[column[key]]] for key in specs}}
-                                        for row in rows])
-    # one copy to the host for the whole table: no sync per candidate
-    all_errs = all_errs.cpu()
+    all_errs = _table_errors(run, states, y_ref, candidates, [{key: row[column[key]] for key in specs} for row in rows],
+                             err_weight, fisher)
     entries, predicted = [], []
+    tokens = states.shape[0] * states.shape[1]
     for row, errs, total_bits in zip(rows, all_errs, entry_bits(kind, specs)):
         if fisher is not None:
             predicted.append(predicted_kl(errs[:, 1], tokens))
@@ -294,3 +261,54 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
             entry.setdefault(spec.short, distinct[column[key]][row[column[key]]].to_dict())
         entries.append(entry)
     return entries, y_ref, (predicted if fisher is not None else None)
+
+
+def _candidates(run: ModuleRun, factors: Factors, settings: dict[str, list], numel: int, large: bool,
+                host_codes: bool, arena: gptq.HostArena | None) -> dict[str, list]:
+    """:func:`measure_module`'s GPTQ phase: every linear of ``run.specs`` quantized with each of
+    its ``settings`` (:func:`quantized_candidates`), on ``run.device``; ``numel``: the size of the
+    largest pass (:func:`pass_numel`), ``large``: whether it is worth releasing the cache for."""
+    dev, moe = run.device, is_moe(run.specs)
+    buffer = None
+    if dev.type == "cuda" and not moe:
+        # every factor first, then one pass buffer for all the linears' passes: no [K, K]
+        # temporaries made between passes, nothing taking the place of a freed pass (an MoE
+        # block's many experts are prepared one at a time: their factors would not fit)
+        factors.prepare_all()
+        if large:
+            gptq.release_unused(dev)
+        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
+    candidates: dict[str, list] = {}
+    for key, spec in run.specs.items():
+        candidates[key] = quantized_candidates(run.weights[key], spec, factors.get(spec), settings[key], moe,
+                                               host_codes, buffer, arena)
+        factors.done(key)
+    return candidates
+
+
+def _table_errors(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, candidates: dict[str, list],
+                  choices: list[dict[str, int]], err_weight: torch.Tensor | None,
+                  fisher: torch.Tensor | None) -> torch.Tensor:
+    """The errors (:meth:`CandidateScorer.errors_table`, on the CPU) of each row of a module's
+    option table, ``choices`` giving each linear's candidate index per row."""
+    w, dev, moe = run.weights, run.device, is_moe(run.specs)
+    # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
+    # memory, so it is scored a row at a time (each row's changed experts copied in once)
+    others = frozenset(layer_linears(run.cfg, run.layer)) - run.specs.keys() if run.kind == "parallel" else frozenset()
+    scorer = CandidateScorer(run, states, y_ref, err_weight, fisher=fisher, table=not moe, frozen=others)
+    if moe:
+        current: dict[str, int] = {}
+        trial = dict(w)
+        row_errs = []
+        for row in choices:
+            for key, choice in row.items():
+                if current.get(key) != choice:
+                    trial[key] = candidates[key][choice].to(dev, torch.float32)
+                    current[key] = choice
+            row_errs.append(scorer.errors(trial))
+        all_errs = torch.stack(row_errs)
+    else:
+        all_errs = scorer.errors_table([{**w, **{key: candidates[key][i] for key, i in row.items()}}
+                                        for row in choices])
+    # one copy to the host for the whole table: no sync per candidate
+    return all_errs.cpu()
