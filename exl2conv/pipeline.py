@@ -659,8 +659,8 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
     (:func:`stop.held`), so a stop inside leaves them as they came in."""
     record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
     if mod.quantized:
-        w, specs = ctx.layer_weights(mod)
-        run = ModuleRun(mod.kind, w, specs, ctx.cfg, rope, ctx.chunk(length), mod.layer, ctx.device)
+        w, _ = ctx.layer_weights(mod)
+        run = ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(length), ctx.device)
         # per linear by short name: a parallel block's two entries name different linears
         entry = {k: v for part in mod.parts for k, v in ctx.job["strategy"][mod.strategy_key(part)].items()}
         if stream is not None:
@@ -755,8 +755,8 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     rope = _rope(ctx, ids.shape[1])
     for mod in done:
         if mod.quantized:
-            w, specs = ctx.layer_weights(mod)
-            x, _ = run_block(ModuleRun(mod.kind, w, specs, ctx.cfg, rope, ctx.chunk(ids.shape[1]), mod.layer), x)
+            w, _ = ctx.layer_weights(mod)
+            x, _ = run_block(ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(ids.shape[1])), x)
     return x
 
 
