@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from exl2conv import stop
 from exl2conv.coded import Coded
-from exl2conv.layers import block_forward, run_block
+from exl2conv.layers import ModuleRun, run_block
 from exl2conv.memory import Prefetch
 from exl2conv.metrics import relative_errors
-from exl2conv.model.forward import LINEAR_HOOK, NORMED_INPUT, plain_linear
+from exl2conv.model.forward import NORMED_INPUT, plain_linear
 
 LOW = torch.bfloat16
 FIT_FRACTION = 0.5  # of the device's free memory that the recording may take
@@ -88,12 +88,13 @@ def _unique_bytes(io: dict) -> int:
 class CandidateScorer:
     """Scores candidate weights of one module against its reference outputs.
 
-    states: ``[R, L, H]`` module inputs; w: the module's unquantized weights (float32, or a
-    linear's held in its float16 or bfloat16 source dtype, :meth:`WeightIndex.held_dtype`); linears: the
-    keys of ``w`` that candidates replace (or those keys' specs); a trial gives each such key a
-    tensor or a :class:`coded.Coded` weight; y_ref: ``[R, L, H]`` reference
-    outputs. ``corrected``: None decides by device and memory (CUDA and a recording fits), True/False
-    forces it (tests); ``low``: the dtype of the corrections.
+    run: the module, its unquantized weights (float32, or a linear's held in its float16 or
+    bfloat16 source dtype, :meth:`WeightIndex.held_dtype`), ``run.specs`` the linears that
+    candidates replace (a trial gives each such key a tensor or a :class:`coded.Coded` weight), and
+    ``run.device`` where the module runs (default: the states' device); states: ``[R, L, H]``
+    module inputs; y_ref: ``[R, L, H]`` reference outputs. ``corrected``: None decides by device
+    and memory (CUDA and a recording fits), True/False forces it (tests); ``low``: the dtype of
+    the corrections.
 
     Scoring runs chunk of rows by chunk (:meth:`errors_table`; :meth:`errors` scores one trial).
     Without ``table``, every chunk's recording is made here and held for all calls: for MoE blocks,
@@ -103,20 +104,19 @@ class CandidateScorer:
     time (a Llama-2-7B MLP records about 5 GiB over 16 rows of 2048 tokens): for scoring a whole
     table in one call. Both give the same bits."""
 
-    def __init__(self, kind: str, states: torch.Tensor, w: dict, linears, cfg, rope, chunk: int,
-                 y_ref: torch.Tensor, err_weight: torch.Tensor | None = None, corrected: bool | None = None,
-                 low: torch.dtype = LOW, fisher: torch.Tensor | None = None, table: bool = False,
-                 device: torch.device | None = None, frozen: frozenset = frozenset()):
-        self.kind, self.states, self.w, self.cfg, self.rope, self.chunk = kind, states, w, cfg, rope, chunk
-        self.device = device or states.device
-        self.linears = list(linears)
+    def __init__(self, run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor,
+                 err_weight: torch.Tensor | None = None, corrected: bool | None = None, low: torch.dtype = LOW,
+                 fisher: torch.Tensor | None = None, table: bool = False, frozen: frozenset = frozenset()):
+        self.device = run.device or states.device
+        self.run = run.replace(device=self.device)
+        self.states, self.w, self.chunk = states, run.weights, run.chunk
+        self.linears = list(run.specs)
         # the module's other linears, in a branch that no candidate's input reaches (a parallel
         # block's MLP while its attention is measured, and the reverse): their recorded outputs
         # stand as they are
         self.frozen = frozen
-        # linears given with their specs: those fed by the module's input norm (see _Corrected)
-        self.fixed = frozenset(key for key, spec in linears.items() if spec.hessian_input == NORMED_INPUT) \
-            if isinstance(linears, dict) else frozenset()
+        # those fed by the module's input norm (see _Corrected)
+        self.fixed = frozenset(key for key, spec in run.specs.items() if spec.hessian_input == NORMED_INPUT)
         self.y_ref, self.err_weight, self.low, self.fisher = y_ref, err_weight, low, fisher
         self.table = table
         self.recorded: list[tuple[dict, dict]] = []  # per chunk: (linear io, fixed inputs in ``low``)
@@ -126,7 +126,7 @@ class CandidateScorer:
             corrected = self._record_all(check_fit=self.device.type == "cuda")
         self.corrected = corrected
         if corrected:  # for the first correction, which the fixed linears skip
-            self.base = {key: w[key].to(low) for key in self.linears if key not in self.fixed}
+            self.base = {key: self.w[key].to(low) for key in self.linears if key not in self.fixed}
 
     def _chunks(self) -> range:
         return range(0, self.states.shape[0], self.chunk)
@@ -140,10 +140,8 @@ class CandidateScorer:
         in ``low`` (converted once for all candidates; q/k/v share one). x: the chunk's states
         on the device, when the caller has them."""
         rec = _Recorder()
-        wr = dict(self.w)
-        wr[LINEAR_HOOK] = rec
         with torch.no_grad():
-            block_forward(self.kind, self._rows(self.states, r0) if x is None else x, wr, self.cfg, self.rope)
+            self.run.replace(hook=rec).forward(self._rows(self.states, r0) if x is None else x)
         by_ptr: dict[int, torch.Tensor] = {}
         lows = {}
         for key in sorted(self.fixed & rec.io.keys()):
@@ -211,10 +209,9 @@ class CandidateScorer:
     def _chunk_errors(self, x: torch.Tensor, y_ref: torch.Tensor, recorded: tuple[dict, dict], trial: dict,
                       delta: dict) -> torch.Tensor:
         io, lows = recorded
-        wc = dict(trial)
-        wc[LINEAR_HOOK] = _Corrected(io, self.base, delta, self.low, lows, self.frozen)
+        hook = _Corrected(io, self.base, delta, self.low, lows, self.frozen)
         with torch.no_grad():
-            y, _ = block_forward(self.kind, x, wc, self.cfg, self.rope)
+            y, _ = self.run.replace(hook=hook).forward(x, trial)
         return relative_errors(y, y_ref, self.err_weight, self.fisher)
 
     def errors(self, trial: dict) -> torch.Tensor:
@@ -232,9 +229,8 @@ class CandidateScorer:
         memo: dict = {}
         if not self.corrected:
             return torch.stack([
-                run_block(self.kind, self.states, {**trial, **self._converted(trial, memo, self._plain)}, self.cfg,
-                          self.rope, self.chunk, ref=self.y_ref, keep_output=False, err_weight=self.err_weight,
-                          fisher=self.fisher, device=self.device)[1]
+                run_block(self.run.replace(weights={**trial, **self._converted(trial, memo, self._plain)}), self.states,
+                          ref=self.y_ref, keep_output=False, err_weight=self.err_weight, fisher=self.fisher)[1]
                 for trial in trials])
         rows = self.states.shape[0]
         shape = (len(trials), rows) if self.fisher is None else (len(trials), rows, 2)

@@ -7,6 +7,7 @@ perplexity, the mean KL divergence KL(FP16 || EXL2) per token, and top-1 agreeme
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import ExitStack
 from pathlib import Path
@@ -107,9 +108,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                 norms = forward.block_norm_weights(cfg, i, part)
                 for key, t in w_ref.items():
                     base = key.removesuffix(".bias")
-                    if not isinstance(t, torch.Tensor):  # the layer index
-                        w_q[key] = t
-                    elif key in specs:
+                    if key in specs:
                         w_q[key] = q.linear(specs[key].name, specs[key].out_features, dev)
                     elif base in specs:  # bias: stored padded in the EXL2 tensors
                         w_q[key] = q.bias(specs[base], specs, dev)
@@ -119,7 +118,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
                         w_q[key] = q.plain(norms[key], dev)
                     else:  # a norm, stored without the architecture's offset
                         w_q[key] = q.plain(norms[key], dev) + cfg.norm_offset
-                fn = forward.BLOCKS[part]
+                fn = functools.partial(forward.BLOCKS[part], layer=i)
                 x_ref = _batched(fn, x_ref, w_ref, cfg, rope)
                 x_q = _batched(fn, x_q, w_q, cfg, rope)
         norm_name = arch.final_norm_tensor(cfg)

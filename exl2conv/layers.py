@@ -7,8 +7,10 @@ attention and an MLP per layer, then the final norm and the head (``2L + 2`` for
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,7 @@ from exl2conv.memory import Copier
 from exl2conv.metrics import feed, relative_errors
 from exl2conv.model import forward
 from exl2conv.model.arch import LinearSpec
+from exl2conv.model.config import ModelConfig
 
 MODES = {"embed": None, "pos_emb": "pos_emb", "attn": "self_attn", "mlp": "mlp", "norm": "norm", "head": "linear",
          "parallel": "parallel_decoder"}
@@ -190,20 +193,58 @@ def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> 
     return max(1, budget // (cfg.num_heads * per_head * 4))
 
 
-def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool = False):
-    """Module ``kind`` ("attn", "mlp", "parallel") on ``x``: (outputs, intermediates or None)."""
+def block_forward(kind: str, x: torch.Tensor, w: dict, cfg, rope, capture: bool = False,
+                  layer: int | None = None, hook: Callable | None = None):
+    """Module ``kind`` ("attn", "mlp", "parallel") of decoder layer ``layer`` on ``x``: (outputs,
+    intermediates or None); ``hook``: see :mod:`exl2conv.model.forward`."""
     with module_matmuls(x.device):
-        return forward.BLOCKS[kind](x, w, cfg, rope, capture=capture)
+        return forward.BLOCKS[kind](x, w, cfg, rope, capture=capture, layer=layer, hook=hook)
 
 
-def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
-              hessians: dict[str, Hessian] | None = None, ref: torch.Tensor | None = None,
-              keep_output: bool = True, err_weight: torch.Tensor | None = None,
+@dataclass(frozen=True, eq=False)
+class ModuleRun:
+    """One attention, MLP or parallel module as a pass over the calibration states runs it.
+
+    kind: its forward ("attn", "mlp", "parallel"); weights: its tensors by short name
+    (:func:`forward.load_layer_weights`: float32, or a linear in its 2-byte source dtype,
+    :meth:`WeightIndex.held_dtype`); specs: the linears that are measured or quantized
+    (:func:`module_linears`: the module's, or one branch's of a parallel block); rope: a
+    :class:`forward.RotaryCache` or a (cos, sin) pair; chunk: calibration rows per forward call;
+    layer: the decoder layer (per-layer windows and RoPE depend on it); device: where the module
+    runs when the states live elsewhere (host memory), None for the states' device; hook: computes
+    every linear instead of the plain product (the measurement's candidate forwards)."""
+    kind: str
+    weights: dict[str, torch.Tensor]
+    specs: dict[str, LinearSpec]
+    cfg: ModelConfig
+    rope: object
+    chunk: int
+    layer: int | None = None
+    device: torch.device | None = None
+    hook: Callable | None = None
+
+    @classmethod
+    def of(cls, mod: Module, weights: dict[str, torch.Tensor], cfg: ModelConfig, rope, chunk: int,
+           device: torch.device | None = None, part: str | None = None) -> ModuleRun:
+        """The run of quantized module ``mod``, its specs those of ``part`` (:func:`module_linears`)."""
+        return cls(mod.kind, weights, module_linears(cfg, mod, part), cfg, rope, chunk, mod.layer, device)
+
+    def replace(self, **changes) -> ModuleRun:
+        """This run with the fields ``changes`` names replaced."""
+        return dataclasses.replace(self, **changes)
+
+    def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None, capture: bool = False):
+        """The module on ``x`` with ``weights`` (default: its own): (outputs, intermediates or None)."""
+        return block_forward(self.kind, x, self.weights if weights is None else weights, self.cfg, self.rope,
+                             capture, self.layer, self.hook)
+
+
+def run_block(run: ModuleRun, states: torch.Tensor, hessians: dict[str, Hessian] | None = None,
+              ref: torch.Tensor | None = None, keep_output: bool = True, err_weight: torch.Tensor | None = None,
               ref_weights: dict | None = None, out: torch.Tensor | None = None,
-              fisher: torch.Tensor | None = None, device: torch.device | None = None,
-              finite: list | None = None):
-    """Run an attention or MLP module over all rows of ``states`` ``[R, L, H]``, ``chunk`` rows at
-    a time, on the states' device.
+              fisher: torch.Tensor | None = None, finite: list | None = None):
+    """Run an attention or MLP module (``run``) over all rows of ``states`` ``[R, L, H]``,
+    ``run.chunk`` rows at a time, on the states' device, or on ``run.device`` where it is another.
 
     hessians: intermediate name -> accumulator fed with that intermediate: its ``add_rows`` gets
     the chunk's tensor ``[B, ...]`` (a :class:`Hessian` counts B rows); an intermediate given as a
@@ -212,17 +253,17 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     ref: when given, also returns each row's relative Frobenius error against it, with each
     hidden channel weighted by ``err_weight`` ``[H]`` when given (see :func:`error_weight`).
     ref_weights: instead of ``ref``, the weights whose outputs are the reference, run chunk by
-    chunk beside ``w`` (one more forward, no ``[R, L, H]`` reference held in memory).
+    chunk beside ``run.weights`` (one more forward, no ``[R, L, H]`` reference held in memory).
     out: where the outputs go (may be ``states`` itself: each chunk is read before it is
     overwritten); by default a new tensor.
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`); with it,
     errors are ``[R, 2]``: each row's relative error and its sum of ``F[c] e[t, c]^2``.
-    device: where the module runs, when ``states`` (and ``out``) live elsewhere (host memory):
-    each chunk is copied in, and its outputs copied back (a new ``out`` in pinned memory).
+    Where the module runs on ``run.device`` and ``states`` (and ``out``) live elsewhere (host
+    memory), each chunk is copied in, and its outputs copied back (a new ``out`` in pinned memory).
     finite: gets one boolean tensor per chunk, whether its outputs are all finite (checked on
     the device the module runs on, so that outputs in host memory need no second pass).
     Returns ``(outputs [R, L, H] or None, errors [R] or [R, 2] float64 or None)``."""
-    rows = states.shape[0]
+    rows, chunk, device = states.shape[0], run.chunk, run.device
     if keep_output and out is None:
         pin = device is not None and device.type == "cuda" and states.device.type == "cpu"
         out = torch.empty(states.shape, dtype=states.dtype, device=states.device, pin_memory=pin)
@@ -236,7 +277,7 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
     for r0 in range(0, rows, chunk):
         stop.check()
         x = copier.rows_in(r0)
-        y, inter = block_forward(kind, x, w, cfg, rope, capture=hessians is not None)
+        y, inter = run.forward(x, capture=hessians is not None)
         if hessians is not None:
             for name, h in hessians.items():
                 feed(h, inter[name])
@@ -247,7 +288,7 @@ def run_block(kind: str, states: torch.Tensor, w: dict, cfg, rope, chunk: int,
             errs[r0:r0 + chunk] = relative_errors(y, ref[r0:r0 + chunk].to(y.device, non_blocking=True),
                                                   err_weight, fisher)
         elif ref_weights is not None:
-            y_ref, _ = block_forward(kind, x, ref_weights, cfg, rope)
+            y_ref, _ = run.forward(x, ref_weights)
             errs[r0:r0 + chunk] = relative_errors(y, y_ref, err_weight, fisher)
             del y_ref
         if out is not None:

@@ -7,6 +7,8 @@ Returns records; printing is the caller's business.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from exl2conv.candidates import CandidateScorer
@@ -14,9 +16,9 @@ from exl2conv.errors import Exl2Error
 from exl2conv import gptq, memory
 from exl2conv.coded import Coded
 from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
-from exl2conv.layers import padded_wt, run_block
+from exl2conv.layers import ModuleRun, padded_wt, run_block
 from exl2conv.model.arch import LinearSpec, layer_linears
-from exl2conv.model.forward import EXPERT_TOKENS, LAYER
+from exl2conv.model.forward import EXPERT_TOKENS
 from exl2conv.model.weights import all_finite
 from exl2conv.moe import ExpertCoverage
 from exl2conv.qparams import (ATTN_LINEARS, ATTN_OPTIONS, MLP_LINEARS, MLP_OPTIONS, MOE_LINEARS,
@@ -67,26 +69,26 @@ def column_keys(kind: str, specs: dict[str, LinearSpec]) -> tuple[str, ...]:
     return COLUMNS["moe" if is_moe(specs) else kind]
 
 
-def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str, on_coverage=None, keep_output: bool = True,
-                   device: torch.device | None = None) -> tuple[torch.Tensor | None, dict[str, Hessian]]:
+def reference_pass(run: ModuleRun, states: torch.Tensor, name: str, on_coverage=None, keep_output: bool = True
+                   ) -> tuple[torch.Tensor | None, dict[str, Hessian]]:
     """The unquantized outputs ``[R, L, H]`` (None without ``keep_output``) and the filled Hessians
-    of the module's linears, from one pass over ``states`` (spec 3.2). For an MoE block, the
-    experts' calibration coverage is counted too and handed to ``on_coverage`` (an
-    :class:`ExpertCoverage`) when given. device: where the module runs when ``states`` live in
-    host memory (the Hessians are accumulated there; all but the first linear's then move to
-    pinned host memory until the caller moves each back for its turn)."""
+    of ``run.specs``, from one pass over ``states`` (spec 3.2). For an MoE block, the experts'
+    calibration coverage is counted too and handed to ``on_coverage`` (an :class:`ExpertCoverage`)
+    when given. Where the module runs on ``run.device`` and ``states`` live in host memory, the
+    Hessians are accumulated on the device; all but the first linear's then move to pinned host
+    memory until the caller moves each back for its turn."""
+    specs, device = run.specs, run.device
     hess = hessians_for(specs, device or states.device)
     accumulators: dict = dict(hess)
     cov = None
     if is_moe(specs):
-        cov = ExpertCoverage(name or module_name(specs), cfg.num_experts, states.shape[1])
+        cov = ExpertCoverage(name or module_name(specs), run.cfg.num_experts, states.shape[1])
         accumulators[EXPERT_TOKENS] = cov
     finite: list = []
-    y_ref, _ = run_block(kind, states, w, cfg, rope, chunk, hessians=accumulators, keep_output=keep_output,
-                         device=device, finite=finite if keep_output else None)
+    y_ref, _ = run_block(run, states, hessians=accumulators, keep_output=keep_output,
+                         finite=finite if keep_output else None)
     if y_ref is not None and not bool(torch.stack(finite).all()):  # checked chunk by chunk on the device
-        raise nonfinite_error(f"{name} output" if name else f"{kind} output")
+        raise nonfinite_error(f"{name} output" if name else f"{run.kind} output")
     if cov is not None and on_coverage is not None:
         on_coverage(cov)
     if device is not None and device != states.device:  # all but the first wait in host memory for their turn
@@ -95,6 +97,52 @@ def reference_pass(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             if src != first:
                 h.to("cpu")
     return y_ref, hess
+
+
+class Factors:
+    """The prepared Hessians (:func:`gptq.prepare`) of a module's linears, made from the reference
+    pass's accumulators ``hess`` on ``device``: each prepared when first needed (or all at once,
+    :meth:`prepare_all`), the accumulator handed over (and so freed) as it is, and let go after the
+    last linear that reads it (:meth:`done`; a down_proj's factor is 0.45 GiB on Llama-2-7B, and
+    an MoE block holds one per expert). label: names a linear's Hessian in error messages.
+    release_large: the cache is released before each large factor (:func:`memory.large_factor`),
+    whose [K, K] matrices would otherwise sit beside the cache's blocks of other sizes."""
+
+    def __init__(self, specs: dict[str, LinearSpec], hess: dict[str, Hessian], device: torch.device,
+                 label: Callable[[LinearSpec], str], release_large: bool = False):
+        self.specs, self.hess, self.device, self.label = specs, hess, device, label
+        self.release_large = release_large
+        self.preps: dict[str, Prepared] = {}
+        self.last_user = {spec.hessian_input: key for key, spec in specs.items()}
+
+    def get(self, spec: LinearSpec) -> Prepared:
+        """The prepared Hessian of linear ``spec``'s input."""
+        src = spec.hessian_input
+        if src not in self.preps:
+            if self.release_large and memory.large_factor(spec.in_features):
+                memory.release_unused(self.device)
+            self.preps[src] = prepare(self.hess.pop(src).to(self.device), self.label(spec))
+        return self.preps[src]
+
+    def prepare_all(self) -> None:
+        """Every factor now, in the linears' order."""
+        for spec in self.specs.values():
+            self.get(spec)
+
+    def done(self, key: str) -> None:
+        """Linear ``key`` has used its factor: it goes if no later linear reads it."""
+        src = self.specs[key].hessian_input
+        if self.last_user[src] == key:
+            del self.preps[src]
+
+
+def reference_factors(run: ModuleRun, states: torch.Tensor, name: str, label: Callable[[LinearSpec], str],
+                      on_coverage=None, keep_output: bool = True, release_large: bool = False
+                      ) -> tuple[torch.Tensor | None, Factors]:
+    """:func:`reference_pass`, its Hessians handed to a :class:`Factors` on the device the module
+    runs on (nothing prepared yet)."""
+    y_ref, hess = reference_pass(run, states, name, on_coverage, keep_output)
+    return y_ref, Factors(run.specs, hess, run.device or states.device, label, release_large)
 
 
 def pass_numel(specs: dict[str, LinearSpec], counts: dict[str, int]) -> int:
@@ -155,34 +203,31 @@ def entry_bits(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
     return [sum(bits[key][row[column[key]]] for key in specs) for row in rows]
 
 
-def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], cfg, rope,
-                   chunk: int, name: str = "", err_weight: torch.Tensor | None = None,
-                   on_coverage=None, fisher: torch.Tensor | None = None, device: torch.device | None = None,
-                   arena: memory.HostArena | None = None, block: str | None = None
-                   ) -> tuple[list[dict], torch.Tensor, list[float] | None]:
-    """kind: "attn" or "mlp" (the option table); block: the module whose forward runs, when it
-    is not ``kind`` itself: "parallel", a parallel decoder block (Cohere) measured one branch at
-    a time, ``specs`` that branch's linears, the other branch left unquantized; states:
-    ``[R, L, H]`` float32 reference inputs; w: the module's weights by name (HF orientation;
-    float32, or a linear in its 2-byte source dtype, :meth:`WeightIndex.held_dtype`); specs: its linears (:func:`arch.layer_linears`);
-    err_weight: channel weights of the output error (:func:`metrics.error_weight`);
+def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None, name: str = "",
+                   err_weight: torch.Tensor | None = None, on_coverage=None, fisher: torch.Tensor | None = None,
+                   arena: memory.HostArena | None = None) -> tuple[list[dict], torch.Tensor, list[float] | None]:
+    """run: the module (:class:`ModuleRun`; its weights in HF orientation), ``run.specs`` the
+    linears measured; part: the option table, "attn" or "mlp", when it is not ``run.kind`` itself:
+    a parallel decoder block (Cohere, kind "parallel") is measured one branch at a time, ``specs``
+    that branch's linears, the other branch left unquantized; states: ``[R, L, H]`` float32
+    reference inputs; err_weight: channel weights of the output error (:func:`metrics.error_weight`);
     on_coverage: gets an MoE block's :class:`ExpertCoverage` (for the caller to report);
     fisher: ``[H]`` Fisher diagonal of the module's output (:mod:`exl2conv.sensitivity`);
-    device: where the module runs when ``states`` live in (pinned) host memory: the reference
-    outputs go there too, and the candidates' codes (into ``arena`` when given: it is reset here,
-    so nothing handed out from it before this call may still be in use; see :func:`codes_sizes`).
+    ``run.device``: where the module runs when ``states`` live in (pinned) host memory: the
+    reference outputs go there too, and the candidates' codes (into ``arena`` when given: it is
+    reset here, so nothing handed out from it before this call may still be in use; see
+    :func:`codes_sizes`).
     Returns the measurement entries (one per table row, ExLlamaV2's schema), the reference
     outputs ``[R, L, H]`` that feed the next module, and with ``fisher`` each entry's predicted
     KL (nats per token; else None).
 
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
     every expert, and its total_bits sums over all experts (spec 3.3)."""
-    dev = device or states.device
+    kind, specs = part or run.kind, run.specs
+    dev = run.device or states.device
     host_codes = dev != states.device
     if host_codes and arena is not None:
         arena.reset()  # the last module's codes
-    moe = is_moe(specs)
-    preps = {}
     cols = column_keys(kind, specs)
     distinct, rows = distinct_columns(TABLES[kind])
     column = {key: cols.index(spec.short) for key, spec in specs.items()}
@@ -191,62 +236,22 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
     large = dev.type == "cuda" and numel * 4 >= memory.RELEASE_BYTES
     if large:
         memory.release_unused(dev)  # the last module's scoring buffers, before the reference pass's
-    block = block or kind
-    y_ref, hess = reference_pass(block, states, w, specs, cfg, rope, chunk, name, on_coverage, device=dev)
+    run = run.replace(device=dev)
+    y_ref, factors = reference_factors(run, states, name, lambda spec: f"{name} ({spec.hessian_input})",
+                                       on_coverage)
     if large:
         memory.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
-    candidates: dict[str, list] = {}
-    last_user = {spec.hessian_input: key for key, spec in specs.items()}
-    buffer = None
-    if dev.type == "cuda" and not moe:
-        # every factor first, then one pass buffer for all the linears' passes: no [K, K]
-        # temporaries made between passes, nothing taking the place of a freed pass (an MoE
-        # block's many experts are prepared one at a time: their factors would not fit)
-        for spec in specs.values():
-            if spec.hessian_input not in preps:
-                preps[spec.hessian_input] = prepare(hess.pop(spec.hessian_input).to(dev),
-                                                    f"{name} ({spec.hessian_input})")
-        if large:
-            memory.release_unused(dev)
-        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
-    for key, spec in specs.items():
-        src = spec.hessian_input
-        if src not in preps:  # each accumulator handed over (and so freed) as it is prepared
-            preps[src] = prepare(hess.pop(src).to(dev), f"{name} ({src})")
-        candidates[key] = quantized_candidates(w[key], spec, preps[spec.hessian_input], distinct[column[key]], moe,
-                                               host_codes, buffer, arena)
-        if last_user[spec.hessian_input] == key:
-            del preps[spec.hessian_input]  # a down_proj's factor is 0.45 GiB on Llama-2-7B
-    del buffer
-
+    candidates = _candidates(run, factors, {key: distinct[column[key]] for key in specs}, numel, large,
+                             host_codes, arena)
+    del factors
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)
     if large:
         memory.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
-    # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
-    # memory, so it is scored a row at a time (each row's changed experts copied in once)
-    others = frozenset(layer_linears(cfg, w[LAYER])) - specs.keys() if block == "parallel" else frozenset()
-    scorer = CandidateScorer(block, states, w, specs, cfg, rope, chunk, y_ref, err_weight, fisher=fisher,
-                             table=not moe, device=dev, frozen=others)
-    tokens = states.shape[0] * states.shape[1]
-    if moe:
-        current: dict[str, int] = {}
-        trial = dict(w)
-        row_errs = []
-        for row in rows:
-            for key in specs:
-                choice = row[column[key]]
-                if current.get(key) != choice:
-                    trial[key] = candidates[key][choice].to(dev, torch.float32)
-                    current[key] = choice
-            row_errs.append(scorer.errors(trial))
-        all_errs = torch.stack(row_errs)
-    else:
-        all_errs = scorer.errors_table([{**w, **{key: candidates[key][row[column[key]]] for key in specs}}
-                                        for row in rows])
-    # one copy to the host for the whole table: no sync per candidate
-    all_errs = all_errs.cpu()
+    all_errs = _table_errors(run, states, y_ref, candidates, [{key: row[column[key]] for key in specs} for row in rows],
+                             err_weight, fisher)
     entries, predicted = [], []
+    tokens = states.shape[0] * states.shape[1]
     for row, errs, total_bits in zip(rows, all_errs, entry_bits(kind, specs)):
         if fisher is not None:
             predicted.append(predicted_kl(errs[:, 1], tokens))
@@ -257,3 +262,54 @@ def measure_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, Li
             entry.setdefault(spec.short, distinct[column[key]][row[column[key]]].to_dict())
         entries.append(entry)
     return entries, y_ref, (predicted if fisher is not None else None)
+
+
+def _candidates(run: ModuleRun, factors: Factors, settings: dict[str, list], numel: int, large: bool,
+                host_codes: bool, arena: memory.HostArena | None) -> dict[str, list]:
+    """:func:`measure_module`'s GPTQ phase: every linear of ``run.specs`` quantized with each of
+    its ``settings`` (:func:`quantized_candidates`), on ``run.device``; ``numel``: the size of the
+    largest pass (:func:`pass_numel`), ``large``: whether it is worth releasing the cache for."""
+    dev, moe = run.device, is_moe(run.specs)
+    buffer = None
+    if dev.type == "cuda" and not moe:
+        # every factor first, then one pass buffer for all the linears' passes: no [K, K]
+        # temporaries made between passes, nothing taking the place of a freed pass (an MoE
+        # block's many experts are prepared one at a time: their factors would not fit)
+        factors.prepare_all()
+        if large:
+            memory.release_unused(dev)
+        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
+    candidates: dict[str, list] = {}
+    for key, spec in run.specs.items():
+        candidates[key] = quantized_candidates(run.weights[key], spec, factors.get(spec), settings[key], moe,
+                                               host_codes, buffer, arena)
+        factors.done(key)
+    return candidates
+
+
+def _table_errors(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, candidates: dict[str, list],
+                  choices: list[dict[str, int]], err_weight: torch.Tensor | None,
+                  fisher: torch.Tensor | None) -> torch.Tensor:
+    """The errors (:meth:`CandidateScorer.errors_table`, on the CPU) of each row of a module's
+    option table, ``choices`` giving each linear's candidate index per row."""
+    w, dev, moe = run.weights, run.device, is_moe(run.specs)
+    # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
+    # memory, so it is scored a row at a time (each row's changed experts copied in once)
+    others = frozenset(layer_linears(run.cfg, run.layer)) - run.specs.keys() if run.kind == "parallel" else frozenset()
+    scorer = CandidateScorer(run, states, y_ref, err_weight, fisher=fisher, table=not moe, frozen=others)
+    if moe:
+        current: dict[str, int] = {}
+        trial = dict(w)
+        row_errs = []
+        for row in choices:
+            for key, choice in row.items():
+                if current.get(key) != choice:
+                    trial[key] = candidates[key][choice].to(dev, torch.float32)
+                    current[key] = choice
+            row_errs.append(scorer.errors(trial))
+        all_errs = torch.stack(row_errs)
+    else:
+        all_errs = scorer.errors_table([{**w, **{key: candidates[key][i] for key, i in row.items()}}
+                                        for row in choices])
+    # one copy to the host for the whole table: no sync per candidate
+    return all_errs.cpu()

@@ -21,7 +21,7 @@ from exl2conv import allocation, atomic, calibration, compile as compile_mod, fa
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import JOB_FILE, ROWS_USED, STAGE_ORDER, Job, Stage
-from exl2conv.layers import Module, module_linears, module_list, run_block
+from exl2conv.layers import Module, ModuleRun, module_linears, module_list, run_block
 from exl2conv.memory import HostArena, release_cached, release_unused
 from exl2conv.metrics import error_weight
 from exl2conv.measure import check_finite, codes_sizes, measure_module
@@ -275,10 +275,9 @@ def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dic
         for part in mod.parts:
             outputs = None  # the first branch's reference outputs, freed: the second's pass makes them again
             entries, outputs, pred = measure_module(
-                part, states, w, module_linears(ctx.cfg, mod, part), ctx.cfg, rope, ctx.chunk(length),
+                ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(length), ctx.device, part), states, part,
                 mod.strategy_key(part), ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
-                fisher=None if fisher is None else fisher[row], device=ctx.device, arena=arena,
-                block=mod.kind)
+                fisher=None if fisher is None else fisher[row], arena=arena)
             if pred is not None:
                 predicted[mod.strategy_key(part)] = pred
             best = max(e["accuracy"] for e in entries)
@@ -415,21 +414,21 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
     (:func:`stop.held`), so a stop inside leaves them as they came in."""
     record: dict[str, Any] = {"index": mod.index, "key": mod.meas_key}
     if mod.quantized:
-        w, specs = ctx.layer_weights(mod)
+        w, _ = ctx.layer_weights(mod)
+        run = ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(length), ctx.device)
         # per linear by short name: a parallel block's two entries name different linears
         entry = {k: v for part in mod.parts for k, v in ctx.job["strategy"][mod.strategy_key(part)].items()}
         if stream is not None:
-            stream, _ = run_block(mod.kind, stream, w, ctx.cfg, rope, ctx.chunk(length))
+            stream, _ = run_block(run, stream)
         states, rfn, reports, tweaked = quantize_module(
-            mod.kind, states, w, specs, entry, ctx.cfg, rope, ctx.chunk(length), save,
-            ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov), target=stream,
-            device=ctx.device)
+            run, states, entry, save, ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
+            target=stream)
         if tweaked is not None:
             norm = arch.norm_tensors(ctx.cfg, mod.layer, mod.parts[0])[0]
             save_norm(ctx, save, norm, tweaked.weight)
             record["tweak"] = [tweaked.before, tweaked.after]
         record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
-        del w  # before the next module's weights (or the head's) are read
+        del w, run  # before the next module's weights (or the head's) are read
         bar.update(1, module=mod.meas_key, rfn=f"{rfn:.5f}")
     elif mod.kind in ("norm", "pos_emb"):
         bar.update(1)  # the embedding stage adds the positions; the head applies the final norm
@@ -512,7 +511,7 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     for mod in done:
         if mod.quantized:
             w, _ = ctx.layer_weights(mod)
-            x, _ = run_block(mod.kind, x, w, ctx.cfg, rope, ctx.chunk(ids.shape[1]))
+            x, _ = run_block(ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(ids.shape[1])), x)
     return x
 
 

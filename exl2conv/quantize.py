@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import memory, stop, tweak
+from exl2conv import stop, tweak
 from exl2conv.errors import Exl2Error
-from exl2conv.gptq import Prepared, prepare, quantize_batches
-from exl2conv.layers import grad_rows, padded_bias, padded_wt, run_block
-from exl2conv.measure import check_finite, module_name, reference_pass
+from exl2conv.gptq import Prepared, quantize_batches
+from exl2conv.layers import ModuleRun, grad_rows, padded_bias, padded_wt, run_block
+from exl2conv.measure import check_finite, module_name, reference_factors
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, mlp_bias_to_runtime_order, pack_linear
 from exl2conv.qparams import QParams
@@ -75,12 +75,12 @@ class Tweak:
     after: float
 
 
-def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, LinearSpec], entry: dict,
-                    cfg, rope, chunk: int, save, err_weight: torch.Tensor | None = None, on_coverage=None,
-                    target: torch.Tensor | None = None, device: torch.device | None = None
+def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err_weight: torch.Tensor | None = None,
+                    on_coverage=None, target: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, float, list[LinearReport], Tweak | None]:
-    """kind: "attn", "mlp" or "parallel" (a parallel decoder block, all of its linears in
-    ``specs``, as ExLlamaV2 quantizes one: every Hessian from one pass of the unquantized block);
+    """run: the module (:class:`ModuleRun`), ``run.specs`` all of its linears: ``run.kind``
+    "attn", "mlp" or "parallel" (a parallel decoder block quantized as ExLlamaV2 quantizes one:
+    every Hessian from one pass of the unquantized block);
     entry: the chosen measurement entry (per-linear QParams dicts, keyed
     by each linear's ``short``: an MoE block's "w1", "w3", "w2" apply to every expert);
     save(name, tensors) stores one linear's packed tensors; on_coverage: gets an MoE block's
@@ -94,25 +94,20 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
 
     The outputs overwrite ``states`` (chunk by chunk), and the unquantized outputs are recomputed
     beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three.
-    device: where the module runs when ``states`` live in host memory (chunks are copied in and out).
-    ``w``'s linears may be in their 2-byte source dtype (:meth:`WeightIndex.held_dtype`)."""
-    dev = device or states.device
-    _, hess = reference_pass(kind, states, w, specs, cfg, rope, chunk, module_name(specs), on_coverage,
-                             keep_output=False, device=dev)
-    preps: dict[str, Prepared] = {}
-    last_user = {spec.hessian_input: key for key, spec in specs.items()}
+    ``run.device``: where the module runs when ``states`` live in host memory (chunks are copied in
+    and out). Its linears may be in their 2-byte source dtype (:meth:`WeightIndex.held_dtype`)."""
+    kind, specs, w, cfg, chunk = run.kind, run.specs, run.weights, run.cfg, run.chunk
+    dev = run.device or states.device
+    run = run.replace(device=dev)
+    _, factors = reference_factors(run, states, module_name(specs), lambda spec: spec.name, on_coverage,
+                                   keep_output=False, release_large=True)
     quantized = dict(w)
     reports = []
     in_runtime_order: dict[str, dict] = {}  # biased gate/up, saved once down_proj's q_invperm is known
     for key, spec in specs.items():
-        src = spec.hessian_input
-        if src not in preps:
-            if memory.large_factor(spec.in_features):  # the cache's blocks of other sizes would otherwise
-                memory.release_unused(dev)  # sit beside the new [K, K] matrices
-            preps[src] = prepare(hess.pop(src).to(dev), spec.name)
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
-        tensors, decoded, rep = quantize_linear(w[key], bias, spec, preps[src], qparams)
+        tensors, decoded, rep = quantize_linear(w[key], bias, spec, factors.get(spec), qparams)
         if spec.short in ("gate_proj", "up_proj") and spec.expert is None and "bias" in tensors:
             in_runtime_order[spec.name] = tensors
         else:
@@ -123,21 +118,21 @@ def quantize_module(kind: str, states: torch.Tensor, w: dict, specs: dict[str, L
             in_runtime_order.clear()
         quantized[key] = decoded
         reports.append(rep)
-        if last_user[src] == key:  # an MoE block holds one per expert: free each when done
-            del preps[src]
+        factors.done(key)
+    del factors
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
         rows = TWEAK_CHUNK * chunk
         limit = grad_rows(cfg, states.shape[1], dev) if kind in ("attn", "parallel") else None
         rows = rows if limit is None else min(rows, limit)
         rows = -(-target.shape[0] // -(-target.shape[0] // rows))  # calls of equal size: 8 + 8, not 11 + 5
-        g, before, after = tweak.tweak_norm(kind, states[:target.shape[0]].to(dev), target, quantized, cfg, rope,
-                                            rows, err_weight)
+        g, before, after = tweak.tweak_norm(run.replace(weights=quantized, chunk=rows),
+                                            states[:target.shape[0]].to(dev), target, err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
     with stop.held():  # the outputs replace the inputs: a checkpoint of the inputs needs all or none
-        y_q, errs = run_block(kind, states, quantized, cfg, rope, chunk, ref_weights=w, err_weight=err_weight,
-                              out=states, device=dev)
+        y_q, errs = run_block(run.replace(weights=quantized), states, ref_weights=w, err_weight=err_weight,
+                              out=states)
     # a NaN or Inf anywhere in a row's outputs makes its relative error NaN or Inf: the check
     # needs no second pass over the outputs (which may be in host memory)
     check_finite(errs, f"{module_name(specs)} output")

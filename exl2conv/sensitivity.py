@@ -139,9 +139,9 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
                 stop.check()
                 w = load(i, part)
                 if step >= rows:
-                    x, _ = block_forward(part, x, w, cfg, rope)
+                    x, _ = block_forward(part, x, w, cfg, rope, layer=i)
                 else:  # a new tensor: x may be the stored input itself
-                    x = torch.cat([block_forward(part, x[r0:r0 + step], w, cfg, rope)[0]
+                    x = torch.cat([block_forward(part, x[r0:r0 + step], w, cfg, rope, layer=i)[0]
                                    for r0 in range(0, rows, step)])
                 del w
                 if check:
@@ -174,15 +174,15 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
             # graphs at once made this stage the measurement job's peak, 2.0 GiB on a Llama-2-7B).
             # The first forward runs as the second does, with a graph: the same kernels, the same bits.
             with torch.enable_grad(), grad_pass(xin.device):
-                mid = block_forward("attn", xin, w_attn, cfg, rope)[0].detach().requires_grad_(True)
-                out, _ = block_forward("mlp", mid, w_mlp, cfg, rope)
+                mid = block_forward("attn", xin, w_attn, cfg, rope, layer=i)[0].detach().requires_grad_(True)
+                out, _ = block_forward("mlp", mid, w_mlp, cfg, rope, layer=i)
                 # scalar losses with the same gradients as out.backward(g): a tensor argument makes
                 # torch import its symbolic-shapes machinery (and SymPy) into every conversion
                 (out * g).sum().backward()
                 g_mid = mid.grad
                 del out, mid
                 fisher[2 * i] += g_mid.square().sum((0, 1))
-                mid, _ = block_forward("attn", xin, w_attn, cfg, rope)
+                mid, _ = block_forward("attn", xin, w_attn, cfg, rope, layer=i)
                 (mid * g_mid).sum().backward()
                 del mid, g_mid
             grad[r:r + 1] = xin.grad
@@ -203,7 +203,7 @@ def _parallel_backward(i: int, w: dict, inputs: list, grad: torch.Tensor, fisher
         fisher[2 * i + 1] += sq
         xin = inputs[i][r:r + 1].to(g.device).requires_grad_(True)
         with torch.enable_grad(), grad_pass(xin.device):
-            out, _ = block_forward("parallel", xin, w, cfg, rope)
+            out, _ = block_forward("parallel", xin, w, cfg, rope, layer=i)
             (out * g).sum().backward()
             del out
         grad[r:r + 1] = xin.grad

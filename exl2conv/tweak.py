@@ -37,7 +37,7 @@ import math
 import torch
 
 from exl2conv import settings, stop
-from exl2conv.layers import block_forward, grad_pass, module_matmuls
+from exl2conv.layers import ModuleRun, grad_pass, module_matmuls
 from exl2conv.model import forward
 from exl2conv.model.arch import spec_of
 
@@ -151,14 +151,14 @@ def _fit(loss_of, g0: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor
     return g0 * (1 + tried[best]), float(losses[0]), float(losses[best])
 
 
-def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg, rope, chunk: int,
-               err_weight: torch.Tensor | None, steps: int = STEPS, lr: float = LR
-               ) -> tuple[torch.Tensor, float, float]:
-    """x_q: ``[S, L, H]`` the quantized model's inputs to the module; target: ``[S, L, H]`` the
-    unquantized model's outputs of the module; w: the module's weights, its linears quantized
-    (decoded). Returns the norm weight (as the forward uses it, float16-exact as stored) and the
-    relative loss before and after."""
-    key = norm_key(kind, cfg)
+def tweak_norm(run: ModuleRun, x_q: torch.Tensor, target: torch.Tensor, err_weight: torch.Tensor | None,
+               steps: int = STEPS, lr: float = LR) -> tuple[torch.Tensor, float, float]:
+    """run: the module, its weights' linears quantized (decoded), ``run.chunk`` rows per forward
+    and backward call; x_q: ``[S, L, H]`` the quantized model's inputs to the module; target:
+    ``[S, L, H]`` the unquantized model's outputs of the module. Returns the norm weight (as the
+    forward uses it, float16-exact as stored) and the relative loss before and after."""
+    w, cfg, chunk = run.weights, run.cfg, run.chunk
+    key = norm_key(run.kind, cfg)
     g0 = w[key].detach()
     cw = err_weight if err_weight is not None else torch.ones_like(g0)
     rows = range(0, x_q.shape[0], chunk)
@@ -170,7 +170,7 @@ def tweak_norm(kind: str, x_q: torch.Tensor, target: torch.Tensor, w: dict, cfg,
         total = torch.zeros((), dtype=torch.float64, device=g.device)
         for r in rows:
             with grad_pass(x_q.device):
-                y, _ = block_forward(kind, x_q[r:r + chunk], wt, cfg, rope)
+                y, _ = run.forward(x_q[r:r + chunk], wt)
                 loss = ((y - target[r:r + chunk]) * cw).square().sum() / den
                 loss.backward()
             total += loss.detach().double()

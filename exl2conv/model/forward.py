@@ -3,7 +3,10 @@
 Each function runs on whatever device its inputs are on and handles a batch of B rows.
 Attention and MLP return the full module output (residual included, as ExLlamaV2's
 ``hidden_states``) and, on request, the intermediates GPTQ builds its Hessians from (spec 3.2).
-Weights are HF-oriented ``[out, in]``, unpadded, float32.
+Weights are HF-oriented ``[out, in]``, unpadded, float32, in a dict of tensors by short name.
+The modules' forwards also take ``layer``, the decoder layer's index (per-layer sliding windows
+and RoPE depend on it; None: the config's defaults), and ``hook``, a callable ``(x, w, key) -> y``
+that computes every linear instead of :func:`plain_linear` (the measurement's candidate forwards).
 """
 
 from __future__ import annotations
@@ -22,10 +25,6 @@ from .config import ModelConfig
 from .weights import WeightIndex
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-# Key of the layer index in a module's weight dict (per-layer windows and RoPE need it).
-LAYER = "layer"
-# A callable (x, w, key) -> y under this key of a weights dict computes every linear instead.
-LINEAR_HOOK = "linear_hook"
 # The captured intermediate that is a module's normed input (what q/k/v and gate/up read).
 NORMED_INPUT = "post_norm"
 # MoE capture: tokens routed to each expert in each row, int64 [B, E].
@@ -291,8 +290,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 # -- modules -------------------------------------------------------------------------------------
 
-def _linear(x: torch.Tensor, w: dict, key: str) -> torch.Tensor:
-    hook = w.get(LINEAR_HOOK)
+def _linear(x: torch.Tensor, w: dict, key: str, hook=None) -> torch.Tensor:
     if hook is not None:  # the measurement's corrected candidate forwards (exl2conv.candidates)
         return hook(x, w, key)
     return plain_linear(x, w, key)
@@ -329,30 +327,31 @@ def plain_causal(cfg: ModelConfig, length: int) -> bool:
 
 
 def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope,
-              capture: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+              capture: bool = False, layer: int | None = None,
+              hook=None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """x f32 [B, L, H] -> (x + o_proj(attn(rmsnorm(x))) [B, L, H], intermediates or None).
 
     Causal from position 0, GQA by repeating KV heads. ``rope`` is a :class:`RotaryCache` or a
     (cos, sin) pair with at least L rows. With ``capture``, intermediates are
     {"post_norm": [B, L, H], "attn_output": [B, L, heads*head_dim]}."""
     n = _module_norm(x, w, spec_of(cfg).attn_norms[0], cfg)
-    o, a = _attention_branch(n, w, cfg, rope)
+    o, a = _attention_branch(n, w, cfg, rope, layer, hook)
     return x + o, ({"post_norm": n, "attn_output": a} if capture else None)
 
 
-def _attention_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, rope, layer: int | None,
+                      hook) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention on its normed input ``n`` [B, L, H]: (what it adds to the residual stream,
     the attention's output before o_proj [B, L, heads*head_dim])."""
     b, length, _ = n.shape
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     spec = spec_of(cfg)
-    layer = w.get(LAYER)
     rotates = _rotates(cfg, layer)
     if rotates:
         cos, sin = _layer_rope(cfg, rope, layer, length, n.device)
-    q = _linear(n, w, "q_proj").view(b, length, heads, d).transpose(1, 2)
-    k = _linear(n, w, "k_proj").view(b, length, kv, d).transpose(1, 2)
-    v = _linear(n, w, "v_proj").view(b, length, kv, d).transpose(1, 2)
+    q = _linear(n, w, "q_proj", hook).view(b, length, heads, d).transpose(1, 2)
+    k = _linear(n, w, "k_proj", hook).view(b, length, kv, d).transpose(1, 2)
+    v = _linear(n, w, "v_proj", hook).view(b, length, kv, d).transpose(1, 2)
     if "q_norm" in w:
         q, k = _qk_norm(q, w["q_norm"], cfg), _qk_norm(k, w["k_norm"], cfg)
     if rotates:
@@ -374,7 +373,7 @@ def _attention_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, rope) -> tuple
     else:
         a = _capped_attention(q, k, v, cfg, mask)
     a = a.transpose(1, 2).reshape(b, length, heads * d)
-    return _branch_out(_linear(a, w, "o_proj"), w, spec.attn_norms, cfg), a
+    return _branch_out(_linear(a, w, "o_proj", hook), w, spec.attn_norms, cfg), a
 
 
 def _rotates(cfg: ModelConfig, layer: int | None) -> bool:
@@ -395,13 +394,14 @@ def _qk_norm(t: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig) -> torch.T
 
 
 def parallel(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope,
-             capture: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+             capture: bool = False, layer: int | None = None,
+             hook=None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """A parallel decoder layer (Cohere): x -> x + attn(n) + mlp(n), n = norm(x), the attention's
     and the MLP's linears all in ``w``. Intermediates: post_norm (the input of q/k/v, gate and up),
     attn_output, pre_down."""
     n = _module_norm(x, w, spec_of(cfg).attn_norms[0], cfg)
-    o_attn, a = _attention_branch(n, w, cfg, rope)
-    o_mlp, h = _mlp_branch(n, w, cfg)
+    o_attn, a = _attention_branch(n, w, cfg, rope, layer, hook)
+    o_mlp, h = _mlp_branch(n, w, cfg, hook)
     y = x + o_attn + o_mlp
     return y, ({"post_norm": n, "attn_output": a, "pre_down": h} if capture else None)
 
@@ -444,35 +444,36 @@ def _capped_attention(q, k, v, cfg: ModelConfig, mask: torch.Tensor | None) -> t
 
 
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
-        capture: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        capture: bool = False, layer: int | None = None,
+        hook=None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """x f32 [B, L, H] -> (x + down(act(gate(n)) * up(n)) [B, L, H], intermediates or None),
     n = norm(x); without a gate (Starcoder2), down(act(up(n))). Intermediates: {"post_norm": n [B, L, H], "pre_down": [B, L, intermediate]}.
-    ``rope`` is unused; it is accepted so that attention and MLP share one call shape.
+    ``rope`` and ``layer`` are unused; they are accepted so that attention and MLP share one call shape.
     pre_down is not clamped: ExLlamaV2 clamps it to the FP16 range, which float32 never needs.
     An MoE architecture runs :func:`moe_mlp` instead."""
     spec = spec_of(cfg)
     if spec.moe:
-        return moe_mlp(x, w, cfg, rope, capture)
+        return moe_mlp(x, w, cfg, rope, capture, layer, hook)
     n = _module_norm(x, w, spec.mlp_norms[0], cfg)
-    o, h = _mlp_branch(n, w, cfg)
+    o, h = _mlp_branch(n, w, cfg, hook)
     return x + o, ({"post_norm": n, "pre_down": h} if capture else None)
 
 
-def _mlp_branch(n: torch.Tensor, w: dict, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, hook) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense MLP on its normed input ``n``: (what it adds to the residual stream, down_proj's
     input [B, L, intermediate])."""
     spec = spec_of(cfg)
     act = ACTIVATIONS[spec.act]
     if "gate_proj" in spec.mlp_linears:
-        h = act(_linear(n, w, "gate_proj"))
-        up = _linear(n, w, "up_proj")
+        h = act(_linear(n, w, "gate_proj", hook))
+        up = _linear(n, w, "up_proj", hook)
         # without autograd the product goes into the activation's own output (a tensor of its own):
         # one [B, L, intermediate] float32 less at once, 0.17 GiB for 2 rows of a Llama-2-7B
         h = h.mul_(up) if not torch.is_grad_enabled() else h * up
         del up
     else:
-        h = act(_linear(n, w, "up_proj"))
-    return _branch_out(_linear(h, w, "down_proj"), w, spec.mlp_norms, cfg), h
+        h = act(_linear(n, w, "up_proj", hook))
+    return _branch_out(_linear(h, w, "down_proj", hook), w, spec.mlp_norms, cfg), h
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,7 +485,7 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
 
 
 def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
-            capture: bool = False) -> tuple[torch.Tensor, dict | None]:
+            capture: bool = False, layer: int | None = None, hook=None) -> tuple[torch.Tensor, dict | None]:
     """Mixtral's sparse MoE block: x f32 [B, L, H] -> (x + sum over the k routed experts of
     weight * w2(act(w1(n)) * w3(n)) [B, L, H], intermediates or None), n = rmsnorm(x).
     ``w`` holds the router under ``spec.moe_router`` and expert j's linears as "w1.<j>" etc.
@@ -513,8 +514,8 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
                 inter[f"pre_down.{j}"] = [None] * b
             continue
         xs = flat[tok]
-        h = act(_linear(xs, w, f"w1.{j}")) * _linear(xs, w, f"w3.{j}")
-        out.index_add_(0, tok, _linear(h, w, f"w2.{j}") * weights[tok, slot, None])
+        h = act(_linear(xs, w, f"w1.{j}", hook)) * _linear(xs, w, f"w3.{j}", hook)
+        out.index_add_(0, tok, _linear(h, w, f"w2.{j}", hook) * weights[tok, slot, None])
         if capture:
             inter[f"pre_down.{j}"] = [t if t.shape[0] else None for t in h.split(per_row.tolist())]
     if capture:
@@ -588,13 +589,12 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
     """The f32 tensors :func:`attention` (part "attn"), :func:`mlp` ("mlp") or :func:`parallel`
     ("parallel") needs for layer ``i``, keyed by short name: the norms (offset added), each
     linear's weight (sliced out of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
-    architecture has them, an MoE router [E, H] (under its short name, "gate"), and the layer
-    index under :data:`LAYER`. An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
+    architecture has them, and an MoE router [E, H] (under its short name, "gate"). An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
     ``compact``: the linears' weights in their source dtype where that is float16 or bfloat16
     (:meth:`WeightIndex.held_dtype`: half the memory; the forward widens them exactly, one product
     at a time). Once read, the tensors ``ahead`` names (by default those of the module a forward
     pass reads next, :func:`next_module_tensors`) are read from the disk in the background."""
-    w: dict = {LAYER: i}
+    w: dict[str, torch.Tensor] = {}
     for key, name in block_norm_weights(cfg, i, part).items():
         w[key] = index.get(name, device=device) if key.endswith(".bias") else load_norm(index, cfg, name, device)
     router = router_tensor(cfg, i) if part == "mlp" else None
@@ -659,7 +659,7 @@ def run_model(index: WeightIndex, cfg: ModelConfig, ids: torch.Tensor, device=No
     rope = RotaryCache(cfg)
     for i in range(cfg.num_layers):
         for part in layer_parts(cfg):
-            x, _ = BLOCKS[part](x, load_layer_weights(index, cfg, i, part, device), cfg, rope)
+            x, _ = BLOCKS[part](x, load_layer_weights(index, cfg, i, part, device), cfg, rope, layer=i)
     g, b = load_final_norm(index, cfg, device)
     x = final_norm(x, g, cfg, b)
     return logits(x, load_head(index, cfg, device), cfg)

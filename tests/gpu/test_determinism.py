@@ -92,7 +92,7 @@ def _attention_grads(half: bool, monkeypatch, repeats: int = 3):
     for _ in range(repeats):
         x = x0.clone().requires_grad_()
         with torch.enable_grad(), grad_pass(x.device):
-            y, _ = forward.attention(x, w, cfg, rope)
+            y, _ = forward.attention(x, w, cfg, rope, layer=0)
             ((y - target).square().sum() * 1e-9).backward()  # small: the half path scales it
         grads.append(x.grad)
     return grads

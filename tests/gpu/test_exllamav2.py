@@ -87,7 +87,7 @@ def smollm2_hessian_inputs(model_dir: Path, layer: int, rows: int = 4, length: i
     inter = {}
     for i in range(layer + 1):
         wa = forward.load_layer_weights(idx, cfg, i, "attn", "cuda")
-        x, ia = forward.attention(x, wa, cfg, rope, capture=i == layer)
+        x, ia = forward.attention(x, wa, cfg, rope, capture=i == layer, layer=i)
         wm = forward.load_layer_weights(idx, cfg, i, "mlp", "cuda")
         x, im = forward.mlp(x, wm, cfg, rope, capture=i == layer)
         if i == layer:

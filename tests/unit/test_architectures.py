@@ -110,13 +110,15 @@ def check_forward(path, arch: str, model, llama_names: bool = False) -> None:
     rope = fw.RotaryCache(cfg)
     for i, t in enumerate(trace):
         if arch_mod.spec_of(cfg).parallel:
-            y, inter = fw.parallel(t["x"], fw.load_layer_weights(index, cfg, i, "parallel"), cfg, rope, capture=True)
+            y, inter = fw.parallel(t["x"], fw.load_layer_weights(index, cfg, i, "parallel"), cfg, rope, capture=True,
+                                   layer=i)
             close(y, t["y"])
             close(inter["post_norm"], t["attn_post_norm"])
             close(inter["attn_output"], t["attn_output"])
             close(inter["pre_down"], t["pre_down"])
             continue
-        y, inter = fw.attention(t["x"], fw.load_layer_weights(index, cfg, i, "attn"), cfg, rope, capture=True)
+        y, inter = fw.attention(t["x"], fw.load_layer_weights(index, cfg, i, "attn"), cfg, rope, capture=True,
+                                layer=i)
         close(y, t["mid"])
         close(inter["post_norm"], t["attn_post_norm"])
         close(inter["attn_output"], t["attn_output"])
@@ -430,7 +432,7 @@ def test_mixtral_forward_matches_transformers(tf, mixtral):
     ref_logits, trace = hf_moe_trace(model, ids)
     rope = fw.RotaryCache(cfg)
     for i, t in enumerate(trace):
-        y, _ = fw.attention(t["x"], fw.load_layer_weights(index, cfg, i, "attn"), cfg, rope)
+        y, _ = fw.attention(t["x"], fw.load_layer_weights(index, cfg, i, "attn"), cfg, rope, layer=i)
         close(y, t["mid"])
         w = fw.load_layer_weights(index, cfg, i, "mlp")
         y, inter = fw.mlp(t["mid"], w, cfg, capture=True)
@@ -495,7 +497,7 @@ def _routed_layer(cfg, length: int = 20):
     hidden, inter = 8, 16
     cfg = dataclasses.replace(cfg, num_experts=5, num_experts_per_tok=2, hidden_size=hidden,
                               intermediate_size=inter)
-    w = {fw.LAYER: 0, "post_attention_layernorm": torch.ones(hidden),
+    w = {"post_attention_layernorm": torch.ones(hidden),
          "gate": 20.0 * torch.eye(5, hidden)}
     for j in range(5):
         w[f"w1.{j}"] = torch.randn(inter, hidden, generator=g)
@@ -513,7 +515,7 @@ def test_moe_hessians_follow_exllamav2(mixtral):
     """w1.0's Hessian (shared by every w1 and w3) sums the post-norm of the rows in which expert 0
     got a token and counts those rows only; w2.j sums expert j's pre_down over its own tokens,
     counting the rows it was used in; an unused expert's Hessian is the identity (spec 3.2, 5.1)."""
-    from exl2conv.layers import run_block
+    from exl2conv.layers import ModuleRun, run_block
     from exl2conv.measure import hessians_for
     from exl2conv.moe import ExpertCoverage
 
@@ -521,7 +523,8 @@ def test_moe_hessians_follow_exllamav2(mixtral):
     hess = hessians_for(layer_linears(cfg, 0, "mlp"), "cpu")
     assert sorted(hess) == ["moe_post_norm"] + [f"pre_down.{j}" for j in range(5)]
     cov = ExpertCoverage("layer", 5, states.shape[1])
-    run_block("mlp", states, w, cfg, None, chunk=2, hessians={**hess, fw.EXPERT_TOKENS: cov})
+    run_block(ModuleRun("mlp", w, layer_linears(cfg, 0, "mlp"), cfg, None, 2, 0), states,
+              hessians={**hess, fw.EXPERT_TOKENS: cov})
 
     n = fw.rms_norm(states, w["post_attention_layernorm"], cfg.norm_eps)
     shared = hess["moe_post_norm"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exl2conv.candidates import CandidateScorer
-from exl2conv.layers import run_block
+from exl2conv.layers import ModuleRun, run_block
 from exl2conv.model import WeightIndex, forward, layer_linears, load_config
 from tests.tinymodel import make_tiny_llama
 
@@ -14,7 +14,7 @@ from tests.tinymodel import make_tiny_llama
 def module(src, part, layer=1):
     cfg, index = load_config(src), WeightIndex(src)
     w = forward.load_layer_weights(index, cfg, layer, part, "cpu")
-    return cfg, w, layer_linears(cfg, layer, part)
+    return cfg, w, layer_linears(cfg, layer, part), layer
 
 
 def perturbed(w, keys, scale, seed):
@@ -25,18 +25,16 @@ def perturbed(w, keys, scale, seed):
     return trial
 
 
-def check(cfg, w, specs, part, tol_f32=1e-5, tol_bf16=2e-2, frozen=frozenset()):
+def check(cfg, w, specs, layer, part, tol_f32=1e-5, tol_bf16=2e-2, frozen=frozenset()):
     g = torch.Generator().manual_seed(3)
     states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
-    rope = forward.RotaryCache(cfg)
-    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
+    run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, layer)
+    y_ref, _ = run_block(run, states)
     keys = list(specs)
     weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
-    plain = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=False)
-    exact = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.float32,
-                            frozen=frozen)
-    fast = CandidateScorer(part, states, w, keys, cfg, rope, 2, y_ref, weight, corrected=True, low=torch.bfloat16,
-                           frozen=frozen)
+    plain = CandidateScorer(run, states, y_ref, weight, corrected=False)
+    exact = CandidateScorer(run, states, y_ref, weight, corrected=True, low=torch.float32, frozen=frozen)
+    fast = CandidateScorer(run, states, y_ref, weight, corrected=True, low=torch.bfloat16, frozen=frozen)
     assert exact.corrected and fast.corrected and not plain.corrected
     for seed, scale in enumerate((0.3, 0.03, 0.003)):
         trial = perturbed(w, keys, scale, seed)
@@ -84,20 +82,20 @@ def test_corrected_errors_equal_plain_parallel_block(tmp_path, branch):
     cfg, index = load_config(src), WeightIndex(src)
     w = forward.load_layer_weights(index, cfg, 0, "parallel", "cpu")
     specs = layer_linears(cfg, 0, branch)
-    check(cfg, w, specs, "parallel", frozen=frozenset(layer_linears(cfg, 0)) - specs.keys())
+    check(cfg, w, specs, 0, "parallel", frozen=frozenset(layer_linears(cfg, 0)) - specs.keys())
 
 
 def scoring_setup(tmp_path, part, seed: int, draws: int):
     """A tiny Llama module with 5 rows of states, its reference outputs and error weights, and the
     generator that drew them (for more draws)."""
     src = make_tiny_llama(tmp_path / "m", seed=seed, hidden=64, intermediate=128, layers=2)
-    cfg, w, specs = module(src, part)
+    cfg, w, specs, layer = module(src, part)
     g = torch.Generator().manual_seed(draws)
     states = torch.randn(5, 24, cfg.hidden_size, generator=g) * 3
-    rope = forward.RotaryCache(cfg)
-    y_ref, _ = run_block(part, states, w, cfg, rope, 2)
+    run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, layer)
+    y_ref, _ = run_block(run, states)
     weight = torch.rand(cfg.hidden_size, generator=g) + 0.1
-    return cfg, w, specs, states, rope, y_ref, weight, g
+    return run, states, y_ref, weight, g
 
 
 @pytest.mark.parametrize("part", ["attn", "mlp"])
@@ -108,16 +106,15 @@ def test_table_scoring_chunk_by_chunk_gives_the_same_bits(tmp_path, part, low, w
     measurement uses) gives bit for bit the errors of one candidate at a time against a recording
     of every chunk; candidates given as float16 (as the measurement keeps them), three chunks of
     2 + 2 + 1 rows, rows of the table sharing some candidates."""
-    cfg, w, specs, states, rope, y_ref, weight, g = scoring_setup(tmp_path, part, seed=5, draws=7)
+    run, states, y_ref, weight, g = scoring_setup(tmp_path, part, seed=5, draws=7)
+    cfg, w, specs = run.cfg, run.weights, run.specs
     fisher = torch.rand(cfg.hidden_size, generator=g) if with_fisher else None
     keys = list(specs)
     options = [perturbed(w, keys, scale, seed) for seed, scale in enumerate((0.3, 0.03, 0.003))]
     trials = [{**w, **{k: options[(i + j) % 3][k].half() for j, k in enumerate(keys)}} for i in range(4)]
     trials.append(dict(trials[0]))  # a row whose candidates are all the previous rows' tensors
-    rows = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
-                           fisher=fisher)
-    table = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
-                            fisher=fisher, table=True)
+    rows = CandidateScorer(run, states, y_ref, weight, corrected=True, low=low, fisher=fisher)
+    table = CandidateScorer(run, states, y_ref, weight, corrected=True, low=low, fisher=fisher, table=True)
     assert len(rows.recorded) == 3 and len(table.recorded) == 1
     want = torch.stack([rows.errors(t) for t in trials])
     got = table.errors_table(trials)
@@ -139,8 +136,6 @@ def test_layer_weights_held_in_their_two_byte_source_dtype(tmp_path, dtype):
         held = forward.load_layer_weights(index, cfg, 1, part, "cpu", compact=True)
         assert full.keys() == held.keys()
         for k, v in held.items():
-            if not isinstance(v, torch.Tensor):
-                continue
             assert v.dtype == (dtype if k in specs and dtype != torch.float32 else torch.float32), k
             assert torch.equal(v.float(), full[k]), k
 
@@ -151,15 +146,15 @@ def test_scoring_with_compact_weights_gives_the_same_bits(tmp_path, part, low):
     """On a GPU a module's linears stay in their float16 source dtype (WeightIndex.held_dtype);
     the recording and the corrections widen them exactly, so every error is bit for bit what
     the float32 weights give."""
-    cfg, w, specs, states, rope, y_ref, weight, _ = scoring_setup(tmp_path, part, seed=6, draws=8)
+    run, states, y_ref, weight, _ = scoring_setup(tmp_path, part, seed=6, draws=8)
+    w, specs = run.weights, run.specs
     keys = list(specs)
     trials = [{**w, **{k: v.half() for k, v in perturbed(w, keys, scale, seed).items() if k in keys}}
               for seed, scale in enumerate((0.3, 0.03))]
     small = {**w, **{k: w[k].half() for k in keys}}
     assert all(torch.equal(small[k].float(), w[k]) for k in keys)  # float16 sources: exact
-    full = CandidateScorer(part, states, w, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low, table=True)
-    half = CandidateScorer(part, states, small, specs, cfg, rope, 2, y_ref, weight, corrected=True, low=low,
-                           table=True)
+    full = CandidateScorer(run, states, y_ref, weight, corrected=True, low=low, table=True)
+    half = CandidateScorer(run.replace(weights=small), states, y_ref, weight, corrected=True, low=low, table=True)
     want = full.errors_table(trials)
     assert want.min() > 0
     assert torch.equal(half.errors_table([{**small, **{k: t[k] for k in keys}} for t in trials]), want)

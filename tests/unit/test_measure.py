@@ -6,6 +6,7 @@ import torch
 
 from exl2conv import measure
 from exl2conv.memory import HostArena
+from exl2conv.layers import ModuleRun
 from exl2conv.model import WeightIndex, forward, layer_linears, load_config
 from tests.tinymodel import make_tiny_llama
 
@@ -26,7 +27,7 @@ def test_codes_sizes_are_the_codes_measure_module_makes(tmp_path, monkeypatch, p
 
     monkeypatch.setattr(measure, "quantized_candidates", spy)
     states = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    entries, _, _ = measure.measure_module(part, states, w, specs, cfg, forward.RotaryCache(cfg), 2)
+    entries, _, _ = measure.measure_module(ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0), states)
     assert len(entries) == len(measure.TABLES[part])
     sizes = [c.codes.numel() * c.codes.element_size() for c in made]
     assert sizes == measure.codes_sizes(part, specs)

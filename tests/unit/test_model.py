@@ -94,7 +94,7 @@ def compare_with_transformers(tf, path: Path, ours_cfg=None, hf_path: Path | Non
     rope = fw.RotaryCache(cfg)
     for i, t in enumerate(trace):
         w = fw.load_layer_weights(index, cfg, i, "attn")
-        y, inter = fw.attention(t["x"], w, cfg, rope, capture=True)
+        y, inter = fw.attention(t["x"], w, cfg, rope, capture=True, layer=i)
         mid = t["x"] + t["attn_branch"]
         close(y, mid)
         close(inter["post_norm"], t["attn_post_norm"])
@@ -210,8 +210,8 @@ def test_attention_is_causal(tmp_path):
     x2 = x.clone()
     x2[0, -1] += 1.0
     rope = fw.RotaryCache(cfg)
-    y, _ = fw.attention(x, w, cfg, rope)
-    y2, inter = fw.attention(x2, w, cfg, rope.get(12, "cpu"), capture=True)
+    y, _ = fw.attention(x, w, cfg, rope, layer=0)
+    y2, inter = fw.attention(x2, w, cfg, rope.get(12, "cpu"), capture=True, layer=0)
     assert torch.equal(y[0, :-1], y2[0, :-1]) and not torch.allclose(y[0, -1], y2[0, -1])
     assert inter["attn_output"].shape == (1, 12, cfg.num_heads * cfg.head_dim)
 

@@ -30,7 +30,7 @@ def model_outputs(cfg, index, ids, perturb=None):
     outs = []
     for i in range(cfg.num_layers):
         for part in ("attn", "mlp"):
-            x, _ = block_forward(part, x, forward.load_layer_weights(index, cfg, i, part), cfg, rope)
+            x, _ = block_forward(part, x, forward.load_layer_weights(index, cfg, i, part), cfg, rope, layer=i)
             if perturb is not None and perturb[0] == len(outs):
                 x = x + perturb[1]
             outs.append(x)

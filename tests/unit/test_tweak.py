@@ -7,7 +7,8 @@ import torch
 
 from exl2conv import cli, tweak
 from exl2conv.errors import Exl2Error
-from exl2conv.model import WeightIndex, forward, load_config
+from exl2conv.layers import ModuleRun
+from exl2conv.model import WeightIndex, forward, layer_linears, load_config
 from exl2conv.model.arch import final_norm_tensor, head_spec
 from tests.tinymodel import make_tiny_llama
 
@@ -37,7 +38,8 @@ def test_tweak_recovers_a_lost_input_scale(tiny, kind, keys):
     target, _ = (forward.attention if kind == "attn" else forward.mlp)(x, w, cfg, rope)
     d = 0.03 * torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     broken = scaled_columns(w, keys, d)
-    g, before, after = tweak.tweak_norm(kind, x, target, broken, cfg, rope, 2, None, steps=200, lr=2e-3)
+    run = ModuleRun(kind, broken, layer_linears(cfg, 0, kind), cfg, rope, 2, 0)
+    g, before, after = tweak.tweak_norm(run, x, target, None, steps=200, lr=2e-3)
     key = tweak.norm_key(kind, cfg)
     assert after < 0.02 * before, (before, after)
     want = w[key] * (1 + d)
@@ -48,12 +50,13 @@ def test_tweak_never_raises_its_loss_and_returns_stored_values(tiny):
     cfg, index, x = tiny
     w = forward.load_layer_weights(index, cfg, 0, "mlp")
     target = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))  # not reachable
-    g, before, after = tweak.tweak_norm("mlp", x, target, w, cfg, None, 3, None, steps=5, lr=0.5)
+    run = ModuleRun("mlp", w, layer_linears(cfg, 0, "mlp"), cfg, None, 3, 0)
+    g, before, after = tweak.tweak_norm(run, x, target, None, steps=5, lr=0.5)
     assert after <= before
     assert torch.equal(g, tweak.stored(g, cfg.norm_offset).float() + cfg.norm_offset)
     # a target the module already meets: the initial weight stays (rounded as stored)
     exact, _ = forward.mlp(x, w, cfg)
-    g, before, after = tweak.tweak_norm("mlp", x, exact, w, cfg, None, 3, None, steps=3)
+    g, before, after = tweak.tweak_norm(run, x, exact, None, steps=3)
     assert before == after == 0.0
     key = tweak.norm_key("mlp", cfg)
     assert torch.equal(g, w[key].half().float())
