@@ -9,7 +9,6 @@ at every checkpoint, so an interruption at any instant resumes from the last sav
 
 from __future__ import annotations
 
-import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,28 +18,24 @@ import torch
 
 from exl2conv import allocation, atomic, calibration, compile as compile_mod, faults, sensitivity, settings, stop, tweak
 from exl2conv.errors import Exl2Error, Interrupted
-from exl2conv.gptq import Hessian, prepare
+from exl2conv.head import quantize_head
 from exl2conv.job import JOB_FILE, ROWS_USED, STAGE_ORDER, Job, Stage
 from exl2conv.layers import Module, ModuleRun, module_linears, module_list, run_block
-from exl2conv.memory import HostArena, release_cached, release_unused
+from exl2conv.memory import HostArena, release_cached
 from exl2conv.metrics import error_weight
 from exl2conv.measure import check_finite, codes_sizes, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, exllamav2_config, forward
 from exl2conv.model.weights import WeightIndex
 from exl2conv.passloop import run_modules
-from exl2conv.qparams import HEAD_OPTIONS
-from exl2conv.quantize import quantize_linear, quantize_module
-from exl2conv.report import Reporter, Summary, summarize
+from exl2conv.quantize import quantize_module
+from exl2conv.report import Reporter, Summary, print_plan, summarize
 from exl2conv.tokenizer import load_tokenizer
 from exl2conv.validate import (check_model_unchanged, check_paths, check_positions, check_shard_size, load_model,
                                model_fingerprint_of, pick_device)
 from exl2conv.workdir import (MEASUREMENT, OUT_TENSOR, WorkFolder, check_measurement_fingerprint, check_work_dir,
                               load_measurement_file, open_job)
 from exl2conv.worklock import WorkLock
-
-PPL_TOKENS = 512  # positions per head forward of the calibration perplexity (a 7B's logits over a row: 0.25 GiB)
-
 
 # -- context ------------------------------------------------------------------------------------
 
@@ -425,7 +420,7 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
             target=stream)
         if tweaked is not None:
             norm = arch.norm_tensors(ctx.cfg, mod.layer, mod.parts[0])[0]
-            save_norm(ctx, save, norm, tweaked.weight)
+            tweak.save_norm(save, norm, tweaked.weight, ctx.cfg)
             record["tweak"] = [tweaked.before, tweaked.after]
         record.update(rfn_error=rfn, linears=[[r.name, r.desc, r.total_bits, r.numel] for r in reports])
         del w, run  # before the next module's weights (or the head's) are read
@@ -440,67 +435,6 @@ def _quantize_one(ctx: Context, mod: Module, states, stream, rope, length: int, 
     return states, stream, record
 
 
-def quantize_head(ctx: Context, states: torch.Tensor, save, stream: torch.Tensor | None = None) -> dict:
-    """The head with the fixed -hb layout, then the calibration perplexity on the first
-    :func:`perplexity_rows` rows of the quantization set (ExLlamaV2's convert.py prints it too). ``states``: the
-    residual stream before the final norm; with ``stream`` (the unquantized model's on the first
-    rows), the final norm is tweaked for the quantized head (:mod:`exl2conv.tweak`)."""
-    cfg = ctx.cfg
-    spec = arch.head_spec(cfg, ctx.weights)
-    norm_name = arch.final_norm_tensor(cfg)
-    g, bias = forward.load_final_norm(ctx.weights, cfg, ctx.device)
-    dev = ctx.device
-    # on a GPU in its own 2-byte dtype (a 7B head is 0.5 GiB in float32): GPTQ and the forwards
-    # widen it exactly where they need float32
-    w = forward.load_head(ctx.weights, cfg, dev, ctx.weights.held_dtype(spec.tensor, dev.type == "cuda"))
-    h = Hessian(spec.in_features, dev)
-    for r in range(states.shape[0]):
-        h.add(forward.final_norm(states[r].to(dev), g, cfg, bias))
-    prep = prepare(h, spec.name)
-    del h
-    qparams = HEAD_OPTIONS[int(ctx.job["head_bits"])]
-    tensors, decoded, rep = quantize_linear(w, None, spec, prep, qparams)
-    save(spec.name, tensors)
-    del tensors, prep
-    release_unused(dev)  # GPTQ's and the packing's buffers, before the tweak's
-    out: dict[str, Any] = {}
-    if stream is not None:
-        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]].to(dev), stream, g, w, decoded, cfg,
-                                                  bias=bias)
-        save_norm(ctx, save, norm_name, g)
-        out["tweak"] = [before, after]
-    del w
-    head = decoded.float()  # widened once for every row below (0.5 GiB for a 7B head)
-    del decoded
-    release_unused(dev)
-    ids = ctx.folder.load_ids("quant").to(ctx.device)
-    rows = perplexity_rows(ctx.job, ids.shape[0])
-    nll = torch.zeros((), dtype=torch.float64, device=dev)
-    count = 0
-    vocab = cfg.vocab_size
-    for r in range(rows):
-        x = forward.final_norm(states[r].to(dev), g, cfg, bias)[:-1]
-        target = ids[r, 1:].clamp(0, vocab - 1)
-        for t0 in range(0, x.shape[0], PPL_TOKENS):
-            t1 = t0 + PPL_TOKENS
-            logits = forward.logits(x[t0:t1], head, cfg)[:, :vocab]
-            logp = torch.log_softmax(logits + 1e-10, dim=-1)
-            nll -= logp.gather(-1, target[t0:t1].unsqueeze(-1)).sum(dtype=torch.float64)
-        count += target.numel()
-    ppl = math.exp(float(nll) / max(count, 1))
-    return {**out, "ppl": ppl, "ppl_rows": rows, "ppl_length": int(ids.shape[1]),
-            "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
-
-
-def perplexity_rows(job: Job, available: int) -> int:
-    """How many rows of the quantization set the calibration perplexity is taken on: the first
-    -mr with a parquet dataset (as ExLlamaV2 takes it), and without one as many as the built-in
-    measurement set has (what ExLlamaV2's job holds as -mr by then), whatever -mr says: it does not
-    apply to the built-in set, so it must not move the figure."""
-    rows = job["measurement_rows"] if job["cal_dataset"] else calibration.builtin_row_count("measure")
-    return min(int(rows), available)
-
-
 def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     """The unquantized model's residual stream after the modules ``done`` (a resumed pass's),
     on the first rows of the quantization set that norm tweaking fits on."""
@@ -513,12 +447,6 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
             w, _ = ctx.layer_weights(mod)
             x, _ = run_block(ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(ids.shape[1])), x)
     return x
-
-
-def save_norm(ctx: Context, save, name: str, weight: torch.Tensor) -> None:
-    """A tweaked norm weight (as the forward uses it) through ``save`` (:func:`save_linear`), in
-    the dtype and convention the compile writes."""
-    save(name.removesuffix(".weight"), {"weight": tweak.stored(weight, ctx.cfg.norm_offset).cpu()})
 
 
 def stage_compile(ctx: Context) -> None:
@@ -629,7 +557,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     ctx.folder.remove_stray_checkpoints()
-    _print_plan(ctx)
+    print_plan(job, dev, rep)
 
     def on_sigint(signum, frame):
         if stop.requested():
@@ -664,26 +592,3 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def _print_plan(ctx: Context) -> None:
-    job, rep = ctx.job, ctx.rep
-    rep.info(f"Input: {job['in_dir']}")
-    rep.info(f"Output: {job['compile_full'] or ctx.out_dir}")
-    if job["cal_dataset"]:
-        rep.info(f"Calibration dataset: {job['cal_dataset']}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
-                 f"length {job['length']} / {job['measurement_length']}")
-    else:
-        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')} / "
-                 f"{calibration.builtin_row_count('measure')} (the set's own: -r and -mr apply to a parquet file), "
-                 f"length {job['length']} / {job['measurement_length']}")
-    if job["output_measurement"]:
-        rep.info(f"Measurement will be saved to {job['output_measurement']}")
-    else:
-        rep.info(f"Target bits per weight: {job['bits']} (decoder), {job['head_bits']} (head)")
-        rep.info(f"Max shard size: {job['shard_size']:.0f} MB")
-    if job["rope_scale"]:
-        rep.info(f"RoPE scale: {job['rope_scale']:.2f}")
-    if job["rope_alpha"]:
-        rep.info(f"RoPE alpha: {job['rope_alpha']:.2f}")
-    rep.info(f"Device: {ctx.device}")

@@ -17,6 +17,8 @@ import torch
 
 from tqdm import tqdm
 
+from exl2conv import calibration
+
 
 class Reporter:
     def __init__(self, status_output: bool = False, stream=None, quiet: bool = False):
@@ -183,3 +185,26 @@ def peak_memory() -> str:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         text += f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     return text
+
+
+def print_plan(job, device, rep: Reporter) -> None:
+    """What a job will do, printed as it starts or resumes: its folders, calibration, targets and device."""
+    rep.info(f"Input: {job['in_dir']}")
+    rep.info(f"Output: {job['compile_full'] or job.out_dir}")
+    if job["cal_dataset"]:
+        rep.info(f"Calibration dataset: {job['cal_dataset']}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
+                 f"length {job['length']} / {job['measurement_length']}")
+    else:
+        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')} / "
+                 f"{calibration.builtin_row_count('measure')} (the set's own: -r and -mr apply to a parquet file), "
+                 f"length {job['length']} / {job['measurement_length']}")
+    if job["output_measurement"]:
+        rep.info(f"Measurement will be saved to {job['output_measurement']}")
+    else:
+        rep.info(f"Target bits per weight: {job['bits']} (decoder), {job['head_bits']} (head)")
+        rep.info(f"Max shard size: {job['shard_size']:.0f} MB")
+    if job["rope_scale"]:
+        rep.info(f"RoPE scale: {job['rope_scale']:.2f}")
+    if job["rope_alpha"]:
+        rep.info(f"RoPE alpha: {job['rope_alpha']:.2f}")
+    rep.info(f"Device: {device}")

@@ -214,3 +214,10 @@ def tweak_final_norm(x_q: torch.Tensor, x: torch.Tensor, g0: torch.Tensor, head:
 
     g, first, best = _fit(loss_of, g0.detach(), steps, lr)
     return as_stored(g, cfg.norm_offset), first, best
+
+
+def save_norm(save, name: str, weight: torch.Tensor, cfg) -> None:
+    """A tweaked norm ``name``'s weight (as the forward uses it) through ``save`` (the
+    quantization pass's writer of a module's tensors), in the dtype and convention the compile
+    writes (:func:`stored`)."""
+    save(name.removesuffix(".weight"), {"weight": stored(weight, cfg.norm_offset).cpu()})
