@@ -157,7 +157,8 @@ def allocate(cfg, weights: WeightIndex, mods: list[Module], meas: dict, pred: di
     for slot, c in zip(slots, sol.choice):
         e = strategy[slot.key] = slot.entries[c]
         slot_numel = sum(sp.in_features * sp.padded_out for sp in module_linears(cfg, slot.mod, slot.part).values())
-        rep.line(f"    {slot.key:40s} option {c:2d}  {e['total_bits'] / slot_numel:.4f} bpw  err {1 - e['accuracy']:.6f}")
+        bpw, err = e["total_bits"] / slot_numel, 1 - e["accuracy"]
+        rep.line(f"    {slot.key:40s} option {c:2d}  {bpw:.4f} bpw  err {err:.6f}")
     chosen = [1 - float(slot.entries[c]["accuracy"]) for slot, c in zip(slots, sol.choice)]
     info = {"bpw": sol.total_bits / numel, "loss": sum(chosen), "max_err": max(chosen), "gap": sol.gap}
     line = (f"Chosen: {sol.total_bits / numel:.4f} bpw of {bits} allowed; expected error: "

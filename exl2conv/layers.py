@@ -18,7 +18,7 @@ from exl2conv import settings, stop
 from exl2conv.gptq import Hessian
 from exl2conv.memory import Copier
 from exl2conv.metrics import feed, relative_errors
-from exl2conv.model import forward
+from exl2conv.model import attention_kernels, forward
 from exl2conv.model.arch import LinearSpec
 from exl2conv.model.config import ModelConfig
 
@@ -144,7 +144,7 @@ def grad_pass(device: torch.device):
     """Where a forward and backward through modules run (the sensitivity stage, norm tweaking).
 
     On CUDA: TF32 matmuls as in :func:`module_matmuls`, and causal attention in float32 on
-    :class:`forward._BlockedAttention` (query blocks against the keys they see, probabilities kept
+    :class:`attention_kernels.BlockedAttention` (query blocks against the keys they see, probabilities kept
     for a backward that adds its partial sums in a fixed order). PyTorch's float32 attention would
     otherwise run the memory-efficient kernel, whose backward adds partial gradients with atomics
     in whatever order the threads finish, so the same job gave other bytes run to run (also with
@@ -156,14 +156,14 @@ def grad_pass(device: torch.device):
     :func:`grad_rows`. ``EXL2CONV_GRAD_ATTENTION=math`` runs the math kernels for all.
 
     ``EXL2CONV_HALF_ATTENTION=1`` runs causal attention in float16 on the flash kernels with their
-    deterministic backward instead (:func:`forward.grad_attention`; float16 attention is what
+    deterministic backward instead (:func:`attention_kernels.grad_attention`; float16 attention is what
     ExLlamaV2's runtime computes): on SmolLM2 the norm-tweak fits took a quarter of the time, but
     the KL from FP16 came out 0.7 % (4.0 bpw) and 1.7 % (6.0 bpw) higher on the same measurement
     (docs/performance.md), so it is not the default."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with module_matmuls(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
-            forward.grad_attention(grad_attention(device)):
+            attention_kernels.grad_attention(grad_attention(device)):
         yield
 
 
@@ -189,7 +189,7 @@ def grad_rows(cfg, length: int, device: torch.device, budget: int = 1 << 30) -> 
         return None
     per_head = length * length
     if device.type == "cuda" and plain and mode == "blocked":
-        per_head = length * (length + min(length, forward.BLOCK)) // 2
+        per_head = length * (length + min(length, attention_kernels.BLOCK)) // 2
     return max(1, budget // (cfg.num_heads * per_head * 4))
 
 

@@ -134,7 +134,8 @@ def tokenize(ctx: Context, which: str) -> torch.Tensor:
         ids = calibration.parquet_rows(ctx.tok, Path(job["cal_dataset"]), rows, length)
     else:
         ids = calibration.builtin_rows(ctx.tok, length, which)
-    ctx.rep.info(f"{'Measurement' if measure else 'Quantization'} calibration: {ids.shape[0]} rows x {ids.shape[1]} tokens")
+    ctx.rep.info(f"{'Measurement' if measure else 'Quantization'} calibration: {ids.shape[0]} rows x "
+                 f"{ids.shape[1]} tokens")
     for line in calibration.describe_rows(ctx.tok, ids).splitlines():
         ctx.rep.info(line)
     ctx.folder.save_ids(which, ids)
@@ -268,17 +269,19 @@ def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dic
         row = 2 * mod.layer + (mod.kind != "attn")
         measured, outputs = {}, None
         for part in mod.parts:
-            outputs = None  # the first branch's reference outputs, freed: the second's pass makes them again
+            outputs = None  # the first branch's reference outputs, freed: the second's pass remakes them
+            run = ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(length), ctx.device, part)
             entries, outputs, pred = measure_module(
-                ModuleRun.of(mod, w, ctx.cfg, rope, ctx.chunk(length), ctx.device, part), states, part,
-                mod.strategy_key(part), ctx.next_norm_weight(mod), on_coverage=lambda cov: report_coverage(ctx.rep, cov),
+                run, states, part, mod.strategy_key(part), ctx.next_norm_weight(mod),
+                on_coverage=lambda cov: report_coverage(ctx.rep, cov),
                 fisher=None if fisher is None else fisher[row], arena=arena)
+            del run
             if pred is not None:
                 predicted[mod.strategy_key(part)] = pred
             best = max(e["accuracy"] for e in entries)
             if best < 0.1:
-                raise Exl2Error(f"{mod.strategy_key(part)}: every candidate has accuracy below 0.1 (best {best:.4f}); "
-                                "the model's forward pass or calibration data is broken")
+                raise Exl2Error(f"{mod.strategy_key(part)}: every candidate has accuracy below 0.1 (best "
+                                f"{best:.4f}); the model's forward pass or calibration data is broken")
             measured[part] = entries
         meas[mod.meas_key] = measured if mod.kind == "parallel" else measured[mod.kind]
         states = outputs

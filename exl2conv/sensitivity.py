@@ -128,26 +128,7 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
     def load(i: int, part: str, ahead: list[str] | None = None) -> dict:
         return forward.load_layer_weights(weights, cfg, i, part, device, ahead=ahead)
 
-    x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale,
-                      forward.load_positions(weights, cfg, device))
-    inputs = []
-    step = chunk or rows
-    with torch.no_grad():
-        for i in range(layers):
-            inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
-            for part in forward.layer_parts(cfg):
-                stop.check()
-                w = load(i, part)
-                if step >= rows:
-                    x, _ = block_forward(part, x, w, cfg, rope, layer=i)
-                else:  # a new tensor: x may be the stored input itself
-                    x = torch.cat([block_forward(part, x[r0:r0 + step], w, cfg, rope, layer=i)[0]
-                                   for r0 in range(0, rows, step)])
-                del w
-                if check:
-                    check(2 * i + (part != "attn"), x)
-            if on_layer:
-                on_layer()
+    inputs, x = _forward(weights, cfg, ids, device, store, rope, chunk or rows, on_layer, check)
     norm_w, norm_b = forward.load_final_norm(weights, cfg, device)
     head_w = forward.load_head(weights, cfg, device)
     grad = torch.stack([head_gradient(x[r], norm_w, head_w, cfg, gen, norm_b) for r in range(rows)])
@@ -190,6 +171,33 @@ def fisher_diagonals(weights, cfg, ids: torch.Tensor, device: torch.device, on_l
         if on_layer:
             on_layer()
     return (fisher / (rows * length)).cpu()
+
+
+def _forward(weights, cfg, ids: torch.Tensor, device: torch.device, store: torch.device, rope, step: int,
+             on_layer=None, check=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The unquantized model's forward over ``ids``, ``step`` rows per call: each layer's input
+    (kept on ``store`` for the backward) and the residual stream after the last layer."""
+    rows = ids.shape[0]
+    x = forward.embed(ids.to(device), weights.get(embedding_tensor(cfg), device=device), cfg.embed_scale,
+                      forward.load_positions(weights, cfg, device))
+    inputs = []
+    with torch.no_grad():
+        for i in range(cfg.num_layers):
+            inputs.append(x.to(store, non_blocking=True))  # no host sync where it leaves the GPU
+            for part in forward.layer_parts(cfg):
+                stop.check()
+                w = forward.load_layer_weights(weights, cfg, i, part, device)
+                if step >= rows:
+                    x, _ = block_forward(part, x, w, cfg, rope, layer=i)
+                else:  # a new tensor: x may be the stored input itself
+                    x = torch.cat([block_forward(part, x[r0:r0 + step], w, cfg, rope, layer=i)[0]
+                                   for r0 in range(0, rows, step)])
+                del w
+                if check:
+                    check(2 * i + (part != "attn"), x)
+            if on_layer:
+                on_layer()
+    return inputs, x
 
 
 def _parallel_backward(i: int, w: dict, inputs: list, grad: torch.Tensor, fisher: torch.Tensor, cfg, rope) -> None:

@@ -26,8 +26,8 @@ uses up to :data:`TOKENS` calibration tokens, fewer for large layers (:data:`WOR
 only :data:`CPU_TOKENS` (less gain, a bearable cost); ``EXL2CONV_TWEAK_TOKENS=N`` sets that
 budget on either (to compare the two paths like for like, or to spend more on a CPU). On
 SmolLM2-135M, quantizing from one measurement, the tweak lowered the KL from FP16 by 22 % at
-2.5 bpw, 9 % at 4.0 and 4 % at 6.0 (docs/quality.md). ``EXL2CONV_NO_TWEAK=1`` turns it off. MoE blocks are left alone: their norm
-also feeds the router.
+2.5 bpw, 9 % at 4.0 and 4 % at 6.0 (docs/quality.md). ``EXL2CONV_NO_TWEAK=1`` turns it off. MoE
+blocks are left alone: their norm also feeds the router.
 """
 
 from __future__ import annotations

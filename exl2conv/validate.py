@@ -75,7 +75,7 @@ def check_paths(values: dict[str, Any], out_dir: Path) -> None:
             v = values.get(field_)
             if v is not None and min(int(v), calibration.MAX_CTX) % calibration.CHUNK:
                 raise Exl2Error(f"{flag} {v}: the built-in calibration set needs a row length that is a multiple "
-                                f"of {calibration.CHUNK} (e.g. {max(calibration.CHUNK, int(v) // calibration.CHUNK * calibration.CHUNK)}), "
+                                f"of {calibration.CHUNK} (e.g. {_multiple_below(int(v), calibration.CHUNK)}), "
                                 "or give a parquet dataset with -c")
     b = values.get("bits")
     if b is not None and not (math.isfinite(float(b)) and float(b) > 0):
@@ -150,3 +150,7 @@ def check_shard_size(cfg, weights: WeightIndex, shard_mb: float) -> None:
     if nbytes > shard_mb * 2**20:
         raise compile_mod.shard_too_small(arch.output_name(cfg, name), nbytes)
 
+
+def _multiple_below(value: int, step: int) -> int:
+    """The largest multiple of ``step`` not above ``value``, and at least ``step``."""
+    return max(step, value // step * step)

@@ -106,7 +106,8 @@ class WorkFolder:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 states = f.get_tensor("hidden_states")
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
-            raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh with -nr") from None
+            raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh "
+                            "with -nr") from None
         if not all_finite(states):
             raise Exl2Error(f"{path}: the checkpointed calibration states hold NaN or Inf values (a damaged "
                             "file); start afresh with -nr")

@@ -11,14 +11,13 @@ that computes every linear instead of :func:`plain_linear` (the measurement's ca
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
+from .attention_kernels import BlockedAttention, HalfAttention, grad_mode
 from .arch import (MOE_SHARED_INPUT, embedding_tensor, final_norm_tensor, head_spec, layer_linears,
                    norm_bias_tensor, norm_weights, position_tensor, router_tensor, spec_of)
 from .config import ModelConfig
@@ -29,115 +28,6 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxim
 NORMED_INPUT = "post_norm"
 # MoE capture: tokens routed to each expert in each row, int64 [B, E].
 EXPERT_TOKENS = "expert_tokens"
-# Set by :func:`grad_attention`: how plain causal attention on CUDA runs ("half", "blocked"; any
-# other value: PyTorch's kernels).
-_GRAD_ATTENTION = contextvars.ContextVar("exl2conv_grad_attention", default=None)
-
-
-@contextmanager
-def grad_attention(mode: str | None):
-    """Within this block, plain causal attention on CUDA (no window, no softcap) runs
-
-    - with ``"half"``: on float16 q/k/v through PyTorch's flash kernels, as ExLlamaV2's runtime
-      runs it, its backward on the flash kernels' deterministic variant (:class:`_HalfAttention`);
-      an option for the passes that backpropagate through attention (layers.grad_pass);
-    - with ``"blocked"``, where autograd records it: on :class:`_BlockedAttention`, float32 like
-      the math kernels and as deterministic, about half their work and memory (it holds the causal
-      half of the scores; the float16 path is about 3x faster);
-    - otherwise on PyTorch's kernels."""
-    token = _GRAD_ATTENTION.set(mode)
-    try:
-        yield
-    finally:
-        _GRAD_ATTENTION.reset(token)
-
-
-class _HalfAttention(torch.autograd.Function):
-    """Causal attention of float32 q/k/v ``[B, heads, L, d]`` computed in float16; the backward
-    scales the incoming gradient by a power of two into float16's range and back, and runs with
-    torch's deterministic algorithms on, under which the flash backward adds its partial sums in a
-    fixed order."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        with torch.enable_grad():
-            leaves = [t.detach().half().requires_grad_() for t in (q, k, v)]
-            out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
-        ctx.graph = (leaves, out)
-        return out.detach().float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        leaves, out = ctx.graph
-        ctx.graph = None
-        # a power of two: exact in both directions
-        s = torch.exp2(torch.ceil(torch.log2(grad.abs().amax().clamp_min(1e-30))))
-        prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            grads = torch.autograd.grad(out, leaves, (grad / s).half())
-        finally:
-            torch.use_deterministic_algorithms(prev, warn_only=warn)
-        return grads[0].float() * s, grads[1].float() * s, grads[2].float() * s, None
-
-
-BLOCK = 512  # query rows per block of :class:`_BlockedAttention`
-
-
-class _BlockedAttention(torch.autograd.Function):
-    """Causal attention of float32 q/k/v ``[B, heads, L, d]``, :data:`BLOCK` query rows at a time,
-    each block against only the keys it can see (the math kernels compute and mask all L x L
-    scores). Keeps each block's probabilities for the backward, which computes
-    ``dS = P (dP - rowsum(dO O))`` and adds the blocks' key and value gradients one after another
-    in a fixed order: no atomics, the same bits every run (matmuls through cuBLAS, deterministic
-    under CUBLAS_WORKSPACE_CONFIG)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        length = q.shape[-2]
-        scale = scale if scale is not None else q.shape[-1] ** -0.5
-        q = q * scale  # scaled once here rather than every block's scores
-        out = torch.empty_like(q)
-        probs = []
-        for a in range(0, length, BLOCK):
-            b = min(length, a + BLOCK)
-            s = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2))
-            hidden = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu_(1)
-            s[..., a:b].masked_fill_(hidden, float("-inf"))
-            p = torch.softmax(s, dim=-1)
-            del s
-            out[:, :, a:b] = torch.matmul(p, v[:, :, :b])
-            probs.append(p)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.probs, ctx.scale = probs, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out = ctx.saved_tensors
-        probs, scale = ctx.probs, ctx.scale
-        if probs is None:
-            raise RuntimeError("_BlockedAttention: a second backward through the same graph (its "
-                               "probabilities are freed as the first one runs)")
-        ctx.probs = None
-        grad = grad.contiguous()
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        rowdot = (grad * out).sum(-1, keepdim=True)
-        for i, a in enumerate(range(0, q.shape[-2], BLOCK)):
-            b = min(q.shape[-2], a + BLOCK)
-            p, probs[i] = probs[i], None
-            g = grad[:, :, a:b]
-            dv[:, :, :b] += torch.matmul(p.transpose(-1, -2), g)
-            ds = torch.matmul(g, v[:, :, :b].transpose(-1, -2))
-            ds.sub_(rowdot[:, :, a:b]).mul_(p)
-            del p
-            dq[:, :, a:b] = torch.matmul(ds, k[:, :, :b])
-            dk[:, :, :b] += torch.matmul(ds.transpose(-1, -2), q[:, :, a:b])  # q saved scaled
-        return dq.mul_(scale), dk, dv, None
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H] f32, weight [H] -> [..., H]: x * rsqrt(mean(x^2) + eps) * weight."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -319,7 +209,7 @@ def _attn_mask(cfg: ModelConfig, length: int, device, layer: int | None = None) 
 
 def plain_causal(cfg: ModelConfig, length: int) -> bool:
     """Whether every layer's attention over rows of ``length`` is plain causal attention (no
-    sliding window cutting in, no softcapped scores): what :func:`grad_attention` covers."""
+    sliding window cutting in, no softcapped scores): what :func:`attention_kernels.grad_attention` covers."""
     if cfg.attn_softcap is not None:
         return False
     windows = [cfg.sliding_window] + [cfg.window(i) for i in range(cfg.num_layers)]
@@ -361,11 +251,11 @@ def _attention_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, rope, layer: i
         v = v.repeat_interleave(heads // kv, dim=1)
     mask = _attn_mask(cfg, length, n.device, layer)
     if cfg.attn_softcap is None:
-        mode = _GRAD_ATTENTION.get() if mask is None and q.is_cuda else None
+        mode = grad_mode() if mask is None and q.is_cuda else None
         if mode == "half":
-            a = _HalfAttention.apply(q, k, v, cfg.attn_scale)
+            a = HalfAttention.apply(q, k, v, cfg.attn_scale)
         elif mode == "blocked" and q.requires_grad:
-            a = _BlockedAttention.apply(q, k, v, cfg.attn_scale)
+            a = BlockedAttention.apply(q, k, v, cfg.attn_scale)
         elif mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
         else:
@@ -447,8 +337,9 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None
         capture: bool = False, layer: int | None = None,
         hook=None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """x f32 [B, L, H] -> (x + down(act(gate(n)) * up(n)) [B, L, H], intermediates or None),
-    n = norm(x); without a gate (Starcoder2), down(act(up(n))). Intermediates: {"post_norm": n [B, L, H], "pre_down": [B, L, intermediate]}.
-    ``rope`` and ``layer`` are unused; they are accepted so that attention and MLP share one call shape.
+    n = norm(x); without a gate (Starcoder2), down(act(up(n))). Intermediates: {"post_norm": n
+    [B, L, H], "pre_down": [B, L, intermediate]}. ``rope`` and ``layer`` are unused; they are
+    accepted so that attention and MLP share one call shape.
     pre_down is not clamped: ExLlamaV2 clamps it to the FP16 range, which float32 never needs.
     An MoE architecture runs :func:`moe_mlp` instead."""
     spec = spec_of(cfg)
@@ -588,8 +479,9 @@ def load_layer_weights(index: WeightIndex, cfg: ModelConfig, i: int, part: str,
                        device=None, compact: bool = False, ahead: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The f32 tensors :func:`attention` (part "attn"), :func:`mlp` ("mlp") or :func:`parallel`
     ("parallel") needs for layer ``i``, keyed by short name: the norms (offset added), each
-    linear's weight (sliced out of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm" [head_dim] where the
-    architecture has them, and an MoE router [E, H] (under its short name, "gate"). An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
+    linear's weight (sliced out of a fused source), "<short>.bias" if biased, "q_norm"/"k_norm"
+    [head_dim] where the architecture has them, and an MoE router [E, H] (under its short name,
+    "gate"). An MoE layer's expert linears are keyed "w1.<j>", "w3.<j>", "w2.<j>".
     ``compact``: the linears' weights in their source dtype where that is float16 or bfloat16
     (:meth:`WeightIndex.held_dtype`: half the memory; the forward widens them exactly, one product
     at a time). Once read, the tensors ``ahead`` names (by default those of the module a forward

@@ -107,14 +107,14 @@ def test_half_attention_backward_repeats_and_matches_float32(monkeypatch):
 
 
 def test_blocked_attention_repeats_and_matches_the_math_kernels(monkeypatch):
-    """The default float32 attention of the grad passes (forward._BlockedAttention): it runs, its
-    input gradients repeat bit for bit, and they match PyTorch's math kernels'."""
-    from exl2conv.model import forward
+    """The default float32 attention of the grad passes (attention_kernels.BlockedAttention): it
+    runs, its input gradients repeat bit for bit, and they match PyTorch's math kernels'."""
+    from exl2conv.model import attention_kernels
 
     calls = []
-    apply = forward._BlockedAttention.apply
-    monkeypatch.setattr(forward._BlockedAttention, "apply", lambda *a: calls.append(1) or apply(*a))
-    monkeypatch.setattr(forward, "BLOCK", 384)  # 1024 = 384 + 384 + 256: a partial last block
+    apply = attention_kernels.BlockedAttention.apply
+    monkeypatch.setattr(attention_kernels.BlockedAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(attention_kernels, "BLOCK", 384)  # 1024 = 384 + 384 + 256: a partial last block
     blocked = _attention_grads(False, monkeypatch)
     assert calls
     assert all(torch.equal(blocked[0], x) for x in blocked[1:])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.model import (WeightIndex, expected_tensors, head_spec, layer_linears, load_config,
                             unquantized_tensors)
+from exl2conv.model import attention_kernels
 from exl2conv.model import forward as fw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -521,19 +522,18 @@ def test_config_file_errors(tmp_path):
 
 @pytest.mark.parametrize("length", [3, 7, 12, 16])
 def test_blocked_attention_matches_causal_attention(monkeypatch, length):
-    """forward._BlockedAttention (the GPU grad passes' float32 attention; its arithmetic is the same
-    on a CPU) against PyTorch's causal attention in float64: outputs and all three gradients, with
+    """attention_kernels.BlockedAttention (the GPU grad passes' float32 attention; its arithmetic is
+    the same on a CPU) against PyTorch's causal attention in float64: outputs and all three gradients, with
     lengths below, at and across block edges."""
     import torch.nn.functional as F
 
-    from exl2conv.model import forward
 
-    monkeypatch.setattr(forward, "BLOCK", 5)
+    monkeypatch.setattr(attention_kernels, "BLOCK", 5)
     gen = torch.Generator().manual_seed(length)
     q, k, v, g = (torch.randn(2, 3, length, 8, dtype=torch.float64, generator=gen, requires_grad=True)
                   for _ in range(4))
     for scale in (None, 0.3):
-        out = forward._BlockedAttention.apply(q, k, v, scale)
+        out = attention_kernels.BlockedAttention.apply(q, k, v, scale)
         ours = torch.autograd.grad(out, (q, k, v), g)
         ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         ref = torch.autograd.grad(ref_out, (q, k, v), g)
