@@ -1,11 +1,12 @@
 """Calibration token rows: the built-in dataset and parquet files.
 
-The built-in set is formed exactly as ExLlamaV2 0.3.2 forms its own (reference 2.1): the
-same six kinds of text, the same row counts and order, the same rules for joining, cutting
-and placing BOS/EOS, the same Python-seeded shuffle. The text itself is our own
-(exl2conv/data/, sources in docs/calibration.md). Two deliberate differences: the
-random-token rows come from a fixed-seed generator, so the rows are identical every run, and
-a row length that is not a multiple of 128 is refused up front (ExLlamaV2 crashes on it).
+The built-in set is formed exactly as ExLlamaV2 0.3.2 forms its own (its
+conversion/tokenize.py, get_standard_calibration): the same six kinds of text, the same row
+counts and order, the same rules for joining, cutting and placing BOS/EOS, the same
+Python-seeded shuffle. The text itself is our own (exl2conv/data/, sources in
+docs/calibration.md). Two deliberate differences: the random-token rows come from a fixed-seed
+generator, so the rows are identical every run, and a row length that is not a multiple of 128
+is refused up front (ExLlamaV2 crashes on it).
 
 Everything here is a pure function of (tokenizer, files, arguments): same inputs, same
 tensor.
@@ -179,7 +180,8 @@ def _ran_out(source: str, needed: int, made: int):
 # -- parquet ----------------------------------------------------------------------------------
 
 def parquet_rows(tok: Tokenizer, path: Path, rows: int, length: int) -> torch.LongTensor:
-    """Rows from a parquet file (reference 2.2), shape ``[rows, length]``.
+    """Rows from a parquet file (ExLlamaV2's conversion/tokenize.py, get_tokens), shape
+    ``[rows, length]``.
 
     Each table row becomes one text: the text of every column's value (nulls left out)
     joined with single spaces. The texts are tokenized without BOS/EOS and their tokens

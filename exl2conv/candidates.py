@@ -1,9 +1,10 @@
 """The candidate forwards of the measurement pass, computed as corrections to the reference.
 
 Each row of a module's option table runs the module with quantized weights ``W + dW`` over all
-calibration states and scores the output against the unquantized one (reference 3.4-3.5). Run
-directly, that is 17-19 float32 forwards per module, most of a GPU measurement's time. Every linear
-is instead computed from its recorded reference input and output:
+calibration states and scores the output against the unquantized one (ExLlamaV2's
+conversion/measure.py: measure_attn, measure_mlp and measure_moe_mlp, with test_error). Run directly,
+that is 17-19 float32 forwards per module, most of a GPU measurement's time. Every linear is
+instead computed from its recorded reference input and output:
 
     y = Y_ref + (x - X_ref) W^T + x dW^T
 

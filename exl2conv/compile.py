@@ -1,5 +1,6 @@
 """Compile: gather the output tensors in module order, plan the shards, write them atomically,
-and with -cf make a complete model folder (reference 6.8-6.10)."""
+and with -cf make a complete model folder (ExLlamaV2's conversion/compile.py, compile_model; the
+files and their tensors: docs/format.md)."""
 
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def output_tensors(cfg, weights, tensor_file: Callable[[str], Path]) -> tuple[li
 
     def fp16(name: str, repeat: int = 0, dtype: torch.dtype = torch.float16) -> OutTensor:
         """A tensor copied unquantized; ``repeat`` > 0 expands a q/k norm [d] to [repeat, d]
-        (ExLlamaV2 saves the loaded, per-head form; spec 6.8)."""
+        (ExLlamaV2 saves the loaded, per-head form: conversion/compile.py, get_f_module, after
+        headnorm.py, ExLlamaV2HeadNorm.load)."""
         shape = weights.shape(name)
         n = torch.empty((), dtype=dtype).element_size() * max(repeat, 1)
         for d in shape:
@@ -200,7 +202,7 @@ def output_tensors(cfg, weights, tensor_file: Callable[[str], Path]) -> tuple[li
             for norm in arch.norm_tensors(cfg, i, part):
                 tensors.extend(norm_entries(norm))
             router = arch.router_tensor(cfg, i) if part == "mlp" else None
-            if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (spec 6.9)
+            if router:  # MoE: norm, router, then w1, w3, w2 expert by expert (ExLlamaV2's compile_model)
                 tensors.append(fp16(router))
             for spec in arch.layer_linears(cfg, i, part).values():
                 linear(spec.name)

@@ -143,7 +143,8 @@ def inspect(path: Path, fp16_dir: Path | None = None) -> dict:
     Returns {"layers": [{"name", "desc", "bpw", "k", "n"[, "rel_err"]}], "decoder_bpw": float | None
     (None when no decoder-layer linears), "head_bpw": float | None}, and with ``fp16_dir`` also
     "rel_err_mean", "rel_err_max" over the linears found in the FP16 model and "fp16_missing" (names
-    of linears it has no weight for). bpw counts every stored bit (reference 3.4) per weight K*N.
+    of linears it has no weight for). bpw counts every stored bit (as ExLlamaV2's
+    conversion/qparams.py, QParams.total_bits, counts them) per weight K*N.
     Raises FormatError naming the file and tensor on anything malformed.
     """
     path = Path(path)

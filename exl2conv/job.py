@@ -1,9 +1,10 @@
 """The job: frozen inputs, progress through the stages, and the resume rules.
 
 The job lives in ``<work dir>/job.json``, rewritten atomically after every state change. Its field
-names are ExLlamaV2's (reference 1.2) so the file reads familiarly; what differs is deliberate:
-paths are stored resolved, the measurement lives in ``measurement.json`` beside it (not inline),
-and a resumed run refuses arguments that contradict the saved job instead of ignoring them.
+names are ExLlamaV2's (the ``job`` dict of its conversion/convert_exl2.py, which save_job writes)
+so the file reads familiarly; what differs is deliberate: paths are stored resolved, the
+measurement lives in ``measurement.json`` beside it (not inline), and a resumed run refuses
+arguments that contradict the saved job instead of ignoring them.
 """
 
 from __future__ import annotations

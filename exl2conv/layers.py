@@ -1,8 +1,9 @@
 """The module list and running one module over the calibration states.
 
-Modules are indexed as ExLlamaV2 indexes them (reference 3.1), because measurement.json's
-``last_module_idx`` and the job's checkpoints count in these indices: 0 the embedding, then an
-attention and an MLP per layer, then the final norm and the head (``2L + 2`` for L layers).
+Modules are indexed as ExLlamaV2 indexes them (its model.py, ExLlamaV2.__init__, builds
+``model.modules`` in this order), because measurement.json's ``last_module_idx`` and the job's
+checkpoints count in these indices: 0 the embedding, then an attention and an MLP per layer, then
+the final norm and the head (``2L + 2`` for L layers).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Module:
 def module_list(num_layers: int, layers_prefix: str = "model.layers", norm_key: str = "model.norm",
                 head_key: str = "lm_head", embed_key: str = "model.embed_tokens",
                 moe: bool = False, positions_key: str | None = None, parallel: bool = False) -> list[Module]:
-    """``moe``: the MLPs are MoE blocks, keyed ``<layer>.block_sparse_moe`` (spec 3.1, 3.7).
+    """``moe``: the MLPs are MoE blocks, keyed ``<layer>.block_sparse_moe`` (ExLlamaV2's
+    conversion/measure.py, measure_quant, keys each module's entry ``<module key>.<mode>``).
     ``positions_key``: a learned position table's module (GPTBigCode's ``model.wpe``), which
     ExLlamaV2 lists after the embedding: it shifts every later module's index, and its
     measurement entry is null. ``parallel``: each layer is one module, attention and MLP side by

@@ -1,6 +1,7 @@
 """Measurement of one attention, MLP or MoE module (or one branch of a parallel block): every
 candidate of the option table, quantized by GPTQ and scored by the module's output error on the
-calibration states (reference 3.2-3.5).
+calibration states (ExLlamaV2's conversion/measure.py: measure_quant, its measure_attn, measure_mlp
+and measure_moe_mlp, and their test_quant and test_error).
 
 Returns records; printing is the caller's business.
 """
@@ -72,11 +73,12 @@ def column_keys(kind: str, specs: dict[str, LinearSpec]) -> tuple[str, ...]:
 def reference_pass(run: ModuleRun, states: torch.Tensor, name: str, on_coverage=None, keep_output: bool = True
                    ) -> tuple[torch.Tensor | None, dict[str, Hessian]]:
     """The unquantized outputs ``[R, L, H]`` (None without ``keep_output``) and the filled Hessians
-    of ``run.specs``, from one pass over ``states`` (spec 3.2). For an MoE block, the experts'
-    calibration coverage is counted too and handed to ``on_coverage`` (an :class:`ExpertCoverage`)
-    when given. Where the module runs on ``run.device`` and ``states`` live in host memory, the
-    Hessians are accumulated on the device; all but the first linear's then move to pinned host
-    memory until the caller moves each back for its turn."""
+    of ``run.specs``, from one pass over ``states`` (ExLlamaV2's conversion/measure.py,
+    measure_quant, its reference forward pass). For an MoE block, the experts' calibration
+    coverage is counted too and handed to ``on_coverage`` (an :class:`ExpertCoverage`) when given.
+    Where the module runs on ``run.device`` and ``states`` live in host memory, the Hessians are
+    accumulated on the device; all but the first linear's then move to pinned host memory until
+    the caller moves each back for its turn."""
     specs, device = run.specs, run.device
     hess = hessians_for(specs, device or states.device)
     accumulators: dict = dict(hess)
@@ -222,7 +224,8 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
     KL (nats per token; else None).
 
     An MoE block (Mixtral) is measured on the MLP table: a row applies its column choice to
-    every expert, and its total_bits sums over all experts (spec 3.3)."""
+    every expert, and its total_bits sums over all experts (ExLlamaV2's conversion/measure.py,
+    measure_moe_mlp)."""
     kind, specs = part or run.kind, run.specs
     dev = run.device or states.device
     host_codes = dev != states.device

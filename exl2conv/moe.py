@@ -3,7 +3,8 @@
 A router sends each token to a few experts, so an expert may see few or none of a row's tokens;
 its w2 Hessian then rests on little data (an expert that sees no rows at all gets the identity).
 ExLlamaV2 counts, per expert, the rows in which it is "uncalibrated" and warns when that is more
-than a fifth of the rows (reference 3.2). This module counts the same way; the stages print.
+than a fifth of the rows (its conversion/measure.py, measure_quant, and conversion/quantize.py,
+quant). This module counts the same way; the stages print.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ MLP_OPTIONS: tuple[tuple[QParams, ...], ...] = (
     (qp((8, 128, 1)), qp((8, 128, 1)), qp((8, 128, 1))),
 )
 
-# -hb: the head's fixed layout (reference 6.7)
+# -hb: the head's fixed layout (ExLlamaV2's conversion/qparams.py, qparams_headoptions)
 HEAD_OPTIONS: dict[int, QParams] = {
     2: qp((4, 32, 0.3), (2, 32, 0.7)),
     3: qp((4, 32, 0.15), (3, 32, 0.85)),

@@ -1,6 +1,7 @@
-"""Quantization of one module with its chosen settings (reference 5.7): Hessians from a single
-forward pass over the (already quantized) states, GPTQ per linear, packing, and a check that the
-packed tensors decode to exactly the weights GPTQ produced.
+"""Quantization of one module with its chosen settings (ExLlamaV2's conversion/quantize.py, quant
+and its quant_attn, quant_mlp, quant_moe_mlp): Hessians from a single forward pass over the
+(already quantized) states, GPTQ per linear, packing, and a check that the packed tensors decode
+to exactly the weights GPTQ produced.
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
     by each linear's ``short``: an MoE block's "w1", "w3", "w2" apply to every expert);
     save(name, tensors) stores one linear's packed tensors; on_coverage: gets an MoE block's
     :class:`ExpertCoverage`. Linears are quantized in ``specs`` order (an MoE block's expert by
-    expert, w1, w3, w2: spec 5.7), each Hessian prepared when first needed. Returns the module's
-    outputs on the quantized weights ``[R, L, H]``, its mean relative error against the
-    unquantized outputs (``rfn_error``), per-linear reports, and with ``target`` (the unquantized
-    model's outputs of this module on the first ``S`` rows, ``[S, L, H]``) the module's input norm
-    tweaked towards it (:mod:`exl2conv.tweak`; not for MoE blocks, whose norm feeds the router);
-    the outputs are then computed with the tweaked norm.
+    expert, w1, w3, w2: ExLlamaV2's conversion/quantize.py, quant_moe_mlp), each Hessian prepared
+    when first needed. Returns the module's outputs on the quantized weights ``[R, L, H]``, its
+    mean relative error against the unquantized outputs (``rfn_error``), per-linear reports, and
+    with ``target`` (the unquantized model's outputs of this module on the first ``S`` rows,
+    ``[S, L, H]``) the module's input norm tweaked towards it (:mod:`exl2conv.tweak`; not for MoE
+    blocks, whose norm feeds the router); the outputs are then computed with the tweaked norm.
 
     The outputs overwrite ``states`` (chunk by chunk), and the unquantized outputs are recomputed
     beside the quantized ones rather than kept: the pass holds one ``[R, L, H]`` tensor, not three.

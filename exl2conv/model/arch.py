@@ -37,7 +37,9 @@ class ArchSpec:
     ``attn_norms`` / ``mlp_norms``: the module's norms, the pre-norm (which reads the residual
     stream) first, then a post-norm on the branch output where the architecture has one
     (Gemma2/3). ``fused``: internal linear name -> (HF fused tensor, part index); parts are
-    q/k/v row ranges of ``qkv_proj`` or the gate/up halves of ``gate_up_proj`` (spec 8.2)."""
+    q/k/v row ranges of ``qkv_proj`` or the gate/up halves of ``gate_up_proj``, as ExLlamaV2 slices
+    them (its architecture.py's "fused_qkv" / "fused_mlp_12" keys; module.py,
+    ExLlamaV2Module.load_weight_fused)."""
 
     name: str
     prefix: str = ""
@@ -123,7 +125,8 @@ class ArchSpec:
     gemma: bool = False
     # Gemma3ForConditionalGeneration: the language model's fields sit under "text_config".
     text_config: bool = False
-    # Source tensors outside the language model, copied verbatim after the head (spec 6.8).
+    # Source tensors outside the language model, copied verbatim after the head (ExLlamaV2's
+    # conversion/compile.py, compile_model, its extra_tensors).
     extra_prefixes: tuple[str, ...] = ()
     # Mixture of experts (Mixtral): ``mlp_prefix`` holds a router ``moe_router`` [E, H] and experts
     # ``experts.<j>.<w1|w3|w2>`` (gate, up, down); ``mlp_linears`` are the expert linears' names.
@@ -234,7 +237,8 @@ _SHAPES: dict[str, Callable[["ModelConfig"], tuple[int, int]]] = {
     "w2": lambda c: (c.intermediate_size, c.hidden_size),
 }
 
-# Which intermediate of the forward pass feeds each linear: the Hessian input (spec 3.2).
+# Which intermediate of the forward pass feeds each linear: the Hessian input (ExLlamaV2's
+# conversion/measure.py, measure_quant, and conversion/quantize.py, quant: their add_batch calls).
 HESSIAN_INPUT: dict[str, str] = {
     "q_proj": "post_norm",
     "k_proj": "post_norm",
@@ -245,8 +249,9 @@ HESSIAN_INPUT: dict[str, str] = {
     "down_proj": "pre_down",
 }
 
-# MoE Hessian inputs (spec 3.2): every w1 and w3 shares w1.0's, the post-norm of the rows in which
-# expert 0 received a token; w2.j reads expert j's own pre_down.
+# MoE Hessian inputs (ExLlamaV2's conversion/measure.py, measure_quant and measure_moe_mlp): every
+# w1 and w3 shares w1.0's, the post-norm of the rows in which expert 0 received a token; w2.j reads
+# expert j's own pre_down.
 MOE_SHARED_INPUT = "moe_post_norm"
 
 
@@ -381,7 +386,8 @@ def layer_linears(cfg: "ModelConfig", i: int, part: str | None = None) -> dict[s
     """Linears of layer ``i`` keyed by short name, in ExLlamaV2's order (q, k, v, o, gate,
     up, down). ``part`` ("attn" or "mlp") keeps one group only. An MoE layer's experts are
     keyed "w1.<j>", "w3.<j>", "w2.<j>", expert by expert: the order in which ExLlamaV2
-    quantizes and writes them (spec 5.7, 6.9)."""
+    quantizes and writes them (conversion/quantize.py, quant_moe_mlp; conversion/compile.py,
+    compile_model)."""
     spec = spec_of(cfg)
     groups = (("attn", spec.attn_prefix, spec.attn_linears), ("mlp", spec.mlp_prefix, spec.mlp_linears))
     out: dict[str, LinearSpec] = {}
@@ -402,8 +408,10 @@ def layer_linears(cfg: "ModelConfig", i: int, part: str | None = None) -> dict[s
 
 def head_spec(cfg: "ModelConfig", weights: "WeightIndex") -> LinearSpec:
     """The head, always keyed ``<prefix>lm_head``. It reads ``lm_head.weight`` when the
-    checkpoint has one and otherwise, for tied configs, the embedding (spec 8.1). Its row count
-    comes from the tensor itself, so N is that padded to 32."""
+    checkpoint has one and otherwise, for tied configs, the embedding (ExLlamaV2's
+    architecture.py, ExLlamaV2ArchParams.__init__, points the head's key at the embedding for
+    tie_word_embeddings, and model.py, ExLlamaV2.__init__, makes that the head's alt_key). Its row
+    count comes from the tensor itself, so N is that padded to 32."""
     spec = spec_of(cfg)
     name = f"{spec.prefix}{spec.head}"
     own = f"{name}.weight"
@@ -433,7 +441,8 @@ def norm_tensors(cfg: "ModelConfig", i: int, part: str) -> list[str]:
 
 def router_tensor(cfg: "ModelConfig", i: int) -> str | None:
     """The MoE router of layer ``i``, HF shape [num_experts, hidden], kept FP16 and unpadded
-    (spec 6.8); None for a dense MLP."""
+    (ExLlamaV2's moe_mlp.py, ExLlamaV2MoEMLP.__init__, makes it with ``pad32 = False``, and
+    conversion/compile.py, get_f_module, copies it); None for a dense MLP."""
     spec = spec_of(cfg)
     if not spec.moe:
         return None
@@ -495,7 +504,8 @@ def final_norm_tensor(cfg: "ModelConfig") -> str:
 
 def extra_tensors(cfg: "ModelConfig", weights: "WeightIndex") -> list[str]:
     """Source tensors outside the language model (Gemma3's vision tower and projector), in
-    file order; copied verbatim in their source dtype after the head (spec 6.8)."""
+    file order; copied verbatim in their source dtype after the head (ExLlamaV2's
+    conversion/compile.py, compile_model, its extra_tensors)."""
     prefixes = spec_of(cfg).extra_prefixes
     return [n for n in weights.entries if prefixes and n.startswith(prefixes)]
 

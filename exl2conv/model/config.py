@@ -15,7 +15,8 @@ from ..errors import Exl2Error
 from .arch import ARCHS, PAD
 from .weights import WeightIndex
 
-# RoPE scaling types we compute (spec 8.1's Llama family). "dynamic" NTK equals plain RoPE up to
+# RoPE scaling types we compute: the Llama family's (ExLlamaV2 reads rope_scaling in its config.py,
+# ExLlamaV2Config.prepare). "dynamic" NTK, which ExLlamaV2 ignores, equals plain RoPE up to
 # max_position_embeddings, and calibration rows are at most 2048 tokens, so it computes as none.
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
