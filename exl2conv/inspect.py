@@ -211,7 +211,8 @@ def format_report(result: dict) -> str:
     n_dec = sum(1 for x in result["layers"] if _DECODER.match(x["name"]))
     dec, head = result["decoder_bpw"], result["head_bpw"]
     out.append("")
-    out.append(f"decoder: {dec:.4f} bpw over {n_dec} linears" if dec is not None else "decoder: no decoder-layer linears")
+    out.append(f"decoder: {dec:.4f} bpw over {n_dec} linears" if dec is not None
+               else "decoder: no decoder-layer linears")
     out.append(f"head:    {head:.4f} bpw" if head is not None else "head:    not quantized in these files")
     if has_err:
         out.append(f"rel_err: mean {result['rel_err_mean']:.6f}, max {result['rel_err_max']:.6f} "

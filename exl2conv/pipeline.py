@@ -1,9 +1,9 @@
 """The conversion job: validate everything, then run the stages in order, resumably.
 
-Stages and their files (reference 1.3): begin -> initial_embeddings -> sensitivity ->
-measure_quant -> optimize -> tokens_cal -> embeddings -> quant -> compile -> finished (sensitivity
-is ours: exl2conv.sensitivity). Each stage is a function of the
-context that ends by advancing the job; the job file is saved atomically at every transition and
+Stages, as ExLlamaV2's conversion/convert_exl2.py names them in its job file: begin ->
+initial_embeddings -> sensitivity -> measure_quant -> optimize -> tokens_cal -> embeddings -> quant
+-> compile -> finished (sensitivity is ours: exl2conv.sensitivity). Each stage is a function of
+the context that ends by advancing the job; the job file is saved atomically at every transition and
 at every checkpoint, so an interruption at any instant resumes from the last saved state.
 """
 
@@ -69,7 +69,7 @@ class Context:
     @property
     def modules(self) -> list[Module]:
         # keys carry the architecture's prefix (Gemma3ForConditionalGeneration: "language_model."),
-        # as ExLlamaV2's measurement.json does (reference 3.7)
+        # as ExLlamaV2's measurement.json does (conversion/measure.py, measure_quant)
         spec = arch.spec_of(self.cfg)
 
         def key(name: str) -> str:

@@ -2,7 +2,8 @@
 
 Each function runs on whatever device its inputs are on and handles a batch of B rows.
 Attention and MLP return the full module output (residual included, as ExLlamaV2's
-``hidden_states``) and, on request, the intermediates GPTQ builds its Hessians from (spec 3.2).
+``hidden_states``) and, on request, the intermediates GPTQ builds its Hessians from (ExLlamaV2's
+conversion/measure.py, measure_quant: the inputs of each linear).
 Weights are HF-oriented ``[out, in]``, unpadded, float32, in a dict of tensors by short name.
 The modules' forwards also take ``layer``, the decoder layer's index (per-layer sliding windows
 and RoPE depend on it; None: the config's defaults), and ``hook``, a callable ``(x, w, key) -> y``
@@ -53,7 +54,8 @@ def embed(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0,
     (``cfg.embed_scale``: Gemma's sqrt(hidden)), plus rows 0..L-1 of the learned position table
     ``positions`` where the model has one (GPTBigCode).
 
-    Ids at or above V become 0 and negative ids (noise rows) look up row 0 (spec 2.4)."""
+    Ids at or above V become 0 (ExLlamaV2's conversion/measure.py, embeddings) and negative ids
+    (noise rows) look up row 0."""
     ids = ids.to(table.device)
     ids = torch.where(ids >= table.shape[0], 0, ids).clamp(min=0)
     x = F.embedding(ids, table).float()
@@ -381,7 +383,8 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
     weight * w2(act(w1(n)) * w3(n)) [B, L, H], intermediates or None), n = rmsnorm(x).
     ``w`` holds the router under ``spec.moe_router`` and expert j's linears as "w1.<j>" etc.
 
-    Intermediates, for the Hessians and the coverage report (spec 3.2), per row r of the B:
+    Intermediates, for the Hessians and the coverage report (ExLlamaV2's conversion/measure.py,
+    measure_moe_mlp), per row r of the B:
     {"post_norm": n [B, L, H]; EXPERT_TOKENS: int64 [B, E] tokens routed to each expert;
     MOE_SHARED_INPUT: list of B, n[r] [L, H] if expert 0 got a token in row r, else None;
     "pre_down.<j>": list of B, expert j's act(w1) * w3 on its tokens of row r [T_rj, I], or None
