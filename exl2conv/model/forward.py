@@ -219,13 +219,15 @@ def plain_causal(cfg: ModelConfig, length: int) -> bool:
 
 
 def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope,
-              capture: bool = False, layer: int | None = None,
+              capture: bool = False, *, layer: int | None,
               hook=None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """x f32 [B, L, H] -> (x + o_proj(attn(rmsnorm(x))) [B, L, H], intermediates or None).
 
     Causal from position 0, GQA by repeating KV heads. ``rope`` is a :class:`RotaryCache` or a
     (cos, sin) pair with at least L rows. With ``capture``, intermediates are
-    {"post_norm": [B, L, H], "attn_output": [B, L, heads*head_dim]}."""
+    {"post_norm": [B, L, H], "attn_output": [B, L, heads*head_dim]}. ``layer`` has no default: a
+    call that left it out would run every layer with the config's window and RoPE, wrong for the
+    models whose layers differ (Gemma 2 and 3, Cohere2); None says so on purpose."""
     n = _module_norm(x, w, spec_of(cfg).attn_norms[0], cfg)
     o, a = _attention_branch(n, w, cfg, rope, layer, hook)
     return x + o, ({"post_norm": n, "attn_output": a} if capture else None)
@@ -286,7 +288,7 @@ def _qk_norm(t: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig) -> torch.T
 
 
 def parallel(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope,
-             capture: bool = False, layer: int | None = None,
+             capture: bool = False, *, layer: int | None,
              hook=None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """A parallel decoder layer (Cohere): x -> x + attn(n) + mlp(n), n = norm(x), the attention's
     and the MLP's linears all in ``w``. Intermediates: post_norm (the input of q/k/v, gate and up),

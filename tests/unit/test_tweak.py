@@ -35,7 +35,7 @@ def test_tweak_recovers_a_lost_input_scale(tiny, kind, keys):
     cfg, index, x = tiny
     w = forward.load_layer_weights(index, cfg, 0, kind)
     rope = forward.rope_tables(cfg, x.shape[1])
-    target, _ = (forward.attention if kind == "attn" else forward.mlp)(x, w, cfg, rope)
+    target, _ = forward.BLOCKS[kind](x, w, cfg, rope, layer=0)
     d = 0.03 * torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     broken = scaled_columns(w, keys, d)
     run = ModuleRun(kind, broken, layer_linears(cfg, 0, kind), cfg, rope, 2, 0)
