@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.model import arch, forward
+from exl2conv.qparams import MLP_INPUT_LINEARS
 from exl2conv.model.config import load_config
 from exl2conv.model.weights import WeightIndex
 from exl2conv.pack import LINEAR_KEYS, decode_linear, mlp_bias_from_runtime_order
@@ -60,7 +61,7 @@ class Exl2Weights:
         the order of its down projection's q_perm (:func:`pack.mlp_bias_to_runtime_order`)."""
         b = self.plain(f"{spec.name}.bias", device)
         down = specs.get("down_proj")
-        if spec.short in ("gate_proj", "up_proj") and down is not None:
+        if spec.short in MLP_INPUT_LINEARS and down is not None:
             inv = self.rename(f"{down.name}.q_invperm")
             if inv in self.where:
                 b = mlp_bias_from_runtime_order(b, self.where[inv].get_tensor(inv).to(b.device))

@@ -162,9 +162,14 @@ _A = {  # shorthands for the attention table
     "8 g128": qp((8, 128, 1)),
 }
 
+# The linears' short names, in the option tables' column order (ExLlamaV2's conversion/qparams.py,
+# qparams_attn and qparams_mlp): the one home of these names, which the architecture table and the
+# passes use too.
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 MOE_LINEARS = ("w1", "w3", "w2")  # same columns as MLP_LINEARS, in the same order
+QKV_LINEARS = ATTN_LINEARS[:3]
+MLP_INPUT_LINEARS = MLP_LINEARS[:2]  # the two that read the MLP's normed input (gate, up)
 
 # columns: q, k, v, o
 ATTN_OPTIONS: tuple[tuple[QParams, ...], ...] = tuple(

@@ -17,7 +17,7 @@ from exl2conv.layers import ModuleRun, grad_rows, padded_bias, padded_wt, run_bl
 from exl2conv.measure import check_finite, module_name, reference_factors
 from exl2conv.model.arch import LinearSpec
 from exl2conv.pack import decode_linear, mlp_bias_to_runtime_order, pack_linear
-from exl2conv.qparams import QParams
+from exl2conv.qparams import MLP_INPUT_LINEARS, QParams
 
 # The tweak's forward and backward take this many times the pass's chunk of rows per call: fewer,
 # larger calls (its autograd keeps a few intermediates per chunk, the pass's chunk sizes one).
@@ -109,7 +109,7 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
         qparams = QParams.from_dict(entry[spec.short])
         bias = w.get(f"{key}.bias")
         tensors, decoded, rep = quantize_linear(w[key], bias, spec, factors.get(spec), qparams)
-        if spec.short in ("gate_proj", "up_proj") and spec.expert is None and "bias" in tensors:
+        if spec.short in MLP_INPUT_LINEARS and spec.expert is None and "bias" in tensors:
             in_runtime_order[spec.name] = tensors
         else:
             save(spec.name, tensors)

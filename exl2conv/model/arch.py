@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import Exl2Error
+from ..qparams import ATTN_LINEARS, MLP_INPUT_LINEARS, MLP_LINEARS, MOE_LINEARS, QKV_LINEARS
 
 if TYPE_CHECKING:  # config imports this module; a runtime import would be circular
     from .config import ModelConfig
@@ -51,9 +52,9 @@ class ArchSpec:
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
     attn_prefix: str = "self_attn"
     mlp_prefix: str = "mlp"
-    attn_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    attn_linears: tuple[str, ...] = ATTN_LINEARS
     # An MLP without "gate_proj" is ungated: down(act(up(x))) (Starcoder2).
-    mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    mlp_linears: tuple[str, ...] = MLP_LINEARS
     # The checkpoint's name of a linear where it differs from its short name, which stays the
     # name of its column in the measurement (Starcoder2's up_proj is "c_fc", down_proj "c_proj").
     linear_names: tuple[tuple[str, str], ...] = ()
@@ -147,7 +148,7 @@ class ArchSpec:
 _PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
                ("v_proj", "self_attn.qkv_proj", 2), ("gate_proj", "mlp.gate_up_proj", 0),
                ("up_proj", "mlp.gate_up_proj", 1))
-_ALL_BIASED = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"})
+_ALL_BIASED = frozenset(ATTN_LINEARS + MLP_LINEARS[1:])
 # GPTBigCode's and GPT-2's blocks: LayerNorms ln_1/ln_2 with biases, c_attn split into q/k/v, an
 # ungated tanh-GELU MLP c_fc/c_proj, every linear biased, learned positions instead of RoPE.
 _GPT2_BLOCKS = dict(
@@ -167,7 +168,7 @@ ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
     "MistralForCausalLM": ArchSpec("MistralForCausalLM", sliding_window=True),
     "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM",
-                                 always_biased=frozenset({"q_proj", "k_proj", "v_proj"})),
+                                 always_biased=frozenset(QKV_LINEARS)),
     "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", qk_norm=True),
     "Phi3ForCausalLM": ArchSpec("Phi3ForCausalLM", fused=_PHI3_FUSED),
     "GemmaForCausalLM": ArchSpec("GemmaForCausalLM", act_names=("gelu", "gelu_pytorch_tanh"), **_GEMMA),
@@ -215,12 +216,9 @@ ARCHS: dict[str, ArchSpec] = {
     "CohereForCausalLM": ArchSpec("CohereForCausalLM", **_COHERE),
     "Cohere2ForCausalLM": ArchSpec("Cohere2ForCausalLM", sliding_window=True, rope_sliding_only=True, **_COHERE),
     "MixtralForCausalLM": ArchSpec("MixtralForCausalLM", sliding_window=True, moe=True,
-                                   mlp_prefix="block_sparse_moe", mlp_linears=("w1", "w3", "w2")),
+                                   mlp_prefix="block_sparse_moe", mlp_linears=MOE_LINEARS),
 }
 
-QKV_LINEARS = ("q_proj", "k_proj", "v_proj")
-ATTN_BIAS_LINEARS = QKV_LINEARS + ("o_proj",)
-MLP_BIAS_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 # (in_features, out_features) of each linear, from the config.
 _SHAPES: dict[str, Callable[["ModelConfig"], tuple[int, int]]] = {
@@ -332,8 +330,8 @@ def is_biased(cfg: "ModelConfig", short: str) -> bool:
     spec = spec_of(cfg)
     return (
         short in spec.always_biased
-        or (cfg.attention_bias and short in (QKV_LINEARS if spec.bias_qkv_only else ATTN_BIAS_LINEARS))
-        or (cfg.mlp_bias and short in MLP_BIAS_LINEARS)
+        or (cfg.attention_bias and short in (QKV_LINEARS if spec.bias_qkv_only else ATTN_LINEARS))
+        or (cfg.mlp_bias and short in MLP_LINEARS)
     )
 
 
@@ -343,7 +341,7 @@ def _fused_rows(cfg: "ModelConfig", short: str, part: int) -> tuple[tuple[int, i
     InternLM2's wqkv (``ArchSpec.qkv_interleaved``) holds one block per key/value head: its G =
     heads / kv_heads query heads, then its key head, then its value head; q takes the first G*d
     rows of every block, k the next d, v the last d (ExLlamaV2's module.load_weight_fused)."""
-    if short in ("gate_proj", "up_proj"):
+    if short in MLP_INPUT_LINEARS:
         n = cfg.intermediate_size
         return ((part * n, (part + 1) * n),)
     d, kv = cfg.head_dim, cfg.num_kv_heads
