@@ -1,5 +1,5 @@
 """Float32 causal attention, forward and backward, on a GPU: the passes' blocked attention
-(exl2conv.model.forward._BlockedAttention) against PyTorch's kernels.
+(exl2conv.model.attention_kernels.BlockedAttention) against PyTorch's kernels.
 
     python benchmarks/bench_attention.py
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from exl2conv.model import forward
+from exl2conv.model import attention_kernels
 
 
 def step(variant: str, q, k, v, grad):
@@ -32,11 +32,11 @@ def step(variant: str, q, k, v, grad):
         finally:
             torch.use_deterministic_algorithms(False)
     elif variant.startswith("blocked"):
-        forward.BLOCK = int(variant.split("_")[1])
-        out = forward._BlockedAttention.apply(q, k, v, None)
+        attention_kernels.BLOCK = int(variant.split("_")[1])
+        out = attention_kernels.BlockedAttention.apply(q, k, v, None)
         out.backward(grad)
     else:  # float16 flash, the EXL2CONV_HALF_ATTENTION path
-        out = forward._HalfAttention.apply(q, k, v, None)
+        out = attention_kernels.HalfAttention.apply(q, k, v, None)
         out.backward(grad)
     return out.detach(), q.grad, k.grad, v.grad
 
