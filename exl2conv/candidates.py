@@ -195,10 +195,8 @@ class CandidateScorer:
         base = self.w[key]
         if isinstance(src, Coded):
             got = codes.get(src) if codes is not None else None
-            if self.low == torch.bfloat16:
-                fused = src.delta(base, got)  # the same bits and strides in one kernel, where it runs
-                if fused is not None:
-                    return fused
+            if self.low == torch.bfloat16:  # one kernel where it runs, else its reference: the same bits
+                return src.delta(base, got)
             dense = src.decode(got)
         else:
             dense = src.to(self.device)
