@@ -4,6 +4,7 @@
     python benchmarks/bench_convert.py --smollm2 DIR --full   # the same as one job per tool
     python benchmarks/bench_convert.py --llama7b-layers 4     # random weights, Llama-2-7B layer shapes
     python benchmarks/bench_convert.py --llama7b-layers 2,6 --measure-only
+    python benchmarks/bench_convert.py --qwen3moe-layers 2,4   # 128 experts, 8 active
 
 Prints a table: wall time of the measurement pass and of the quantization pass, seconds per layer
 for each, peak GPU memory and peak RSS, and the ratio exl2conv / ExLlamaV2 for each figure.
@@ -60,33 +61,78 @@ def run(module: str, args: list[str], log: Path) -> dict:
     return {"wall": wall, **peak}
 
 
-def make_llama7b(path: Path, layers: int, tokenizer_from: Path | None) -> Path:
+# Random models with the shapes of real ones (random weights, the tiny byte-level tokenizer).
+# qwen3moe: Qwen3-30B-A3B's layers (config.json of Qwen/Qwen3-30B-A3B): 128 experts of width 768,
+# 8 routed per token, 32 query and 4 key/value heads of 128, q/k norms, with a 32k vocabulary so
+# that the head does not dominate the figures. "MixtralForCausalLM" lays the same shapes out as
+# Mixtral (no q/k norms, "block_sparse_moe.experts.<j>.w1/w3/w2").
+SHAPES = {
+    "llama7b": dict(arch="LlamaForCausalLM", hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128,
+                    vocab=32000, eps=1e-5),
+    "qwen3moe": dict(arch="Qwen3MoeForCausalLM", hidden=2048, intermediate=768, heads=32, kv_heads=4, head_dim=128,
+                     vocab=32000, eps=1e-6, experts=128, top_k=8),
+}
+
+
+def _moe_names(arch: str) -> tuple[str, str, tuple[str, str, str]]:
+    """(router, expert prefix, (gate, up, down) names) of an MoE layout."""
+    if arch == "MixtralForCausalLM":
+        return "block_sparse_moe.gate", "block_sparse_moe.experts", ("w1", "w3", "w2")
+    return "mlp.gate", "mlp.experts", ("gate_proj", "up_proj", "down_proj")
+
+
+def make_model(path: Path, shape: str, layers: int, tokenizer_from: Path | None, arch: str | None = None) -> Path:
+    """A random model of ``SHAPES[shape]`` with ``layers`` layers (``arch`` overrides its layout)."""
     import torch
     from safetensors.torch import save_file
 
+    sh = dict(SHAPES[shape])
+    arch = arch or sh["arch"]
     path.mkdir(parents=True, exist_ok=True)
-    h, i, v = 4096, 11008, 32000
-    g = torch.Generator(device="cuda").manual_seed(0)
+    h, i, v, d = sh["hidden"], sh["intermediate"], sh["vocab"], sh["head_dim"]
+    q, kv, experts = sh["heads"] * d, sh["kv_heads"] * d, sh.get("experts", 0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # drawn on the GPU: 128 experts take long on a CPU
+    g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*shape, std):
-        return (torch.randn(*shape, generator=g, device="cuda") * std).half().cpu()
+        return (torch.randn(*shape, generator=g, device=dev) * std).half().cpu()
 
-    t = {"model.embed_tokens.weight": rnd(v, h, std=0.02), "model.norm.weight": torch.ones(h, dtype=torch.float16),
+    def ones(n):
+        return torch.ones(n, dtype=torch.float16)
+
+    t = {"model.embed_tokens.weight": rnd(v, h, std=0.02), "model.norm.weight": ones(h),
          "lm_head.weight": rnd(v, h, std=0.02)}
     for n in range(layers):
         p = f"model.layers.{n}."
-        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t[p + f"self_attn.{name}.weight"] = rnd(h, h, std=h ** -0.5)
-        t[p + "mlp.gate_proj.weight"] = rnd(i, h, std=h ** -0.5)
-        t[p + "mlp.up_proj.weight"] = rnd(i, h, std=h ** -0.5)
-        t[p + "mlp.down_proj.weight"] = rnd(h, i, std=i ** -0.5)
+        t[p + "input_layernorm.weight"] = ones(h)
+        t[p + "post_attention_layernorm.weight"] = ones(h)
+        for name, rows, cols in (("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)):
+            t[p + f"self_attn.{name}.weight"] = rnd(rows, cols, std=cols ** -0.5)
+        if arch == "Qwen3MoeForCausalLM":
+            t[p + "self_attn.q_norm.weight"] = ones(d)
+            t[p + "self_attn.k_norm.weight"] = ones(d)
+        if experts:
+            router, prefix, (gate, up, down) = _moe_names(arch)
+            t[p + router + ".weight"] = rnd(experts, h, std=h ** -0.5)
+            for j in range(experts):
+                e = f"{p}{prefix}.{j}."
+                t[e + gate + ".weight"] = rnd(i, h, std=h ** -0.5)
+                t[e + up + ".weight"] = rnd(i, h, std=h ** -0.5)
+                t[e + down + ".weight"] = rnd(h, i, std=i ** -0.5)
+        else:
+            t[p + "mlp.gate_proj.weight"] = rnd(i, h, std=h ** -0.5)
+            t[p + "mlp.up_proj.weight"] = rnd(i, h, std=h ** -0.5)
+            t[p + "mlp.down_proj.weight"] = rnd(h, i, std=i ** -0.5)
     save_file(t, str(path / "model.safetensors"))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-           "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": layers, "vocab_size": v,
-           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "hidden_act": "silu",
+    cfg = {"architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral",
+                                                   "Qwen3MoeForCausalLM": "qwen3_moe"}[arch],
+           "hidden_size": h, "intermediate_size": i, "num_attention_heads": sh["heads"],
+           "num_key_value_heads": sh["kv_heads"], "head_dim": d, "num_hidden_layers": layers, "vocab_size": v,
+           "rms_norm_eps": sh["eps"], "rope_theta": 10000.0, "max_position_embeddings": 4096, "hidden_act": "silu",
            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+    if experts:
+        cfg.update(num_local_experts=experts, num_experts=experts, num_experts_per_tok=sh["top_k"],
+                   moe_intermediate_size=i, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer_from:
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -168,7 +214,11 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.smollm2.smollm2_fp16)")
     ap.add_argument("--llama7b-layers", default="", help="layers of a random Llama-2-7B-shaped model; two counts "
                     "(e.g. 2,6) also give the cost of one more layer")
-    ap.add_argument("--measure-only", action="store_true", help="Llama-2-7B shapes: the measurement job alone")
+    ap.add_argument("--qwen3moe-layers", default="", help="layers of a random Qwen3-30B-A3B-shaped model (128 "
+                    "experts, 8 active); two counts as for --llama7b-layers")
+    ap.add_argument("--moe-arch", default=None, choices=("Qwen3MoeForCausalLM", "MixtralForCausalLM"),
+                    help="the layout of the Qwen3-30B-A3B-shaped model (default Qwen3MoeForCausalLM)")
+    ap.add_argument("--measure-only", action="store_true", help="random models: the measurement job alone")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
     ap.add_argument("--no-exllamav2", action="store_true", help="time exl2conv alone")
     ap.add_argument("--full", action="store_true",
@@ -185,21 +235,25 @@ def main() -> None:
               flush=True)
     elif args.smollm2:
         print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], have)), flush=True)
-    counts = [int(n) for n in args.llama7b_layers.split(",") if n.strip()]
-    if len(counts) > 2 or any(n < 1 for n in counts) or len(set(counts)) < len(counts):
-        raise SystemExit("--llama7b-layers: one layer count, or two different ones (e.g. 2,6)")
-    results = []
-    for n in counts:
-        model = make_llama7b(args.work / f"llama7b-{n}", n, args.smollm2)
-        rows = bench(model, n, args.work / f"l7-{n}", [], have, quant=not args.measure_only)
-        results.append(rows)
-        print(table(f"Llama-2-7B shapes, {n} layers, random weights (-b 4.0)", rows), flush=True)
-        shutil.rmtree(model, ignore_errors=True)
-    if len(counts) == 2:
-        (lo, r_lo), (hi, r_hi) = sorted(zip(counts, results), key=lambda t: t[0])
-        print(table(f"Llama-2-7B shapes, one more layer: (T({hi}) - T({lo})) / {hi - lo}", marginal(lo, hi, r_lo, r_hi)),
-              flush=True)
-
+    for shape, spec, title in (("llama7b", args.llama7b_layers, "Llama-2-7B shapes"),
+                               ("qwen3moe", args.qwen3moe_layers, "Qwen3-30B-A3B shapes")):
+        counts = [int(n) for n in spec.split(",") if n.strip()]
+        if len(counts) > 2 or any(n < 1 for n in counts) or len(set(counts)) < len(counts):
+            raise SystemExit(f"--{shape}-layers: one layer count, or two different ones (e.g. 2,6)")
+        arch = args.moe_arch if shape == "qwen3moe" else None
+        if arch:
+            title += f" in {arch}'s layout"
+        results = []
+        for n in counts:
+            model = make_model(args.work / f"{shape}-{n}", shape, n, args.smollm2, arch)
+            rows = bench(model, n, args.work / f"{shape}-run-{n}", [], have, quant=not args.measure_only)
+            results.append(rows)
+            print(table(f"{title}, {n} layers, random weights (-b 4.0)", rows), flush=True)
+            shutil.rmtree(model, ignore_errors=True)
+        if len(counts) == 2:
+            (lo, r_lo), (hi, r_hi) = sorted(zip(counts, results), key=lambda t: t[0])
+            print(table(f"{title}, one more layer: (T({hi}) - T({lo})) / {hi - lo}", marginal(lo, hi, r_lo, r_hi)),
+                  flush=True)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ import torch
 
 from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
-from exl2conv import gptq, memory
+from exl2conv import gptq, memory, moe_measure
 from exl2conv.coded import Coded
 from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
 from exl2conv.layers import ModuleRun, padded_wt, run_block
@@ -132,10 +132,12 @@ class Factors:
             self.get(spec)
 
     def done(self, key: str) -> None:
-        """Linear ``key`` has used its factor: it goes if no later linear reads it."""
+        """Linear ``key`` has used its factor: it goes if no later linear reads it (with its
+        accumulator, where it was never prepared: an expert that no calibration token reached)."""
         src = self.specs[key].hessian_input
         if self.last_user[src] == key:
-            del self.preps[src]
+            self.preps.pop(src, None)
+            self.hess.pop(src, None)
 
 
 def reference_factors(run: ModuleRun, states: torch.Tensor, name: str, label: Callable[[LinearSpec], str],
@@ -167,14 +169,13 @@ def codes_sizes(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
             for _ in distinct[cols.index(spec.short)]]
 
 
-def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list, host: bool,
+def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list,
                          host_codes: bool = False, buffer: torch.Tensor | None = None,
                          arena: memory.HostArena | None = None) -> list:
     """Every setting of ``qparams`` applied to one linear (``w``: its ``[out, in]`` weight) by GPTQ,
     a pass of :data:`gptq.GPTQ_BYTES` at a time: as :class:`Coded` weights on the device (a
     quarter of float32; with ``host_codes`` their codes in pinned host memory, in ``arena`` when
-    given), or with ``host`` as float16 ``[out, in]`` tensors in host memory (an MoE block's many
-    experts would crowd the accelerator; ExLlamaV2 keeps them there too)."""
+    given). An MoE block's experts go through :func:`moe_measure.dense_candidates` instead."""
     out = []
     out_features = spec.out_features
     perm = prep.perm.to(w.device)
@@ -184,11 +185,8 @@ def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qpar
                     buffer)
     for batch in quantize_batches(source, prep, qparams, keep_codes=False, max_bytes=gptq.GPTQ_BYTES):
         for res in batch:
-            if host:  # dequantized values are exact in float16
-                out.append(res.weight[:, :out_features].T.to("cpu", torch.float16))
-            else:
-                coded = Coded.of(res, out_features, invperm)
-                out.append(coded.to_host(arena) if host_codes else coded)
+            coded = Coded.of(res, out_features, invperm)
+            out.append(coded.to_host(arena) if host_codes else coded)
         del batch, res  # frees the pass before the next one starts
     return out
 
@@ -244,15 +242,16 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
                                        on_coverage)
     if large:
         memory.release_unused(dev)  # the reference pass's buffers, before the GPTQ passes map their own
-    candidates = _candidates(run, factors, {key: distinct[column[key]] for key in specs}, numel, large,
-                             host_codes, arena)
-    del factors
     if fisher is not None:
         fisher = fisher.to(dev, torch.float32)
-    if large:
-        memory.release_unused(dev)  # the GPTQ passes' buffers, before the scoring's
-    all_errs = _table_errors(run, states, y_ref, candidates, [{key: row[column[key]] for key in specs} for row in rows],
-                             err_weight, fisher)
+    if is_moe(specs):  # expert by expert, nothing kept (moe_measure)
+        all_errs = moe_measure.table_errors(run, states, y_ref, factors, dict(zip(cols, distinct)),
+                                            [dict(zip(cols, row)) for row in rows], err_weight, fisher)
+    else:
+        all_errs = _scored_table(run, states, y_ref, factors, {key: distinct[column[key]] for key in specs},
+                                 [{key: row[column[key]] for key in specs} for row in rows], numel, large,
+                                 host_codes, arena, err_weight, fisher)
+    del factors
     entries, predicted = [], []
     tokens = states.shape[0] * states.shape[1]
     for row, errs, total_bits in zip(rows, all_errs, entry_bits(kind, specs)):
@@ -267,25 +266,36 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
     return entries, y_ref, (predicted if fisher is not None else None)
 
 
+def _scored_table(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, factors: Factors,
+                  settings: dict[str, list], choices: list[dict[str, int]], numel: int, large: bool,
+                  host_codes: bool, arena: memory.HostArena | None, err_weight: torch.Tensor | None,
+                  fisher: torch.Tensor | None) -> torch.Tensor:
+    """A dense module's table: every candidate made (:func:`_candidates`), then every row scored
+    (:func:`_table_errors`)."""
+    candidates = _candidates(run, factors, settings, numel, large, host_codes, arena)
+    if large:
+        memory.release_unused(run.device)  # the GPTQ passes' buffers, before the scoring's
+    return _table_errors(run, states, y_ref, candidates, choices, err_weight, fisher)
+
+
 def _candidates(run: ModuleRun, factors: Factors, settings: dict[str, list], numel: int, large: bool,
                 host_codes: bool, arena: memory.HostArena | None) -> dict[str, list]:
     """:func:`measure_module`'s GPTQ phase: every linear of ``run.specs`` quantized with each of
     its ``settings`` (:func:`quantized_candidates`), on ``run.device``; ``numel``: the size of the
     largest pass (:func:`pass_numel`), ``large``: whether it is worth releasing the cache for."""
-    dev, moe = run.device, is_moe(run.specs)
+    dev = run.device
     buffer = None
-    if dev.type == "cuda" and not moe:
+    if dev.type == "cuda":
         # every factor first, then one pass buffer for all the linears' passes: no [K, K]
-        # temporaries made between passes, nothing taking the place of a freed pass (an MoE
-        # block's many experts are prepared one at a time: their factors would not fit)
+        # temporaries made between passes, nothing taking the place of a freed pass
         factors.prepare_all()
         if large:
             memory.release_unused(dev)
         buffer = torch.empty(numel, dtype=torch.float32, device=dev)
     candidates: dict[str, list] = {}
     for key, spec in run.specs.items():
-        candidates[key] = quantized_candidates(run.weights[key], spec, factors.get(spec), settings[key], moe,
-                                               host_codes, buffer, arena)
+        candidates[key] = quantized_candidates(run.weights[key], spec, factors.get(spec), settings[key], host_codes,
+                                               buffer, arena)
         factors.done(key)
     return candidates
 
@@ -295,24 +305,10 @@ def _table_errors(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, can
                   fisher: torch.Tensor | None) -> torch.Tensor:
     """The errors (:meth:`CandidateScorer.errors_table`, on the CPU) of each row of a module's
     option table, ``choices`` giving each linear's candidate index per row."""
-    w, dev, moe = run.weights, run.device, is_moe(run.specs)
-    # a table scorer holds one chunk's recording at a time; an MoE block's candidates stay in host
-    # memory, so it is scored a row at a time (each row's changed experts copied in once)
+    w = run.weights
+    # the scorer holds one chunk's recording at a time
     others = frozenset(layer_linears(run.cfg, run.layer)) - run.specs.keys() if run.kind == "parallel" else frozenset()
-    scorer = CandidateScorer(run, states, y_ref, err_weight, fisher=fisher, table=not moe, frozen=others)
-    if moe:
-        current: dict[str, int] = {}
-        trial = dict(w)
-        row_errs = []
-        for row in choices:
-            for key, choice in row.items():
-                if current.get(key) != choice:
-                    trial[key] = candidates[key][choice].to(dev, torch.float32)
-                    current[key] = choice
-            row_errs.append(scorer.errors(trial))
-        all_errs = torch.stack(row_errs)
-    else:
-        all_errs = scorer.errors_table([{**w, **{key: candidates[key][i] for key, i in row.items()}}
-                                        for row in choices])
+    scorer = CandidateScorer(run, states, y_ref, err_weight, fisher=fisher, table=True, frozen=others)
+    all_errs = scorer.errors_table([{**w, **{key: candidates[key][i] for key, i in row.items()}} for row in choices])
     # one copy to the host for the whole table: no sync per candidate
     return all_errs.cpu()

@@ -14,7 +14,13 @@ def relative_errors(y: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor
     device (no host sync: callers collect them and copy once).
     With ``fisher`` ``[H]``, float64 ``[B, 2]``: the relative error and ``sum_{t,c} F[c] e[t, c]^2``
     of each row (half of it is the row's predicted KL, see :mod:`exl2conv.sensitivity`)."""
-    d = y - ref
+    return delta_errors(y - ref, ref, err_weight, fisher)
+
+
+def delta_errors(d: torch.Tensor, ref: torch.Tensor, err_weight: torch.Tensor | None,
+                 fisher: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`relative_errors` from the difference ``d = y - ref`` itself (an MoE block's
+    measurement sums it expert by expert, :mod:`exl2conv.moe_measure`)."""
     cost = None if fisher is None else (d.square() * fisher).sum((1, 2)).double()
     r = ref
     if err_weight is not None:

@@ -420,6 +420,16 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
     return x + out.view(b, length, hidden), inter
 
 
+def moe_routes(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MoE block's routing of x f32 [B, L, H]: (the experts' input n = norm(x) [B * L, H], the
+    routing weights f32 [B * L, k], the experts int64 [B * L, k]), as :func:`moe_mlp` computes them."""
+    spec = spec_of(cfg)
+    flat = _module_norm(x, w, spec.mlp_norms[0], cfg).reshape(-1, x.shape[-1])
+    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok)
+    return flat, weights, experts
+
+
 def final_norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
     """x f32 [B, L, H] -> [B, L, H]."""
