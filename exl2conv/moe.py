@@ -60,7 +60,7 @@ class ExpertCoverage:
             shares, bad = 100 * self.tokens.double() / total, self.uncalibrated
             return (f"{self.name}: calibration tokens routed to each of {len(self.tokens)} experts: "
                     f"{shares.min():.1f}% to {shares.max():.1f}% (mean {shares.mean():.1f}%), "
-                    f"{int((self.tokens == 0).sum())} got none; rows in which one got under 1/{MIN_SHARE_DIVISOR} "
+                    f"{int((self.tokens == 0).sum())} got none; per expert, the rows in which it got under 1/{MIN_SHARE_DIVISOR} "
                     f"of the tokens: {int(bad.min())} to {int(bad.max())} (of {self.rows})")
         shares = " ".join(f"{100 * t / total:.0f}%" for t in self.tokens.tolist())
         short = " ".join(str(n) for n in self.uncalibrated.tolist())
@@ -72,11 +72,13 @@ class ExpertCoverage:
         bad = self.flagged()
         if not bad:
             return None
-        counts = ", ".join(f"{self.uncalibrated[j]}/{self.rows}" for j in bad[:LISTED_EXPERTS])
-        which = ", ".join(str(j) for j in bad[:LISTED_EXPERTS])
-        if len(bad) > LISTED_EXPERTS:
-            more = f" and {len(bad) - LISTED_EXPERTS} more ({len(bad)} of {len(self.tokens)})"
-            which, counts = which + more, counts + ", ..."
+        counts = ", ".join(f"{self.uncalibrated[j]}/{self.rows}" for j in bad)
+        which = ", ".join(str(j) for j in bad)
+        if len(bad) > LISTED_EXPERTS:  # the first few, and the worst count
+            shown = LISTED_EXPERTS // 2
+            which = (f"{', '.join(str(j) for j in bad[:shown])} and {len(bad) - shown} more "
+                     f"({len(bad)} of {len(self.tokens)})")
+            counts = f"up to {int(self.uncalibrated.max())}/{self.rows}"
         return (f"{self.name}: expert{'s' if len(bad) > 1 else ''} {which} got under 1/{MIN_SHARE_DIVISOR} "
                 f"of a row's tokens in more than {MAX_UNCALIBRATED_ROWS:.0%} of the calibration rows "
                 f"({counts} rows), so {'their' if len(bad) > 1 else 'its'} weights are quantized on little "
