@@ -355,6 +355,16 @@ def _scales(r: _Reader, arch: str, hidden: int, num_layers: int) -> dict:
                 norm_head=bool(r.raw.get("norm_head")), partial_rotary_factor=partial)
 
 
+def _intermediate(r: _Reader, spec, hidden: int) -> int:
+    """The MLP's width: an MoE expert's where the config has moe_intermediate_size (Qwen3-MoE; as
+    ExLlamaV2's config.py reads it for any MoE architecture), else intermediate_size or n_inner;
+    GPTBigCode's n_inner may be null: 4 x hidden, as transformers builds it."""
+    if spec.moe and r.raw.get("moe_intermediate_size") is not None:
+        return r.int("moe_intermediate_size")
+    key = _first(r, ("intermediate_size", "n_inner"))
+    return r.int(key) if key or not spec.positions else 4 * hidden
+
+
 def _source_prefix(model_dir: Path, prefix: str) -> str:
     """``prefix`` where the checkpoint's tensor names start with it, else "" (headers only)."""
     if not prefix:
@@ -378,11 +388,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     spec = ARCHS[arch]
     # the older names GPT-style configs use (n_embd, ...), which ExLlamaV2 reads for every architecture
     hidden = r.int(_key(r, ("hidden_size", "n_embd")))
-    inter_key = _first(r, ("intermediate_size", "n_inner"))
-    # GPTBigCode's n_inner may be null: 4 x hidden, as transformers builds it
-    inter = r.int(inter_key) if inter_key or not spec.positions else 4 * hidden
-    if spec.moe and r.raw.get("moe_intermediate_size") is not None:  # an expert's width (Qwen3-MoE)
-        inter = r.int("moe_intermediate_size")
+    inter = _intermediate(r, spec, hidden)
     heads = r.int(_key(r, ("num_attention_heads", "n_head")))
     kv_heads = r.int("num_key_value_heads", heads)
     if spec.mqa:

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from exl2conv.cli import main
-from exl2conv.model import WeightIndex, forward, layer_linears, load_config
+from exl2conv.model import WeightIndex, forward, load_config
 from exl2conv.model import arch as arch_mod
-from exl2conv.pack import LINEAR_KEYS, decode_linear
 from exl2conv.qparams import MLP_OPTIONS, QParams
-from tests.e2e.test_architectures import ARGS, _Swapped, expected_names, read_output, write_parquet
+from tests.e2e.test_architectures import ARGS, _decoded, _Swapped, expected_names, read_output, write_parquet
 from tests.tinymoe import MOE_ARCHS, make_tiny_moe
 
 # The expert names in the output, w1 (gate), w3 (up), w2 (down), as ExLlamaV2's architecture.py keys them
@@ -77,31 +76,10 @@ def test_measurement_keys(converted):
     assert set(job["strategy"]) == set(keys)
 
 
-def decoded_sources(cfg, index, tensors) -> dict[str, torch.Tensor]:
-    """Source tensor -> what the output's quantized linears decode to, in the source's layout:
-    a fused source (DBRX's Wqkv and expert stacks) with every part written back where it came from."""
-    specs = [s for i in range(cfg.num_layers) for s in layer_linears(cfg, i).values()]
-    specs.append(arch_mod.head_spec(cfg, index))
-    out = {}
-    for spec in specs:
-        name = arch_mod.output_name(cfg, spec.name)
-        packed = {k: tensors[f"{name}.{k}"] for k in LINEAR_KEYS if f"{name}.{k}" in tensors}
-        w = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
-        if spec.rows or spec.in_rows:
-            whole = out.setdefault(spec.tensor, index.get(spec.tensor).clone())
-            if spec.in_rows:  # DBRX's w2: stored [in, out]
-                whole[spec.in_rows[0]:spec.in_rows[1]] = w.T
-            else:
-                whole[torch.cat([torch.arange(a, b) for a, b in spec.rows])] = w
-        else:
-            out[spec.tensor] = w
-    return out
-
-
 def test_decoded_weights_are_close(converted):
     _, src, _, out = converted
     cfg, index = load_config(src), WeightIndex(src)
-    decoded = decoded_sources(cfg, index, read_output(out))
+    decoded = _decoded(cfg, index, read_output(out))
     errs = {name: float((w - index.get(name)).norm() / index.get(name).norm()) for name, w in decoded.items()}
     assert max(errs.values()) < 0.15, errs
     assert sum(errs.values()) / len(errs) < 0.07, errs
@@ -112,7 +90,7 @@ def test_quantized_model_runs_close_to_the_original(converted):
     weights were used (the tiny Gemmoe's softmaxes are one-hot, so its KL is 0)."""
     _, src, _, out = converted
     cfg, index = load_config(src), WeightIndex(src)
-    quant = _Swapped(index, decoded_sources(cfg, index, read_output(out)))
+    quant = _Swapped(index, _decoded(cfg, index, read_output(out)))
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
     ref_logits, got_logits = forward.run_model(index, cfg, ids), forward.run_model(quant, cfg, ids)
     ref, got = torch.log_softmax(ref_logits, dim=-1), torch.log_softmax(got_logits, dim=-1)
