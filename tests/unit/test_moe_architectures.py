@@ -204,3 +204,20 @@ def test_coverage_of_128_experts_is_one_line_each():
     assert f"experts 0, 1, 2, 3, 4, 5, 6, 7 and {len(cov.flagged()) - 8} more ({len(cov.flagged())} of 128)" \
         in cov.warning()
     assert "each of 128 experts" in cov.summary()
+
+
+def test_caveats_are_printed_as_the_job_starts(models, capsys):
+    """print_plan ends with one warning line per caveat (Gemmoe: ExLlamaV2's experimental note)."""
+    from exl2conv.report import Reporter, print_plan
+
+    class Job(dict):
+        out_dir = "work"
+
+    job = Job(in_dir="m", compile_full=None, cal_dataset="c.parquet", dataset_rows=8, measurement_rows=4,
+              length=64, measurement_length=64, output_measurement=None, bits=4.0, head_bits=6,
+              shard_size=8192.0, rope_scale=None, rope_alpha=None)
+    print_plan(job, "cpu", Reporter(), load_config(models["GemmoeForCausalLM"]))
+    err = capsys.readouterr().err.splitlines()
+    assert err == [" !! Warning: ExLlamaV2 0.3.2 marks its Gemmoe support as experimental and not fully tested"]
+    print_plan(job, "cpu", Reporter(), load_config(models["Qwen3MoeForCausalLM"]))
+    assert capsys.readouterr().err == ""
