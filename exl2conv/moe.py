@@ -60,8 +60,8 @@ class ExpertCoverage:
             shares, bad = 100 * self.tokens.double() / total, self.uncalibrated
             return (f"{self.name}: calibration tokens routed to each of {len(self.tokens)} experts: "
                     f"{shares.min():.1f}% to {shares.max():.1f}% (mean {shares.mean():.1f}%), "
-                    f"{int((self.tokens == 0).sum())} got none; per expert, the rows in which it got under 1/{MIN_SHARE_DIVISOR} "
-                    f"of the tokens: {int(bad.min())} to {int(bad.max())} (of {self.rows})")
+                    f"{int((self.tokens == 0).sum())} got none; per expert, the rows in which it got under "
+                    f"1/{MIN_SHARE_DIVISOR} of the tokens: {int(bad.min())} to {int(bad.max())} (of {self.rows})")
         shares = " ".join(f"{100 * t / total:.0f}%" for t in self.tokens.tolist())
         short = " ".join(str(n) for n in self.uncalibrated.tolist())
         return (f"{self.name}: calibration tokens routed to experts 0..{len(self.tokens) - 1}: {shares}; "

@@ -139,7 +139,8 @@ def gemmoe_twin(path):
     import transformers as tf
 
     raw = json.loads((Path(path) / "config.json").read_text())
-    keep = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "hidden_act", "transformers_version")}
+    drop = ("architectures", "model_type", "hidden_act", "transformers_version")
+    keep = {k: v for k, v in raw.items() if k not in drop}
     config = tf.MixtralConfig(**(keep | {"hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True}))
     tensors = {k: v.float() + (1.0 if k.endswith("norm.weight") else 0.0)
                for k, v in load_file(str(Path(path) / "model.safetensors")).items()}

@@ -245,8 +245,8 @@ ARCHS: dict[str, ArchSpec] = {
         exllamav2_eps_key=None,
         fused=(("q_proj", "norm_attn_norm.attn.Wqkv", 0), ("k_proj", "norm_attn_norm.attn.Wqkv", 1),
                ("v_proj", "norm_attn_norm.attn.Wqkv", 2)),
-        keymap=(("transformer.", "model."), (".blocks.", ".layers."), (".ffn.experts.mlp.", ".block_sparse_moe.experts."),
-                (".ffn.router.layer.", ".block_sparse_moe.gate."), (".norm_attn_norm.norm_1.", ".input_layernorm."),
+        keymap=(("transformer.", "model."), (".blocks.", ".layers."),
+                (".ffn.experts.mlp.", ".block_sparse_moe.experts."), (".ffn.router.layer.", ".block_sparse_moe.gate."), (".norm_attn_norm.norm_1.", ".input_layernorm."),
                 (".norm_attn_norm.norm_2.", ".post_attention_layernorm."), (".norm_attn_norm.attn.", ".self_attn."),
                 (".out_proj.", ".o_proj."), (".norm_f.", ".norm."), (".wte.", ".embed_tokens."))),
     # Gemma with Mixtral's experts (remote code); ExLlamaV2 prints this caveat as it loads one.
