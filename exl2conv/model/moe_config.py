@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .arch import spec_of
+from ..errors import Exl2Error
+from .arch import layer_prefix, spec_of
 
 if TYPE_CHECKING:  # config imports this module
     from .config import ModelConfig
@@ -107,3 +108,18 @@ def caveats(cfg: "ModelConfig") -> list[str]:
         out.append(f"{cfg.arch}: the model clamps q, k and v to +-{cfg.clip_qkv:g} (clip_qkv) and the "
                    "calibration does too, but ExLlamaV2 0.3.2 ignores clip_qkv, so the EXL2 model does not clamp")
     return out
+
+
+def check_expert_layout(cfg: "ModelConfig", names) -> None:
+    """Refuse a checkpoint whose experts are stacked in transformers 5's in-memory form, one 3-D
+    ``<mlp>.experts.gate_up_proj`` / ``down_proj`` per layer, where ExLlamaV2 0.3.2 reads one tensor per
+    expert (the hub's layout, which transformers' save_pretrained writes back); ``names``: the
+    checkpoint's tensor names."""
+    spec = spec_of(cfg)
+    if not spec.moe or spec.fused_experts:
+        return
+    stacked = f"{layer_prefix(cfg, 0)}.{spec.mlp_prefix}.{spec.moe_experts}.gate_up_proj"
+    if stacked in names or f"{stacked}.weight" in names:
+        raise Exl2Error(f"{cfg.model_dir}: the experts are stored stacked ({stacked}), a layout ExLlamaV2 0.3.2 "
+                        "cannot read; save the model with transformers' save_pretrained, which writes one tensor "
+                        "per expert as the hub's checkpoints have them, and convert that")

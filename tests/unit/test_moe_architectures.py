@@ -221,3 +221,25 @@ def test_caveats_are_printed_as_the_job_starts(models, capsys):
     assert err == [" !! Warning: ExLlamaV2 0.3.2 marks its Gemmoe support as experimental and not fully tested"]
     print_plan(job, "cpu", Reporter(), load_config(models["Qwen3MoeForCausalLM"]))
     assert capsys.readouterr().err == ""
+
+
+def test_stacked_experts_are_refused_with_one_line(models, tmp_path):
+    """transformers 5's in-memory layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]) saved as is:
+    refused, naming the tensor and what to do."""
+    from safetensors.torch import load_file, save_file
+
+    from exl2conv.validate import load_model
+
+    src = models["Qwen3MoeForCausalLM"]
+    tensors = load_file(str(src / "model.safetensors"))
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.experts"
+        gate_up = [torch.cat([tensors.pop(f"{p}.{j}.gate_proj.weight"), tensors.pop(f"{p}.{j}.up_proj.weight")])
+                   for j in range(4)]
+        tensors[f"{p}.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{p}.down_proj"] = torch.stack([tensors.pop(f"{p}.{j}.down_proj.weight") for j in range(4)])
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(Exl2Error) as e:
+        load_model(tmp_path, None, None)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in str(e.value) and "save_pretrained" in str(e.value)
