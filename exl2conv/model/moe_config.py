@@ -112,14 +112,15 @@ def caveats(cfg: "ModelConfig") -> list[str]:
 
 def check_expert_layout(cfg: "ModelConfig", names) -> None:
     """Refuse a checkpoint whose experts are stacked in transformers 5's in-memory form, one 3-D
-    ``<mlp>.experts.gate_up_proj`` / ``down_proj`` per layer, where ExLlamaV2 0.3.2 reads one tensor per
-    expert (the hub's layout, which transformers' save_pretrained writes back); ``names``: the
-    checkpoint's tensor names."""
+    ``mlp.experts.gate_up_proj`` / ``down_proj`` per layer (Mixtral's too are under "mlp" there), where
+    ExLlamaV2 0.3.2 reads one tensor per expert (the hub's layout, which transformers' save_pretrained
+    writes back); ``names``: the checkpoint's tensor names."""
     spec = spec_of(cfg)
     if not spec.moe or spec.fused_experts:
         return
-    stacked = f"{layer_prefix(cfg, 0)}.{spec.mlp_prefix}.{spec.moe_experts}.gate_up_proj"
-    if stacked in names or f"{stacked}.weight" in names:
-        raise Exl2Error(f"{cfg.model_dir}: the experts are stored stacked ({stacked}), a layout ExLlamaV2 0.3.2 "
-                        "cannot read; save the model with transformers' save_pretrained, which writes one tensor "
-                        "per expert as the hub's checkpoints have them, and convert that")
+    for block in dict.fromkeys((spec.mlp_prefix, "mlp")):
+        stacked = f"{layer_prefix(cfg, 0)}.{block}.{spec.moe_experts}.gate_up_proj"
+        if stacked in names or f"{stacked}.weight" in names:
+            raise Exl2Error(f"{cfg.model_dir}: the experts are stored stacked ({stacked}), a layout ExLlamaV2 "
+                            "0.3.2 cannot read; save the model with transformers' save_pretrained, which writes one "
+                            "tensor per expert as the hub's checkpoints have them, and convert that")

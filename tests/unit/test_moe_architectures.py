@@ -243,3 +243,10 @@ def test_stacked_experts_are_refused_with_one_line(models, tmp_path):
     with pytest.raises(Exl2Error) as e:
         load_model(tmp_path, None, None)
     assert "model.layers.0.mlp.experts.gate_up_proj" in str(e.value) and "save_pretrained" in str(e.value)
+    # Gemmoe (and Mixtral): hub names under block_sparse_moe, transformers 5's in memory under mlp
+    raw = json.loads((src / "config.json").read_text()) | {"architectures": ["GemmoeForCausalLM"],
+                                                            "num_local_experts": 4, "hidden_act": "gelu"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(Exl2Error) as e:
+        load_model(tmp_path, None, None)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in str(e.value)
