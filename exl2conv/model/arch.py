@@ -238,22 +238,22 @@ ARCHS: dict[str, ArchSpec] = {
     # LayerNorms without bias at torch's default epsilon (ExLlamaV2 reads none: its "norm_eps" None).
     "DbrxForCausalLM": ArchSpec(
         "DbrxForCausalLM", layers="transformer.blocks", embed="transformer.wte", final_norm="transformer.norm_f",
-        attn_norms=("norm_attn_norm.norm_1",), mlp_norms=("norm_attn_norm.norm_2",),
+        attn_norms=("norm_attn_norm.norm_1",), mlp_norms=("norm_attn_norm.norm_2",), exllamav2_eps_key=None,
         attn_prefix="norm_attn_norm.attn", mlp_prefix="ffn", moe=True, moe_router="router.layer",
         moe_experts="experts.mlp", fused_experts=True, mlp_linears=MOE_LINEARS,
         linear_names=(("o_proj", "out_proj"), ("w3", "v1")), norm="layer", eps_keys=(), default_eps=1e-5,
-        exllamav2_eps_key=None,
         fused=(("q_proj", "norm_attn_norm.attn.Wqkv", 0), ("k_proj", "norm_attn_norm.attn.Wqkv", 1),
                ("v_proj", "norm_attn_norm.attn.Wqkv", 2)),
         keymap=(("transformer.", "model."), (".blocks.", ".layers."),
-                (".ffn.experts.mlp.", ".block_sparse_moe.experts."), (".ffn.router.layer.", ".block_sparse_moe.gate."), (".norm_attn_norm.norm_1.", ".input_layernorm."),
+                (".ffn.experts.mlp.", ".block_sparse_moe.experts."), (".ffn.router.layer.", ".block_sparse_moe.gate."),
+                (".norm_attn_norm.norm_1.", ".input_layernorm."),
                 (".norm_attn_norm.norm_2.", ".post_attention_layernorm."), (".norm_attn_norm.attn.", ".self_attn."),
                 (".out_proj.", ".o_proj."), (".norm_f.", ".norm."), (".wte.", ".embed_tokens."))),
     # Gemma with Mixtral's experts (remote code); ExLlamaV2 prints this caveat as it loads one.
     "GemmoeForCausalLM": ArchSpec(
         "GemmoeForCausalLM", act_names=("gelu", "gelu_pytorch_tanh"), moe=True, mlp_prefix="block_sparse_moe",
-        mlp_linears=MOE_LINEARS, caveat="ExLlamaV2 0.3.2 marks its Gemmoe support as experimental and not fully tested",
-        **_GEMMA),
+        mlp_linears=MOE_LINEARS, **_GEMMA,
+        caveat="ExLlamaV2 0.3.2 marks its Gemmoe support as experimental and not fully tested"),
 }
 
 
@@ -495,14 +495,15 @@ def router_tensor(cfg: "ModelConfig", i: int) -> str | None:
 
 def norm_weights(cfg: "ModelConfig", i: int, part: str) -> dict[str, str]:
     """Key in the module's weight dict -> HF tensor, for every norm tensor of layer ``i``'s
-    ``part``: each norm's weight under the norm's short name ("input_layernorm"), its bias under
+    ``part``: each norm's weight under its name inside the layer ("input_layernorm"), its bias under
     "<short>.bias" (LayerNorm with bias), and for attention the q/k head norms ("q_norm")."""
     names = norm_tensors(cfg, i, part) + (head_norm_tensors(cfg, i) if part == "attn" else [])
     out: dict[str, str] = {}
     p = layer_prefix(cfg, i)
     for name in names:
         # a norm by its name inside the layer (DBRX's "norm_attn_norm.norm_1"), a head norm by its own
-        short = name[len(p) + 1:].removesuffix(".weight") if name in norm_tensors(cfg, i, part) else name.split(".")[-2]
+        inside = name in norm_tensors(cfg, i, part)
+        short = name[len(p) + 1:].removesuffix(".weight") if inside else name.split(".")[-2]
         out[short] = name
         bias = norm_bias_tensor(cfg, name)
         if bias and name not in head_norm_tensors(cfg, i):
