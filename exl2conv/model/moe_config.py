@@ -75,8 +75,9 @@ def moe_fields(r, arch: str, num_layers: int) -> dict:
                          "wrongly, so the model is not converted")
         renorm = norm is not None
         clip = r.raw["dbrx_clip_qkv"]
-        if clip is not None:
-            clip = r.float("dbrx_clip_qkv", 1.0)
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise r.fail(f"attn_config.clip_qkv must be a positive number or null, not {clip!r}")
+        clip = None if clip is None else float(clip)
         if r.raw.get("intermediate_size") == r.raw.get("hidden_size"):
             raise r.fail("ffn_config.ffn_hidden_size equals d_model: ExLlamaV2 0.3.2 tells a fused w2 slice's "
                          "orientation by its shape (module.py, load_weight_fused) and would load it untransposed; "

@@ -171,6 +171,7 @@ def test_qwen3moe_transformers5_config_names_are_read(models, tmp_path):
     ("DbrxForCausalLM", lambda raw: raw["ffn_config"].update(moe_normalize_expert_weights=2), "2-norm"),
     ("DbrxForCausalLM", lambda raw: raw["ffn_config"].update(ffn_hidden_size=64), "equals d_model"),
     ("DbrxForCausalLM", lambda raw: raw["ffn_config"].update(ffn_act_fn={"name": "gelu"}), "hidden_act is 'gelu'"),
+    ("DbrxForCausalLM", lambda raw: raw["attn_config"].update(clip_qkv=-1), "attn_config.clip_qkv must be"),
 ])
 def test_configs_exllamav2_would_run_otherwise_are_refused(models, tmp_path, arch, edit, words):
     with pytest.raises(Exl2Error) as e:
