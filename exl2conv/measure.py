@@ -17,8 +17,8 @@ from exl2conv.errors import Exl2Error
 from exl2conv import gptq, memory, moe_measure
 from exl2conv.coded import Coded
 from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
-from exl2conv.layers import ModuleRun, padded_wt, run_block
-from exl2conv.model.arch import LinearSpec, layer_linears
+from exl2conv.layers import MOE_MODE, ModuleRun, padded_wt, run_block
+from exl2conv.model.arch import LinearSpec, layer_linears, output_name, spec_of
 from exl2conv.model.forward import EXPERT_TOKENS
 from exl2conv.model.weights import all_finite
 from exl2conv.moe import ExpertCoverage
@@ -58,11 +58,18 @@ def is_moe(specs: dict[str, LinearSpec]) -> bool:
     return any(spec.expert is not None for spec in specs.values())
 
 
-def module_name(specs: dict[str, LinearSpec]) -> str:
-    """The module's HF name from its linears': "model.layers.3.self_attn", "model.layers.3.mlp",
-    "model.layers.3.block_sparse_moe"."""
+def module_name(specs: dict[str, LinearSpec], cfg=None) -> str:
+    """The module's name from its linears': "model.layers.3.self_attn", "model.layers.3.mlp",
+    "model.layers.3.block_sparse_moe". With the model's ``cfg``, its name in the output: an MoE
+    block as ExLlamaV2 keys it whatever the checkpoint calls it (Qwen3-MoE's experts are under
+    "mlp", DBRX's under "ffn"), and a keymap applied."""
     name = next(iter(specs.values())).name
-    return name.rsplit(".experts.", 1)[0] if is_moe(specs) else name.rsplit(".", 1)[0]
+    if cfg is None:
+        return name.rsplit(".experts.", 1)[0] if is_moe(specs) else name.rsplit(".", 1)[0]
+    base = f"{spec_of(cfg).prefix}{spec_of(cfg).layers}."
+    if is_moe(specs) and name.startswith(base):
+        return f"{output_name(cfg, base + name[len(base):].split('.')[0])}.{MOE_MODE}"
+    return output_name(cfg, name.rsplit(".", 1)[0])
 
 
 def column_keys(kind: str, specs: dict[str, LinearSpec]) -> tuple[str, ...]:
@@ -84,7 +91,7 @@ def reference_pass(run: ModuleRun, states: torch.Tensor, name: str, on_coverage=
     accumulators: dict = dict(hess)
     cov = None
     if is_moe(specs):
-        cov = ExpertCoverage(name or module_name(specs), run.cfg.num_experts, states.shape[1])
+        cov = ExpertCoverage(name or module_name(specs, run.cfg), run.cfg.num_experts, states.shape[1])
         accumulators[EXPERT_TOKENS] = cov
     finite: list = []
     y_ref, _ = run_block(run, states, hessians=accumulators, keep_output=keep_output,

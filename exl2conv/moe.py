@@ -16,6 +16,10 @@ import torch
 MIN_SHARE_DIVISOR = 10
 # ...and a warning is due when that holds in more than this share of the rows.
 MAX_UNCALIBRATED_ROWS = 0.2
+# Up to this many experts the report lists each one; beyond (Qwen3-MoE's 128), it summarizes, so
+# that a layer stays one line. With 128 experts and 8 per token an expert's average share is 1/16,
+# below ExLlamaV2's tenth: most experts of such a model are flagged by its rule, kept here as it is.
+LISTED_EXPERTS = 16
 
 
 def uncalibrated(counts: torch.Tensor, length: int) -> torch.Tensor:
@@ -50,8 +54,14 @@ class ExpertCoverage:
 
     def summary(self) -> str:
         """One line: the share of the calibration tokens routed to each expert, and the rows in
-        which each was uncalibrated."""
+        which each was uncalibrated (for more than :data:`LISTED_EXPERTS` experts, their range)."""
         total = max(self.rows * self.length, 1)
+        if len(self.tokens) > LISTED_EXPERTS:
+            shares, bad = 100 * self.tokens.double() / total, self.uncalibrated
+            return (f"{self.name}: calibration tokens routed to each of {len(self.tokens)} experts: "
+                    f"{shares.min():.1f}% to {shares.max():.1f}% (mean {shares.mean():.1f}%), "
+                    f"{int((self.tokens == 0).sum())} got none; per expert, the rows in which it got under "
+                    f"1/{MIN_SHARE_DIVISOR} of the tokens: {int(bad.min())} to {int(bad.max())} (of {self.rows})")
         shares = " ".join(f"{100 * t / total:.0f}%" for t in self.tokens.tolist())
         short = " ".join(str(n) for n in self.uncalibrated.tolist())
         return (f"{self.name}: calibration tokens routed to experts 0..{len(self.tokens) - 1}: {shares}; "
@@ -64,6 +74,11 @@ class ExpertCoverage:
             return None
         counts = ", ".join(f"{self.uncalibrated[j]}/{self.rows}" for j in bad)
         which = ", ".join(str(j) for j in bad)
+        if len(bad) > LISTED_EXPERTS:  # the first few, and the worst count
+            shown = LISTED_EXPERTS // 2
+            which = (f"{', '.join(str(j) for j in bad[:shown])} and {len(bad) - shown} more "
+                     f"({len(bad)} of {len(self.tokens)})")
+            counts = f"up to {int(self.uncalibrated.max())}/{self.rows}"
         return (f"{self.name}: expert{'s' if len(bad) > 1 else ''} {which} got under 1/{MIN_SHARE_DIVISOR} "
                 f"of a row's tokens in more than {MAX_UNCALIBRATED_ROWS:.0%} of the calibration rows "
                 f"({counts} rows), so {'their' if len(bad) > 1 else 'its'} weights are quantized on little "

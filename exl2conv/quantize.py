@@ -100,7 +100,7 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
     kind, specs, w, cfg, chunk = run.kind, run.specs, run.weights, run.cfg, run.chunk
     dev = run.device or states.device
     run = run.replace(device=dev)
-    _, factors = reference_factors(run, states, module_name(specs), lambda spec: spec.name, on_coverage,
+    _, factors = reference_factors(run, states, module_name(specs, cfg), lambda spec: spec.name, on_coverage,
                                    keep_output=False, release_large=True)
     quantized = dict(w)
     reports = []
@@ -136,6 +136,6 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
                               out=states)
     # a NaN or Inf anywhere in a row's outputs makes its relative error NaN or Inf: the check
     # needs no second pass over the outputs (which may be in host memory)
-    check_finite(errs, f"{module_name(specs)} output")
+    check_finite(errs, f"{module_name(specs, cfg)} output")
     return y_q, float(errs.mean()), reports, tweaked
 

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from exl2conv import calibration
+from exl2conv.model.moe_config import caveats
 
 
 class Reporter:
@@ -187,8 +188,9 @@ def peak_memory() -> str:
     return text
 
 
-def print_plan(job, device, rep: Reporter) -> None:
-    """What a job will do, printed as it starts or resumes: its folders, calibration, targets and device."""
+def print_plan(job, device, rep: Reporter, cfg=None) -> None:
+    """What a job will do, printed as it starts or resumes: its folders, calibration, targets and
+    device; then, as warnings, where ExLlamaV2 will run model ``cfg`` otherwise (moe_config.caveats)."""
     rep.info(f"Input: {job['in_dir']}")
     rep.info(f"Output: {job['compile_full'] or job.out_dir}")
     if job["cal_dataset"]:
@@ -208,3 +210,5 @@ def print_plan(job, device, rep: Reporter) -> None:
     if job["rope_alpha"]:
         rep.info(f"RoPE alpha: {job['rope_alpha']:.2f}")
     rep.info(f"Device: {device}")
+    for line in caveats(cfg) if cfg is not None else ():
+        rep.warn(line)

@@ -15,6 +15,7 @@ from exl2conv.errors import Exl2Error
 from exl2conv.job import Job, calibration_settings, model_fingerprint
 from exl2conv.model import arch, exllamav2_config
 from exl2conv.model.config import load_config
+from exl2conv.model.moe_config import check_expert_layout
 from exl2conv.model.weights import WeightIndex
 from exl2conv.qparams import HEAD_OPTIONS
 
@@ -95,6 +96,7 @@ def load_model(in_dir: Path, rope_scale: float | None, rope_alpha: float | None)
     cfg = load_config(in_dir, rope_scale, rope_alpha)
     exllamav2_config.check_expressible(cfg)
     weights = WeightIndex(in_dir)
+    check_expert_layout(cfg, weights.entries)
     weights.check(arch.expected_tensors(cfg))
     return cfg, weights
 

@@ -83,8 +83,10 @@ class ArchSpec:
     # norm where ``norm_bias`` (Orion).
     norm: str = "rms"
     norm_bias: bool = False
-    # config.json keys of the norms' epsilon, the first present wins.
+    # config.json keys of the norms' epsilon, the first present wins; none: ``default_eps`` always
+    # (DBRX: ExLlamaV2 reads no key and uses torch's LayerNorm default, as the model does).
     eps_keys: tuple[str, ...] = ("rms_norm_eps",)
+    default_eps: float = 1e-6
     # Where the checkpoint has no head tensor, the head is the embedding whatever
     # tie_word_embeddings says: ExLlamaV2's branches for these architectures give the head the
     # embedding as its fallback key (several of their configs leave tie_word_embeddings out).
@@ -101,8 +103,8 @@ class ArchSpec:
     keymap: tuple[tuple[str, str], ...] = ()
     # The config.json key ExLlamaV2 reads the norms' epsilon from; the output's config.json gets
     # it where the source's lacks it (Starcoder2's configs say norm_epsilon, ExLlamaV2 0.3.2
-    # reads layer_norm_epsilon only).
-    exllamav2_eps_key: str = "rms_norm_eps"
+    # reads layer_norm_epsilon only). None: ExLlamaV2 reads no epsilon for the architecture (DBRX).
+    exllamav2_eps_key: str | None = "rms_norm_eps"
     # Whether config.json's sliding_window applies (Mistral); Llama has no such field.
     sliding_window: bool = False
     # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
@@ -130,9 +132,19 @@ class ArchSpec:
     # conversion/compile.py, compile_model, its extra_tensors).
     extra_prefixes: tuple[str, ...] = ()
     # Mixture of experts (Mixtral): ``mlp_prefix`` holds a router ``moe_router`` [E, H] and experts
-    # ``experts.<j>.<w1|w3|w2>`` (gate, up, down); ``mlp_linears`` are the expert linears' names.
+    # ``<moe_experts>.<j>.<w1|w3|w2>`` (gate, up, down); ``mlp_linears`` are the measurement's column
+    # names (ExLlamaV2's w1/w3/w2 whatever the checkpoint calls them), ``linear_names`` the
+    # checkpoint's names where they differ (Qwen3-MoE's gate_proj/up_proj/down_proj).
     moe: bool = False
     moe_router: str = "gate"
+    moe_experts: str = "experts"
+    # DBRX: each expert linear is stored once for all experts, ``<moe_experts>.<name>`` (no ".weight"),
+    # [E * I, H]: expert j's w1/w3 are rows [j*I, (j+1)*I) and its w2 the same rows, stored [in, out]
+    # (transposed). ExLlamaV2 slices them so (moe_mlp.py, ExLlamaV2MoEMLP.__init__, its f_key/f_beg/
+    # f_end; module.py, load_weight_fused, which transposes a slice shaped [in, out]).
+    fused_experts: bool = False
+    # One warning line printed when a conversion of this architecture starts (ExLlamaV2's own caveat).
+    caveat: str | None = None
     # The architecture whose layout the output takes, where ExLlamaV2 0.3.2 has no entry for this
     # one but runs it through another's (Gemma3ForCausalLM: as the language model of a
     # Gemma3ForConditionalGeneration with no vision tower); None: this one. ``out_prefix`` goes in
@@ -217,6 +229,31 @@ ARCHS: dict[str, ArchSpec] = {
     "Cohere2ForCausalLM": ArchSpec("Cohere2ForCausalLM", sliding_window=True, rope_sliding_only=True, **_COHERE),
     "MixtralForCausalLM": ArchSpec("MixtralForCausalLM", sliding_window=True, moe=True,
                                    mlp_prefix="block_sparse_moe", mlp_linears=MOE_LINEARS),
+    # Qwen3's attention; experts under "mlp" with a dense MLP's names (architecture.py, its
+    # layer_keys_qwen3moe_mlp); every layer is MoE (ExLlamaV2 has no dense layers in it).
+    "Qwen3MoeForCausalLM": ArchSpec(
+        "Qwen3MoeForCausalLM", qk_norm=True, moe=True, mlp_linears=MOE_LINEARS,
+        linear_names=(("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))),
+    # Renamed to Mixtral's layout by ExLlamaV2's dbrx_keymap; up is "v1"; q/k/v fused in Wqkv;
+    # LayerNorms without bias at torch's default epsilon (ExLlamaV2 reads none: its "norm_eps" None).
+    "DbrxForCausalLM": ArchSpec(
+        "DbrxForCausalLM", layers="transformer.blocks", embed="transformer.wte", final_norm="transformer.norm_f",
+        attn_norms=("norm_attn_norm.norm_1",), mlp_norms=("norm_attn_norm.norm_2",), exllamav2_eps_key=None,
+        attn_prefix="norm_attn_norm.attn", mlp_prefix="ffn", moe=True, moe_router="router.layer",
+        moe_experts="experts.mlp", fused_experts=True, mlp_linears=MOE_LINEARS,
+        linear_names=(("o_proj", "out_proj"), ("w3", "v1")), norm="layer", eps_keys=(), default_eps=1e-5,
+        fused=(("q_proj", "norm_attn_norm.attn.Wqkv", 0), ("k_proj", "norm_attn_norm.attn.Wqkv", 1),
+               ("v_proj", "norm_attn_norm.attn.Wqkv", 2)),
+        keymap=(("transformer.", "model."), (".blocks.", ".layers."),
+                (".ffn.experts.mlp.", ".block_sparse_moe.experts."), (".ffn.router.layer.", ".block_sparse_moe.gate."),
+                (".norm_attn_norm.norm_1.", ".input_layernorm."),
+                (".norm_attn_norm.norm_2.", ".post_attention_layernorm."), (".norm_attn_norm.attn.", ".self_attn."),
+                (".out_proj.", ".o_proj."), (".norm_f.", ".norm."), (".wte.", ".embed_tokens."))),
+    # Gemma with Mixtral's experts (remote code); ExLlamaV2 prints this caveat as it loads one.
+    "GemmoeForCausalLM": ArchSpec(
+        "GemmoeForCausalLM", act_names=("gelu", "gelu_pytorch_tanh"), moe=True, mlp_prefix="block_sparse_moe",
+        mlp_linears=MOE_LINEARS, **_GEMMA,
+        caveat="ExLlamaV2 0.3.2 marks its Gemmoe support as experimental and not fully tested"),
 }
 
 
@@ -281,6 +318,8 @@ class LinearSpec:
     rows: tuple[tuple[int, int], ...] | None = None
     expert: int | None = None
     transposed: bool = False
+    # DBRX's fused w2: the weight is rows [a, b) of ``tensor``, stored [in, out]; read, then transposed.
+    in_rows: tuple[int, int] | None = None
 
     @property
     def bias_tensor(self) -> str | None:
@@ -371,12 +410,19 @@ def _linear(cfg: "ModelConfig", i: int, part: str, prefix: str, short: str) -> L
 
 
 def _expert_linear(cfg: "ModelConfig", i: int, expert: int, short: str) -> LinearSpec:
+    spec = spec_of(cfg)
     k, n = _SHAPES[short](cfg)
-    name = f"{layer_prefix(cfg, i)}.{spec_of(cfg).mlp_prefix}.experts.{expert}.{short}"
+    experts = f"{layer_prefix(cfg, i)}.{spec.mlp_prefix}.{spec.moe_experts}"
+    name = f"{experts}.{expert}.{spec.linear_name(short)}"
+    tensor, rows, in_rows = f"{name}.weight", None, None
+    if spec.fused_experts:
+        tensor = f"{experts}.{spec.linear_name(short)}"
+        block = (expert * cfg.intermediate_size, (expert + 1) * cfg.intermediate_size)
+        rows, in_rows = ((block,), None) if short != "w2" else (None, block)
     return LinearSpec(
-        name=name, short=short, tensor=f"{name}.weight", in_features=k, out_features=n,
+        name=name, short=short, tensor=tensor, in_features=k, out_features=n,
         padded_out=ceil32(n), bias=is_biased(cfg, short), part="mlp",
-        hessian_input=moe_hessian_input(short, expert), expert=expert,
+        hessian_input=moe_hessian_input(short, expert), expert=expert, rows=rows, in_rows=in_rows,
     )
 
 
@@ -449,12 +495,15 @@ def router_tensor(cfg: "ModelConfig", i: int) -> str | None:
 
 def norm_weights(cfg: "ModelConfig", i: int, part: str) -> dict[str, str]:
     """Key in the module's weight dict -> HF tensor, for every norm tensor of layer ``i``'s
-    ``part``: each norm's weight under the norm's short name ("input_layernorm"), its bias under
+    ``part``: each norm's weight under its name inside the layer ("input_layernorm"), its bias under
     "<short>.bias" (LayerNorm with bias), and for attention the q/k head norms ("q_norm")."""
     names = norm_tensors(cfg, i, part) + (head_norm_tensors(cfg, i) if part == "attn" else [])
     out: dict[str, str] = {}
+    p = layer_prefix(cfg, i)
     for name in names:
-        short = name.split(".")[-2]
+        # a norm by its name inside the layer (DBRX's "norm_attn_norm.norm_1"), a head norm by its own
+        inside = name in norm_tensors(cfg, i, part)
+        short = name[len(p) + 1:].removesuffix(".weight") if inside else name.split(".")[-2]
         out[short] = name
         bias = norm_bias_tensor(cfg, name)
         if bias and name not in head_norm_tensors(cfg, i):
@@ -525,6 +574,9 @@ def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
                 if norm_bias_tensor(cfg, norm):
                     out[norm_bias_tensor(cfg, norm)] = (h,)
             for lin in layer_linears(cfg, i, part).values():
+                if lin.in_rows:  # DBRX's fused w2, [E * I, H]
+                    out[lin.tensor] = (max(lin.in_rows[1], out.get(lin.tensor, (0,))[0]), lin.out_features)
+                    continue
                 end = max(b for _, b in lin.rows) if lin.rows else lin.out_features
                 rows = max(end, out.get(lin.tensor, (0, 0))[1 if lin.transposed else 0])
                 out[lin.tensor] = (lin.in_features, rows) if lin.transposed else (rows, lin.in_features)

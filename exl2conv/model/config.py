@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import Exl2Error
 from .arch import ARCHS, PAD
+from .moe_config import flat_dbrx, moe_fields
 from .weights import WeightIndex
 
 # RoPE scaling types we compute: the Llama family's (ExLlamaV2 reads rope_scaling in its config.py,
@@ -35,8 +36,8 @@ class ModelConfig:
     ``sliding_window`` is read for Mistral and Mixtral only; at the calibration lengths (<= 2048)
     it matters only for windows shorter than the row, which :func:`forward.attention` then applies.
     ``num_experts`` / ``num_experts_per_tok`` are an MoE model's experts per layer and experts
-    routed per token (``num_local_experts`` and ``num_experts_per_tok`` in config.json); 0 for a
-    dense model."""
+    routed per token (``num_local_experts`` or ``num_experts``, and ``num_experts_per_tok``, in
+    config.json; DBRX's under ffn_config: moe_config); 0 for a dense model."""
 
     model_dir: Path
     arch: str
@@ -69,6 +70,11 @@ class ModelConfig:
     rope_local_theta: float | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # Whether the top-k routing weights are divided by their sum (Qwen3-MoE's norm_topk_prob, DBRX's
+    # moe_normalize_expert_weights; Mixtral always), and DBRX's clamp on q, k, v (clip_qkv): see
+    # moe_config, which reads them.
+    moe_renormalize: bool = True
+    clip_qkv: float | None = None
     # The prefix the checkpoint puts before every name, where the architecture allows one
     # (ArchSpec.optional_prefix); "" otherwise.
     source_prefix: str = ""
@@ -306,15 +312,6 @@ def _attention_scale(r: _Reader) -> float | None:
     return None
 
 
-def _moe_fields(r: _Reader) -> dict:
-    """Mixtral: experts per layer and per token, checked against each other."""
-    experts = r.int("num_local_experts")
-    per_tok = r.int("num_experts_per_tok")
-    if per_tok > experts:
-        raise r.fail(f"num_experts_per_tok ({per_tok}) exceeds num_local_experts ({experts})")
-    return dict(num_experts=experts, num_experts_per_tok=per_tok)
-
-
 def _first(r: _Reader, keys: tuple[str, ...]) -> str | None:
     """The first of ``keys`` present (not null) in the config, or None."""
     return next((k for k in keys if r.raw.get(k) is not None), None)
@@ -358,6 +355,16 @@ def _scales(r: _Reader, arch: str, hidden: int, num_layers: int) -> dict:
                 norm_head=bool(r.raw.get("norm_head")), partial_rotary_factor=partial)
 
 
+def _intermediate(r: _Reader, spec, hidden: int) -> int:
+    """The MLP's width: an MoE expert's where the config has moe_intermediate_size (Qwen3-MoE; as
+    ExLlamaV2's config.py reads it for any MoE architecture), else intermediate_size or n_inner;
+    GPTBigCode's n_inner may be null: 4 x hidden, as transformers builds it."""
+    if spec.moe and r.raw.get("moe_intermediate_size") is not None:
+        return r.int("moe_intermediate_size")
+    key = _first(r, ("intermediate_size", "n_inner"))
+    return r.int(key) if key or not spec.positions else 4 * hidden
+
+
 def _source_prefix(model_dir: Path, prefix: str) -> str:
     """``prefix`` where the checkpoint's tensor names start with it, else "" (headers only)."""
     if not prefix:
@@ -377,13 +384,11 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     path = model_dir / "config.json"
     r = _Reader(path, _read_json(path))
     arch = _arch(r)
-    r = _Reader(path, _text_fields(r.raw, arch))
+    r = _Reader(path, flat_dbrx(r.raw) if arch == "DbrxForCausalLM" else _text_fields(r.raw, arch))
     spec = ARCHS[arch]
     # the older names GPT-style configs use (n_embd, ...), which ExLlamaV2 reads for every architecture
     hidden = r.int(_key(r, ("hidden_size", "n_embd")))
-    inter_key = _first(r, ("intermediate_size", "n_inner"))
-    # GPTBigCode's n_inner may be null: 4 x hidden, as transformers builds it
-    inter = r.int(inter_key) if inter_key or not spec.positions else 4 * hidden
+    inter = _intermediate(r, spec, hidden)
     heads = r.int(_key(r, ("num_attention_heads", "n_head")))
     kv_heads = r.int("num_key_value_heads", heads)
     if spec.mqa:
@@ -418,7 +423,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
     if scales["partial_rotary_factor"] * head_dim < 2:
         raise r.fail(f"partial_rotary_factor {scales['partial_rotary_factor']} leaves no dimension of a "
                      f"{head_dim}-wide head to rotate")
-    moe = _moe_fields(r) if spec.moe else {}
+    moe = moe_fields(r, arch, num_layers) if spec.moe else {}
     return ModelConfig(
         source_prefix=_source_prefix(model_dir, spec.optional_prefix),
         model_dir=model_dir,
@@ -430,7 +435,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=r.int("vocab_size"),
-        norm_eps=r.float(_key(r, spec.eps_keys), 1e-6),
+        norm_eps=r.float(_key(r, spec.eps_keys), spec.default_eps) if spec.eps_keys else spec.default_eps,
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=r.int(_key(r, ("max_position_embeddings", "n_positions")), 2048),

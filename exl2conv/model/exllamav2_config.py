@@ -121,7 +121,7 @@ def output_config(cfg) -> dict[str, Any] | None:
     if not isinstance(fields, dict):
         return None
     missing = legacy_rope_keys(cfg, fields)
-    if fields.get(spec.exllamav2_eps_key) is None:
+    if spec.exllamav2_eps_key and fields.get(spec.exllamav2_eps_key) is None:
         missing[spec.exllamav2_eps_key] = cfg.norm_eps
     if spec.rope_sliding_only and fields.get("sliding_window_pattern") is None:
         # ExLlamaV2 reads the layers' kinds from this key alone (default 1: alternate layers)

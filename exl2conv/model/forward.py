@@ -246,6 +246,8 @@ def _attention_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, rope, layer: i
     q = _linear(n, w, "q_proj", hook).view(b, length, heads, d).transpose(1, 2)
     k = _linear(n, w, "k_proj", hook).view(b, length, kv, d).transpose(1, 2)
     v = _linear(n, w, "v_proj", hook).view(b, length, kv, d).transpose(1, 2)
+    if cfg.clip_qkv is not None:  # DBRX clamps its fused Wqkv output (ExLlamaV2 does not: moe_config)
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     if "q_norm" in w:
         q, k = _qk_norm(q, w["q_norm"], cfg), _qk_norm(k, w["k_norm"], cfg)
     if rotates:
@@ -371,12 +373,14 @@ def _mlp_branch(n: torch.Tensor, w: dict, cfg: ModelConfig, hook) -> tuple[torch
     return _branch_out(_linear(h, w, "down_proj", hook), w, spec.mlp_norms, cfg), h
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], router [E, H] -> (weights f32 [T, k], experts int64 [T, k]), as Mixtral routes:
-    softmax over the router logits in float32, the top k, those k weights renormalized to sum 1."""
+    softmax over the router logits in float32, the top k, those k weights renormalized to sum 1
+    unless ``renormalize`` is off (a Qwen3-MoE with norm_topk_prob false keeps the softmax's values)."""
     probs = torch.softmax(F.linear(x, router.to(x.dtype)).float(), dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), experts
+    return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights), experts
 
 
 def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
@@ -396,7 +400,7 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
     b, length, hidden = x.shape
     n = _module_norm(x, w, spec.mlp_norms[0], cfg)
     flat = n.reshape(-1, hidden)
-    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok)
+    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok, cfg.moe_renormalize)
     out = torch.zeros_like(flat)
     inter: dict | None = {"post_norm": n} if capture else None
     counts = torch.zeros(b, cfg.num_experts, dtype=torch.int64)
@@ -463,7 +467,9 @@ def load_norm(index: WeightIndex, cfg: ModelConfig, name: str, device=None) -> t
 
 def load_linear(index: WeightIndex, lin, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """A linear's weight [out, in] (``lin``: its :class:`LinearSpec`): its rows of a fused source,
-    and a weight stored [in, out] (GPT-2's Conv1D) transposed."""
+    and a weight stored [in, out] (GPT-2's Conv1D; DBRX's expert w2, its rows ``in_rows``) transposed."""
+    if lin.in_rows:
+        return index.get(lin.tensor, dtype=dtype, device=device, rows=(lin.in_rows,)).T.contiguous()
     if not lin.transposed:
         return index.get(lin.tensor, dtype=dtype, device=device, rows=lin.rows)
     w = index.get(lin.tensor, dtype=dtype, device=device).T

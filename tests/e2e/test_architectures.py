@@ -317,7 +317,10 @@ def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:
         w = decode_linear(packed, name).float()[:, : spec.out_features].T.contiguous()
         if spec.transposed:  # stored [in, out] (GPT-2's Conv1D): kept [out, in] until the end
             w = w.T
-        if spec.rows:  # a part of a fused source (Phi-3's qkv_proj, gate_up_proj): its rows of the whole
+        if spec.in_rows:  # an expert's w2 block of DBRX's fused [E*I, H] stack, stored [in, out]
+            whole = out.setdefault(spec.tensor, index.get(spec.tensor).clone())
+            whole[spec.in_rows[0]:spec.in_rows[1]] = w.T
+        elif spec.rows:  # a part of a fused source (Phi-3's qkv_proj, gate_up_proj): its rows of the whole
             whole = out.setdefault(spec.tensor, index.get(spec.tensor).clone())
             rows = torch.cat([torch.arange(a, b) for a, b in spec.rows])
             if spec.transposed:

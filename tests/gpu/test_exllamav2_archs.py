@@ -29,12 +29,13 @@ from exl2conv.model import exllamav2_config
 from exl2conv.pack import decode_linear
 from tests.e2e.test_architectures import _decoded, _Swapped, read_output, unquantized_sources, write_parquet
 from tests.tinymodel import HF_ARCHS, REMOTE_ARCHS, make_tiny_hf, make_tiny_llama, make_tiny_remote
+from tests.tinymoe import MOE_ARCHS, make_tiny_moe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.exllamav2]
 exl = pytest.importorskip("exllamav2")
 pytest.importorskip("transformers")
 
-ARCHS = ("MistralForCausalLM",) + HF_ARCHS + REMOTE_ARCHS + ("MixtralForCausalLM",)
+ARCHS = ("MistralForCausalLM",) + HF_ARCHS + REMOTE_ARCHS + ("MixtralForCausalLM",) + MOE_ARCHS
 QKEYS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 
 
@@ -47,6 +48,12 @@ def build(arch: str, path):
         # its torch path gave 1.3e-3 on the same files; real experts are multiples of 128 wide)
         from tests.tinymodel import make_tiny_mixtral
         return make_tiny_mixtral(path, seed=3, intermediate=128)
+    if arch in MOE_ARCHS:
+        # the same for these: experts 128 wide, 4 or 8 of them (the fused kernel takes 4, 8, 16 or
+        # 128). DBRX at the hub's clip_qkv of 8, which the tiny model's q/k/v never reach: ExLlamaV2
+        # ignores clip_qkv, and the CPU tests show the clamp against transformers
+        return make_tiny_moe(path, arch, seed=3, width=128, experts=8 if arch == "Qwen3MoeForCausalLM" else 4,
+                             extra_config={"clip_qkv": 8.0} if arch == "DbrxForCausalLM" else None)
     if arch == "GPTBigCodeForCausalLM":
         # heads 32 wide: ExLlamaV2 pads the lone key/value projection's 16 outputs to 32 and cannot
         # then view them as one head of 16 (exllamav2/attn.py); real heads are 64 or 128 wide
@@ -179,7 +186,8 @@ SAME_MODEL = 0.05
 # leaves the global layers unrotated; the tiny Cohere2 has one global layer. It runs Qwen3's q/k
 # norms as LayerNorms (architecture.py sets headnorm "rmsnorm" for Gemma 3 only; the default is
 # "layernorm"), where transformers' Qwen3 uses RMSNorms. The test shows both functions.
-EXLLAMAV2_RUNS = {"Cohere2ForCausalLM": {"rope_sliding_only": False}, "Qwen3ForCausalLM": {"head_norm": "layer"}}
+EXLLAMAV2_RUNS = {"Cohere2ForCausalLM": {"rope_sliding_only": False}, "Qwen3ForCausalLM": {"head_norm": "layer"},
+                  "Qwen3MoeForCausalLM": {"head_norm": "layer"}}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
