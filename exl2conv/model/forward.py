@@ -383,6 +383,16 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool =
     return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights), experts
 
 
+def moe_routes(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MoE block's routing of x f32 [B, L, H]: (the experts' input n = norm(x) [B * L, H], the
+    routing weights f32 [B * L, k], the experts int64 [B * L, k]), as :func:`moe_mlp` computes them."""
+    spec = spec_of(cfg)
+    flat = _module_norm(x, w, spec.mlp_norms[0], cfg).reshape(-1, x.shape[-1])
+    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok, cfg.moe_renormalize)
+    return flat, weights, experts
+
+
 def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=None,
             capture: bool = False, layer: int | None = None, hook=None) -> tuple[torch.Tensor, dict | None]:
     """Mixtral's sparse MoE block: x f32 [B, L, H] -> (x + sum over the k routed experts of
@@ -398,9 +408,8 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
     spec = spec_of(cfg)
     act = ACTIVATIONS[spec.act]
     b, length, hidden = x.shape
-    n = _module_norm(x, w, spec.mlp_norms[0], cfg)
-    flat = n.reshape(-1, hidden)
-    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok, cfg.moe_renormalize)
+    flat, weights, experts = moe_routes(x, w, cfg)
+    n = flat.view(b, length, hidden)
     out = torch.zeros_like(flat)
     inter: dict | None = {"post_norm": n} if capture else None
     counts = torch.zeros(b, cfg.num_experts, dtype=torch.int64)
@@ -422,16 +431,6 @@ def moe_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, rope=
         inter[EXPERT_TOKENS] = counts
         inter[MOE_SHARED_INPUT] = [n[r] if counts[r, 0] else None for r in range(b)]
     return x + out.view(b, length, hidden), inter
-
-
-def moe_routes(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An MoE block's routing of x f32 [B, L, H]: (the experts' input n = norm(x) [B * L, H], the
-    routing weights f32 [B * L, k], the experts int64 [B * L, k]), as :func:`moe_mlp` computes them."""
-    spec = spec_of(cfg)
-    flat = _module_norm(x, w, spec.mlp_norms[0], cfg).reshape(-1, x.shape[-1])
-    weights, experts = route(flat, w[spec.moe_router], cfg.num_experts_per_tok)
-    return flat, weights, experts
 
 
 def final_norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None
