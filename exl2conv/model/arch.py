@@ -124,8 +124,20 @@ class ArchSpec:
     embed_scale: bool = False
     # Gemma2/3: per-layer sliding windows, attention scale from query_pre_attn_scalar, softcaps.
     gemma: bool = False
-    # Gemma3ForConditionalGeneration: the language model's fields sit under "text_config".
+    # Gemma3ForConditionalGeneration: the language model's fields sit under "text_config" (the
+    # vision-language models' too; Qwen2-VL's hub configs are flat, transformers 5 nests them).
     text_config: bool = False
+    # The vision tower config.json must name in vision_config.model_type: ExLlamaV2 0.3.2 recognizes
+    # LlavaForConditionalGeneration and Mistral3ForConditionalGeneration only with a Pixtral tower
+    # (architecture.py, ExLlamaV2ArchParams.__init__); None: no condition.
+    vision_model_type: str | None = None
+    # Qwen2-VL's multimodal RoPE: config.json's rope type "mrope" with its mrope_section. For text
+    # the three position sections are equal, so the rotation is plain RoPE (module docstring of
+    # exl2conv.model.forward); the section is kept in the output's config.json for images.
+    mrope: bool = False
+    # Rows of noise (measurement, quantization) appended to the built-in calibration set, standing
+    # in for image embeddings (ExLlamaV2's standard_calib_noise; exl2conv.noise_rows).
+    calib_noise: tuple[int, int] = (0, 0)
     # Source tensors outside the language model, copied verbatim after the head (ExLlamaV2's
     # conversion/compile.py, compile_model, its extra_tensors).
     extra_prefixes: tuple[str, ...] = ()
@@ -163,6 +175,19 @@ _COHERE = dict(mlp_norms=(), parallel=True, norm="layer", head_norm="layer", eps
 _GEMMA = dict(act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, head_falls_back=True)
 _GEMMA2 = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
                mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), gemma=True, **_GEMMA)
+
+# The vision-language models ExLlamaV2 0.3.2 converts: their language model is quantized, every
+# tensor under ``extra_prefixes`` copied as it is (the prefixes are its vt_prefix and mmp_prefix).
+# Qwen2-VL / Qwen2.5-VL: a Qwen2 language model at the top level ("model.layers", "lm_head") and
+# the vision tower with its merger under "visual."; Llava (Pixtral) and Mistral 3: a Mistral
+# language model under "language_model.", the tower and projector beside it (docs/format.md).
+_QWEN2_VL = dict(always_biased=frozenset(QKV_LINEARS), text_config=True, mrope=True, calib_noise=(5, 30),
+                 extra_prefixes=("visual.",))
+_PIXTRAL = dict(prefix="language_model.", text_config=True, sliding_window=True, vision_model_type="pixtral",
+                extra_prefixes=("vision_tower.", "multi_modal_projector."))
+_VISION_LANGUAGE = {name: ArchSpec(name, **kw) for name, kw in (
+    ("Qwen2VLForConditionalGeneration", _QWEN2_VL), ("Qwen2_5_VLForConditionalGeneration", _QWEN2_VL),
+    ("LlavaForConditionalGeneration", _PIXTRAL), ("Mistral3ForConditionalGeneration", _PIXTRAL))}
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
@@ -212,6 +237,7 @@ ARCHS: dict[str, ArchSpec] = {
     "Gemma3ForConditionalGeneration": ArchSpec(
         "Gemma3ForConditionalGeneration", prefix="language_model.", qk_norm=True, text_config=True,
         extra_prefixes=("vision_tower.", "multi_modal_projector."), **_GEMMA2),
+    **_VISION_LANGUAGE,
     # Cohere's LayerNorm has no bias; its head is the embedding (ExLlamaV2's lm_head key for both).
     "CohereForCausalLM": ArchSpec("CohereForCausalLM", **_COHERE),
     "Cohere2ForCausalLM": ArchSpec("Cohere2ForCausalLM", sliding_window=True, rope_sliding_only=True, **_COHERE),

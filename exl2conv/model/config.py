@@ -186,6 +186,13 @@ def _arch(r: _Reader) -> str:
     if archs[0] not in ARCHS:
         raise r.fail(f"architectures[0] is {archs[0]!r}, which exl2conv does not support; "
                      f"supported: {', '.join(ARCHS)}")
+    tower = ARCHS[archs[0]].vision_model_type
+    vision = r.raw.get("vision_config")
+    found = vision.get("model_type") if isinstance(vision, dict) else None
+    if tower and found != tower:
+        raise r.fail(f"{archs[0]} with vision_config.model_type {found!r}: ExLlamaV2 0.3.2 converts and runs "
+                     f"{archs[0]} only with a {tower!r} vision tower, so this model is not converted; "
+                     f"supported: {', '.join(ARCHS)}")
     return archs[0]
 
 
@@ -209,6 +216,8 @@ def _rope(r: _Reader, params_key: str | None = None) -> tuple[float, dict | None
     if not isinstance(scaling, dict):
         raise r.fail(f"field {key!r} must be an object, not {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "mrope" and ARCHS[r.raw["architectures"][0]].mrope:
+        kind = "default"  # Qwen2-VL's hub form, {"type": "mrope", "mrope_section": ...}: plain RoPE for text
     if kind not in ROPE_TYPES:
         raise r.fail(f"{key}.rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if kind == "default":
@@ -253,13 +262,14 @@ _GEMMA3_TEXT_DEFAULTS = {
 
 
 def _text_fields(raw: dict, arch: str) -> dict:
-    """The language model's fields: Gemma3ForConditionalGeneration nests them in text_config."""
+    """The language model's fields: Gemma3ForConditionalGeneration and the vision-language models
+    nest them in text_config (a flat Qwen2-VL config is read as it is)."""
     if not ARCHS[arch].text_config:
         return raw
     text = raw.get("text_config")
     if not isinstance(text, dict):
         text = {}
-    merged = dict(_GEMMA3_TEXT_DEFAULTS)
+    merged = dict(_GEMMA3_TEXT_DEFAULTS if arch == "Gemma3ForConditionalGeneration" else {})
     merged.update({k: v for k, v in raw.items() if k != "text_config"})
     merged.update(text)
     return merged
