@@ -17,8 +17,13 @@ VL_ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGenerati
 VISION_PARTS = ("visual", "vision_tower", "multi_modal_projector")
 
 PATCH, MERGE, TEMPORAL = 14, 2, 2
-# mrope_section: the temporal, height and width shares of a 16-wide head's 8 frequencies
+# mrope_section: the temporal, height and width shares of a 16-wide head's 8 frequencies (a copy
+# goes to transformers, which adds its own keys to the dict it is given)
 MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}
+
+
+def _mrope() -> dict:
+    return {"type": MROPE["type"], "mrope_section": list(MROPE["mrope_section"])}
 
 
 def vl_config(tf, arch: str, common: dict, extra: dict):
@@ -28,13 +33,13 @@ def vl_config(tf, arch: str, common: dict, extra: dict):
     if arch == "Qwen2VLForConditionalGeneration":
         vision = dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=common["hidden_size"],
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
-        return tf.Qwen2VLConfig(text_config=text | {"rope_scaling": MROPE}, vision_config=vision,
+        return tf.Qwen2VLConfig(text_config=text | {"rope_scaling": _mrope()}, vision_config=vision,
                                 tie_word_embeddings=False)
     if arch == "Qwen2_5_VLForConditionalGeneration":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=common["hidden_size"],
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
                       fullatt_block_indexes=[1], window_size=56)
-        return tf.Qwen2_5_VLConfig(text_config=text | {"rope_scaling": MROPE}, vision_config=vision,
+        return tf.Qwen2_5_VLConfig(text_config=text | {"rope_scaling": _mrope()}, vision_config=vision,
                                    tie_word_embeddings=False)
     pixtral = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                      head_dim=16, patch_size=16, image_size=64)
