@@ -1,6 +1,6 @@
 """The output's config.json where the copied one would be misread by ExLlamaV2 0.3.2.
 
-Four cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
+Five cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
 scaling, partial_rotary_factor) in ``rope_parameters``, which ExLlamaV2 does not read: it would run
 the model at its defaults (base 10000, every dimension rotated). The output's config.json gains
 the older top-level keys with the same values (:func:`legacy_rope_keys`); transformers reads
@@ -15,7 +15,11 @@ Third, Cohere2's layer kinds: ExLlamaV2 reads them from ``sliding_window_pattern
 P-th layer global; without the key it alternates), where transformers 5 writes ``layer_types``:
 the output's config.json gains the pattern, and layers that follow none are refused.
 
-Fourth, an output that takes another architecture's layout (``ArchSpec.out_arch``).
+Fourth, the vision-language models (Qwen2-VL, Qwen2.5-VL, Llava with Pixtral, Mistral 3): ExLlamaV2
+requires at load settings that a config written by transformers 5 keeps elsewhere or lacks
+(:func:`mrope_keys`, :func:`vision_keys`).
+
+Fifth, an output that takes another architecture's layout (``ArchSpec.out_arch``).
 
 ExLlamaV2 0.3.2 has no entry for Gemma3ForCausalLM (the text-only Gemma 3): its loader takes it
 for a Llama and computes garbage. Its Gemma3ForConditionalGeneration entry runs the same language

@@ -143,3 +143,31 @@ def test_the_in_memory_layout_is_refused(tmp_path, capsys):
     assert main(["-i", str(src), "-o", str(tmp_path / "work"), "-ml", "128", "-l", "128"]) == 1
     err = capsys.readouterr().err
     assert "in the layout transformers 4.52-4.57 keep in memory" in err and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_a_job_with_noise_rows_killed_and_rerun_resumes_to_the_same_bytes(tmp_path):
+    """Qwen2-VL on the built-in set, whose quantization rows end with 30 noise rows: killed after the
+    quantization's first module, before its checkpoint, so that the resume embeds the rows again
+    (from the saved ids and statistics); the output is an uninterrupted run's, byte for byte."""
+    import signal
+
+    from exl2conv import faults
+    from tests.e2e.test_resume import digest, run_cli
+
+    pytest.importorskip("transformers")
+    src = make_tiny_hf(tmp_path / "model", "Qwen2VLForConditionalGeneration", seed=3)
+
+    def args(root):
+        return ["-i", str(src), "-o", str(root / "work"), "-cf", str(root / "out"), "-ml", "128", "-l", "128",
+                "-b", "5.0", "-cpi", "0"]
+
+    assert main(args(tmp_path / "ref")) == 0
+    rows = json.loads((tmp_path / "ref" / "out" / "config.json").read_text())["quantization_config"]["calibration"]
+    assert rows["rows"] == 115 + 30
+    killed = run_cli(args(tmp_path / "run"), {faults.ENV: "module:7"})  # measurement: modules 1-6
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "Quantizing" in killed.stdout
+    resumed = run_cli(args(tmp_path / "run"))
+    assert resumed.returncode == 0 and "Resuming job" in resumed.stdout, resumed.stderr[-2000:]
+    assert digest(tmp_path / "run" / "out") == digest(tmp_path / "ref" / "out")
