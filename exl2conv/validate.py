@@ -95,26 +95,8 @@ def load_model(in_dir: Path, rope_scale: float | None, rope_alpha: float | None)
     cfg = load_config(in_dir, rope_scale, rope_alpha)
     exllamav2_config.check_expressible(cfg)
     weights = WeightIndex(in_dir)
-    check_checkpoint_layout(cfg, weights)
     weights.check(arch.expected_tensors(cfg))
     return cfg, weights
-
-
-# Where transformers 4.52 to 4.57 keep a vision-language model's parts in memory, and so wrote them
-# with save_pretrained; the hub's checkpoints, transformers 5's save_pretrained and ExLlamaV2 0.3.2
-# use other names (docs/format.md).
-IN_MEMORY_PREFIXES = ("model.language_model.", "model.visual.", "model.vision_tower.", "model.multi_modal_projector.")
-
-
-def check_checkpoint_layout(cfg: Any, weights: WeightIndex) -> None:
-    """Refuse a vision-language checkpoint in transformers' in-memory layout, with what to do."""
-    if not arch.spec_of(cfg).extra_prefixes:
-        return
-    found = next((n for n in weights.entries if n.startswith(IN_MEMORY_PREFIXES)), None)
-    if found:
-        raise Exl2Error(f"{weights.model_dir}: tensor {found!r} is in the layout transformers 4.52-4.57 keep in "
-                        f"memory, which ExLlamaV2 0.3.2 does not read; save the model again with transformers 5 "
-                        f"(its save_pretrained writes the hub's layout) and convert that")
 
 
 

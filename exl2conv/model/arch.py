@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import Exl2Error
+from . import layouts
 from ..qparams import ATTN_LINEARS, MLP_INPUT_LINEARS, MLP_LINEARS, MOE_LINEARS, QKV_LINEARS
 
 if TYPE_CHECKING:  # config imports this module; a runtime import would be circular
@@ -321,6 +322,8 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
         raise Exl2Error(
             f"architecture {cfg.arch!r} is not supported; supported: {', '.join(ARCHS)}"
         ) from None
+    if getattr(cfg, "source_layout", "") == layouts.IN_MEMORY:
+        spec = _in_memory(spec)
     prefix = getattr(cfg, "source_prefix", "")
     return _with_prefix(spec, prefix) if prefix else spec
 
@@ -328,6 +331,11 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
 @functools.lru_cache(maxsize=None)
 def _with_prefix(spec: ArchSpec, prefix: str) -> ArchSpec:
     return dataclasses.replace(spec, prefix=prefix)
+
+
+@functools.lru_cache(maxsize=None)
+def _in_memory(spec: ArchSpec) -> ArchSpec:
+    return dataclasses.replace(spec, **layouts.in_memory_fields(spec))
 
 
 def output_name(cfg: "ModelConfig", name: str) -> str:

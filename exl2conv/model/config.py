@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Exl2Error
+from . import layouts
 from .arch import ARCHS, PAD
 from .weights import WeightIndex
 
@@ -72,6 +73,9 @@ class ModelConfig:
     # The prefix the checkpoint puts before every name, where the architecture allows one
     # (ArchSpec.optional_prefix); "" otherwise.
     source_prefix: str = ""
+    # "in_memory": a vision-language checkpoint under transformers' in-memory names
+    # (exl2conv.model.layouts); "": the hub's.
+    source_layout: str = ""
     # Read for every architecture, as ExLlamaV2 0.3.2's config.py reads them (Granite, MiniCPM and
     # Index are the models that set them): the embeddings' factor (scale_emb or
     # embedding_multiplier), the factor on every attention and MLP output before it joins the
@@ -368,15 +372,19 @@ def _scales(r: _Reader, arch: str, hidden: int, num_layers: int) -> dict:
                 norm_head=bool(r.raw.get("norm_head")), partial_rotary_factor=partial)
 
 
-def _source_prefix(model_dir: Path, prefix: str) -> str:
-    """``prefix`` where the checkpoint's tensor names start with it, else "" (headers only)."""
-    if not prefix:
-        return ""
+def _source_names(model_dir: Path, spec) -> dict[str, str]:
+    """ModelConfig's source_prefix and source_layout for the checkpoint (headers only):
+    ``spec.optional_prefix`` where its tensor names start with it, and its layout
+    (exl2conv.model.layouts)."""
+    if not spec.optional_prefix and layouts.in_memory_fields(spec) is None:
+        return {}
     try:
         names = WeightIndex(model_dir).entries
     except Exl2Error:
-        return ""  # the weights' own check reports what is wrong with them
-    return prefix if any(n.startswith(prefix) for n in names) else ""
+        return {}  # the weights' own check reports what is wrong with them
+    prefix = spec.optional_prefix if spec.optional_prefix and any(n.startswith(spec.optional_prefix)
+                                                                   for n in names) else ""
+    return {"source_prefix": prefix, "source_layout": layouts.source_layout(spec, names)}
 
 
 def load_config(model_dir: str | Path, rope_scale: float | None = None,
@@ -430,7 +438,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
                      f"{head_dim}-wide head to rotate")
     moe = _moe_fields(r) if spec.moe else {}
     return ModelConfig(
-        source_prefix=_source_prefix(model_dir, spec.optional_prefix),
+        **_source_names(model_dir, spec),
         model_dir=model_dir,
         arch=arch,
         hidden_size=hidden,

@@ -1,8 +1,9 @@
 """The vision-language models end to end on the CPU (Qwen2-VL, Qwen2.5-VL, Llava with a Pixtral
 tower, Mistral 3; tests.tinyvl): the language model is quantized (test_architectures checks it as
 every architecture's), and everything else is copied into the output byte for byte under the names
-ExLlamaV2 0.3.2 reads, with the processor files and a config.json it loads. The byte check is
-shown to fail on an output whose vision tensor was altered by one bit."""
+ExLlamaV2 0.3.2 reads, with the processor files and a config.json it loads; a checkpoint under
+transformers' in-memory names (exl2conv.model.layouts) converts to the same output. The byte check is shown to fail on
+an output whose vision tensor was altered by one bit."""
 
 import json
 
@@ -12,7 +13,6 @@ from safetensors.torch import save_file
 
 from exl2conv.cli import main
 from exl2conv.model import WeightIndex, load_config
-from exl2conv.model import arch as arch_mod
 from tests.e2e.test_architectures import ARGS, read_output, write_parquet
 from tests.tinymodel import make_tiny_hf
 from tests.tinyvl import MROPE, VL_ARCHS
@@ -128,21 +128,41 @@ def test_a_tower_other_than_pixtral_is_refused(tmp_path, capsys, arch):
     assert "supported: LlamaForCausalLM" in err and not (tmp_path / "work").exists()
 
 
-def test_the_in_memory_layout_is_refused(tmp_path, capsys):
-    """A checkpoint in transformers 4.52-4.57's in-memory names (model.language_model...)."""
+# The hub's names -> transformers' in-memory names (exl2conv.model.layouts)
+IN_MEMORY = {"LlavaForConditionalGeneration": (("language_model.model.", "model.language_model."),
+                                               ("language_model.lm_head.", "lm_head."),
+                                               ("vision_tower.", "model.vision_tower."),
+                                               ("multi_modal_projector.", "model.multi_modal_projector.")),
+             "Qwen2VLForConditionalGeneration": (("model.", "model.language_model."), ("lm_head.", "lm_head."),
+                                                 ("visual.", "model.visual."))}
+
+
+@pytest.mark.parametrize("arch", list(IN_MEMORY))
+def test_the_in_memory_layout_converts_to_the_hubs_output(tmp_path, arch):
+    """The same model saved under transformers' in-memory names converts to the same bytes, names
+    and measurement as under the hub's: those ExLlamaV2 reads."""
+    import shutil
+
     pytest.importorskip("transformers")
-    src = make_tiny_hf(tmp_path / "model", "LlavaForConditionalGeneration", seed=3)
-    in_memory = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                 ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+    hub = make_tiny_hf(tmp_path / "hub", arch, seed=3)
+    moved = tmp_path / "in_memory"
+    shutil.copytree(hub, moved)
 
     def rename(name: str) -> str:
-        old, new = next(pair for pair in in_memory if name.startswith(pair[0]))
+        old, new = next(pair for pair in IN_MEMORY[arch] if name.startswith(pair[0]))
         return new + name.removeprefix(old)
-    save_file({rename(n): t for n, t in source_tensors(src).items()}, str(src / "model.safetensors"))
-    assert arch_mod.ARCHS["LlavaForConditionalGeneration"].prefix == "language_model."
-    assert main(["-i", str(src), "-o", str(tmp_path / "work"), "-ml", "128", "-l", "128"]) == 1
-    err = capsys.readouterr().err
-    assert "in the layout transformers 4.52-4.57 keep in memory" in err and not (tmp_path / "work").exists()
+    save_file({rename(n): t for n, t in source_tensors(hub).items()}, str(moved / "model.safetensors"))
+    assert load_config(moved).source_layout == "in_memory" and load_config(hub).source_layout == ""
+    cal = write_parquet(tmp_path / "cal.parquet")
+    for src in (hub, moved):
+        assert main(["-i", str(src), "-o", str(src.parent / f"{src.name}_work"), "-cf", str(src.parent / f"{src.name}_out"),
+                     "-c", str(cal), *ARGS]) == 0
+    ours, theirs = read_output(tmp_path / "in_memory_out"), read_output(tmp_path / "hub_out")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[n].reshape(-1).view(torch.uint8), theirs[n].reshape(-1).view(torch.uint8)) for n in ours)
+    doc = {name: json.loads((tmp_path / name / "measurement.json").read_text())["measurement"]
+           for name in ("hub_work", "in_memory_work")}
+    assert doc["hub_work"] == doc["in_memory_work"]
 
 
 @pytest.mark.slow

@@ -1,14 +1,16 @@
 """config.json of the vision-language models in both forms: Qwen2-VL's hub configs are flat with
 ``rope_scaling {"type": "mrope"}``, transformers 5 nests the language model under text_config with
 ``rope_parameters``; both read as the same model, and the output's config.json (exllamav2_config)
-leaves a hub config as it is and gives a transformers 5 one what ExLlamaV2 0.3.2 reads."""
+leaves a hub config as it is and gives a transformers 5 one what ExLlamaV2 0.3.2 reads. And
+transformers' in-memory names, mapped to the hub's (exl2conv.model.layouts)."""
 
 import json
 
 import pytest
 
 from exl2conv.errors import Exl2Error
-from exl2conv.model import exllamav2_config, load_config
+from exl2conv.model import arch as arch_mod
+from exl2conv.model import exllamav2_config, load_config, layouts
 from tests.tinyvl import MROPE
 
 FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -60,3 +62,20 @@ def test_another_rope_type_is_still_refused(nested, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hub))
     with pytest.raises(Exl2Error, match="rope_scaling.rope_type 'longrope' is not supported"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("arch,pairs", [
+    ("LlavaForConditionalGeneration", {"model.language_model.layers.0.self_attn": "language_model.model.layers.0.self_attn",
+                                       "model.language_model.embed_tokens.weight": "language_model.model.embed_tokens.weight",
+                                       "lm_head": "language_model.lm_head",
+                                       "model.vision_tower.ln_pre.weight": "vision_tower.ln_pre.weight",
+                                       "model.multi_modal_projector.linear_1.bias": "multi_modal_projector.linear_1.bias"}),
+    ("Qwen2VLForConditionalGeneration", {"model.language_model.layers.1.mlp": "model.layers.1.mlp",
+                                         "model.language_model.norm.weight": "model.norm.weight", "lm_head": "lm_head",
+                                         "model.visual.merger.mlp.0.weight": "visual.merger.mlp.0.weight"})])
+def test_the_in_memory_names_are_written_as_the_hubs(arch, pairs):
+    cfg = type("Cfg", (), {"arch": arch, "source_layout": layouts.IN_MEMORY})()
+    spec = arch_mod.spec_of(cfg)
+    assert (spec.prefix, spec.layers, spec.head) == ("", "model.language_model.layers", "lm_head")
+    assert {name: arch_mod.output_name(cfg, name) for name in pairs} == pairs
+    assert layouts.in_memory_fields(arch_mod.ARCHS["Gemma3ForCausalLM"]) is None  # no tower, no such layout
