@@ -523,7 +523,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
     ctx = Context(job, cfg, weights, dev, rep)
     (out / OUT_TENSOR).mkdir(exist_ok=True)
     ctx.folder.remove_stray_checkpoints()
-    print_plan(job, dev, rep)
+    print_plan(job, dev, rep, tuple(reversed(arch.spec_of(cfg).calib_noise)))
 
     def on_sigint(signum, frame):
         if stop.requested():

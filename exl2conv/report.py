@@ -187,16 +187,19 @@ def peak_memory() -> str:
     return text
 
 
-def print_plan(job, device, rep: Reporter) -> None:
-    """What a job will do, printed as it starts or resumes: its folders, calibration, targets and device."""
+def print_plan(job, device, rep: Reporter, noise: tuple[int, int] = (0, 0)) -> None:
+    """What a job will do, printed as it starts or resumes: its folders, calibration, targets and device.
+    ``noise``: the noise rows (quantization, measurement) the built-in set gets (exl2conv.noise_rows)."""
     rep.info(f"Input: {job['in_dir']}")
     rep.info(f"Output: {job['compile_full'] or job.out_dir}")
     if job["cal_dataset"]:
         rep.info(f"Calibration dataset: {job['cal_dataset']}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
                  f"length {job['length']} / {job['measurement_length']}")
     else:
-        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')} / "
-                 f"{calibration.builtin_row_count('measure')} (the set's own: -r and -mr apply to a parquet file), "
+        extra = [f" + {n} noise" if n else "" for n in noise]
+        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')}{extra[0]} / "
+                 f"{calibration.builtin_row_count('measure')}{extra[1]} (the set's own: -r and -mr apply to a "
+                 "parquet file), "
                  f"length {job['length']} / {job['measurement_length']}")
     if job["output_measurement"]:
         rep.info(f"Measurement will be saved to {job['output_measurement']}")

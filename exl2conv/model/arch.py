@@ -133,8 +133,8 @@ class ArchSpec:
     # (architecture.py, ExLlamaV2ArchParams.__init__); None: no condition.
     vision_model_type: str | None = None
     # Qwen2-VL's multimodal RoPE: config.json's rope type "mrope" with its mrope_section. For text
-    # the three position sections are equal, so the rotation is plain RoPE (module docstring of
-    # exl2conv.model.forward); the section is kept in the output's config.json for images.
+    # the three position sections are equal, so the rotation is plain RoPE (forward.rope_tables);
+    # the sections are kept in the output's config.json for images (exllamav2_config.mrope_keys).
     mrope: bool = False
     # Rows of noise (measurement, quantization) appended to the built-in calibration set, standing
     # in for image embeddings (ExLlamaV2's standard_calib_noise; exl2conv.noise_rows).
