@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import Exl2Error
-from . import layouts
 from ..qparams import ATTN_LINEARS, MLP_INPUT_LINEARS, MLP_LINEARS, MOE_LINEARS, QKV_LINEARS
+from . import layouts
 
 if TYPE_CHECKING:  # config imports this module; a runtime import would be circular
     from .config import ModelConfig
@@ -128,7 +128,7 @@ class ArchSpec:
     # Gemma3ForConditionalGeneration: the language model's fields sit under "text_config" (the
     # vision-language models' too; Qwen2-VL's hub configs are flat, transformers 5 nests them).
     text_config: bool = False
-    # The vision tower config.json must name in vision_config.model_type: ExLlamaV2 0.3.2 recognizes
+    # What config.json's vision_config.model_type must say: ExLlamaV2 0.3.2 recognizes
     # LlavaForConditionalGeneration and Mistral3ForConditionalGeneration only with a Pixtral tower
     # (architecture.py, ExLlamaV2ArchParams.__init__); None: no condition.
     vision_model_type: str | None = None
