@@ -137,14 +137,16 @@ IN_MEMORY = {"LlavaForConditionalGeneration": (("language_model.model.", "model.
                                                  ("visual.", "model.visual."))}
 
 
-@pytest.mark.parametrize("arch", list(IN_MEMORY))
-def test_the_in_memory_layout_converts_to_the_hubs_output(tmp_path, arch):
+IN_MEMORY["Qwen2_5_VLForConditionalGeneration"] = IN_MEMORY["Qwen2VLForConditionalGeneration"]
+IN_MEMORY["Mistral3ForConditionalGeneration"] = IN_MEMORY["LlavaForConditionalGeneration"]
+
+
+def test_the_in_memory_layout_converts_to_the_hubs_output(converted, tmp_path):
     """The same model saved under transformers' in-memory names converts to the same bytes, names
-    and measurement as under the hub's: those ExLlamaV2 reads."""
+    and measurement as under the hub's (the fixture's conversion): those ExLlamaV2 reads."""
     import shutil
 
-    pytest.importorskip("transformers")
-    hub = make_tiny_hf(tmp_path / "hub", arch, seed=3)
+    arch, hub, root = converted
     moved = tmp_path / "in_memory"
     shutil.copytree(hub, moved)
 
@@ -153,16 +155,13 @@ def test_the_in_memory_layout_converts_to_the_hubs_output(tmp_path, arch):
         return new + name.removeprefix(old)
     save_file({rename(n): t for n, t in source_tensors(hub).items()}, str(moved / "model.safetensors"))
     assert load_config(moved).source_layout == "in_memory" and load_config(hub).source_layout == ""
-    cal = write_parquet(tmp_path / "cal.parquet")
-    for src in (hub, moved):
-        assert main(["-i", str(src), "-o", str(src.parent / f"{src.name}_work"), "-cf", str(src.parent / f"{src.name}_out"),
-                     "-c", str(cal), *ARGS]) == 0
-    ours, theirs = read_output(tmp_path / "in_memory_out"), read_output(tmp_path / "hub_out")
+    assert main(["-i", str(moved), "-o", str(tmp_path / "work"), "-cf", str(tmp_path / "out"),
+                 "-c", str(root / "cal.parquet"), *ARGS]) == 0
+    ours, theirs = read_output(tmp_path / "out"), read_output(root / "out")
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[n].reshape(-1).view(torch.uint8), theirs[n].reshape(-1).view(torch.uint8)) for n in ours)
-    doc = {name: json.loads((tmp_path / name / "measurement.json").read_text())["measurement"]
-           for name in ("hub_work", "in_memory_work")}
-    assert doc["hub_work"] == doc["in_memory_work"]
+    doc = [json.loads((work / "measurement.json").read_text())["measurement"] for work in (tmp_path / "work", root / "work")]
+    assert doc[0] == doc[1]
 
 
 @pytest.mark.slow
