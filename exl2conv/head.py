@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from exl2conv import calibration, tweak
+from exl2conv import calib_rows, calibration, tweak
 from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import Job
 from exl2conv.memory import release_unused
@@ -54,7 +54,7 @@ def quantize_head(ctx, states: torch.Tensor, save, stream: torch.Tensor | None =
     del decoded
     release_unused(dev)
     ids = ctx.folder.load_ids("quant").to(dev)
-    rows = perplexity_rows(ctx.job, ids.shape[0])
+    rows = perplexity_rows(ctx.job, ids.shape[0], calib_rows.noise_count(cfg, "measure"))
     ppl = perplexity(states[:rows], ids[:rows], lambda x: forward.final_norm(x.to(dev), g, cfg, bias), head, cfg)
     return {**out, "ppl": ppl, "ppl_rows": rows, "ppl_length": int(ids.shape[1]),
             "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
@@ -80,10 +80,12 @@ def perplexity(states: torch.Tensor, ids: torch.Tensor, norm, head: torch.Tensor
     return math.exp(float(nll) / max(count, 1))
 
 
-def perplexity_rows(job: Job, available: int) -> int:
+def perplexity_rows(job: Job, available: int, noise: int = 0) -> int:
     """How many rows of the quantization set the calibration perplexity is taken on: the first
     -mr with a parquet dataset (as ExLlamaV2 takes it), and without one as many as the built-in
     measurement set has (what ExLlamaV2's job holds as -mr by then), whatever -mr says: it does not
-    apply to the built-in set, so it must not move the figure."""
-    rows = job["measurement_rows"] if job["cal_dataset"] else calibration.builtin_row_count("measure")
+    apply to the built-in set, so it must not move the figure. ``noise``: the measurement set's noise
+    rows (exl2conv.noise_rows), which ExLlamaV2 counts in that -mr too; the rows taken are text still,
+    the quantization set's noise rows being its last."""
+    rows = job["measurement_rows"] if job["cal_dataset"] else calibration.builtin_row_count("measure") + noise
     return min(int(rows), available)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from exl2conv import allocation, atomic, calibration, compile as compile_mod, faults, sensitivity, settings, stop, tweak
+from exl2conv import (allocation, atomic, calib_rows, calibration, compile as compile_mod, faults, noise_rows,
+                     sensitivity, settings, stop, tweak)
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.head import quantize_head
 from exl2conv.job import JOB_FILE, ROWS_USED, STAGE_ORDER, Job, Stage
@@ -118,35 +119,18 @@ def load_checkpoint(ctx: Context, pass_: str, home: torch.device | None = None) 
     embeddings (module 0) are recomputed from the saved token ids, not stored."""
     index, states = ctx.folder.load_checkpoint(pass_, ctx.device, home)
     if states is None and index == 0:
-        states = embed_states(ctx, ctx.folder.load_ids(pass_), home)
+        states = calib_rows.embed_states(ctx, ctx.folder.load_ids(pass_), home, pass_)
     return index, states
 
 
 # -- stages ------------------------------------------------------------------------------------------
 
 
-def tokenize(ctx: Context, which: str) -> torch.Tensor:
-    job = ctx.job
-    measure = which == "measure"
-    length = job["measurement_length"] if measure else job["length"]
-    if job["cal_dataset"]:
-        rows = job["measurement_rows"] if measure else job["dataset_rows"]
-        ids = calibration.parquet_rows(ctx.tok, Path(job["cal_dataset"]), rows, length)
-    else:
-        ids = calibration.builtin_rows(ctx.tok, length, which)
-    ctx.rep.info(f"{'Measurement' if measure else 'Quantization'} calibration: {ids.shape[0]} rows x "
-                 f"{ids.shape[1]} tokens")
-    for line in calibration.describe_rows(ctx.tok, ids).splitlines():
-        ctx.rep.info(line)
-    ctx.folder.save_ids(which, ids)
-    return ids
-
-
 def tokenize_stage(ctx: Context, which: str, next_stage: Stage) -> None:
     """Tokenize one calibration set and advance. The rows it made go into the job's
     :data:`ROWS_USED`, never into -mr / -r: the built-in set fixes its own count (ExLlamaV2
     overwrites its job's -mr / -r with it), and a resume must find the command's values there."""
-    ids = tokenize(ctx, which)
+    ids = calib_rows.tokenize(ctx, which)
     used = {**(ctx.job[ROWS_USED] or {}), which: int(ids.shape[0])}
     ctx.job.advance(next_stage, cal_filename=str(ctx.folder.ids_file(which)), **{ROWS_USED: used})
 
@@ -160,28 +144,6 @@ def stage_begin(ctx: Context) -> None:
     ctx.rep.info("Tokenizing samples (measurement)...")
     ctx.rep.status("Tokenizing (1)", 0, 1)
     tokenize_stage(ctx, "measure", Stage.INITIAL_EMBEDDINGS)
-
-
-def embedded_rows(ctx: Context, ids: torch.Tensor, step: int):
-    """The token embeddings of ``ids`` ``[R, L]`` (with the learned positions where the model has
-    them) on ``ctx.device``, ``step`` rows at a time: yields ``(first row, [<=step, L, H]
-    float32)``; the table is read once."""
-    table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
-    positions = forward.load_positions(ctx.weights, ctx.cfg, ctx.device)
-    for r in range(0, ids.shape[0], step):
-        yield r, forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale, positions)
-
-
-def embed_states(ctx: Context, ids: torch.Tensor, home: torch.device | None = None) -> torch.Tensor:
-    """The token embeddings of ``ids`` ``[R, L]``: ``[R, L, H]`` float32 on ``ctx.device``, or
-    computed there a row at a time into pinned host memory when ``home`` is the CPU and the
-    device is not."""
-    if home is None or home == ctx.device:
-        return next(embedded_rows(ctx, ids, ids.shape[0]))[1]
-    out = torch.empty((*ids.shape, ctx.cfg.hidden_size), dtype=torch.float32, pin_memory=True)
-    for r, x in embedded_rows(ctx, ids, 1):
-        out[r:r + 1] = x
-    return out
 
 
 STATES_ENV = "EXL2CONV_STATES"  # "gpu", "host" or "auto" (the default)
@@ -217,7 +179,7 @@ def states_home(ctx: Context, nbytes: int) -> tuple[torch.device, str | None]:
 def stage_initial_embeddings(ctx: Context) -> None:
     ctx.rep.info("Token embeddings (measurement)...")
     ctx.rep.status("Embeddings", 0, 1)
-    states = embed_states(ctx, ctx.folder.load_ids("measure"))
+    states = calib_rows.embed_states(ctx, ctx.folder.load_ids("measure"), which="measure")
     check_finite(states, "the token embeddings")
     ctx.folder.write_measurement({}, 0)
     ctx.folder.save_checkpoint("measure", 0, None, last_module_idx=0)  # cheaper to recompute than to store
@@ -228,6 +190,7 @@ def stage_sensitivity(ctx: Context) -> None:
     """The Fisher diagonal of every module's output (exl2conv.sensitivity), from the unquantized
     model on the first measurement rows; the measurement turns it into predicted KL."""
     ids = ctx.folder.load_ids("measure")
+    ids = ids[~noise_rows.is_noise(ids)]  # of the text: the noise rows have no next tokens to predict
     rows = sensitivity.rows_for(ids, ctx.cfg.hidden_size, ctx.cfg.num_layers)
     ctx.rep.info(f"Output sensitivity of each module: {rows} rows x {ids.shape[1]} tokens, forward and backward")
     with ctx.rep.progress("Sensitivity", 2 * ctx.cfg.num_layers, "Sensitivity") as bar:
@@ -361,7 +324,7 @@ def stage_embeddings(ctx: Context) -> None:
     # checked a few rows at a time, not kept: the quantization pass recomputes them (the
     # embeddings of 115 rows of 2048 tokens take 3.6 GiB for Llama-2-7B)
     ids = ctx.folder.load_ids("quant")
-    for _, x in embedded_rows(ctx, ids, ctx.chunk(ids.shape[1])):
+    for _, x in calib_rows.embedded_rows(ctx, ids, ctx.chunk(ids.shape[1]), "quant"):
         check_finite(x, "the token embeddings")
     ctx.folder.save_checkpoint("quant", 0, None, q_last_module_idx=0, quant_log=[])  # recomputed on loading
     ctx.job.advance(Stage.QUANT)
@@ -443,7 +406,7 @@ def unquantized_stream(ctx: Context, done: list[Module]) -> torch.Tensor:
     on the first rows of the quantization set that norm tweaking fits on."""
     ids = ctx.folder.load_ids("quant")
     ids = ids[:tweak.rows_for(ids.shape[0], ids.shape[1], ctx.device, ctx.numel_decoder() // ctx.cfg.num_layers)]
-    x = embed_states(ctx, ids)
+    x = calib_rows.embed_states(ctx, ids, which="quant")
     rope = _rope(ctx, ids.shape[1])
     for mod in done:
         if mod.quantized:

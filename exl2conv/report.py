@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from exl2conv import calibration
+from exl2conv.model.arch import spec_of
 from exl2conv.model.moe_config import caveats
 
 
@@ -189,16 +190,20 @@ def peak_memory() -> str:
 
 
 def print_plan(job, device, rep: Reporter, cfg=None) -> None:
-    """What a job will do, printed as it starts or resumes: its folders, calibration, targets and
-    device; then, as warnings, where ExLlamaV2 will run model ``cfg`` otherwise (moe_config.caveats)."""
+    """What a job will do, printed as it starts or resumes: its folders, calibration (with the
+    noise rows the built-in set gets for model ``cfg``, exl2conv.noise_rows), targets and device;
+    then, as warnings, where ExLlamaV2 will run ``cfg`` otherwise (moe_config.caveats)."""
+    noise = tuple(reversed(spec_of(cfg).calib_noise)) if cfg is not None else (0, 0)
     rep.info(f"Input: {job['in_dir']}")
     rep.info(f"Output: {job['compile_full'] or job.out_dir}")
     if job["cal_dataset"]:
         rep.info(f"Calibration dataset: {job['cal_dataset']}; rows {job['dataset_rows']} / {job['measurement_rows']}, "
                  f"length {job['length']} / {job['measurement_length']}")
     else:
-        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')} / "
-                 f"{calibration.builtin_row_count('measure')} (the set's own: -r and -mr apply to a parquet file), "
+        extra = [f" + {n} noise" if n else "" for n in noise]
+        rep.info(f"Calibration dataset: built-in; rows {calibration.builtin_row_count('quant')}{extra[0]} / "
+                 f"{calibration.builtin_row_count('measure')}{extra[1]} (the set's own: -r and -mr apply to a "
+                 "parquet file), "
                  f"length {job['length']} / {job['measurement_length']}")
     if job["output_measurement"]:
         rep.info(f"Measurement will be saved to {job['output_measurement']}")

@@ -26,6 +26,7 @@ CAL_FILES = {"measure": "cal_measure.safetensors", "quant": "cal_quant.safetenso
 MEASUREMENT = "measurement.json"
 SENSITIVITY = "sensitivity.safetensors"
 PREDICTED_KEY = "predicted_kl"  # under FINGERPRINT_KEY: each entry's predicted KL, by module key
+NOISE_KEY = "noise_statistics"  # in a CAL_FILES file: exl2conv.noise_rows.statistics of its rows
 OUT_TENSOR = "out_tensor"  # the quantization pass's tensors, one file per linear or tweaked norm
 
 
@@ -45,12 +46,20 @@ class WorkFolder:
         """The token ids of a calibration set (``which``: "measure" or "quant")."""
         return self.path / CAL_FILES[which]
 
-    def save_ids(self, which: str, ids: torch.Tensor) -> None:
-        atomic.save_tensors(self.ids_file(which), {"input_ids": ids})
+    def save_ids(self, which: str, ids: torch.Tensor, noise: torch.Tensor | None = None) -> None:
+        """The token ids, and with noise rows among them their statistics (exl2conv.noise_rows),
+        in one file: a resume embeds the rows exactly as the first run did."""
+        extra = {} if noise is None else {NOISE_KEY: noise}
+        atomic.save_tensors(self.ids_file(which), {"input_ids": ids, **extra})
 
     def load_ids(self, which: str) -> torch.Tensor:
         with safe_open(str(self.ids_file(which)), framework="pt") as f:
             return f.get_tensor("input_ids")
+
+    def load_noise_statistics(self, which: str) -> torch.Tensor | None:
+        """The noise rows' [mean, std] saved with the ids, or None where the set has none."""
+        with safe_open(str(self.ids_file(which)), framework="pt") as f:
+            return f.get_tensor(NOISE_KEY) if NOISE_KEY in f.keys() else None
 
     def save_sensitivity(self, fisher: torch.Tensor) -> None:
         atomic.save_tensors(self.path / SENSITIVITY, {"fisher": fisher})

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tests.tinyvl import VISION_PARTS, VL_ARCHS, vl_config, write_processor_files
+
 BOS, EOS = "<s>", "</s>"
 BYTE_TOKENS = 256
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
@@ -189,6 +191,8 @@ def _hf_config(tf, arch: str, common: dict, extra: dict):
                                        num_attention_heads=2, image_size=28, patch_size=14)
         return tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**common, **text),
                                vision_config=vision, mm_tokens_per_image=4)
+    if arch in VL_ARCHS:
+        return vl_config(tf, arch, common, extra)
     raise ValueError(f"no tiny builder for {arch}")
 
 
@@ -196,6 +200,7 @@ HF_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2Fo
             "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "GraniteForCausalLM",
             "Glm4ForCausalLM", "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel",
             "CohereForCausalLM", "Cohere2ForCausalLM")
+HF_ARCHS += VL_ARCHS  # the vision-language models (tests.tinyvl)
 
 
 def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float16,
@@ -221,7 +226,7 @@ def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.f
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if "vision_tower" in name or "multi_modal_projector" in name:
+            if any(part in name for part in VISION_PARTS):
                 continue
             if "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
@@ -232,6 +237,8 @@ def make_tiny_hf(path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.f
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     model.to(dtype).save_pretrained(path)
+    if arch in VL_ARCHS:
+        write_processor_files(path, arch)
     return path
 
 

@@ -1,9 +1,9 @@
 """Architecture table: which HF tensors make up a model and how each linear is shaped.
 
-Each supported ``architectures[0]`` string maps to an :class:`ArchSpec`, plain data. A new
-Llama-like architecture is a new table entry; one that computes differently (Gemma's norm
-offset, Phi-3's fused sources, Mixtral's experts) adds a field here and a small hook in
-:mod:`exl2conv.model.forward` that reads it.
+Each supported ``architectures[0]`` string maps to an :class:`ArchSpec` (plain data, its fields in
+:mod:`exl2conv.model.archspec`). A new Llama-like architecture is a new table entry; one that
+computes differently (Gemma's norm offset, Phi-3's fused sources, Mixtral's experts) adds a field
+there and a small hook in :mod:`exl2conv.model.forward` that reads it.
 
 Shapes follow HF: a linear's weight is ``[out_features, in_features]``. ExLlamaV2 works on
 the transpose ``[K, N]`` with K = in_features and N = out_features padded to a multiple of 32.
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import Exl2Error
 from ..qparams import ATTN_LINEARS, MLP_INPUT_LINEARS, MLP_LINEARS, MOE_LINEARS, QKV_LINEARS
+from . import layouts
+from .archspec import ArchSpec
 
 if TYPE_CHECKING:  # config imports this module; a runtime import would be circular
     from .config import ModelConfig
@@ -28,133 +30,6 @@ PAD = 32
 
 def ceil32(n: int) -> int:
     return -(-n // PAD) * PAD
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Names and behaviour of one architecture. Tensor names are HF names; per-layer ones are
-    ``f"{prefix}{layers}.{i}.{suffix}"``.
-
-    ``attn_norms`` / ``mlp_norms``: the module's norms, the pre-norm (which reads the residual
-    stream) first, then a post-norm on the branch output where the architecture has one
-    (Gemma2/3). ``fused``: internal linear name -> (HF fused tensor, part index); parts are
-    q/k/v row ranges of ``qkv_proj`` or the gate/up halves of ``gate_up_proj``, as ExLlamaV2 slices
-    them (its architecture.py's "fused_qkv" / "fused_mlp_12" keys; module.py,
-    ExLlamaV2Module.load_weight_fused)."""
-
-    name: str
-    prefix: str = ""
-    layers: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    head: str = "lm_head"
-    attn_norms: tuple[str, ...] = ("input_layernorm",)
-    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
-    attn_prefix: str = "self_attn"
-    mlp_prefix: str = "mlp"
-    attn_linears: tuple[str, ...] = ATTN_LINEARS
-    # An MLP without "gate_proj" is ungated: down(act(up(x))) (Starcoder2).
-    mlp_linears: tuple[str, ...] = MLP_LINEARS
-    # The checkpoint's name of a linear where it differs from its short name, which stays the
-    # name of its column in the measurement (Starcoder2's up_proj is "c_fc", down_proj "c_proj").
-    linear_names: tuple[tuple[str, str], ...] = ()
-    # Linears biased whatever the config says (e.g. Qwen2's q/k/v); config flags add more.
-    always_biased: frozenset[str] = frozenset()
-    act: str = "silu"
-    # hidden_act / hidden_activation values accepted as meaning ``act`` (ExLlamaV2 never reads
-    # them: the architecture fixes the activation; Gemma 1's configs say "gelu" for the tanh GELU,
-    # as transformers computes it). Empty: ``act`` only.
-    act_names: tuple[str, ...] = ()
-    # "neox": dimension j pairs with j + rot/2; "gptj": 2j pairs with 2j + 1 (Glm4, Cohere). Over
-    # the first rot = head_dim * partial_rotary_factor dimensions of each head. "none": no RoPE,
-    # positions come from the learned table ``positions`` (GPTBigCode).
-    rope_style: str = "neox"
-    # The learned position table [max positions, hidden] added to the embeddings, where there is one.
-    positions: str | None = None
-    # Multi-query attention: one key/value head whatever config.json says (GPTBigCode, as ExLlamaV2).
-    mqa: bool = False
-    # The linears are stored [in, out] (GPT-2's Conv1D), transposed as they are read.
-    transposed: bool = False
-    # A prefix the checkpoint may put before every name (a GPT-2 saved by transformers says
-    # "transformer.h.0...", the original checkpoint "h.0..."): ModelConfig.source_prefix holds the
-    # one the checkpoint uses.
-    optional_prefix: str = ""
-    # "rms": RMSNorm; "layer": LayerNorm (mean subtracted), with a "<norm>.bias" tensor for every
-    # norm where ``norm_bias`` (Orion).
-    norm: str = "rms"
-    norm_bias: bool = False
-    # config.json keys of the norms' epsilon, the first present wins; none: ``default_eps`` always
-    # (DBRX: ExLlamaV2 reads no key and uses torch's LayerNorm default, as the model does).
-    eps_keys: tuple[str, ...] = ("rms_norm_eps",)
-    default_eps: float = 1e-6
-    # Where the checkpoint has no head tensor, the head is the embedding whatever
-    # tie_word_embeddings says: ExLlamaV2's branches for these architectures give the head the
-    # embedding as its fallback key (several of their configs leave tie_word_embeddings out).
-    head_falls_back: bool = False
-    # config.json's attention_bias biases q/k/v only, o_proj never (Glm4); else all four.
-    bias_qkv_only: bool = False
-    # MiniCPM: the logits are divided by hidden_size / dim_model_base.
-    logit_scale_basedim: bool = False
-    # InternLM2: the fused qkv tensor holds q, k and v per key/value head (:func:`_fused_rows`).
-    qkv_interleaved: bool = False
-    # Renaming from the checkpoint's names to the output's, as ExLlamaV2's keymap renames every
-    # tensor it reads (exllamav2/architecture.py): each (old, new) replaces the text ``old`` in a
-    # name, and an ``old`` starting with "$" only at the name's start; applied in order.
-    keymap: tuple[tuple[str, str], ...] = ()
-    # The config.json key ExLlamaV2 reads the norms' epsilon from; the output's config.json gets
-    # it where the source's lacks it (Starcoder2's configs say norm_epsilon, ExLlamaV2 0.3.2
-    # reads layer_norm_epsilon only). None: ExLlamaV2 reads no epsilon for the architecture (DBRX).
-    exllamav2_eps_key: str | None = "rms_norm_eps"
-    # Whether config.json's sliding_window applies (Mistral); Llama has no such field.
-    sliding_window: bool = False
-    # Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma3).
-    qk_norm: bool = False
-    # What the q/k head norms compute over each head's dimensions: "rms", or "layer" (mean
-    # subtracted: Cohere's use_qk_norm).
-    head_norm: str = "rms"
-    # Parallel decoder blocks (Cohere): attention and MLP both read the layer's one norm
-    # (``attn_norms[0]``; ``mlp_norms`` is empty) and both add to the residual stream:
-    # y = x + attn(n) + mlp(n). ExLlamaV2 runs such a layer as one module ("parallel_decoder").
-    parallel: bool = False
-    # Cohere2: the sliding-window layers rotate q and k, the global layers use no position
-    # encoding at all (transformers' Cohere2Attention).
-    rope_sliding_only: bool = False
-    fused: tuple[tuple[str, str, int], ...] = ()
-    # Gemma stores norm weights as w - 1; the norm multiplies by (w + offset).
-    norm_offset: float = 0.0
-    # Gemma multiplies the embeddings by sqrt(hidden_size).
-    embed_scale: bool = False
-    # Gemma2/3: per-layer sliding windows, attention scale from query_pre_attn_scalar, softcaps.
-    gemma: bool = False
-    # Gemma3ForConditionalGeneration: the language model's fields sit under "text_config".
-    text_config: bool = False
-    # Source tensors outside the language model, copied verbatim after the head (ExLlamaV2's
-    # conversion/compile.py, compile_model, its extra_tensors).
-    extra_prefixes: tuple[str, ...] = ()
-    # Mixture of experts (Mixtral): ``mlp_prefix`` holds a router ``moe_router`` [E, H] and experts
-    # ``<moe_experts>.<j>.<w1|w3|w2>`` (gate, up, down); ``mlp_linears`` are the measurement's column
-    # names (ExLlamaV2's w1/w3/w2 whatever the checkpoint calls them), ``linear_names`` the
-    # checkpoint's names where they differ (Qwen3-MoE's gate_proj/up_proj/down_proj).
-    moe: bool = False
-    moe_router: str = "gate"
-    moe_experts: str = "experts"
-    # DBRX: each expert linear is stored once for all experts, ``<moe_experts>.<name>`` (no ".weight"),
-    # [E * I, H]: expert j's w1/w3 are rows [j*I, (j+1)*I) and its w2 the same rows, stored [in, out]
-    # (transposed). ExLlamaV2 slices them so (moe_mlp.py, ExLlamaV2MoEMLP.__init__, its f_key/f_beg/
-    # f_end; module.py, load_weight_fused, which transposes a slice shaped [in, out]).
-    fused_experts: bool = False
-    # One warning line printed when a conversion of this architecture starts (ExLlamaV2's own caveat).
-    caveat: str | None = None
-    # The architecture whose layout the output takes, where ExLlamaV2 0.3.2 has no entry for this
-    # one but runs it through another's (Gemma3ForCausalLM: as the language model of a
-    # Gemma3ForConditionalGeneration with no vision tower); None: this one. ``out_prefix`` goes in
-    # front of every output tensor name and measurement key (docs/format.md).
-    out_arch: str | None = None
-    out_prefix: str = ""
-
-    def linear_name(self, short: str) -> str:
-        """The checkpoint's name of linear ``short`` (``linear_names``)."""
-        return dict(self.linear_names).get(short, short)
 
 
 _PHI3_FUSED = (("q_proj", "self_attn.qkv_proj", 0), ("k_proj", "self_attn.qkv_proj", 1),
@@ -175,6 +50,19 @@ _COHERE = dict(mlp_norms=(), parallel=True, norm="layer", head_norm="layer", eps
 _GEMMA = dict(act="gelu_pytorch_tanh", norm_offset=1.0, embed_scale=True, head_falls_back=True)
 _GEMMA2 = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
                mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), gemma=True, **_GEMMA)
+
+# The vision-language models ExLlamaV2 0.3.2 converts: their language model is quantized, every
+# tensor under ``extra_prefixes`` copied as it is (the prefixes are its vt_prefix and mmp_prefix).
+# Qwen2-VL / Qwen2.5-VL: a Qwen2 language model at the top level ("model.layers", "lm_head") and
+# the vision tower with its merger under "visual."; Llava (Pixtral) and Mistral 3: a Mistral
+# language model under "language_model.", the tower and projector beside it (docs/format.md).
+_QWEN2_VL = dict(always_biased=frozenset(QKV_LINEARS), text_config=True, mrope=True, calib_noise=(5, 30),
+                 extra_prefixes=("visual.",))
+_PIXTRAL = dict(prefix="language_model.", text_config=True, sliding_window=True, vision_model_type="pixtral",
+                extra_prefixes=("vision_tower.", "multi_modal_projector."))
+_VISION_LANGUAGE = {name: ArchSpec(name, **kw) for name, kw in (
+    ("Qwen2VLForConditionalGeneration", _QWEN2_VL), ("Qwen2_5_VLForConditionalGeneration", _QWEN2_VL),
+    ("LlavaForConditionalGeneration", _PIXTRAL), ("Mistral3ForConditionalGeneration", _PIXTRAL))}
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
@@ -224,6 +112,7 @@ ARCHS: dict[str, ArchSpec] = {
     "Gemma3ForConditionalGeneration": ArchSpec(
         "Gemma3ForConditionalGeneration", prefix="language_model.", qk_norm=True, text_config=True,
         extra_prefixes=("vision_tower.", "multi_modal_projector."), **_GEMMA2),
+    **_VISION_LANGUAGE,
     # Cohere's LayerNorm has no bias; its head is the embedding (ExLlamaV2's lm_head key for both).
     "CohereForCausalLM": ArchSpec("CohereForCausalLM", **_COHERE),
     "Cohere2ForCausalLM": ArchSpec("Cohere2ForCausalLM", sliding_window=True, rope_sliding_only=True, **_COHERE),
@@ -334,6 +223,8 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
         raise Exl2Error(
             f"architecture {cfg.arch!r} is not supported; supported: {', '.join(ARCHS)}"
         ) from None
+    if getattr(cfg, "source_layout", "") == layouts.IN_MEMORY:
+        spec = _in_memory(spec)
     prefix = getattr(cfg, "source_prefix", "")
     return _with_prefix(spec, prefix) if prefix else spec
 
@@ -341,6 +232,11 @@ def spec_of(cfg: "ModelConfig") -> ArchSpec:
 @functools.lru_cache(maxsize=None)
 def _with_prefix(spec: ArchSpec, prefix: str) -> ArchSpec:
     return dataclasses.replace(spec, prefix=prefix)
+
+
+@functools.lru_cache(maxsize=None)
+def _in_memory(spec: ArchSpec) -> ArchSpec:
+    return dataclasses.replace(spec, **layouts.in_memory_fields(spec))
 
 
 def output_name(cfg: "ModelConfig", name: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Exl2Error
+from . import layouts
 from .arch import ARCHS, PAD
 from .moe_config import flat_dbrx, moe_fields
 from .weights import WeightIndex
@@ -78,6 +79,9 @@ class ModelConfig:
     # The prefix the checkpoint puts before every name, where the architecture allows one
     # (ArchSpec.optional_prefix); "" otherwise.
     source_prefix: str = ""
+    # "in_memory": a vision-language checkpoint under transformers' in-memory names
+    # (exl2conv.model.layouts); "": the hub's.
+    source_layout: str = ""
     # Read for every architecture, as ExLlamaV2 0.3.2's config.py reads them (Granite, MiniCPM and
     # Index are the models that set them): the embeddings' factor (scale_emb or
     # embedding_multiplier), the factor on every attention and MLP output before it joins the
@@ -192,6 +196,13 @@ def _arch(r: _Reader) -> str:
     if archs[0] not in ARCHS:
         raise r.fail(f"architectures[0] is {archs[0]!r}, which exl2conv does not support; "
                      f"supported: {', '.join(ARCHS)}")
+    tower = ARCHS[archs[0]].vision_model_type
+    vision = r.raw.get("vision_config")
+    found = vision.get("model_type") if isinstance(vision, dict) else None
+    if tower and found != tower:
+        raise r.fail(f"{archs[0]} with vision_config.model_type {found!r}: ExLlamaV2 0.3.2 converts and runs "
+                     f"{archs[0]} only with a {tower!r} vision tower, so this model is not converted; "
+                     f"supported: {', '.join(ARCHS)}")
     return archs[0]
 
 
@@ -215,6 +226,8 @@ def _rope(r: _Reader, params_key: str | None = None) -> tuple[float, dict | None
     if not isinstance(scaling, dict):
         raise r.fail(f"field {key!r} must be an object, not {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "mrope" and ARCHS[r.raw["architectures"][0]].mrope:
+        kind = "default"  # Qwen2-VL's hub form, {"type": "mrope", "mrope_section": ...}: plain RoPE for text
     if kind not in ROPE_TYPES:
         raise r.fail(f"{key}.rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if kind == "default":
@@ -259,13 +272,14 @@ _GEMMA3_TEXT_DEFAULTS = {
 
 
 def _text_fields(raw: dict, arch: str) -> dict:
-    """The language model's fields: Gemma3ForConditionalGeneration nests them in text_config."""
+    """The language model's fields: Gemma3ForConditionalGeneration and the vision-language models
+    nest them in text_config (a flat Qwen2-VL config is read as it is)."""
     if not ARCHS[arch].text_config:
         return raw
     text = raw.get("text_config")
     if not isinstance(text, dict):
         text = {}
-    merged = dict(_GEMMA3_TEXT_DEFAULTS)
+    merged = dict(_GEMMA3_TEXT_DEFAULTS if arch == "Gemma3ForConditionalGeneration" else {})
     merged.update({k: v for k, v in raw.items() if k != "text_config"})
     merged.update(text)
     return merged
@@ -365,15 +379,19 @@ def _intermediate(r: _Reader, spec, hidden: int) -> int:
     return r.int(key) if key or not spec.positions else 4 * hidden
 
 
-def _source_prefix(model_dir: Path, prefix: str) -> str:
-    """``prefix`` where the checkpoint's tensor names start with it, else "" (headers only)."""
-    if not prefix:
-        return ""
+def _source_names(model_dir: Path, spec) -> dict[str, str]:
+    """ModelConfig's source_prefix and source_layout for the checkpoint (headers only):
+    ``spec.optional_prefix`` where its tensor names start with it, and its layout
+    (exl2conv.model.layouts)."""
+    if not spec.optional_prefix and layouts.in_memory_fields(spec) is None:
+        return {}
     try:
         names = WeightIndex(model_dir).entries
     except Exl2Error:
-        return ""  # the weights' own check reports what is wrong with them
-    return prefix if any(n.startswith(prefix) for n in names) else ""
+        return {}  # the weights' own check reports what is wrong with them
+    prefix = spec.optional_prefix if spec.optional_prefix and any(n.startswith(spec.optional_prefix)
+                                                                   for n in names) else ""
+    return {"source_prefix": prefix, "source_layout": layouts.source_layout(spec, names)}
 
 
 def load_config(model_dir: str | Path, rope_scale: float | None = None,
@@ -425,7 +443,7 @@ def load_config(model_dir: str | Path, rope_scale: float | None = None,
                      f"{head_dim}-wide head to rotate")
     moe = moe_fields(r, arch, num_layers) if spec.moe else {}
     return ModelConfig(
-        source_prefix=_source_prefix(model_dir, spec.optional_prefix),
+        **_source_names(model_dir, spec),
         model_dir=model_dir,
         arch=arch,
         hidden_size=hidden,

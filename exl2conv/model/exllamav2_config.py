@@ -1,6 +1,6 @@
 """The output's config.json where the copied one would be misread by ExLlamaV2 0.3.2.
 
-Four cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
+Five cases. First, a config written by transformers 5 keeps the RoPE settings (rope_theta, the
 scaling, partial_rotary_factor) in ``rope_parameters``, which ExLlamaV2 does not read: it would run
 the model at its defaults (base 10000, every dimension rotated). The output's config.json gains
 the older top-level keys with the same values (:func:`legacy_rope_keys`); transformers reads
@@ -15,7 +15,11 @@ Third, Cohere2's layer kinds: ExLlamaV2 reads them from ``sliding_window_pattern
 P-th layer global; without the key it alternates), where transformers 5 writes ``layer_types``:
 the output's config.json gains the pattern, and layers that follow none are refused.
 
-Fourth, an output that takes another architecture's layout (``ArchSpec.out_arch``).
+Fourth, the vision-language models (Qwen2-VL, Qwen2.5-VL, Llava with Pixtral, Mistral 3): ExLlamaV2
+requires at load settings that a config written by transformers 5 keeps elsewhere or lacks
+(:func:`mrope_keys`, :func:`vision_keys`).
+
+Fifth, an output that takes another architecture's layout (``ArchSpec.out_arch``).
 
 ExLlamaV2 0.3.2 has no entry for Gemma3ForCausalLM (the text-only Gemma 3): its loader takes it
 for a Llama and computes garbage. Its Gemma3ForConditionalGeneration entry runs the same language
@@ -117,16 +121,47 @@ def output_config(cfg) -> dict[str, Any] | None:
     if spec.out_arch:
         return nested_config(cfg)
     source = json.loads((cfg.model_dir / "config.json").read_text(encoding="utf-8"))
-    fields = source.get("text_config") if spec.text_config else source
-    if not isinstance(fields, dict):
-        return None
-    missing = legacy_rope_keys(cfg, fields)
+    # a flat config (Qwen2-VL's on the hub) holds the language model's fields at the top level
+    fields = source["text_config"] if spec.text_config and isinstance(source.get("text_config"), dict) else source
+    missing = legacy_rope_keys(cfg, fields) | mrope_keys(cfg, fields)
+    vision = vision_keys(cfg, source.get("vision_config"))
     if spec.exllamav2_eps_key and fields.get(spec.exllamav2_eps_key) is None:
         missing[spec.exllamav2_eps_key] = cfg.norm_eps
     if spec.rope_sliding_only and fields.get("sliding_window_pattern") is None:
         # ExLlamaV2 reads the layers' kinds from this key alone (default 1: alternate layers)
         missing["sliding_window_pattern"] = sliding_window_pattern(cfg)
-    if not missing:
+    if not missing and not vision:
         return None
     fields.update(missing)
+    if vision:
+        source["vision_config"].update(vision)
     return source
+
+
+def mrope_keys(cfg, fields: dict) -> dict[str, Any]:
+    """Qwen2-VL: the rope_scaling ExLlamaV2 reads the position sections of images from
+    (config.py, ExLlamaV2Config.prepare: type "mrope" -> mrope_section), where the fields lack it
+    (transformers 5 keeps it in rope_parameters) or name the type twice, which ExLlamaV2 refuses."""
+    if not spec_of(cfg).mrope:
+        return {}
+    section = next((d["mrope_section"] for d in (fields.get("rope_scaling"), fields.get("rope_parameters"))
+                    if isinstance(d, dict) and d.get("mrope_section") is not None), None)
+    wanted = {"type": "mrope", "mrope_section": section}
+    return {"rope_scaling": wanted} if section is not None and fields.get("rope_scaling") != wanted else {}
+
+
+def vision_keys(cfg, vision) -> dict[str, Any]:
+    """The vision_config keys ExLlamaV2 0.3.2 requires at load (config.py, ExLlamaV2Config.prepare)
+    that a config written by transformers 5 lacks: the tower's RoPE base, which it keeps in
+    rope_parameters (Pixtral's is read with no default), and Qwen2-VL's and Qwen2.5-VL's
+    spatial_patch_size, which transformers names patch_size."""
+    if not isinstance(vision, dict) or not spec_of(cfg).extra_prefixes:
+        return {}
+    out: dict[str, Any] = {}
+    params = vision.get("rope_parameters")
+    if vision.get("rope_theta") is None and isinstance(params, dict) and params.get("rope_theta") is not None:
+        out["rope_theta"] = params["rope_theta"]
+    if spec_of(cfg).mrope and vision.get("spatial_patch_size") is None \
+            and vision.get("patch_size") is not None:
+        out["spatial_patch_size"] = vision["patch_size"]
+    return out

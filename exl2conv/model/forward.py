@@ -124,7 +124,13 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
 
     Angles are computed in float64 on the CPU: at position 2047 float32 angles are off by ~1e-4
     rad. Positions are divided by the linear scale (-rs or the config's "linear" factor); the base
-    carries the NTK alpha (-ra); "llama3" and "yarn" reshape the frequencies."""
+    carries the NTK alpha (-ra); "llama3" and "yarn" reshape the frequencies.
+
+    Qwen2-VL's multimodal RoPE (``ArchSpec.mrope``) is this rotation for text: its three sections
+    of frequencies take a token's temporal, height and width positions, all three the token's
+    index in a text-only row. ExLlamaV2 rounds these models' frequencies to float16 (rope.py,
+    get_rope_params, ``rope_freq_half``); transformers keeps them in float32, and we follow the
+    model (docs/exllamav2-architectures.md gives the difference)."""
     d, base = cfg.rotary_dim, cfg.rope_base
     inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     gain = 1.0
