@@ -203,7 +203,10 @@ def run_rank(env: settings.RankEnvironment, device: torch.device, ratios: tuple[
     other ranks are gone."""
     import os
 
-    world = None
+    if device.type == "cpu":
+        # the host's cores shared among its ranks: CPU processes that each take every core slow
+        # each other down many times over (their threads wait for each other's timeslices)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     try:
         world = distributed.start(env.rank, env.world_size, device, ratios, env.supervised, env.timeout)
         with distributed.use(world):

@@ -216,6 +216,7 @@ class RankEnvironment:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int  # ranks on this host
     supervised: bool
     timeout: float  # seconds a collective waits for the other ranks
 
@@ -229,6 +230,7 @@ def rank_environment() -> RankEnvironment | None:
     try:
         rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", env["RANK"]))
+        local_size = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
         timeout = float(env.get(DIST_TIMEOUT_VARIABLE) or DEFAULT_DIST_TIMEOUT)
     except ValueError:
         raise Exl2Error("RANK, WORLD_SIZE, LOCAL_RANK and EXL2CONV_DIST_TIMEOUT must be numbers (torchrun sets "
@@ -236,7 +238,7 @@ def rank_environment() -> RankEnvironment | None:
     if not 0 <= rank < size or timeout <= 0:
         raise Exl2Error(f"RANK={rank}, WORLD_SIZE={size}, {DIST_TIMEOUT_VARIABLE}={timeout}: the rank must be "
                         "below the world size and the timeout positive")
-    return RankEnvironment(rank, size, local, env.get(SUPERVISED_VARIABLE) == "1", timeout)
+    return RankEnvironment(rank, size, local, max(1, local_size), env.get(SUPERVISED_VARIABLE) == "1", timeout)
 
 
 def rank_child_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
