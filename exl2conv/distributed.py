@@ -15,6 +15,7 @@ values in the same order whatever finished first.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,6 +44,10 @@ class World:
     supervised: bool = False
     timeout: float = 0.0
     _released: bool = field(default=False, repr=False)
+
+    def __post_init__(self):
+        if len(self.ratios) != self.size:
+            self.ratios = (1.0,) * self.size
 
     @property
     def is_main(self) -> bool:
@@ -78,8 +83,7 @@ class World:
         try:
             return fn()
         except (RuntimeError, ConnectionError) as exc:  # torch.distributed.DistError is a RuntimeError
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
-            raise PeerLost(f"lost contact with another rank during {what} ({reason}); the rank that failed "
+            raise PeerLost(f"lost contact with another rank during {what} ({_reason(exc)}); the rank that failed "
                            "says why; run the same command to resume") from None
 
     def all_gather(self, obj: Any, what: str) -> list[Any]:
@@ -123,6 +127,13 @@ class World:
         if self.shared and self.is_main and not self._released:
             self._released = True
             self.broadcast(None, "the end of the shared stages")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of a collective's error, without the source location gloo puts first
+    ("[.../pair.cc:553] Connection closed by peer [127.0.0.1]:3504. This is typically ...")."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    return text.split(". ")[0][:160] or exc.__class__.__name__
 
 
 SINGLE = World()

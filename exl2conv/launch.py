@@ -169,12 +169,13 @@ def _supervise(procs: list[subprocess.Popen], devs: Devices) -> int:
         [r for r, c in enumerate(codes) if c == -signal.SIGKILL] or [r for r, c in enumerate(codes) if c != 0]
     rank, code = culprits[0], codes[culprits[0]]
     where = f"rank {rank} ({devs.names[rank]})"
+    # on a line of its own: a killed rank may have left its progress bar's line unfinished
     if code < 0:
-        print(f" ## Error: {where} was killed by {signal.Signals(-code).name}; the other ranks were stopped and "
+        print(f"\n ## Error: {where} was killed by {signal.Signals(-code).name}; the other ranks were stopped and "
               "the job's last checkpoint is kept: run the same command to resume", file=sys.stderr, flush=True)
         return EXIT_ERROR
     if code == EXIT_PEER:
-        print(f" ## Error: {where} lost contact with the other ranks; run the same command to resume",
+        print(f"\n ## Error: {where} lost contact with the other ranks; run the same command to resume",
               file=sys.stderr, flush=True)
     return code
 

@@ -1,0 +1,121 @@
+"""A job on several CPU processes (gloo), against the same job in one process: -d cpu,cpu and
+cpu,cpu,cpu, two "hosts" under torchrun on the loopback address, and a rank SIGKILLed mid-job.
+
+The measurement divides whole candidates and whole table rows among the ranks and every one is
+computed exactly as one process computes it (docs/distributed.md), so every world size gives one
+process's bytes: measurement.json, the solver's choice and the output. Equal bytes to one
+reference also make every run of one world size give the same bytes as every other."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exl2conv import faults, launch
+from exl2conv.cli import main
+from tests.tinymodel import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = ["-b", "4.0", "-ml", "128", "-mr", "4", "-l", "128", "-r", "8", "-cpi", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # one layer: an attention and an MLP module, each measured on its whole option table
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=1, layers=1)
+
+
+def full(model: Path, root: Path) -> list[str]:
+    return ["-i", str(model), "-o", str(root / "work"), "-cf", str(root / "out"), *ROWS]
+
+
+def measure_only(model: Path, root: Path) -> list[str]:
+    return ["-i", str(model), "-o", str(root / "work"), "-om", str(root / "m.json"), *ROWS]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def env() -> dict[str, str]:
+    full_env = dict(os.environ, PYTHONPATH=str(REPO))
+    full_env.pop(faults.ENV, None)
+    return full_env
+
+
+def run_cli(args: list[str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exl2conv", *args], env={**env(), **(extra or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(" ## ")]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """The job in one process (today's path), in-process."""
+    root = tmp_path_factory.mktemp("one")
+    assert main(full(tiny, root)) == 0
+    return root
+
+
+def test_two_processes_give_one_processs_bytes(tiny, reference, tmp_path):
+    done = run_cli([*full(tiny, tmp_path), "-d", "cpu,cpu"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sha(tmp_path / "work" / "measurement.json") == sha(reference / "work" / "measurement.json")
+    jobs = [json.loads((root / "work" / "job.json").read_text()) for root in (tmp_path, reference)]
+    assert jobs[0]["strategy"] == jobs[1]["strategy"] and jobs[0]["solver"] == jobs[1]["solver"]
+    for name in ("output.safetensors", "config.json"):
+        assert sha(tmp_path / "out" / name) == sha(reference / "out" / name)
+    # rank 0 alone writes, and only what one process writes
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == \
+        sorted(p.name for p in (reference / "work").iterdir())
+    assert "== Finished" in done.stdout
+
+
+def test_three_processes_measure_one_processs_bytes(tiny, reference, tmp_path):
+    done = run_cli([*measure_only(tiny, tmp_path), "-d", "cpu,cpu,cpu", "-dr", "1,2,1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sha(tmp_path / "m.json") == sha(reference / "work" / "measurement.json")
+
+
+def test_two_hosts_under_torchrun_measure_one_processs_bytes(tiny, reference, tmp_path):
+    port = str(launch.free_port())
+    hosts = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               "-m", "exl2conv", *measure_only(tiny, tmp_path)],
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(2)]
+    outs = [h.communicate(timeout=300) for h in hosts]
+    assert [h.returncode for h in hosts] == [0, 0], [o[1][-2000:] for o in outs]
+    assert sha(tmp_path / "m.json") == sha(reference / "work" / "measurement.json")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_killed_rank_stops_every_rank_with_one_line_and_the_command_resumes(tiny, reference, tmp_path, rank):
+    """Rank ``rank`` SIGKILLed after the measurement's first module (its collectives for the next
+    one then fail on rank 0): the launcher stops everything within seconds, one line names the
+    rank, and the same command resumes from rank 0's checkpoint to the same bytes."""
+    args = [*measure_only(tiny, tmp_path), "-d", "cpu,cpu"]
+    t0 = time.monotonic()
+    killed = run_cli(args, {faults.ENV: f"module:1:kill@{rank}"})
+    assert time.monotonic() - t0 < 60
+    assert killed.returncode == 1
+    assert error_lines(killed.stderr) == [
+        f" ## Error: rank {rank} (cpu) was killed by SIGKILL; the other ranks were stopped and the job's last "
+        "checkpoint is kept: run the same command to resume"], killed.stderr[-3000:]
+    assert "Traceback" not in killed.stderr
+    job = json.loads((tmp_path / "work" / "job.json").read_text())
+    # rank 0 killed before its checkpoint of module 1 (the fault point comes first); rank 1 killed
+    # after it: rank 0 saved module 1, then lost rank 1 in the next module's collectives
+    assert job["checkpoint"]["module"] == (0 if rank == 0 else 1) and job["progress"] == "measure_quant"
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming job" in resumed.stdout
+    assert sha(tmp_path / "m.json") == sha(reference / "work" / "measurement.json")

@@ -1,0 +1,181 @@
+"""The pieces of a job on several processes: dividing work (World.owners), -d / -dr, the rank
+environment, and failing fast (a rank that raises or is SIGKILLed ends every rank, with one line)."""
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from exl2conv import distributed, launch, settings
+from exl2conv.errors import EXIT_ERROR, EXIT_PEER, Exl2Error
+from exl2conv.follow import FollowedJob
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- dividing work --------------------------------------------------------------------------------
+
+
+def test_one_process_owns_everything():
+    assert distributed.SINGLE.owners([3.0, 1.0, 2.0]) == [0, 0, 0]
+    assert distributed.active() is distributed.SINGLE
+
+
+def test_owners_balance_cost_and_follow_the_ratios():
+    world = distributed.World(rank=0, size=2)
+    assert world.owners([1.0] * 5) == [0, 1, 0, 1, 0]
+    # a large item first: the small ones go to the other rank until it has as much
+    assert world.owners([4.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == [0, 1, 1, 1, 1, 0]
+    fast = distributed.World(rank=1, size=2, ratios=(1.0, 3.0))
+    got = fast.owners([1.0] * 8)
+    assert got.count(1) == 6 and got.count(0) == 2
+    three = distributed.World(rank=2, size=3)
+    assert three.owners([1.0] * 7) == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_owners_are_the_same_on_every_rank():
+    costs = [float(c) for c in (5, 3, 3, 8, 1, 1, 2, 9, 4)]
+    views = [distributed.World(rank=r, size=3, ratios=(1.0, 2.0, 1.5)).owners(costs) for r in range(3)]
+    assert views[0] == views[1] == views[2]
+
+
+# -- -d and -dr ----------------------------------------------------------------------------------
+
+
+def test_devices_parse():
+    assert launch.parse_devices("0,1", None, cuda_count=2) == ("cuda:0", "cuda:1")
+    assert launch.parse_devices("cpu,cpu,cpu", None, cuda_count=0) == ("cpu",) * 3
+    assert launch.parse_devices(None, "cuda:0") is None
+    assert launch.plan("cpu,cpu", "1,2", None, None) == launch.Devices(("cpu", "cpu"), (1.0, 2.0))
+    assert launch.plan(None, None, None, None) is None
+
+
+@pytest.mark.parametrize("devices, ratios, device, says", [
+    ("0,2", None, None, "CUDA device 2 is not on this machine (its CUDA devices are 0-1)"),
+    ("0,0", None, None, "a CUDA device is given twice"),
+    ("0,cpu", None, None, "mixes CUDA devices and cpu"),
+    ("0,gpu1", None, None, "'gpu1' is not a device"),
+    ("0,", None, None, "'' is not a device"),
+    ("0,1", "1,1,1", None, "3 ratios for 2 ranks"),
+    ("0,1", "1,-1", None, "give positive numbers"),
+    ("0,1", "1,x", None, "give positive numbers"),
+    ("0,1", None, "cuda:0", "-d 0,1 and --device cuda:0: give one of them"),
+    (None, "1,1", None, "device ratios need -d"),
+])
+def test_bad_devices_are_refused_with_one_line(devices, ratios, device, says, monkeypatch):
+    monkeypatch.setattr(launch, "_cuda_count", lambda: 2)
+    with pytest.raises(Exl2Error) as err:
+        launch.plan(devices, ratios, device, None)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rank_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", settings.SUPERVISED_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    assert settings.rank_environment() is None
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    env = settings.rank_environment()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.supervised) == (3, 4, 1, 2, False)
+    assert env.timeout == settings.DEFAULT_DIST_TIMEOUT
+    # torchrun on 2 hosts: -dr gives one ratio per rank of the job, -d this host's devices
+    assert launch.plan("cpu,cpu", "1,1,2,2", None, env).ratios == (1.0, 1.0, 2.0, 2.0)
+    assert launch.rank_device(launch.plan("cpu,cpu", None, None, env), None, env.local_rank).type == "cpu"
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(Exl2Error, match="below the world size"):
+        settings.rank_environment()
+
+
+def test_a_follower_saves_nothing(tmp_path):
+    FollowedJob(tmp_path, {"tool": "exl2conv", "progress": "begin"}).save()
+    assert not list(tmp_path.iterdir())
+
+
+# -- failing fast -------------------------------------------------------------------------------------
+
+# Two ranks on gloo: rank 0 gathers in a loop; rank 1 does what the test asks after the first gather.
+RANK_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from exl2conv import launch, settings
+    import torch
+
+    def body(world):
+        world.all_gather(world.rank, "the first gather")
+        if world.rank == 1:
+            what = sys.argv[1]
+            if what == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if what == "raise":
+                raise ValueError("a bug on rank 1")
+        for _ in range(100):
+            world.all_gather(world.rank, "the loop's gather")
+            time.sleep(0.5)
+
+    env = settings.rank_environment()
+    sys.exit(launch.run_rank(env, torch.device("cpu"), (1.0, 1.0), body))
+""")
+
+
+def start_ranks(what: str, supervised: bool) -> list[subprocess.Popen]:
+    port = launch.free_port()
+    procs = []
+    for rank in range(2):
+        env = settings.rank_child_environment(rank, 2, port)
+        env["PYTHONPATH"] = str(REPO)
+        if not supervised:
+            env.pop(settings.SUPERVISED_VARIABLE)
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, what], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_a_sigkilled_rank_ends_the_other_with_one_line(supervised):
+    t0 = time.monotonic()
+    procs = start_ranks("kill", supervised)
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert time.monotonic() - t0 < 60
+    assert procs[1].returncode == -9
+    assert procs[0].returncode == EXIT_PEER
+    err = outs[0][1].rstrip()
+    if supervised:  # the launcher reports the killed rank; the one that lost it stays quiet
+        assert err == ""
+    else:
+        assert len(err.splitlines()) == 1 and err.startswith(" ## Error (rank 0 of 2): lost contact with another "
+                                                             "rank during the loop's gather")
+    assert "Traceback" not in outs[0][1]
+
+
+def test_a_rank_that_raises_says_so_in_one_line_and_the_other_follows():
+    procs = start_ranks("raise", supervised=True)
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert procs[1].returncode == EXIT_ERROR and procs[0].returncode == EXIT_PEER
+    err = outs[1][1].rstrip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(" ## Error (rank 1 of 2): ValueError: a bug on rank 1 at <string>:")
+    assert outs[0][1].strip() == ""
+
+
+def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
+    class Done:
+        def __init__(self, code):
+            self.returncode = code
+
+        def poll(self):
+            return self.returncode
+
+    devs = launch.Devices(("cpu", "cpu", "cpu"), (1.0,) * 3)
+    assert launch._supervise([Done(EXIT_PEER), Done(-9), Done(EXIT_PEER)], devs) == EXIT_ERROR
+    err = capsys.readouterr().err.rstrip()
+    assert err.splitlines() == ["", " ## Error: rank 1 (cpu) was killed by SIGKILL; the other ranks were stopped and "
+                                "the job's last checkpoint is kept: run the same command to resume"]
+    # a rank that said why itself: its status, no second line
+    assert launch._supervise([Done(EXIT_PEER), Done(0), Done(130)], devs) == 130
+    assert capsys.readouterr().err == ""
+    assert launch._supervise([Done(0)] * 3, devs) == 0
+
