@@ -16,6 +16,7 @@ values in the same order whatever finished first.
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -138,21 +139,29 @@ def _reason(exc: BaseException) -> str:
 
 SINGLE = World()
 
-_in_use: list[World] = []
+# per thread: a test runs two ranks as two threads of one process (tests/unit/test_distributed.py)
+_local = threading.local()
+
+
+def _in_use() -> list[World]:
+    if not hasattr(_local, "worlds"):
+        _local.worlds = []
+    return _local.worlds
 
 
 def active() -> World:
     """The world code should act on now (:data:`SINGLE` outside :func:`use`)."""
-    return _in_use[-1] if _in_use else SINGLE
+    worlds = _in_use()
+    return worlds[-1] if worlds else SINGLE
 
 
 @contextmanager
 def use(world: World) -> Iterator[World]:
-    _in_use.append(world)
+    _in_use().append(world)
     try:
         yield world
     finally:
-        _in_use.pop()
+        _in_use().pop()
 
 
 def start(rank: int, size: int, device: torch.device, ratios: Sequence[float], supervised: bool,

@@ -4,14 +4,19 @@ environment, and failing fast (a rank that raises or is SIGKILLed ends every ran
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from exl2conv import distributed, launch, settings
+from exl2conv import distributed, launch, measure, settings
 from exl2conv.errors import EXIT_ERROR, EXIT_PEER, Exl2Error
 from exl2conv.follow import FollowedJob
+from exl2conv.layers import ModuleRun
+from exl2conv.model import WeightIndex, forward, layer_linears, load_config
+from tests.tinymodel import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,3 +184,69 @@ def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
     assert capsys.readouterr().err == ""
     assert launch._supervise([Done(0)] * 3, devs) == 0
 
+
+
+# -- the measurement's split, two ranks as two threads -----------------------------------------------
+
+
+class ThreadWorld(distributed.World):
+    """A rank whose collectives meet the other ranks' threads in this process."""
+
+    def __init__(self, rank: int, size: int, slots: list, barrier: threading.Barrier):
+        super().__init__(rank, size)
+        self.slots, self.sync = slots, barrier
+
+    def all_gather(self, obj, what):
+        self.slots[self.rank] = obj
+        self.sync.wait()
+        out = list(self.slots)
+        self.sync.wait()  # every rank has read the slots before the next gather fills them
+        return out
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_two_ranks_share_the_candidates_and_rows_and_measure_one_processs_bits(tmp_path, monkeypatch, part):
+    src = make_tiny_llama(tmp_path / "m", seed=1, hidden=64, intermediate=96, layers=1)
+    cfg, index = load_config(src), WeightIndex(src)
+    w = forward.load_layer_weights(index, cfg, 0, part, "cpu")
+    specs = layer_linears(cfg, 0, part)
+    states = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    made, scored = {}, {}
+    real_make, real_score = measure.quantized_candidates, measure._table_errors
+
+    def spy_make(*args, **kwargs):
+        out = real_make(*args, **kwargs)
+        made[threading.current_thread().name] = made.get(threading.current_thread().name, 0) + len(out)
+        return out
+
+    def spy_score(run, states, y_ref, candidates, choices, *rest):
+        scored[threading.current_thread().name] = scored.get(threading.current_thread().name, 0) + len(choices)
+        return real_score(run, states, y_ref, candidates, choices, *rest)
+
+    monkeypatch.setattr(measure, "quantized_candidates", spy_make)
+    monkeypatch.setattr(measure, "_table_errors", spy_score)
+
+    def measure_as(world):
+        with distributed.use(world):
+            run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0)
+            return measure.measure_module(run, states)
+
+    one = measure_as(distributed.SINGLE)
+    total_made, total_rows = made.pop("MainThread"), scored.pop("MainThread")
+    slots, barrier, results = [None, None], threading.Barrier(2, timeout=60), {}
+
+    def rank(r):
+        results[r] = measure_as(ThreadWorld(r, 2, slots, barrier))
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in range(2):
+        entries, y_ref, _ = results[r]
+        assert entries == one[0] and torch.equal(y_ref, one[1])
+    # each rank did a share, and the shares add up to one process's work
+    assert sorted(made) == sorted(scored) == ["rank0", "rank1"]
+    assert sum(made.values()) == total_made and min(made.values()) >= total_made // 3
+    assert sum(scored.values()) == total_rows and abs(scored["rank0"] - scored["rank1"]) <= 1
