@@ -15,6 +15,7 @@ values in the same order whatever finished first.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from contextlib import contextmanager
@@ -162,6 +163,15 @@ def use(world: World) -> Iterator[World]:
         yield world
     finally:
         _in_use().pop()
+
+
+def main_only(fn: Callable) -> Callable:
+    """``fn`` where it runs on rank 0; on the other ranks a call that does nothing (rank 0 alone
+    writes into the working folder)."""
+    @functools.wraps(fn)
+    def on_main(*args, **kwargs):
+        return fn(*args, **kwargs) if active().is_main else None
+    return on_main
 
 
 def start(rank: int, size: int, device: torch.device, ratios: Sequence[float], supervised: bool,

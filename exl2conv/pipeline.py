@@ -308,9 +308,8 @@ def stage_measure(ctx: Context) -> None:
     arena = codes_arena(ctx.cfg, ctx.device, mods[start + 1:]) if home != ctx.device else None
     distributed.active().barrier("the start of the measurement")  # every rank has read the folder
 
+    @distributed.main_only
     def checkpoint(index: int, states) -> None:
-        if not distributed.active().is_main:
-            return  # rank 0 alone writes
         ctx.folder.write_measurement(meas, index, predicted)
         faults.point("measurement")
         ctx.folder.save_checkpoint("measure", index, states if index else None, last_module_idx=index)
@@ -384,10 +383,12 @@ def stage_quant(ctx: Context) -> None:
     mods = ctx.modules
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
-    save = save_linear(ctx)
+    save = distributed.main_only(save_linear(ctx))
     # the unquantized model's residual stream on the first rows, the target of norm tweaking
     stream = unquantized_stream(ctx, mods[1:start + 1]) if tweak.enabled() else None
+    distributed.active().barrier("the start of the quantization")  # every rank has read the folder
 
+    @distributed.main_only
     def checkpoint(index: int, states) -> None:
         ctx.folder.save_checkpoint("quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
 
@@ -466,23 +467,15 @@ def stage_compile(ctx: Context) -> None:
         config = exllamav2_config.output_config(cfg)
         if config is not None:
             atomic.write_json(dest / "config.json", config, indent=4, ensure_ascii=True)
-        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], quant_rows(job), job["length"],
+        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], calibration.quant_rows(job), job["length"],
                                        job["cal_dataset"])
         ctx.rep.info(f"Copied {', '.join(copied)}")
     job.advance(Stage.FINISHED, output_files=[str(dest / f) for f, _ in written])
 
 
-def quant_rows(job: Job) -> int:
-    """quantization_config's calibration rows: -r with a parquet dataset, the built-in set's own
-    count without one (as ExLlamaV2 writes them)."""
-    if job["cal_dataset"]:
-        return int(job["dataset_rows"])
-    return int((job[ROWS_USED] or {}).get("quant") or calibration.builtin_row_count("quant"))
-
-
 # The stages whose work the ranks of a job on several devices share (the other ranks follow rank
 # 0 into them: exl2conv.follow); the others rank 0 runs alone.
-SHARED_STAGES = (Stage.MEASURE.value,)
+SHARED_STAGES = (Stage.MEASURE.value, Stage.QUANT.value)
 
 STAGES = {
     Stage.BEGIN: stage_begin,

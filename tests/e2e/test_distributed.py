@@ -75,7 +75,8 @@ def test_two_processes_give_one_processs_bytes(tiny, reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert sha(tmp_path / "work" / "measurement.json") == sha(reference / "work" / "measurement.json")
     jobs = [json.loads((root / "work" / "job.json").read_text()) for root in (tmp_path, reference)]
-    assert jobs[0]["strategy"] == jobs[1]["strategy"] and jobs[0]["solver"] == jobs[1]["solver"]
+    for field in ("strategy", "solver", "quant_log"):
+        assert jobs[0][field] == jobs[1][field]
     for name in ("output.safetensors", "config.json"):
         assert sha(tmp_path / "out" / name) == sha(reference / "out" / name)
     # rank 0 alone writes (ONLY_RANK_0_WRITES), and only what one process writes
@@ -102,14 +103,21 @@ def test_two_hosts_under_torchrun_measure_one_processs_bytes(tiny, reference, tm
     assert sha(tmp_path / "m.json") == sha(reference / "work" / "measurement.json")
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_a_killed_rank_stops_every_rank_with_one_line_and_the_command_resumes(tiny, reference, tmp_path, rank):
-    """Rank ``rank`` SIGKILLed after the measurement's first module (its collectives for the next
-    one then fail on rank 0): the launcher stops everything within seconds, one line names the
-    rank, and the same command resumes from rank 0's checkpoint to the same bytes."""
-    args = [*measure_only(tiny, tmp_path), "-d", "cpu,cpu"]
+# rank 0 (the writer) SIGKILLed at the measurement's first module, before its checkpoint of it;
+# rank 1 after its first module of the quantization pass (rank 0 saves that module, then loses rank 1
+# in the next one's gather), and the job resumed on 3 processes
+KILLS = [(0, "module:1", "cpu,cpu", ("measure_quant", 0)), (1, "module:5", "cpu,cpu,cpu", ("quant", 1))]
+
+
+@pytest.mark.parametrize("rank, fault, resume_on, saved", KILLS)
+def test_a_killed_rank_stops_every_rank_with_one_line_and_the_command_resumes(tiny, reference, tmp_path, rank,
+                                                                               fault, resume_on, saved):
+    """The launcher stops every rank within seconds, one line names the killed rank, and the same
+    command (with the same or another number of devices) resumes from rank 0's checkpoint to
+    one process's bytes."""
+    args = measure_only(tiny, tmp_path) if saved[0] == "measure_quant" else full(tiny, tmp_path)
     t0 = time.monotonic()
-    killed = run_cli(args, {faults.ENV: f"module:1:kill@{rank}"})
+    killed = run_cli([*args, "-d", "cpu,cpu"], {faults.ENV: f"{fault}:kill@{rank}"})
     assert time.monotonic() - t0 < 60
     assert killed.returncode == 1
     assert error_lines(killed.stderr) == [
@@ -117,10 +125,10 @@ def test_a_killed_rank_stops_every_rank_with_one_line_and_the_command_resumes(ti
         "checkpoint is kept: run the same command to resume"], killed.stderr[-3000:]
     assert "Traceback" not in killed.stderr
     job = json.loads((tmp_path / "work" / "job.json").read_text())
-    # rank 0 killed before its checkpoint of module 1 (the fault point comes first); rank 1 killed
-    # after it: rank 0 saved module 1, then lost rank 1 in the next module's collectives
-    assert job["checkpoint"]["module"] == (0 if rank == 0 else 1) and job["progress"] == "measure_quant"
-    resumed = run_cli(args)
+    assert (job["progress"], job["checkpoint"]["module"]) == saved
+    resumed = run_cli([*args, "-d", resume_on], ONLY_RANK_0_WRITES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming job" in resumed.stdout
-    assert sha(tmp_path / "m.json") == sha(reference / "work" / "measurement.json")
+    assert sha(tmp_path / "work" / "measurement.json") == sha(reference / "work" / "measurement.json")
+    if saved[0] == "quant":
+        assert sha(tmp_path / "out" / "output.safetensors") == sha(reference / "out" / "output.safetensors")

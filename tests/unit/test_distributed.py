@@ -233,16 +233,7 @@ def test_two_ranks_share_the_candidates_and_rows_and_measure_one_processs_bits(t
 
     one = measure_as(distributed.SINGLE)
     total_made, total_rows = made.pop("MainThread"), scored.pop("MainThread")
-    slots, barrier, results = [None, None], threading.Barrier(2, timeout=60), {}
-
-    def rank(r):
-        results[r] = measure_as(ThreadWorld(r, 2, slots, barrier))
-
-    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = run_as_ranks(lambda: measure_as(distributed.active()))
     for r in range(2):
         entries, y_ref, _ = results[r]
         assert entries == one[0] and torch.equal(y_ref, one[1])
@@ -250,3 +241,56 @@ def test_two_ranks_share_the_candidates_and_rows_and_measure_one_processs_bits(t
     assert sorted(made) == sorted(scored) == ["rank0", "rank1"]
     assert sum(made.values()) == total_made and min(made.values()) >= total_made // 3
     assert sum(scored.values()) == total_rows and abs(scored["rank0"] - scored["rank1"]) <= 1
+
+
+def run_as_ranks(fn, size: int = 2) -> dict:
+    """``fn(world)`` on ``size`` ranks, each a thread meeting the others in :class:`ThreadWorld`'s
+    gathers; returns each rank's result."""
+    slots, barrier, results = [None] * size, threading.Barrier(size, timeout=60), {}
+
+    def rank(r):
+        with distributed.use(ThreadWorld(r, size, slots, barrier)):
+            results[r] = fn()
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_two_ranks_share_a_modules_linears_and_quantize_one_processs_bits(tmp_path, monkeypatch, part):
+    from exl2conv import quantize
+
+    src = make_tiny_llama(tmp_path / "m", seed=1, hidden=64, intermediate=96, layers=1)
+    cfg, index = load_config(src), WeightIndex(src)
+    w = forward.load_layer_weights(index, cfg, 0, part, "cpu")
+    specs = layer_linears(cfg, 0, part)
+    states = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0)
+    entry = measure.measure_module(run, states)[0][3]
+    made = {}
+    real = quantize.quantize_linear
+
+    def spy(*args, **kwargs):
+        made.setdefault(threading.current_thread().name, []).append(args[2].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantize_linear", spy)
+
+    def quantized():
+        saved = {}
+        y, rfn, reports, _ = quantize.quantize_module(run, states.clone(), entry,
+                                                      lambda name, t: saved.setdefault(name, t))
+        return y, rfn, [r.__dict__ for r in reports], saved
+
+    one = quantized()
+    names = made.pop("MainThread")
+    for y, rfn, reports, saved in run_as_ranks(quantized).values():
+        assert torch.equal(y, one[0]) and rfn == one[1] and reports == one[2]
+        assert list(saved) == list(one[3])
+        assert all(torch.equal(saved[n][k], one[3][n][k]) for n in saved for k in saved[n])
+    assert sorted(made) == ["rank0", "rank1"]
+    assert sorted(made["rank0"] + made["rank1"]) == sorted(names)
