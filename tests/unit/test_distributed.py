@@ -117,6 +117,8 @@ RANK_SCRIPT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             if what == "raise":
                 raise ValueError("a bug on rank 1")
+            if what == "hang":
+                time.sleep(60)
         for _ in range(100):
             world.all_gather(world.rank, "the loop's gather")
             time.sleep(0.5)
@@ -126,12 +128,14 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def start_ranks(what: str, supervised: bool) -> list[subprocess.Popen]:
+def start_ranks(what: str, supervised: bool, timeout: float | None = None) -> list[subprocess.Popen]:
     port = launch.free_port()
     procs = []
     for rank in range(2):
         env = settings.rank_child_environment(rank, 2, port)
         env["PYTHONPATH"] = str(REPO)
+        if timeout is not None:
+            env[settings.DIST_TIMEOUT_VARIABLE] = str(timeout)
         if not supervised:
             env.pop(settings.SUPERVISED_VARIABLE)
         procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, what], env=env, stdout=subprocess.PIPE,
@@ -164,6 +168,28 @@ def test_a_rank_that_raises_says_so_in_one_line_and_the_other_follows():
     assert len(err.splitlines()) == 1, err
     assert err.startswith(" ## Error (rank 1 of 2): ValueError: a bug on rank 1 at <string>:")
     assert outs[0][1].strip() == ""
+
+
+def test_a_rank_that_hangs_is_given_up_after_the_timeout():
+    t0 = time.monotonic()
+    procs = start_ranks("hang", supervised=False, timeout=3)
+    out = procs[0].communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    procs[1].kill()
+    procs[1].communicate()
+    assert procs[0].returncode == EXIT_PEER
+    err = out[1].rstrip().splitlines()
+    assert len(err) == 1 and err[0].startswith(" ## Error (rank 0 of 2): lost contact with another rank during the "
+                                               "loop's gather"), err
+
+
+def test_a_bad_device_is_refused_by_the_command_in_one_line(tmp_path, capsys):
+    from exl2conv.cli import main
+
+    assert main(["-i", str(tmp_path), "-o", str(tmp_path / "w"), "-d", "cpu,7"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(" ## Error: -d cpu,7: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
 
 
 def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
