@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -202,8 +203,6 @@ def run_rank(env: settings.RankEnvironment, device: torch.device, ratios: tuple[
     """Run ``body`` as this rank, ending with one line and a non-zero status on any failure. A
     failed rank leaves through ``os._exit``: nothing at exit may wait on a process group whose
     other ranks are gone."""
-    import os
-
     if device.type == "cpu":
         # the host's cores shared among its ranks: CPU processes that each take every core slow
         # each other down many times over (their threads wait for each other's timeslices)
@@ -238,4 +237,5 @@ def _failure(exc: BaseException, env: settings.RankEnvironment) -> tuple[int, st
         return (exc.code if isinstance(exc.code, int) else EXIT_ERROR), None
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else ""
-    return EXIT_ERROR, f" ## Error ({who}): {exc.__class__.__name__}: {str(exc).strip()[:300]}{at}"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return EXIT_ERROR, f" ## Error ({who}): {exc.__class__.__name__}: {first}{at}"
