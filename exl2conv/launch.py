@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -126,10 +127,13 @@ def _die_with_parent() -> None:
 def spawn(argv: list[str], devs: Devices) -> int:
     """Run the command ``argv`` as ``len(devs.names)`` ranks on this machine and return the job's
     exit status. The ranks are in a session of their own, so Ctrl-C reaches the launcher only,
-    which passes it to rank 0: rank 0 alone decides where the job stops (the others follow it)."""
+    which passes it to rank 0: rank 0 alone decides where the job stops (the others follow it).
+    The other ranks' stderr is kept in files and shown only when one of them is the rank that
+    failed: an error every rank meets alike (bad data) is then said once, by rank 0."""
     port = free_port()
+    kept = [None] + [tempfile.TemporaryFile(mode="w+") for _ in devs.names[1:]]
     procs = [subprocess.Popen([sys.executable, "-m", "exl2conv", *argv],
-                              env=settings.rank_child_environment(r, len(devs.names), port),
+                              env=settings.rank_child_environment(r, len(devs.names), port), stderr=kept[r],
                               start_new_session=True, preexec_fn=_die_with_parent)
              for r in range(len(devs.names))]
 
@@ -139,20 +143,24 @@ def spawn(argv: list[str], devs: Devices) -> int:
 
     previous = signal.signal(signal.SIGINT, forward)
     try:
-        return _supervise(procs, devs)
+        return _supervise(procs, devs, kept)
     finally:
         signal.signal(signal.SIGINT, previous)
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for f in kept[1:]:
+            f.close()
 
 
-def _supervise(procs: list[subprocess.Popen], devs: Devices) -> int:
+def _supervise(procs: list[subprocess.Popen], devs: Devices, kept: list | None = None) -> int:
     """Wait for the ranks; after the first failure, give the others :data:`GRACE_S` to end, then
-    kill them. Returns the status of the rank that failed first (one that only lost contact,
-    :data:`EXIT_PEER`, counts only if no other failed), printing one line for it when it could not
-    (killed by a signal) or stayed quiet (lost contact)."""
+    kill them. Returns the status of the rank that failed (one that only lost contact,
+    :data:`EXIT_PEER`, or was killed counts only if no other failed; rank 0 before the others),
+    with one line for it: its own (rank 0's went straight to stderr; another's is copied from
+    ``kept``, its stderr file), or the launcher's when it could not say (killed) or stayed quiet
+    (lost contact)."""
     deadline = None
     while any(p.poll() is None for p in procs):
         failed = [p for p in procs if p.returncode not in (None, 0)]
@@ -170,6 +178,10 @@ def _supervise(procs: list[subprocess.Popen], devs: Devices) -> int:
         [r for r, c in enumerate(codes) if c == -signal.SIGKILL] or [r for r, c in enumerate(codes) if c != 0]
     rank, code = culprits[0], codes[culprits[0]]
     where = f"rank {rank} ({devs.names[rank]})"
+    if code > 0 and code != EXIT_PEER and rank > 0 and kept is not None and kept[rank] is not None:
+        kept[rank].seek(0)
+        sys.stderr.write("\n" + kept[rank].read())  # past rank 0's progress bar, as below
+        sys.stderr.flush()
     # on a line of its own: a killed rank may have left its progress bar's line unfinished
     if code < 0:
         print(f"\n ## Error: {where} was killed by {signal.Signals(-code).name}; the other ranks were stopped and "

@@ -9,6 +9,7 @@ reference also make every run of one world size give the same bytes as every oth
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,7 +60,8 @@ ONLY_RANK_0_WRITES = {faults.ENV: "write:1:kill@1,write:1:kill@2"}
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(" ## ")]
+    """Every " ## " message, also one written after an unfinished progress bar."""
+    return re.findall(r" ## [^\r\n]*", stderr)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,14 @@ def test_a_killed_rank_stops_every_rank_with_one_line_and_the_command_resumes(ti
     assert sha(tmp_path / "work" / "measurement.json") == sha(reference / "work" / "measurement.json")
     if saved[0] == "quant":
         assert sha(tmp_path / "out" / "output.safetensors") == sha(reference / "out" / "output.safetensors")
+
+
+@pytest.mark.parametrize("fault, who", [("module:1:enospc@1", "rank 1 of 2"), ("module:1:enospc", "rank 0 of 2")])
+def test_a_failed_rank_is_named_in_one_line(tiny, tmp_path, fault, who):
+    """An error in one rank other than 0 is said by it (the launcher shows its kept stderr); an
+    error every rank meets alike is said once, by rank 0."""
+    failed = run_cli([*measure_only(tiny, tmp_path), "-d", "cpu,cpu"], {faults.ENV: fault})
+    assert failed.returncode == 1
+    lines = error_lines(failed.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f" ## Error ({who}): OSError: [Errno 28]"), failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr

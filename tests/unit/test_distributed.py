@@ -3,6 +3,7 @@ environment, and failing fast (a rank that raises or is SIGKILLed ends every ran
 
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -209,6 +210,14 @@ def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
     assert launch._supervise([Done(EXIT_PEER), Done(0), Done(130)], devs) == 130
     assert capsys.readouterr().err == ""
     assert launch._supervise([Done(0)] * 3, devs) == 0
+    # another rank's own line is shown from its kept stderr, unless rank 0 said its own
+    kept = [None, tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")]
+    kept[1].write(" ## Error (rank 1 of 3): boom\n")
+    kept[1].flush()
+    assert launch._supervise([Done(EXIT_PEER), Done(1), Done(EXIT_PEER)], devs, kept) == 1
+    assert capsys.readouterr().err == "\n ## Error (rank 1 of 3): boom\n"
+    assert launch._supervise([Done(1), Done(1), Done(EXIT_PEER)], devs, kept) == 1
+    assert capsys.readouterr().err == ""
 
 
 
