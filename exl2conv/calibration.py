@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from exl2conv.errors import Exl2Error, FormatError
+from exl2conv.job import ROWS_USED
 from exl2conv.tokenizer import Tokenizer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -253,3 +254,10 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
+
+def quant_rows(job) -> int:  # job: exl2conv.job.Job
+    """quantization_config's calibration rows: -r with a parquet dataset, the built-in set's own
+    count without one (as ExLlamaV2 writes them)."""
+    if job["cal_dataset"]:
+        return int(job["dataset_rows"])
+    return int((job[ROWS_USED] or {}).get("quant") or builtin_row_count("quant"))

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from exl2conv import settings
+from exl2conv import launch, settings
 from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error, Interrupted
 from exl2conv.model.arch import ARCHS
 
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(exl2conv keeps the states on the GPU when they fit)")
     p.add_argument("-fst", "--fast_safetensors", action="store_true", help="accepted for compatibility; no effect")
     p.add_argument("--device", type=str, help="torch device to compute on (default: cuda if available, else cpu)")
+    p.add_argument("-d", "--devices", type=str, help="run the job as one process per device, e.g. 0,1,2,3 (CUDA "
+                   "device numbers) or cpu,cpu (CPU processes); one device is the same as --device "
+                   "(docs/distributed.md)")
+    p.add_argument("-dr", "--device_ratios", type=str, help="with -d (or torchrun): each process's relative "
+                   "speed, one per process, e.g. 1,1.5 (default: equal)")
     return p
 
 
@@ -149,10 +154,32 @@ def run_convert(argv: list[str]) -> int:
     if not args.out_dir:
         raise Exl2Error("-o WORKDIR is required: the working folder of the job (new, empty, or an interrupted "
                         "job to resume)")
+    env = settings.rank_environment()
+    devs = launch.plan(args.devices, args.device_ratios, args.device, env)
+    if env is not None and env.world_size > 1:  # a rank (started by the launcher below, or by torchrun)
+        device = launch.rank_device(devs, args.device, env.local_rank)
+        return launch.run_rank(env, device, devs.ratios, lambda world: _convert_rank(world, args))
+    if devs is not None and len(devs.names) > 1:
+        return launch.spawn(argv, devs)
+    device = devs.names[0] if devs is not None else args.device
     rep = Reporter(status_output=bool(args.status_output))
-    summary = convert(_values(args), args.out_dir, no_resume=args.no_resume, device=args.device, rep=rep)
+    summary = convert(_values(args), args.out_dir, no_resume=args.no_resume, device=device, rep=rep)
     print(format_summary(summary), flush=True)
     return EXIT_OK
+
+
+def _convert_rank(world, args: argparse.Namespace) -> None:
+    """This rank's part of the job: rank 0 runs it as one process would, the others follow."""
+    from exl2conv.follow import follow
+    from exl2conv.pipeline import convert
+    from exl2conv.report import Reporter, format_summary
+
+    if not world.is_main:
+        follow(world, args.out_dir)
+        return
+    rep = Reporter(status_output=bool(args.status_output))
+    summary = convert(_values(args), args.out_dir, no_resume=args.no_resume, device=str(world.device), rep=rep)
+    print(format_summary(summary), flush=True)
 
 
 def run_inspect(argv: list[str]) -> int:

@@ -48,6 +48,21 @@ class Coded:
         ops.codes_of(res.q, scale, group, zero, codes)
         return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
 
+    def payload(self) -> tuple:
+        """The weight's tensors on the CPU, to send to another rank (:meth:`from_payload`)."""
+        return (self.codes.cpu(), self.zero.cpu(), self.scale.cpu(), self.group.cpu(), self.invperm.cpu(),
+                self.out_features)
+
+    @classmethod
+    def from_payload(cls, payload: tuple, device: torch.device, host_codes: bool = False,
+                     arena: HostArena | None = None) -> "Coded":
+        """A weight another rank sent (:meth:`payload`), where this rank's own would be: on
+        ``device``, with ``host_codes`` its codes in (pinned) host memory as :meth:`to_host` puts them."""
+        codes, zero, scale, group, invperm, out_features = payload
+        made = cls(codes=codes.to(device), zero=zero.to(device), scale=scale.to(device), group=group.to(device),
+                   invperm=invperm.to(device), out_features=out_features)
+        return made.to_host(arena) if host_codes else made
+
     def to_host(self, arena: HostArena | None = None) -> "Coded":
         """The same weight with its codes moved to pinned host memory (where there is a GPU;
         into ``arena`` when given): the small tensors stay, and :meth:`decode` copies the codes

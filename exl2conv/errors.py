@@ -5,6 +5,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1          # bad input or a failed check: the message says what to do
 EXIT_USAGE = 2          # bad command line (argparse's own convention)
 EXIT_INTERRUPTED = 130  # Ctrl-C: state saved, run the same command to resume
+EXIT_PEER = 3           # several processes: this rank lost contact with another, which failed
 
 
 class Exl2Error(Exception):

@@ -1,7 +1,8 @@
 """Fault injection for the crash-safety tests.
 
-``EXL2CONV_FAULT=<point>:<n>[:<action>]`` acts the n-th time the process reaches ``<point>``.
-Several specs may be given, separated by commas. Actions:
+``EXL2CONV_FAULT=<point>:<n>[:<action>][@<rank>]`` acts the n-th time the process reaches
+``<point>``; with ``@<rank>``, only in that rank of a job on several processes (every process of
+such a job reads the same variable). Several specs may be given, separated by commas. Actions:
 
 - ``kill`` (default): SIGKILL, as a power cut or the OOM killer would;
 - ``sigint``: SIGINT to itself, as Ctrl-C would;
@@ -23,7 +24,7 @@ import os
 import signal
 from pathlib import Path
 
-from exl2conv import settings
+from exl2conv import distributed, settings
 
 ENV = settings.FAULT_VARIABLE
 POINTS = ("write", "module", "measurement", "checkpoint", "shard", "stage", "stage_start")
@@ -37,10 +38,16 @@ def reset() -> None:
     _counts.clear()
 
 
-def parse(spec: str) -> list[tuple[str, int, str]]:
-    """``"write:3,module:2:sigint"`` -> ``[("write", 3, "kill"), ("module", 2, "sigint")]``."""
+def parse(spec: str, rank: int = 0) -> list[tuple[str, int, str]]:
+    """``"write:3,module:2:sigint"`` -> ``[("write", 3, "kill"), ("module", 2, "sigint")]``; the
+    faults of ranks other than ``rank`` left out."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
+        part, _, only = part.partition("@")
+        if only and not only.isdigit():
+            raise ValueError(f"{ENV}={spec!r}: @<rank> takes a rank number")
+        if only and int(only) != rank:
+            continue
         fields = part.split(":")
         if len(fields) not in (2, 3) or fields[0] not in POINTS or not fields[1].isdigit():
             raise ValueError(f"{ENV}={spec!r}: each fault is <point>:<n>[:<action>], point one of {POINTS}")
@@ -56,7 +63,7 @@ def point(name: str, path: str | Path | None = None) -> None:
     spec = settings.fault_spec()
     if not spec:
         return
-    faults = [f for f in parse(spec) if f[0] == name]
+    faults = [f for f in parse(spec, distributed.active().rank) if f[0] == name]
     if not faults:
         return
     _counts[name] = _counts.get(name, 0) + 1

@@ -14,10 +14,10 @@ import torch
 
 from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
-from exl2conv import gptq, memory, moe_measure
+from exl2conv import distributed, gptq, memory, moe_measure
 from exl2conv.coded import Coded
 from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
-from exl2conv.layers import MOE_MODE, ModuleRun, padded_wt, run_block
+from exl2conv.layers import MOE_MODE, Module, ModuleRun, module_linears, padded_wt, run_block
 from exl2conv.model.arch import LinearSpec, layer_linears, output_name, spec_of
 from exl2conv.model.forward import EXPERT_TOKENS
 from exl2conv.model.weights import all_finite
@@ -176,6 +176,16 @@ def codes_sizes(kind: str, specs: dict[str, LinearSpec]) -> list[int]:
             for _ in distinct[cols.index(spec.short)]]
 
 
+def codes_arena(cfg, device: torch.device, mods: list[Module]) -> memory.HostArena | None:
+    """One page-locked buffer for the candidates' codes of the measurement's largest module
+    (:class:`memory.HostArena`), when they go to host memory (the states do: a large model)."""
+    sizes = [memory.HostArena.size_for(codes_sizes(part, module_linears(cfg, m, part)))
+             for m in mods if m.quantized for part in m.parts]
+    if device.type != "cuda" or not sizes or max(sizes) == 0:
+        return None
+    return memory.HostArena(max(sizes))
+
+
 def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qparams: list,
                          host_codes: bool = False, buffer: torch.Tensor | None = None,
                          arena: memory.HostArena | None = None) -> list:
@@ -279,9 +289,15 @@ def _scored_table(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, fac
                   fisher: torch.Tensor | None) -> torch.Tensor:
     """A dense module's table: every candidate made (:func:`_candidates`), then every row scored
     (:func:`_table_errors`)."""
-    candidates = _candidates(run, factors, settings, numel, large, host_codes, arena)
+    world = distributed.active()
+    if world.shared:  # the candidates, then the rows, divided among the ranks
+        candidates = _shared_candidates(world, run, factors, settings, numel, large, host_codes, arena)
+    else:
+        candidates = _candidates(run, factors, settings, numel, large, host_codes, arena)
     if large:
         memory.release_unused(run.device)  # the GPTQ passes' buffers, before the scoring's
+    if world.shared:
+        return _shared_table_errors(world, run, states, y_ref, candidates, choices, err_weight, fisher)
     return _table_errors(run, states, y_ref, candidates, choices, err_weight, fisher)
 
 
@@ -319,3 +335,58 @@ def _table_errors(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, can
     all_errs = scorer.errors_table([{**w, **{key: candidates[key][i] for key, i in row.items()}} for row in choices])
     # one copy to the host for the whole table: no sync per candidate
     return all_errs.cpu()
+
+
+# -- the same work divided among several ranks (docs/distributed.md) -----------------------------------
+
+
+def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factors, settings: dict[str, list],
+                       numel: int, large: bool, host_codes: bool,
+                       arena: memory.HostArena | None) -> dict[str, list]:
+    """:func:`_candidates` with the candidates divided among the ranks: the module's (linear,
+    setting) pairs, in the linears' and the settings' order, go to ranks by :meth:`World.owners`
+    (each weighed by its linear's size), each rank makes its own, and all are gathered so that
+    every rank holds every candidate. A candidate's arithmetic does not depend on the others made
+    in its GPTQ pass (:func:`gptq.quantize_batches`), so it is the same bits whichever rank makes it."""
+    dev = run.device
+    items = [(key, i) for key in run.specs for i in range(len(settings[key]))]
+    owner = world.owners([float(run.specs[key].in_features * run.specs[key].padded_out) for key, _ in items])
+    buffer = None
+    if dev.type == "cuda":
+        factors.prepare_all()
+        if large:
+            memory.release_unused(dev)
+        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
+    mine: list = []
+    for key, spec in run.specs.items():
+        chosen = [settings[key][i] for (k, i), r in zip(items, owner) if k == key and r == world.rank]
+        if chosen:
+            mine += quantized_candidates(run.weights[key], spec, factors.get(spec), chosen, host_codes, buffer, arena)
+        factors.done(key)
+    del buffer
+    shares = world.all_gather([c.payload() for c in mine], f"the candidates of {module_name(run.specs)}")
+    taken = [0] * world.size
+    candidates: dict[str, list] = {key: [] for key in run.specs}
+    for (key, _), r in zip(items, owner):
+        got = mine[taken[r]] if r == world.rank else Coded.from_payload(shares[r][taken[r]], dev, host_codes, arena)
+        taken[r] += 1
+        candidates[key].append(got)
+    return candidates
+
+
+def _shared_table_errors(world: distributed.World, run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor,
+                         candidates: dict[str, list], choices: list[dict[str, int]],
+                         err_weight: torch.Tensor | None, fisher: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_table_errors` with the table's rows divided among the ranks (all of equal cost) and
+    their errors gathered back in row order. A row's errors do not depend on the other rows
+    scored in the same call (:meth:`CandidateScorer.errors_table`), so they are the same bits."""
+    owner = world.owners([1.0] * len(choices))
+    mine = [row for row, r in zip(choices, owner) if r == world.rank]
+    errs = _table_errors(run, states, y_ref, candidates, mine, err_weight, fisher) if mine else None
+    shares = world.all_gather(errs, f"the errors of {module_name(run.specs)}")
+    taken = [0] * world.size
+    rows = []
+    for r in owner:
+        rows.append(shares[r][taken[r]])
+        taken[r] += 1
+    return torch.stack(rows)

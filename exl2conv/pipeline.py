@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from exl2conv import (allocation, atomic, calib_rows, calibration, compile as compile_mod, faults, noise_rows,
-                     sensitivity, settings, stop, tweak)
+from exl2conv import (allocation, atomic, calib_rows, calibration, compile as compile_mod, distributed, faults,
+                      noise_rows, sensitivity, settings, stop, tweak)
 from exl2conv.errors import Exl2Error, Interrupted
 from exl2conv.head import quantize_head
 from exl2conv.job import JOB_FILE, ROWS_USED, STAGE_ORDER, Job, Stage
 from exl2conv.layers import Module, ModuleRun, module_linears, module_list, run_block
-from exl2conv.memory import HostArena, release_cached
+from exl2conv.memory import release_cached
 from exl2conv.metrics import error_weight
-from exl2conv.measure import check_finite, codes_sizes, measure_module
+from exl2conv.measure import check_finite, codes_arena, measure_module
 from exl2conv.moe import report_coverage
 from exl2conv.model import arch, exllamav2_config, forward
 from exl2conv.model.weights import WeightIndex
@@ -210,16 +210,6 @@ def _rope(ctx: Context, length: int):
     return forward.rope_tables(ctx.cfg, length, ctx.device)
 
 
-def codes_arena(ctx: Context, mods: list[Module]) -> HostArena | None:
-    """One page-locked buffer for the candidates' codes of the measurement's largest module
-    (:class:`memory.HostArena`), when they go to host memory (the states do: a large model)."""
-    sizes = [HostArena.size_for(codes_sizes(part, module_linears(ctx.cfg, m, part)))
-             for m in mods if m.quantized for part in m.parts]
-    if ctx.device.type != "cuda" or not sizes or max(sizes) == 0:
-        return None
-    return HostArena(max(sizes))
-
-
 def _measure_one(ctx: Context, mod: Module, states, rope, length: int, meas: dict, predicted: dict, fisher, arena,
                  bar):
     """Measure one module into ``meas`` and ``predicted``; returns the states after it. Leaves
@@ -277,7 +267,10 @@ def stage_measure(ctx: Context) -> None:
     predicted = {k: v for k, v in predicted.items() if k in keep_predicted} if fisher is not None else {}
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
-    arena = codes_arena(ctx, mods[start + 1:]) if home != ctx.device else None
+    arena = codes_arena(ctx.cfg, ctx.device, mods[start + 1:]) if home != ctx.device else None
+    distributed.active().barrier("the start of the measurement")  # every rank has read the folder
+
+    @distributed.main_only
     def checkpoint(index: int, states) -> None:
         ctx.folder.write_measurement(meas, index, predicted)
         faults.point("measurement")
@@ -291,7 +284,7 @@ def stage_measure(ctx: Context) -> None:
     finally:
         if arena is not None:
             arena.close()
-    if job["output_measurement"]:
+    if job["output_measurement"] and distributed.active().is_main:
         dest = Path(job["output_measurement"])
         if dest.is_dir():
             dest = dest / MEASUREMENT
@@ -352,10 +345,12 @@ def stage_quant(ctx: Context) -> None:
     mods = ctx.modules
     length = states.shape[1] if states is not None else 0
     rope = _rope(ctx, length)
-    save = save_linear(ctx)
+    save = distributed.main_only(save_linear(ctx))
     # the unquantized model's residual stream on the first rows, the target of norm tweaking
     stream = unquantized_stream(ctx, mods[1:start + 1]) if tweak.enabled() else None
+    distributed.active().barrier("the start of the quantization")  # every rank has read the folder
 
+    @distributed.main_only
     def checkpoint(index: int, states) -> None:
         ctx.folder.save_checkpoint("quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
 
@@ -434,19 +429,15 @@ def stage_compile(ctx: Context) -> None:
         config = exllamav2_config.output_config(cfg)
         if config is not None:
             atomic.write_json(dest / "config.json", config, indent=4, ensure_ascii=True)
-        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], quant_rows(job), job["length"],
+        compile_mod.write_quant_config(dest, job["bits"], job["head_bits"], calibration.quant_rows(job), job["length"],
                                        job["cal_dataset"])
         ctx.rep.info(f"Copied {', '.join(copied)}")
     job.advance(Stage.FINISHED, output_files=[str(dest / f) for f, _ in written])
 
 
-def quant_rows(job: Job) -> int:
-    """quantization_config's calibration rows: -r with a parquet dataset, the built-in set's own
-    count without one (as ExLlamaV2 writes them)."""
-    if job["cal_dataset"]:
-        return int(job["dataset_rows"])
-    return int((job[ROWS_USED] or {}).get("quant") or calibration.builtin_row_count("quant"))
-
+# The stages whose work the ranks of a job on several devices share (the other ranks follow rank
+# 0 into them: exl2conv.follow); the others rank 0 runs alone.
+SHARED_STAGES = (Stage.MEASURE.value, Stage.QUANT.value)
 
 STAGES = {
     Stage.BEGIN: stage_begin,
@@ -504,6 +495,7 @@ def convert(values: dict[str, Any], out_dir: str | Path, no_resume: bool = False
                 atomic.remove_temps(folder)
         if job.stage == Stage.FINISHED:
             rep.info(f"The job in {out} has already finished; use -nr to start a new one")
+            distributed.active().release()
             return summarize(job)
         return run_job(job, dev, rep)
 
@@ -537,6 +529,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
         while job.stage != Stage.FINISHED:
             stage = job.stage
             job.start_clock(stage)  # the stage's own advance records its time
+            distributed.active().lead(stage.value, SHARED_STAGES, [s.value for s in STAGE_ORDER])
             try:
                 faults.point("stage_start")
                 STAGES[stage](ctx)
@@ -548,6 +541,7 @@ def run_job(job: Job, dev: torch.device, rep: Reporter) -> Summary:
             if stop.requested() and job.stage != Stage.FINISHED:
                 raise Interrupted(f"stopped after stage {stage.value}; state saved in {out}: run the same "
                                   "command to resume")
+        distributed.active().release()
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import stop, tweak
+from exl2conv import distributed, stop, tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, quantize_batches
 from exl2conv.layers import ModuleRun, grad_rows, padded_bias, padded_wt, run_block
@@ -67,6 +67,37 @@ def check_decodes(decoded: torch.Tensor, res, name: str, chunk_bytes: int = 64 <
                             f"(max diff {diff:.3g}); this is a bug in exl2conv, please report it")
 
 
+def _each_linear(run: ModuleRun, entry: dict, factors):
+    """Each linear of ``run.specs`` quantized (:func:`quantize_linear`), in order: yields ``(key,
+    spec, (tensors, decoded, report))``; a linear's factor is let go once the caller is done with it."""
+    for key, spec in run.specs.items():
+        qparams = QParams.from_dict(entry[spec.short])
+        yield key, spec, quantize_linear(run.weights[key], run.weights.get(f"{key}.bias"), spec, factors.get(spec),
+                                         qparams)
+        factors.done(key)
+
+
+def _shared_linears(world: distributed.World, run: ModuleRun, entry: dict, factors):
+    """:func:`_each_linear` with the linears divided among the ranks (:meth:`World.owners`, each
+    weighed by its size): each rank quantizes its own, and every rank gets every linear's packed
+    tensors and decoded weight (the next states need them all), in the linears' order. A linear's
+    GPTQ and packing do not depend on the others, so they are the same bits whichever rank runs them."""
+    specs = run.specs
+    owner = world.owners([float(spec.in_features * spec.padded_out) for spec in specs.values()])
+    mine = {}
+    for (key, spec), r in zip(specs.items(), owner):
+        if r == world.rank:
+            tensors, decoded, rep = quantize_linear(run.weights[key], run.weights.get(f"{key}.bias"), spec,
+                                                    factors.get(spec), QParams.from_dict(entry[spec.short]))
+            mine[key] = ({k: t.cpu() for k, t in tensors.items()}, decoded.cpu(), rep)
+        factors.done(key)
+    shares = world.all_gather(mine, f"the quantized linears of {module_name(specs, run.cfg)}")
+    dev = run.device
+    for (key, spec), r in zip(specs.items(), owner):
+        tensors, decoded, rep = shares[r][key]
+        yield key, spec, (tensors, decoded.to(dev), rep)
+
+
 @dataclass
 class Tweak:
     """A module's norm weight after norm tweaking (:mod:`exl2conv.tweak`)."""
@@ -105,10 +136,9 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
     quantized = dict(w)
     reports = []
     in_runtime_order: dict[str, dict] = {}  # biased gate/up, saved once down_proj's q_invperm is known
-    for key, spec in specs.items():
-        qparams = QParams.from_dict(entry[spec.short])
-        bias = w.get(f"{key}.bias")
-        tensors, decoded, rep = quantize_linear(w[key], bias, spec, factors.get(spec), qparams)
+    world = distributed.active()
+    linears = _shared_linears(world, run, entry, factors) if world.shared else _each_linear(run, entry, factors)
+    for key, spec, (tensors, decoded, rep) in linears:
         if spec.short in MLP_INPUT_LINEARS and spec.expert is None and "bias" in tensors:
             in_runtime_order[spec.name] = tensors
         else:
@@ -119,8 +149,7 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
             in_runtime_order.clear()
         quantized[key] = decoded
         reports.append(rep)
-        factors.done(key)
-    del factors
+    del factors, linears
     tweaked = None
     if target is not None and not any(spec.expert is not None for spec in specs.values()):
         rows = TWEAK_CHUNK * chunk

@@ -199,3 +199,51 @@ def set_library_defaults() -> None:
     mode needs (the same command gives the same bytes)."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+# -- several processes (exl2conv.distributed, exl2conv.launch) --------------------------------------
+
+# Set by exl2conv's own launcher (-d with several devices) in the processes it starts: it reports a
+# lost rank itself, so the ranks that only lost contact with it stay quiet.
+SUPERVISED_VARIABLE = PREFIX + "SUPERVISED"
+DIST_TIMEOUT_VARIABLE = PREFIX + "DIST_TIMEOUT"
+DEFAULT_DIST_TIMEOUT = 1800.0
+
+
+@dataclass(frozen=True)
+class RankEnvironment:
+    """What torchrun (or exl2conv's launcher) tells a process about its place in the job."""
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int  # ranks on this host
+    supervised: bool
+    timeout: float  # seconds a collective waits for the other ranks
+
+
+def rank_environment() -> RankEnvironment | None:
+    """This process's rank, from torch.distributed's variables (RANK, WORLD_SIZE, LOCAL_RANK; the
+    process group itself reads MASTER_ADDR and MASTER_PORT), or None outside a launched job."""
+    env = os.environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    try:
+        rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", env["RANK"]))
+        local_size = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+        timeout = float(env.get(DIST_TIMEOUT_VARIABLE) or DEFAULT_DIST_TIMEOUT)
+    except ValueError:
+        raise Exl2Error("RANK, WORLD_SIZE, LOCAL_RANK and EXL2CONV_DIST_TIMEOUT must be numbers (torchrun sets "
+                        "the first three)") from None
+    if not 0 <= rank < size or timeout <= 0:
+        raise Exl2Error(f"RANK={rank}, WORLD_SIZE={size}, {DIST_TIMEOUT_VARIABLE}={timeout}: the rank must be "
+                        "below the world size and the timeout positive")
+    return RankEnvironment(rank, size, local, max(1, local_size), env.get(SUPERVISED_VARIABLE) == "1", timeout)
+
+
+def rank_child_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment of rank ``rank`` started by exl2conv's launcher on this machine: the
+    parent's, plus torch.distributed's variables for a process group on the loopback address."""
+    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            SUPERVISED_VARIABLE: "1"}

@@ -1,0 +1,331 @@
+"""The pieces of a job on several processes: dividing work (World.owners), -d / -dr, the rank
+environment, and failing fast (a rank that raises or is SIGKILLed ends every rank, with one line)."""
+
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from exl2conv import distributed, launch, measure, settings
+from exl2conv.errors import EXIT_ERROR, EXIT_PEER, Exl2Error
+from exl2conv.follow import FollowedJob
+from exl2conv.layers import ModuleRun
+from exl2conv.model import WeightIndex, forward, layer_linears, load_config
+from tests.tinymodel import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- dividing work --------------------------------------------------------------------------------
+
+
+def test_one_process_owns_everything():
+    assert distributed.SINGLE.owners([3.0, 1.0, 2.0]) == [0, 0, 0]
+    assert distributed.active() is distributed.SINGLE
+
+
+def test_owners_balance_cost_and_follow_the_ratios():
+    world = distributed.World(rank=0, size=2)
+    assert world.owners([1.0] * 5) == [0, 1, 0, 1, 0]
+    # a large item first: the small ones go to the other rank until it has as much
+    assert world.owners([4.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == [0, 1, 1, 1, 1, 0]
+    fast = distributed.World(rank=1, size=2, ratios=(1.0, 3.0))
+    got = fast.owners([1.0] * 8)
+    assert got.count(1) == 6 and got.count(0) == 2
+    three = distributed.World(rank=2, size=3)
+    assert three.owners([1.0] * 7) == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_owners_are_the_same_on_every_rank():
+    costs = [float(c) for c in (5, 3, 3, 8, 1, 1, 2, 9, 4)]
+    views = [distributed.World(rank=r, size=3, ratios=(1.0, 2.0, 1.5)).owners(costs) for r in range(3)]
+    assert views[0] == views[1] == views[2]
+
+
+# -- -d and -dr ----------------------------------------------------------------------------------
+
+
+def test_devices_parse():
+    assert launch.parse_devices("0,1", None, cuda_count=2) == ("cuda:0", "cuda:1")
+    assert launch.parse_devices("cpu,cpu,cpu", None, cuda_count=0) == ("cpu",) * 3
+    assert launch.parse_devices(None, "cuda:0") is None
+    assert launch.plan("cpu,cpu", "1,2", None, None) == launch.Devices(("cpu", "cpu"), (1.0, 2.0))
+    assert launch.plan(None, None, None, None) is None
+
+
+@pytest.mark.parametrize("devices, ratios, device, says", [
+    ("0,2", None, None, "CUDA device 2 is not on this machine (its CUDA devices are 0-1)"),
+    ("0,0", None, None, "a CUDA device is given twice"),
+    ("0,cpu", None, None, "mixes CUDA devices and cpu"),
+    ("0,gpu1", None, None, "'gpu1' is not a device"),
+    ("0,", None, None, "'' is not a device"),
+    ("0,1", "1,1,1", None, "3 ratios for 2 ranks"),
+    ("0,1", "1,-1", None, "give positive numbers"),
+    ("0,1", "1,x", None, "give positive numbers"),
+    ("0,1", None, "cuda:0", "-d 0,1 and --device cuda:0: give one of them"),
+    (None, "1,1", None, "device ratios need -d"),
+])
+def test_bad_devices_are_refused_with_one_line(devices, ratios, device, says, monkeypatch):
+    monkeypatch.setattr(launch, "_cuda_count", lambda: 2)
+    with pytest.raises(Exl2Error) as err:
+        launch.plan(devices, ratios, device, None)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rank_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", settings.SUPERVISED_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    assert settings.rank_environment() is None
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    env = settings.rank_environment()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.supervised) == (3, 4, 1, 2, False)
+    assert env.timeout == settings.DEFAULT_DIST_TIMEOUT
+    # torchrun on 2 hosts: -dr gives one ratio per rank of the job, -d this host's devices
+    assert launch.plan("cpu,cpu", "1,1,2,2", None, env).ratios == (1.0, 1.0, 2.0, 2.0)
+    assert launch.rank_device(launch.plan("cpu,cpu", None, None, env), None, env.local_rank).type == "cpu"
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(Exl2Error, match="below the world size"):
+        settings.rank_environment()
+
+
+def test_a_follower_saves_nothing(tmp_path):
+    FollowedJob(tmp_path, {"tool": "exl2conv", "progress": "begin"}).save()
+    assert not list(tmp_path.iterdir())
+
+
+# -- failing fast -------------------------------------------------------------------------------------
+
+# Two ranks on gloo: rank 0 gathers in a loop; rank 1 does what the test asks after the first gather.
+RANK_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from exl2conv import launch, settings
+    import torch
+
+    def body(world):
+        world.all_gather(world.rank, "the first gather")
+        if world.rank == 1:
+            what = sys.argv[1]
+            if what == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if what == "raise":
+                raise ValueError("a bug on rank 1")
+            if what == "hang":
+                time.sleep(60)
+        for _ in range(100):
+            world.all_gather(world.rank, "the loop's gather")
+            time.sleep(0.5)
+
+    env = settings.rank_environment()
+    sys.exit(launch.run_rank(env, torch.device("cpu"), (1.0, 1.0), body))
+""")
+
+
+def start_ranks(what: str, supervised: bool, timeout: float | None = None) -> list[subprocess.Popen]:
+    port = launch.free_port()
+    procs = []
+    for rank in range(2):
+        env = settings.rank_child_environment(rank, 2, port)
+        env["PYTHONPATH"] = str(REPO)
+        if timeout is not None:
+            env[settings.DIST_TIMEOUT_VARIABLE] = str(timeout)
+        if not supervised:
+            env.pop(settings.SUPERVISED_VARIABLE)
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, what], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_a_sigkilled_rank_ends_the_other_with_one_line(supervised):
+    t0 = time.monotonic()
+    procs = start_ranks("kill", supervised)
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert time.monotonic() - t0 < 60
+    assert procs[1].returncode == -9
+    assert procs[0].returncode == EXIT_PEER
+    err = outs[0][1].rstrip()
+    if supervised:  # the launcher reports the killed rank; the one that lost it stays quiet
+        assert err == ""
+    else:
+        assert len(err.splitlines()) == 1 and err.startswith(" ## Error (rank 0 of 2): lost contact with another "
+                                                             "rank during the loop's gather")
+    assert "Traceback" not in outs[0][1]
+
+
+def test_a_rank_that_raises_says_so_in_one_line_and_the_other_follows():
+    procs = start_ranks("raise", supervised=True)
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert procs[1].returncode == EXIT_ERROR and procs[0].returncode == EXIT_PEER
+    err = outs[1][1].rstrip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(" ## Error (rank 1 of 2): ValueError: a bug on rank 1 at <string>:")
+    assert outs[0][1].strip() == ""
+
+
+def test_a_rank_that_hangs_is_given_up_after_the_timeout():
+    t0 = time.monotonic()
+    procs = start_ranks("hang", supervised=False, timeout=3)
+    out = procs[0].communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    procs[1].kill()
+    procs[1].communicate()
+    assert procs[0].returncode == EXIT_PEER
+    err = out[1].rstrip().splitlines()
+    assert len(err) == 1 and err[0].startswith(" ## Error (rank 0 of 2): lost contact with another rank during the "
+                                               "loop's gather"), err
+
+
+def test_a_bad_device_is_refused_by_the_command_in_one_line(tmp_path, capsys):
+    from exl2conv.cli import main
+
+    assert main(["-i", str(tmp_path), "-o", str(tmp_path / "w"), "-d", "cpu,7"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(" ## Error: -d cpu,7: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
+    class Done:
+        def __init__(self, code):
+            self.returncode = code
+
+        def poll(self):
+            return self.returncode
+
+    devs = launch.Devices(("cpu", "cpu", "cpu"), (1.0,) * 3)
+    assert launch._supervise([Done(EXIT_PEER), Done(-9), Done(EXIT_PEER)], devs) == EXIT_ERROR
+    err = capsys.readouterr().err.rstrip()
+    assert err.splitlines() == ["", " ## Error: rank 1 (cpu) was killed by SIGKILL; the other ranks were stopped and "
+                                "the job's last checkpoint is kept: run the same command to resume"]
+    # a rank that said why itself: its status, no second line
+    assert launch._supervise([Done(EXIT_PEER), Done(0), Done(130)], devs) == 130
+    assert capsys.readouterr().err == ""
+    assert launch._supervise([Done(0)] * 3, devs) == 0
+    # another rank's own line is shown from its kept stderr, unless rank 0 said its own
+    kept = [None, tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")]
+    kept[1].write(" ## Error (rank 1 of 3): boom\n")
+    kept[1].flush()
+    assert launch._supervise([Done(EXIT_PEER), Done(1), Done(EXIT_PEER)], devs, kept) == 1
+    assert capsys.readouterr().err == "\n ## Error (rank 1 of 3): boom\n"
+    assert launch._supervise([Done(1), Done(1), Done(EXIT_PEER)], devs, kept) == 1
+    assert capsys.readouterr().err == ""
+
+
+
+# -- the measurement's split, two ranks as two threads -----------------------------------------------
+
+
+class ThreadWorld(distributed.World):
+    """A rank whose collectives meet the other ranks' threads in this process."""
+
+    def __init__(self, rank: int, size: int, slots: list, barrier: threading.Barrier):
+        super().__init__(rank, size)
+        self.slots, self.sync = slots, barrier
+
+    def all_gather(self, obj, what):
+        self.slots[self.rank] = obj
+        self.sync.wait()
+        out = list(self.slots)
+        self.sync.wait()  # every rank has read the slots before the next gather fills them
+        return out
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_two_ranks_share_the_candidates_and_rows_and_measure_one_processs_bits(tmp_path, monkeypatch, part):
+    src = make_tiny_llama(tmp_path / "m", seed=1, hidden=64, intermediate=96, layers=1)
+    cfg, index = load_config(src), WeightIndex(src)
+    w = forward.load_layer_weights(index, cfg, 0, part, "cpu")
+    specs = layer_linears(cfg, 0, part)
+    states = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    made, scored = {}, {}
+    real_make, real_score = measure.quantized_candidates, measure._table_errors
+
+    def spy_make(*args, **kwargs):
+        out = real_make(*args, **kwargs)
+        made[threading.current_thread().name] = made.get(threading.current_thread().name, 0) + len(out)
+        return out
+
+    def spy_score(run, states, y_ref, candidates, choices, *rest):
+        scored[threading.current_thread().name] = scored.get(threading.current_thread().name, 0) + len(choices)
+        return real_score(run, states, y_ref, candidates, choices, *rest)
+
+    monkeypatch.setattr(measure, "quantized_candidates", spy_make)
+    monkeypatch.setattr(measure, "_table_errors", spy_score)
+
+    def measure_as(world):
+        with distributed.use(world):
+            run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0)
+            return measure.measure_module(run, states)
+
+    one = measure_as(distributed.SINGLE)
+    total_made, total_rows = made.pop("MainThread"), scored.pop("MainThread")
+    results = run_as_ranks(lambda: measure_as(distributed.active()))
+    for r in range(2):
+        entries, y_ref, _ = results[r]
+        assert entries == one[0] and torch.equal(y_ref, one[1])
+    # each rank did a share, and the shares add up to one process's work
+    assert sorted(made) == sorted(scored) == ["rank0", "rank1"]
+    assert sum(made.values()) == total_made and min(made.values()) >= total_made // 3
+    assert sum(scored.values()) == total_rows and abs(scored["rank0"] - scored["rank1"]) <= 1
+
+
+def run_as_ranks(fn, size: int = 2) -> dict:
+    """``fn(world)`` on ``size`` ranks, each a thread meeting the others in :class:`ThreadWorld`'s
+    gathers; returns each rank's result."""
+    slots, barrier, results = [None] * size, threading.Barrier(size, timeout=60), {}
+
+    def rank(r):
+        with distributed.use(ThreadWorld(r, size, slots, barrier)):
+            results[r] = fn()
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_two_ranks_share_a_modules_linears_and_quantize_one_processs_bits(tmp_path, monkeypatch, part):
+    from exl2conv import quantize
+
+    src = make_tiny_llama(tmp_path / "m", seed=1, hidden=64, intermediate=96, layers=1)
+    cfg, index = load_config(src), WeightIndex(src)
+    w = forward.load_layer_weights(index, cfg, 0, part, "cpu")
+    specs = layer_linears(cfg, 0, part)
+    states = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0)
+    entry = measure.measure_module(run, states)[0][3]
+    made = {}
+    real = quantize.quantize_linear
+
+    def spy(*args, **kwargs):
+        made.setdefault(threading.current_thread().name, []).append(args[2].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantize_linear", spy)
+
+    def quantized():
+        saved = {}
+        y, rfn, reports, _ = quantize.quantize_module(run, states.clone(), entry,
+                                                      lambda name, t: saved.setdefault(name, t))
+        return y, rfn, [r.__dict__ for r in reports], saved
+
+    one = quantized()
+    names = made.pop("MainThread")
+    for y, rfn, reports, saved in run_as_ranks(quantized).values():
+        assert torch.equal(y, one[0]) and rfn == one[1] and reports == one[2]
+        assert list(saved) == list(one[3])
+        assert all(torch.equal(saved[n][k], one[3][n][k]) for n in saved for k in saved[n])
+    assert sorted(made) == ["rank0", "rank1"]
+    assert sorted(made["rank0"] + made["rank1"]) == sorted(names)
