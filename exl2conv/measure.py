@@ -301,20 +301,24 @@ def _scored_table(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, fac
     return _table_errors(run, states, y_ref, candidates, choices, err_weight, fisher)
 
 
+def _pass_buffer(dev: torch.device, factors: Factors, numel: int, large: bool) -> torch.Tensor | None:
+    """On a GPU, every factor first, then one pass buffer of ``numel`` floats for all the linears'
+    GPTQ passes: no [K, K] temporaries made between passes, nothing taking the place of a freed
+    pass. None on the CPU (each pass allocates its own)."""
+    if dev.type != "cuda":
+        return None
+    factors.prepare_all()
+    if large:
+        memory.release_unused(dev)
+    return torch.empty(numel, dtype=torch.float32, device=dev)
+
+
 def _candidates(run: ModuleRun, factors: Factors, settings: dict[str, list], numel: int, large: bool,
                 host_codes: bool, arena: memory.HostArena | None) -> dict[str, list]:
     """:func:`measure_module`'s GPTQ phase: every linear of ``run.specs`` quantized with each of
     its ``settings`` (:func:`quantized_candidates`), on ``run.device``; ``numel``: the size of the
     largest pass (:func:`pass_numel`), ``large``: whether it is worth releasing the cache for."""
-    dev = run.device
-    buffer = None
-    if dev.type == "cuda":
-        # every factor first, then one pass buffer for all the linears' passes: no [K, K]
-        # temporaries made between passes, nothing taking the place of a freed pass
-        factors.prepare_all()
-        if large:
-            memory.release_unused(dev)
-        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
+    buffer = _pass_buffer(run.device, factors, numel, large)
     candidates: dict[str, list] = {}
     for key, spec in run.specs.items():
         candidates[key] = quantized_candidates(run.weights[key], spec, factors.get(spec), settings[key], host_codes,
@@ -351,12 +355,7 @@ def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factor
     dev = run.device
     items = [(key, i) for key in run.specs for i in range(len(settings[key]))]
     owner = world.owners([float(run.specs[key].in_features * run.specs[key].padded_out) for key, _ in items])
-    buffer = None
-    if dev.type == "cuda":
-        factors.prepare_all()
-        if large:
-            memory.release_unused(dev)
-        buffer = torch.empty(numel, dtype=torch.float32, device=dev)
+    buffer = _pass_buffer(dev, factors, numel, large)
     mine: list = []
     for key, spec in run.specs.items():
         chosen = [settings[key][i] for (k, i), r in zip(items, owner) if k == key and r == world.rank]

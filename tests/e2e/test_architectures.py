@@ -280,11 +280,10 @@ def test_mixtral_output_names_and_shapes(mixtral):
         assert torch.equal(tensors[name], index.get(name, dtype=torch.float16)), name
 
 
-def test_mixtral_measurement(mixtral):
-    """One key per MoE block, ``...block_sparse_moe``, with the MLP table's 17 rows under the
-    names w1, w3, w2; each row's choice applies to all 4 experts, so its total_bits is the sum
-    over the experts."""
-    src, work, _ = mixtral
+def check_moe_measurement(src, work, experts: int) -> None:
+    """One key per MoE block, ``<layer>.block_sparse_moe`` (whatever the checkpoint calls the block),
+    with the MLP table's 17 rows under the names w1, w3, w2; each row's choice applies to all
+    ``experts``, so its total_bits is the sum over the experts; the strategy names the same keys."""
     cfg = load_config(src)
     doc = json.loads((work / "measurement.json").read_text())
     keys = [f"model.layers.{i}.{m}" for i in range(cfg.num_layers) for m in ("self_attn", "block_sparse_moe")]
@@ -300,10 +299,15 @@ def test_mixtral_measurement(mixtral):
             assert [q[s].desc for s in ("w1", "w3", "w2")] == [p.desc for p in row]
             per_expert = (q["w1"].total_bits(h, inter) + q["w3"].total_bits(h, inter)
                           + q["w2"].total_bits(inter, h))
-            assert e["total_bits"] == 4 * per_expert
+            assert e["total_bits"] == experts * per_expert
             assert 0.5 < e["accuracy"] <= 1.0
     job = json.loads((work / "job.json").read_text())
     assert set(job["strategy"]) == set(keys)
+
+
+def test_mixtral_measurement(mixtral):
+    src, work, _ = mixtral
+    check_moe_measurement(src, work, experts=4)
 
 
 def _decoded(cfg, index, tensors) -> dict[str, torch.Tensor]:

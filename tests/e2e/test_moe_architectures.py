@@ -12,8 +12,8 @@ import torch
 from exl2conv.cli import main
 from exl2conv.model import WeightIndex, forward, load_config
 from exl2conv.model import arch as arch_mod
-from exl2conv.qparams import MLP_OPTIONS, QParams
-from tests.e2e.test_architectures import ARGS, _decoded, _Swapped, expected_names, read_output, write_parquet
+from tests.e2e.test_architectures import (ARGS, _decoded, _Swapped, check_moe_measurement, expected_names, read_output,
+                                          write_parquet)
 from tests.tinymoe import MOE_ARCHS, make_tiny_moe
 
 # The expert names in the output, w1 (gate), w3 (up), w2 (down), as ExLlamaV2's architecture.py keys them
@@ -55,25 +55,8 @@ def test_output_names_and_shapes(converted):
 
 
 def test_measurement_keys(converted):
-    """One key per MoE block, ``<layer>.block_sparse_moe`` whatever the checkpoint calls it, with the
-    MLP table's 17 rows under w1, w3, w2; total_bits sums over the 4 experts."""
     _, src, work, _ = converted
-    cfg = load_config(src)
-    doc = json.loads((work / "measurement.json").read_text())
-    keys = [f"model.layers.{i}.{m}" for i in range(cfg.num_layers) for m in ("self_attn", "block_sparse_moe")]
-    assert list(doc["measurement"]) == keys + ["model.norm.norm", "lm_head.linear"]
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    for i in range(cfg.num_layers):
-        entries = doc["measurement"][f"model.layers.{i}.block_sparse_moe"]
-        assert len(entries) == 17
-        for e, row in zip(entries, MLP_OPTIONS):
-            assert set(e) == {"accuracy", "total_bits", "w1", "w3", "w2"}
-            q = {s: QParams.from_dict(e[s]) for s in ("w1", "w3", "w2")}
-            assert [q[s].desc for s in ("w1", "w3", "w2")] == [p.desc for p in row]
-            per_expert = q["w1"].total_bits(h, inter) + q["w3"].total_bits(h, inter) + q["w2"].total_bits(inter, h)
-            assert e["total_bits"] == 4 * per_expert
-    job = json.loads((work / "job.json").read_text())
-    assert set(job["strategy"]) == set(keys)
+    check_moe_measurement(src, work, experts=4)
 
 
 def test_decoded_weights_are_close(converted):
