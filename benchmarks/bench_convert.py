@@ -4,6 +4,7 @@
     python benchmarks/bench_convert.py --smollm2 DIR --full   # the same as one job per tool
     python benchmarks/bench_convert.py --llama7b-layers 4     # random weights, Llama-2-7B layer shapes
     python benchmarks/bench_convert.py --llama7b-layers 2,6 --measure-only
+    python benchmarks/bench_convert.py --llama70b-layers 2     # hidden 8192, 64/8 heads
     python benchmarks/bench_convert.py --qwen3moe-layers 2,4   # 128 experts, 8 active
 
 Prints a table: wall time of the measurement pass and of the quantization pass, seconds per layer
@@ -69,6 +70,9 @@ def run(module: str, args: list[str], log: Path) -> dict:
 SHAPES = {
     "llama7b": dict(arch="LlamaForCausalLM", hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128,
                     vocab=32000, eps=1e-5),
+    # Llama-2-70B / Llama-3-70B layers (64 query and 8 key/value heads of 128), 32k vocabulary
+    "llama70b": dict(arch="LlamaForCausalLM", hidden=8192, intermediate=28672, heads=64, kv_heads=8, head_dim=128,
+                     vocab=32000, eps=1e-5),
     "qwen3moe": dict(arch="Qwen3MoeForCausalLM", hidden=2048, intermediate=768, heads=32, kv_heads=4, head_dim=128,
                      vocab=32000, eps=1e-6, experts=128, top_k=8),
 }
@@ -214,6 +218,8 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M FP16 folder (exl2conv.smollm2.smollm2_fp16)")
     ap.add_argument("--llama7b-layers", default="", help="layers of a random Llama-2-7B-shaped model; two counts "
                     "(e.g. 2,6) also give the cost of one more layer")
+    ap.add_argument("--llama70b-layers", default="", help="layers of a random 70B-class model (hidden 8192, "
+                    "intermediate 28672, 64 query and 8 key/value heads); counts as for --llama7b-layers")
     ap.add_argument("--qwen3moe-layers", default="", help="layers of a random Qwen3-30B-A3B-shaped model (128 "
                     "experts, 8 active); two counts as for --llama7b-layers")
     ap.add_argument("--moe-arch", default=None, choices=("Qwen3MoeForCausalLM", "MixtralForCausalLM"),
@@ -236,6 +242,7 @@ def main() -> None:
     elif args.smollm2:
         print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], have)), flush=True)
     for shape, spec, title in (("llama7b", args.llama7b_layers, "Llama-2-7B shapes"),
+                               ("llama70b", args.llama70b_layers, "70B-class shapes"),
                                ("qwen3moe", args.qwen3moe_layers, "Qwen3-30B-A3B shapes")):
         counts = [int(n) for n in spec.split(",") if n.strip()]
         if len(counts) > 2 or any(n < 1 for n in counts) or len(set(counts)) < len(counts):
