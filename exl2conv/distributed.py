@@ -79,6 +79,22 @@ class World:
             out.append(rank)
         return out
 
+    def share_rows(self, count: int, compute: Callable[[list[int]], torch.Tensor], what: str) -> torch.Tensor:
+        """Rows ``0 .. count - 1`` of equal cost divided among the ranks (:meth:`owners`): each rank
+        computes its own with ``compute(indices)`` (a tensor ``[len(indices), ...]`` on the CPU), and
+        every rank gets all of them, ``[count, ...]`` in row order. One process computes them all."""
+        if not self.shared:
+            return compute(list(range(count)))
+        owner = self.owners([1.0] * count)
+        mine = [i for i, r in enumerate(owner) if r == self.rank]
+        shares = self.all_gather(compute(mine) if mine else None, what)
+        taken = [0] * self.size
+        rows = []
+        for r in owner:
+            rows.append(shares[r][taken[r]])
+            taken[r] += 1
+        return torch.stack(rows)
+
     # -- collectives ------------------------------------------------------------------------------
 
     def _collective(self, what: str, fn: Callable[[], Any]) -> Any:

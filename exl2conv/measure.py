@@ -379,13 +379,6 @@ def _shared_table_errors(world: distributed.World, run: ModuleRun, states: torch
     """:func:`_table_errors` with the table's rows divided among the ranks (all of equal cost) and
     their errors gathered back in row order. A row's errors do not depend on the other rows
     scored in the same call (:meth:`CandidateScorer.errors_table`), so they are the same bits."""
-    owner = world.owners([1.0] * len(choices))
-    mine = [row for row, r in zip(choices, owner) if r == world.rank]
-    errs = _table_errors(run, states, y_ref, candidates, mine, err_weight, fisher) if mine else None
-    shares = world.all_gather(errs, f"the errors of {module_name(run.specs)}")
-    taken = [0] * world.size
-    rows = []
-    for r in owner:
-        rows.append(shares[r][taken[r]])
-        taken[r] += 1
-    return torch.stack(rows)
+    return world.share_rows(len(choices), lambda idx: _table_errors(run, states, y_ref, candidates,
+                                                                    [choices[i] for i in idx], err_weight, fisher),
+                            f"the errors of {module_name(run.specs)}")

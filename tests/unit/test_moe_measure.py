@@ -63,3 +63,36 @@ def test_row_groups_split_the_table_and_quantize_again(block, monkeypatch):
     y_ref, factors = reference_factors(run, states, "mlp", str)
     grouped = moe_measure.table_errors(run, states, y_ref, factors, columns, table, weight, None)
     torch.testing.assert_close(grouped, whole, rtol=0, atol=0)
+
+
+def test_two_ranks_share_the_rows_and_measure_one_processs_bits(block, monkeypatch):
+    """Each rank scores its share of the table's rows (:meth:`World.share_rows`) and both end with
+    one process's errors, bit for bit."""
+    import threading
+
+    from exl2conv import distributed
+    from tests.unit.test_distributed import run_as_ranks
+
+    run, states, columns, table, weight = block
+    scored: dict[str, int] = {}
+    real = moe_measure._rows_errors
+
+    def spy(run, states, y_ref, factors, columns, rows, *rest):
+        name = threading.current_thread().name
+        scored[name] = scored.get(name, 0) + len(rows)
+        return real(run, states, y_ref, factors, columns, rows, *rest)
+
+    monkeypatch.setattr(moe_measure, "_rows_errors", spy)
+
+    def errors():
+        y_ref, factors = reference_factors(run, states, "mlp", str)
+        return moe_measure.table_errors(run, states, y_ref, factors, columns, table, weight, None)
+
+    one = errors()
+    assert scored.pop("MainThread") == len(table)
+    results = run_as_ranks(errors)
+    for r in range(2):
+        torch.testing.assert_close(results[r], one, rtol=0, atol=0)
+    assert sorted(scored) == ["rank0", "rank1"] and sum(scored.values()) == len(table)
+    assert abs(scored["rank0"] - scored["rank1"]) <= 1
+    assert distributed.active() is distributed.SINGLE
