@@ -151,21 +151,22 @@ def make_model(path: Path, shape: str, layers: int, tokenizer_from: Path | None,
     return path
 
 
-def tools(work: Path, exllamav2: bool):
-    """(name, module, fresh working folder) of exl2conv and, when wanted, ExLlamaV2."""
-    found = [("exl2conv", "exl2conv")]
-    if exllamav2:
-        found.append(("ExLlamaV2", "exllamav2.conversion.convert_exl2"))
-    for name, module in found:
+MODULES = {"exl2conv": "exl2conv", "ExLlamaV2": "exllamav2.conversion.convert_exl2"}
+
+
+def tools(work: Path, names: list[str]):
+    """(name, module, fresh working folder) of each tool named, in the order given."""
+    for name in names:
+        module = MODULES[name]
         w = work / name
         shutil.rmtree(w, ignore_errors=True)
         w.mkdir(parents=True)
         yield name, module, w
 
 
-def bench(model: Path, layers: int, work: Path, extra: list[str], exllamav2: bool, quant: bool = True) -> dict:
+def bench(model: Path, layers: int, work: Path, extra: list[str], names: list[str], quant: bool = True) -> dict:
     rows = {}
-    for name, module, w in tools(work, exllamav2):
+    for name, module, w in tools(work, names):
         m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra],
                 w.parent / f"{name}_m.log")
         row = {"measure_s": m["wall"], "measure_per_layer": m["wall"] / layers, "gpu_gib": m["gpu_gib"],
@@ -188,11 +189,11 @@ def marginal(lo: int, hi: int, rows_lo: dict, rows_hi: dict) -> dict:
     return out
 
 
-def bench_full(model: Path, work: Path, exllamav2: bool) -> dict:
+def bench_full(model: Path, work: Path, names: list[str]) -> dict:
     """One default job per tool, measurement and quantization in one process (-b 4.0, -cf):
     what a user runs."""
     rows = {}
-    for name, module, w in tools(work, exllamav2):
+    for name, module, w in tools(work, names):
         r = run(module, ["-i", str(model), "-o", str(w / "work"), "-cf", str(w / "out"), "-b", "4.0"],
                 w.parent / f"{name}_full.log")
         rows[name] = {"job_s": r["wall"], "gpu_gib": r["gpu_gib"], "rss_gib": r["rss_gib"]}
@@ -227,6 +228,9 @@ def main() -> None:
     ap.add_argument("--measure-only", action="store_true", help="random models: the measurement job alone")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
     ap.add_argument("--no-exllamav2", action="store_true", help="time exl2conv alone")
+    ap.add_argument("--only-exllamav2", action="store_true",
+                    help="time ExLlamaV2 alone: for a model whose ExLlamaV2 jobs need a device call of their own "
+                         "(the random models are seeded, so two calls see the same input)")
     ap.add_argument("--full", action="store_true",
                     help="SmolLM2: one default job per tool (measurement and quantization in one process) "
                          "instead of a measurement job and a quantization job")
@@ -235,12 +239,15 @@ def main() -> None:
         import exllamav2  # noqa: F401
         have = not args.no_exllamav2
     except ImportError:
+        if args.only_exllamav2:
+            raise SystemExit("--only-exllamav2: exllamav2 is not importable here")
         have = False
+    names = ["ExLlamaV2"] if args.only_exllamav2 else ["exl2conv", "ExLlamaV2"] if have else ["exl2conv"]
     if args.smollm2 and args.full:
-        print(table("SmolLM2-135M, one default job (-b 4.0)", bench_full(args.smollm2, args.work / "smolfull", have)),
+        print(table("SmolLM2-135M, one default job (-b 4.0)", bench_full(args.smollm2, args.work / "smolfull", names)),
               flush=True)
     elif args.smollm2:
-        print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], have)), flush=True)
+        print(table("SmolLM2-135M, default settings (-b 4.0)", bench(args.smollm2, 30, args.work / "smol", [], names)), flush=True)
     for shape, spec, title in (("llama7b", args.llama7b_layers, "Llama-2-7B shapes"),
                                ("llama70b", args.llama70b_layers, "70B-class shapes"),
                                ("qwen3moe", args.qwen3moe_layers, "Qwen3-30B-A3B shapes")):
@@ -253,7 +260,7 @@ def main() -> None:
         results = []
         for n in counts:
             model = make_model(args.work / f"{shape}-{n}", shape, n, args.smollm2, arch)
-            rows = bench(model, n, args.work / f"{shape}-run-{n}", [], have, quant=not args.measure_only)
+            rows = bench(model, n, args.work / f"{shape}-run-{n}", [], names, quant=not args.measure_only)
             results.append(rows)
             print(table(f"{title}, {n} layers, random weights (-b 4.0)", rows), flush=True)
             shutil.rmtree(model, ignore_errors=True)
