@@ -124,3 +124,20 @@ def test_the_other_supported_architectures(tmp_path, ids, arch):
     assert type(model).__name__ == arch
     check_logits(model, ids, decoded_logits(tmp_path / "out", ids), F32_BOUND)
     check_generate(model, tmp_path / "out", ids[:1, :6], steps=4)
+
+
+def test_generate_command_streams_the_greedy_continuation(out, capsys):
+    import re
+
+    from transformers import AutoTokenizer
+
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(str(out))
+    prompt = tok("Hello", return_tensors="pt").input_ids
+    want = tok.decode(greedy_reference(out, prompt, 6)[0, prompt.shape[1]:])
+    streamed, _, last = text.rstrip("\n").rpartition("\n")
+    assert streamed == "Hello" + want
+    assert re.fullmatch(r" -- 6 new tokens in [\d.]+ s \(prefill included\), [\d.]+ tokens/s; peak RSS [\d.]+ GiB", last)
+    assert main(["generate", str(out), "--prompt", "x", "--max-new-tokens", "0"]) == 1
+    assert "--max-new-tokens 0: give at least 1" in capsys.readouterr().err
