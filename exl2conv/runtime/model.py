@@ -159,4 +159,6 @@ class Exl2ForCausalLM:
             model.load_state_dict(state, strict=False, assign=True)
         _rebuild_meta_modules(model, device)
         model.config.dtype = dtype
+        if (path / "generation_config.json").is_file():  # -cf copies the source's; generate() reads it
+            model.generation_config = tf.GenerationConfig.from_pretrained(str(path))
         return model.eval()

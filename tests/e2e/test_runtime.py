@@ -2,6 +2,8 @@
 forward `exl2conv eval` runs (evaluate.decoded_logits), greedy generate() against that forward
 token by token, and each check failing on a deliberately wrong variant of the loader."""
 
+import json
+
 import pytest
 import torch
 
@@ -122,6 +124,9 @@ def test_the_other_supported_architectures(tmp_path, ids, arch):
     assert main(["-i", str(src), "-o", str(tmp_path / "w"), "-cf", str(tmp_path / "out"), *ROWS]) == 0
     model = Exl2ForCausalLM.from_quantized(tmp_path / "out", dtype=torch.float32)
     assert type(model).__name__ == arch
+    if arch != "MistralForCausalLM":  # transformers' save_pretrained wrote one, -cf copied it
+        saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+        assert model.generation_config.eos_token_id == saved["eos_token_id"] == 257
     check_logits(model, ids, decoded_logits(tmp_path / "out", ids), F32_BOUND)
     check_generate(model, tmp_path / "out", ids[:1, :6], steps=4)
 
