@@ -44,7 +44,11 @@ class Exl2Linear(torch.nn.Module):
         """fp16 Wt [in_features, out_features] in the model's row and column order."""
         if self._decoded is not None:
             return self._decoded
-        wt = decode_linear({k: getattr(self, k) for k in QUANT_KEYS}, self.name)[:, :self.out_features]
+        tensors = {k: getattr(self, k) for k in QUANT_KEYS}
+        # model.float() / .to(dtype) casts every floating buffer; the fp16 scale maxima survive the
+        # round trip exactly, and the decoder reads them as the file stores them
+        tensors["q_scale_max"] = tensors["q_scale_max"].to(torch.float16)
+        wt = decode_linear(tensors, self.name)[:, :self.out_features]
         if self.cache:
             self._decoded = wt
         return wt

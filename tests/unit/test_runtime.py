@@ -74,6 +74,16 @@ def test_cache_keeps_the_decode_and_a_move_drops_it():
     assert torch.equal(off(x), y) and off._decoded is None
 
 
+def test_a_cast_module_decodes_the_same():
+    """model.float() (or .double()) casts floating buffers, q_scale_max included."""
+    t = _tensors(8)
+    x = torch.randn(2, K)
+    y = Exl2Linear(t, OUT)(x)
+    lin = Exl2Linear(t, OUT).double()
+    assert lin.q_scale_max.dtype == torch.float64
+    torch.testing.assert_close(lin(x.double()).float(), y, rtol=1e-6, atol=1e-6)
+
+
 def test_inconsistent_tensors_and_widths_are_refused():
     t = _tensors(7)
     with pytest.raises(Exl2Error, match="q_scale"):
