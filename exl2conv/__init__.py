@@ -3,7 +3,7 @@
 Nothing runs at import time and nothing heavy is imported: the command line lives in
 :mod:`exl2conv.cli`, the conversion job in :mod:`exl2conv.pipeline`, and the Python API
 (``exl2conv.convert(...)``, ``exl2conv.Exl2Quantizer``) is loaded from :mod:`exl2conv.api` on
-first use.
+first use, and the runtime (``exl2conv.Exl2ForCausalLM``) from :mod:`exl2conv.runtime`.
 """
 
 __version__ = "0.2.0"
@@ -12,7 +12,7 @@ __version__ = "0.2.0"
 # own package version there and its loader never reads it.
 EXL2_FORMAT_VERSION = "0.3.2"
 
-__all__ = ["convert", "Exl2Quantizer", "__version__"]
+__all__ = ["convert", "Exl2ForCausalLM", "Exl2Quantizer", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from exl2conv import api
 
         return getattr(api, name)
+    if name == "Exl2ForCausalLM":
+        from exl2conv import runtime
+
+        return runtime.Exl2ForCausalLM
     raise AttributeError(f"module 'exl2conv' has no attribute {name!r}")

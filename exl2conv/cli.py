@@ -12,7 +12,7 @@ from exl2conv import launch, settings
 from exl2conv.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Exl2Error, Interrupted
 from exl2conv.model.arch import ARCHS
 
-SUBCOMMANDS = ("inspect", "eval", "demo", "to-safetensors")
+SUBCOMMANDS = ("inspect", "eval", "demo", "to-safetensors", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="exl2conv",
         description="Convert a Hugging Face model folder to EXL2 (ExLlamaV2's format). Re-running the same "
                     "command resumes an interrupted job. Other commands: exl2conv inspect, eval, demo, "
-                    "to-safetensors (each with --help).",
+                    "to-safetensors, generate (each with --help).",
         epilog="Architectures (config.json's architectures[0]): " + ", ".join(ARCHS) + ".",
     )
     # Defaults are None so that a resumed run can tell given arguments from absent ones; the real
@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(argv[1:])
         if argv and argv[0] == "to-safetensors":
             return run_to_safetensors(argv[1:])
+        if argv and argv[0] == "generate":
+            from exl2conv.runtime.generate import run_generate
+
+            return run_generate(argv[1:])
         return run_convert(argv)
     except Interrupted as exc:
         print(f" ## Interrupted: {exc}", file=sys.stderr, flush=True)

@@ -103,22 +103,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
         for i in range(cfg.num_layers):
             for part in forward.layer_parts(cfg):
                 w_ref = forward.load_layer_weights(ref, cfg, i, part, dev)
-                w_q = {}
-                specs = forward.block_linears(cfg, i, part)
-                router = arch.router_tensor(cfg, i) if part == "mlp" else None
-                norms = forward.block_norm_weights(cfg, i, part)
-                for key, t in w_ref.items():
-                    base = key.removesuffix(".bias")
-                    if key in specs:
-                        w_q[key] = q.linear(specs[key].name, specs[key].out_features, dev)
-                    elif base in specs:  # bias: stored padded in the EXL2 tensors
-                        w_q[key] = q.bias(specs[base], specs, dev)
-                    elif router and key == arch.spec_of(cfg).moe_router:  # MoE router, stored as is
-                        w_q[key] = q.plain(router, dev)
-                    elif key.endswith(".bias"):  # a LayerNorm's bias
-                        w_q[key] = q.plain(norms[key], dev)
-                    else:  # a norm, stored without the architecture's offset
-                        w_q[key] = q.plain(norms[key], dev) + cfg.norm_offset
+                w_q = quantized_weights(q, cfg, i, part, dev)
                 fn = functools.partial(forward.BLOCKS[part], layer=i)
                 x_ref = _batched(fn, x_ref, w_ref, cfg, rope)
                 x_q = _batched(fn, x_q, w_q, cfg, rope)
@@ -132,6 +117,58 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
         w_head_ref = forward.load_head(ref, cfg, dev)
         w_head_q = q.linear(head.name, head.out_features, dev)
         return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg)
+
+
+def quantized_weights(q: Exl2Weights, cfg, i: int, part: str, dev) -> dict[str, torch.Tensor]:
+    """The float32 tensors :data:`forward.BLOCKS` takes for layer ``i``'s ``part``, from the EXL2
+    files: keyed as :func:`forward.load_layer_weights` keys the FP16 model's."""
+    w: dict[str, torch.Tensor] = {}
+    specs = forward.block_linears(cfg, i, part)
+    for key, name in forward.block_norm_weights(cfg, i, part).items():
+        if key.endswith(".bias"):  # a LayerNorm's bias
+            w[key] = q.plain(name, dev)
+        else:  # a norm, stored without the architecture's offset
+            w[key] = q.plain(name, dev) + cfg.norm_offset
+    router = arch.router_tensor(cfg, i) if part == "mlp" else None
+    if router:  # MoE router, stored as is
+        w[arch.spec_of(cfg).moe_router] = q.plain(router, dev)
+    for short, spec in specs.items():
+        w[short] = q.linear(spec.name, spec.out_features, dev)
+        if spec.bias:  # stored padded in the EXL2 tensors
+            w[f"{short}.bias"] = q.bias(spec, specs, dev)
+    return w
+
+
+class _Missing:
+    """The fallback of an EXL2 folder read on its own: every tensor must be in its files."""
+
+    def get(self, name: str, device=None):
+        raise FormatError(f"{name} is missing from the EXL2 model")
+
+
+@torch.inference_mode()
+def decoded_logits(exl2_dir: Path, ids: torch.Tensor, device: str | None = None) -> torch.Tensor:
+    """The EXL2 model of ``exl2_dir`` alone (its config.json and files) on ``ids`` [B, L], decoded and
+    run in float32 exactly as :func:`evaluate` runs it: f32 logits [B, L, vocab_size]. The
+    reference the runtime (:mod:`exl2conv.runtime`) is checked against."""
+    dev = torch.device(device or "cpu")
+    cfg = load_config(exl2_dir)
+    with ExitStack() as stack:
+        q = Exl2Weights(exl2_dir, _Missing(), stack, rename=lambda name: arch.output_name(cfg, name))
+        pos = arch.position_tensor(cfg)
+        x = forward.embed(ids.to(dev), q.plain(arch.embedding_tensor(cfg), dev), cfg.embed_scale,
+                          q.plain(pos, dev) if pos else None)
+        rope = forward.rope_tables(cfg, ids.shape[1], dev)
+        for i in range(cfg.num_layers):
+            for part in forward.layer_parts(cfg):
+                fn = functools.partial(forward.BLOCKS[part], layer=i)
+                x = _batched(fn, x, quantized_weights(q, cfg, i, part, dev), cfg, rope)
+        norm_name = arch.final_norm_tensor(cfg)
+        bias = arch.norm_bias_tensor(cfg, norm_name)
+        x = forward.final_norm(x, q.plain(norm_name, dev) + cfg.norm_offset, cfg,
+                               q.plain(bias, dev) if bias else None)
+        head = f"{arch.spec_of(cfg).prefix}{arch.spec_of(cfg).head}"
+        return forward.logits(x, q.linear(head, cfg.vocab_size, dev), cfg)[..., :cfg.vocab_size]
 
 
 def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.Tensor:

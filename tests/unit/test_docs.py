@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 
 from exl2conv import cli
+from exl2conv.runtime.generate import generate_parser
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 PARSERS = {"convert": cli.build_parser, "inspect": cli.inspect_parser, "eval": cli.eval_parser,
-           "demo": cli.demo_parser, "to-safetensors": cli.to_safetensors_parser}
+           "demo": cli.demo_parser, "to-safetensors": cli.to_safetensors_parser,
+           "generate": generate_parser}
 
 
 def help_options(parser) -> set[str]:

@@ -1,0 +1,75 @@
+"""Exl2Linear: an EXL2 quantized linear that keeps its packed tensors and dequantizes on the fly.
+
+This is the torch path, which runs on any device: each forward decodes the packed tensors with
+:func:`exl2conv.pack.decode_linear` (the fp16 weight ExLlamaV2's reconstruct builds, bit for bit)
+and multiplies. CUDA kernels that read the packed tensors directly come later (issue 30).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exl2conv.pack import QUANT_KEYS, check_linear, decode_linear
+
+
+class Exl2Linear(torch.nn.Module):
+    """``y = x @ W^T + b`` with W held as EXL2 tensors (docs/format.md).
+
+    Buffers: q_weight, q_scale, q_scale_max, q_groups, q_invperm and, where the linear has one,
+    bias (fp16, already in the model's own column order: a dense MLP's gate/up bias is reordered
+    from the file's runtime order by the loader, :func:`exl2conv.runtime.model.load_linears`).
+    ``in_features``/``out_features`` are the model's; the packed width N may be padded past
+    out_features to a multiple of 32, and the padding columns are dropped after decoding.
+
+    ``cache``: keep the decoded fp16 weight after the first forward (as much memory as an FP16
+    model, decoding once); off by default, so that the weights stay packed as the file holds them.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, name: str = "",
+                 cache: bool = False):
+        super().__init__()
+        info = check_linear(tensors, name)  # refuses inconsistent tensors once, at load
+        if out_features > info.n:
+            raise ValueError(f"{name}: out_features {out_features} exceeds the packed width {info.n}")
+        self.name = name
+        self.in_features, self.out_features = info.k, out_features
+        for key in QUANT_KEYS:
+            self.register_buffer(key, tensors[key].contiguous())
+        bias = tensors.get("bias")
+        self.register_buffer("bias", None if bias is None else bias[:out_features].contiguous())
+        self.cache = cache
+        self._decoded: torch.Tensor | None = None
+
+    def decoded(self) -> torch.Tensor:
+        """fp16 Wt [in_features, out_features] in the model's row and column order."""
+        if self._decoded is not None:
+            return self._decoded
+        tensors = {k: getattr(self, k) for k in QUANT_KEYS}
+        # model.float() / .to(dtype) casts every floating buffer; the fp16 scale maxima survive the
+        # round trip exactly, and the decoder reads them as the file stores them
+        tensors["q_scale_max"] = tensors["q_scale_max"].to(torch.float16)
+        wt = decode_linear(tensors, self.name)[:, :self.out_features]
+        if self.cache:
+            self._decoded = wt
+        return wt
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda() move the buffers; a cached decode on the old device is dropped, not moved
+        self._decoded = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wt = self.decoded()
+        # Half products on the CPU round as they go; float32 there (exact widening of the fp16
+        # weight), rounded to the input's dtype once at the end. On CUDA, cuBLAS accumulates half
+        # products in float32 itself.
+        acc = torch.float32 if x.device.type == "cpu" or x.dtype == torch.float32 else x.dtype
+        y = torch.matmul(x.to(acc), wt.to(acc))
+        if self.bias is not None:
+            y = y + self.bias.to(acc)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        bits = self.q_groups[0::2].tolist()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={sorted(set(bits), reverse=True)}, bias={self.bias is not None}")

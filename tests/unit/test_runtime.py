@@ -1,0 +1,115 @@
+"""Exl2Linear against the decoder it reuses, and the loader's refusals (exl2conv.runtime)."""
+
+import json
+
+import pytest
+import torch
+
+from exl2conv.errors import Exl2Error
+from exl2conv.pack import decode_linear, pack_linear
+from exl2conv.qparams import Group
+from exl2conv.runtime import Exl2ForCausalLM, Exl2Linear
+
+K, N, OUT = 96, 64, 50  # N: OUT padded to 32, as the converter pads a linear's output features
+
+
+def _tensors(seed: int = 0, bias: bool = True) -> dict[str, torch.Tensor]:
+    """One linear of three groups (8, 4 and 3 bits), a random row permutation, OUT real columns."""
+    g = torch.Generator().manual_seed(seed)
+    groups = [Group(8, 32), Group(4, 32), Group(3, 32)]
+    codes = torch.cat([torch.randint(0, 1 << gr.bits, (gr.rows, N), generator=g) for gr in groups])
+    qs = torch.randint(1, 17, (3, N), generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    return pack_linear(codes, qs, torch.rand(3, generator=g) * 0.1 + 0.01, groups,
+                       torch.randperm(K, generator=g), b)
+
+
+def _reference(t: dict, x: torch.Tensor) -> torch.Tensor:
+    """x @ the decoded weight, float32 (what `exl2conv eval` multiplies by) plus the bias."""
+    w = decode_linear(t).float()[:, :OUT]
+    return x.float() @ w + t["bias"][:OUT].float()
+
+
+def test_float32_forward_is_the_decoded_product():
+    t = _tensors()
+    lin = Exl2Linear(t, OUT, "lin")
+    x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(1))
+    y = lin(x)
+    assert y.shape == (2, 5, OUT) and y.dtype == torch.float32
+    torch.testing.assert_close(y, _reference(t, x), rtol=1e-6, atol=1e-6)
+    # the packed tensors are what the module holds: no float weight among its buffers
+    assert {n for n, _ in lin.named_buffers()} == {"q_weight", "q_scale", "q_scale_max", "q_groups",
+                                                  "q_invperm", "bias"}
+
+
+def test_half_forward_rounds_once_from_float32():
+    t = _tensors(2)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3)).half()
+    y = Exl2Linear(t, OUT)(x)
+    assert y.dtype == torch.float16
+    # the float32 product rounded to fp16 once: equal to the reference rounded the same way
+    assert torch.equal(y, _reference(t, x).half())
+
+
+def test_a_linear_without_its_permutation_is_caught():
+    """The check above fails on a wrong variant: the same tensors with q_invperm replaced by the
+    identity give another product."""
+    t = _tensors(4, bias=False)
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(5))
+    wrong = dict(t, q_invperm=torch.arange(K, dtype=torch.int32))
+    ref = x @ decode_linear(t).float()[:, :OUT]
+    assert not torch.allclose(Exl2Linear(wrong, OUT)(x), ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(Exl2Linear(t, OUT)(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_cache_keeps_the_decode_and_a_move_drops_it():
+    t = _tensors(6)
+    lin = Exl2Linear(t, OUT, cache=True)
+    x = torch.randn(2, K)
+    y = lin(x)
+    assert lin._decoded is not None and torch.equal(lin(x), y)
+    lin.to(torch.device("cpu"))
+    assert lin._decoded is None
+    off = Exl2Linear(t, OUT)
+    assert torch.equal(off(x), y) and off._decoded is None
+
+
+def test_a_cast_module_decodes_the_same():
+    """model.float() (or .double()) casts floating buffers, q_scale_max included."""
+    t = _tensors(8)
+    x = torch.randn(2, K)
+    y = Exl2Linear(t, OUT)(x)
+    lin = Exl2Linear(t, OUT).double()
+    assert lin.q_scale_max.dtype == torch.float64
+    torch.testing.assert_close(lin(x.double()).float(), y, rtol=1e-6, atol=1e-6)
+
+
+def test_inconsistent_tensors_and_widths_are_refused():
+    t = _tensors(7)
+    with pytest.raises(Exl2Error, match="q_scale"):
+        Exl2Linear(dict(t, q_scale=t["q_scale"][:, :4]), OUT, "lin")
+    with pytest.raises(ValueError, match="exceeds the packed width"):
+        Exl2Linear(t, N + 1, "lin")
+
+
+def test_unsupported_architecture_is_refused_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(Exl2Error) as exc:
+        Exl2ForCausalLM.from_quantized(tmp_path)
+    msg = str(exc.value)
+    assert "\n" not in msg and "GPT2LMHeadModel" in msg and "LlamaForCausalLM, MistralForCausalLM" in msg
+
+
+def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(Exl2Error, match=r"pip install 'exl2conv\[transformers\]'"):
+        Exl2ForCausalLM.from_quantized(tmp_path)
+
+
+def test_package_exports_the_loader():
+    import exl2conv
+
+    assert exl2conv.Exl2ForCausalLM is Exl2ForCausalLM
