@@ -164,16 +164,19 @@ def tools(work: Path, names: list[str]):
         yield name, module, w
 
 
-def bench(model: Path, layers: int, work: Path, extra: list[str], names: list[str], quant: bool = True) -> dict:
+def bench(model: Path, layers: int, work: Path, extra: list[str], names: list[str], quant: bool = True,
+          ours: tuple[str, ...] = ()) -> dict:
+    """Each tool's measurement job and (``quant``) quantization job; ``ours``: flags for exl2conv's jobs only."""
     rows = {}
     for name, module, w in tools(work, names):
-        m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *extra],
+        flags = [*extra, *ours] if name == "exl2conv" else extra
+        m = run(module, ["-i", str(model), "-o", str(w / "m"), "-om", str(w / "measurement.json"), *flags],
                 w.parent / f"{name}_m.log")
         row = {"measure_s": m["wall"], "measure_per_layer": m["wall"] / layers, "gpu_gib": m["gpu_gib"],
                "rss_gib": m["rss_gib"]}
         if quant:
             q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0",
-                             *extra], w.parent / f"{name}_q.log")
+                             *flags], w.parent / f"{name}_q.log")
             row.update(quant_s=q["wall"], quant_per_layer=q["wall"] / layers, gpu_gib=max(m["gpu_gib"], q["gpu_gib"]),
                        rss_gib=max(m["rss_gib"], q["rss_gib"]))
         rows[name] = row
@@ -228,6 +231,8 @@ def main() -> None:
     ap.add_argument("--measure-only", action="store_true", help="random models: the measurement job alone")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "exl2conv-bench")
     ap.add_argument("--no-exllamav2", action="store_true", help="time exl2conv alone")
+    ap.add_argument("--exl2conv-flags", default="",
+                    help="random models: more flags for exl2conv's jobs, e.g. \"-d 0\" (one split string)")
     ap.add_argument("--only-exllamav2", action="store_true",
                     help="time ExLlamaV2 alone: for a model whose ExLlamaV2 jobs need a device call of their own "
                          "(the random models are seeded, so two calls see the same input)")
@@ -260,7 +265,8 @@ def main() -> None:
         results = []
         for n in counts:
             model = make_model(args.work / f"{shape}-{n}", shape, n, args.smollm2, arch)
-            rows = bench(model, n, args.work / f"{shape}-run-{n}", [], names, quant=not args.measure_only)
+            rows = bench(model, n, args.work / f"{shape}-run-{n}", [], names, quant=not args.measure_only,
+                         ours=tuple(args.exl2conv_flags.split()))
             results.append(rows)
             print(table(f"{title}, {n} layers, random weights (-b 4.0)", rows), flush=True)
             shutil.rmtree(model, ignore_errors=True)
