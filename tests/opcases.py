@@ -13,7 +13,7 @@ import torch
 from exl2conv import gptq, ops
 from exl2conv.coded import Coded
 from exl2conv.pack import chunk_map, dequant_scale, pack_linear, q_perm
-from exl2conv.qparams import qp
+from exl2conv.qparams import Group, qp
 
 # one group of each of three candidates of a [3, 256, 200] weight: lengths, widths and a start row
 # off the first block; N = 200 is not a multiple of the kernels' column tiles
@@ -149,6 +149,17 @@ def exl2_linear(k: int = 544, n: int = 160, parts: tuple = EXL2_PARTS, seed: int
     res = gptq.quantize(torch.randn(k, n, generator=g) * 0.02, prep, qp(*parts))
     t = pack_linear(res.codes, res.qs, res.qscale_max, res.groups, res.invperm)
     return dict(t, q_perm=q_perm(t["q_invperm"]), q_map=chunk_map(res.groups))
+
+
+def hand_packed(k: int, n: int, groups: list[Group], seed: int, scale_max: float = 0.01) -> dict[str, torch.Tensor]:
+    """Random codes and scale indices packed by exl2conv's packer (CPU), with q_perm and q_map: layouts
+    GPTQ does not produce (a partial last chunk) and model-sized ones without a GPTQ run."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.cat([torch.randint(0, 1 << gr.bits, (gr.rows, n), generator=g) for gr in groups])
+    qs = torch.randint(1, 17, (len(groups), n), generator=g)
+    t = pack_linear(codes, qs, torch.rand(len(groups), generator=g) * scale_max + scale_max / 10, groups,
+                    torch.randperm(k, generator=g))
+    return dict(t, q_perm=q_perm(t["q_invperm"]), q_map=chunk_map(groups))
 
 
 def exl2_on(dev: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
