@@ -16,7 +16,7 @@ For each folder and runtime, in a process of its own (so that its peak GPU memor
   the transformers model's own per-token overhead (attention, norms, Python);
 * peak GPU memory (torch's max allocated) after loading and after the runs.
 
-The random Llama-2-7B folder is packed directly (exl2conv.pack, random codes and scales: 10 %
+The random Llama-2-7B folder is packed directly (tests/randexl2.py: random codes and scales, 10 %
 5-bit + 90 % 4-bit in groups of 32 for the layers, the default 6-bit head layout), not converted:
 speed does not depend on the values, and a 32-layer conversion would take most of an hour.
 """
@@ -42,57 +42,15 @@ PROMPT = 32
 # -- a random Llama-2-7B-shaped EXL2 folder ---------------------------------------------------------
 
 
-def _packed(k: int, n: int, parts: tuple, gen, dev: str) -> dict:
-    """One linear's EXL2 tensors (CPU) from random codes and scales, packed on ``dev``."""
-    import torch
-
-    from exl2conv.pack import pack_linear
-    from exl2conv.qparams import qp
-
-    groups = qp(*parts).groups(k)
-    codes = torch.cat([torch.randint(0, 1 << g.bits, (g.rows, n), generator=gen, device=dev, dtype=torch.int32)
-                       for g in groups])
-    qs = torch.randint(1, 17, (len(groups), n), generator=gen, device=dev)
-    # scales about 1/sqrt(k) at the largest code: activations neither vanish nor overflow in fp16
-    qmax = torch.full((len(groups),), (k ** -0.5) / 4, device=dev)
-    perm = torch.randperm(k, generator=gen, device=dev)
-    return {key: v.cpu() for key, v in pack_linear(codes, qs, qmax, groups, perm).items()}
-
-
 def make_llama7b(path: Path, layers: int) -> Path:
-    """A Llama-2-7B-shaped EXL2 folder of ``layers`` layers with random packed weights."""
-    import torch
-    from safetensors.torch import save_file
-
+    """A Llama-2-7B-shaped EXL2 folder of ``layers`` layers with random packed weights
+    (tests/randexl2.py)."""
     from bench_convert import SHAPES
+    from tests.randexl2 import make_random_exl2
 
     sh = SHAPES["llama7b"]
-    h, i, v = sh["hidden"], sh["intermediate"], sh["vocab"]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    body = ((5, 32, 0.1), (4, 32, 0.9))
-    head = ((8, 128, 0.15), (6, 128, 0.85))
-    path.mkdir(parents=True, exist_ok=True)
-    t = {"model.embed_tokens.weight": (torch.randn(v, h) * 0.02).half(), "model.norm.weight": torch.ones(h).half()}
-    for key, val in _packed(h, v, head, gen, dev).items():
-        t[f"lm_head.{key}"] = val
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        t[p + "input_layernorm.weight"] = torch.ones(h).half()
-        t[p + "post_attention_layernorm.weight"] = torch.ones(h).half()
-        shapes = [("self_attn.q_proj", h, h), ("self_attn.k_proj", h, h), ("self_attn.v_proj", h, h),
-                  ("self_attn.o_proj", h, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i), ("mlp.down_proj", i, h)]
-        for name, k, nout in shapes:
-            for key, val in _packed(k, nout, body, gen, dev).items():
-                t[f"{p}{name}.{key}"] = val
-    save_file(t, str(path / "output.safetensors"))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-           "num_attention_heads": sh["heads"], "num_key_value_heads": sh["kv_heads"], "head_dim": sh["head_dim"],
-           "num_hidden_layers": layers, "vocab_size": v, "rms_norm_eps": sh["eps"], "rope_theta": 10000.0,
-           "max_position_embeddings": 4096, "hidden_act": "silu", "tie_word_embeddings": False,
-           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    return path
+    return make_random_exl2(path, sh["hidden"], sh["intermediate"], sh["heads"], sh["kv_heads"], sh["vocab"],
+                            layers, sh["head_dim"], sh["eps"])
 
 
 # -- one runtime, in its own process ----------------------------------------------------------------

@@ -4,6 +4,7 @@ mixed bit widths, group sizes, partial chunks, padded widths and model-sized sha
 Exl2Linear's CUDA paths against its torch path. The registry's parity test
 (tests/gpu/test_kernels.py) runs the two operations on the GPTQ-made case too."""
 
+import inspect
 import time
 
 import pytest
@@ -85,7 +86,7 @@ def test_gemv_of_a_strided_batch(ext):
 
 @pytest.mark.parametrize("rows", [1, 8, 9, 64])
 @pytest.mark.parametrize("bias", [False, True])
-def test_exl2_linear_cuda_paths_match_its_torch_path(ext, rows, bias):
+def test_exl2_linear_cuda_paths_match_its_torch_path(ext, rows, bias, monkeypatch):
     """Exl2Linear on CUDA (gemv up to 8 rows, dequant + matmul above) against the same module on the
     CPU (decode_linear, float32 product rounded once), with out_features padded to N."""
     src = exl2_linear()
@@ -97,11 +98,48 @@ def test_exl2_linear_cuda_paths_match_its_torch_path(ext, rows, bias):
     gpu = Exl2Linear(t, out, "lin").cuda()
     x = torch.randn(1, rows, 544, generator=torch.Generator().manual_seed(rows)).half()
     want = cpu(x)
+    _no_torch_path(monkeypatch)
     got = gpu(x.cuda()).cpu()
     assert got.shape == want.shape == (1, rows, out)
     w = decode_linear(t).float()[:, :out]
     tol = (x.float().abs() @ w.abs()) * 2.0**-9 + want.float().abs() * 2.0**-9 + 1e-3
     assert bool(((got.float() - want.float()).abs() <= tol).all())
+
+
+def _no_torch_path(monkeypatch):
+    """From here on the EXL2 operations must run their kernels: their torch references raise."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the torch reference ran where the kernel should have")
+
+    monkeypatch.setattr(ops, "exl2_dequant_ref", boom)
+    monkeypatch.setattr(ops, "exl2_gemv_ref", boom)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float().cpu() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_a_model_on_the_kernels_follows_its_torch_path(ext, tmp_path, monkeypatch):
+    """A 2-layer random Llama EXL2 folder (tests/randexl2.py; vocabulary 1000, padded to 1024
+    columns): on the GPU in float16, prefill (12 rows: dequant + cuBLAS) and one decode step (1 row:
+    gemv) give the logits the CPU's float32 torch path gives, within float16 arithmetic."""
+    from exl2conv.runtime import Exl2ForCausalLM
+    from tests.randexl2 import make_random_exl2
+
+    folder = make_random_exl2(tmp_path / "m", hidden=256, intermediate=704, heads=4, kv_heads=2, vocab=1000, layers=2)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    cpu = Exl2ForCausalLM.from_quantized(folder, device="cpu", dtype=torch.float32)
+    with torch.inference_mode():
+        want = cpu(input_ids=ids).logits
+    gpu = Exl2ForCausalLM.from_quantized(folder, device="cuda", dtype=torch.float16)
+    _no_torch_path(monkeypatch)
+    with torch.inference_mode():
+        assert _rel(gpu(input_ids=ids.cuda()).logits, want) < 1e-2
+        first = gpu(input_ids=ids[:, :11].cuda(), use_cache=True)
+        cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+        name = "cache" if "cache" in inspect.signature(gpu.forward).parameters else "past_key_values"
+        step = gpu(input_ids=ids[:, 11:].cuda(), use_cache=True, **{name: cache}).logits
+    assert _rel(step[:, -1], want[:, -1]) < 1e-2
 
 
 def test_decode_speed_against_cublas_fp16(ext):
