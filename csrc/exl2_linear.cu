@@ -11,6 +11,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "checks.h"
 #include "exl2_linear_kernels.cuh"
@@ -70,6 +73,23 @@ int multiprocessors(int device)
     return cache[device];
 }
 
+// The split-K counters of the gemv, one int32 per column tile: zeroed once per (device, stream) and
+// left at zero by every launch (the last block of a tile resets it), so a decode step's hundreds of
+// gemvs clear nothing. Launches on one stream run one after another and never share a counter;
+// another stream gets its own buffer. Never freed (a CUDA tensor freed at exit can outlive the
+// driver), a few KiB per stream.
+at::Tensor tile_counters(const at::Tensor& like, int tiles)
+{
+    static std::mutex lock;
+    static auto* buffers = new std::map<std::pair<int, int64_t>, at::Tensor>();
+    const auto key = std::make_pair((int) like.get_device(), (int64_t) c10::cuda::getCurrentCUDAStream().id());
+    const std::lock_guard<std::mutex> guard(lock);
+    at::Tensor& buf = (*buffers)[key];
+    if (!buf.defined() || buf.numel() < tiles)
+        buf = at::zeros({std::max<int64_t>(tiles, 4096)}, like.options().dtype(at::kInt));
+    return buf;
+}
+
 template <int B>
 void launch_gemv(const at::Tensor& x, const at::Tensor& q_weight, const at::Tensor& q_scale,
                  const at::Tensor& q_scale_max, const at::Tensor& q_perm, const at::Tensor& q_map, int K,
@@ -83,7 +103,7 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& q_weight, const at::Tens
     if (splits > 1)
     {
         partial = at::empty({splits, B, N}, q_weight.options().dtype(at::kFloat));
-        counters = at::zeros({tiles}, q_weight.options());
+        counters = tile_counters(q_weight, tiles);
     }
     const dim3 grid(tiles, splits);
     exl2::gemv_kernel<B><<<grid, exl2::THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -154,6 +154,11 @@ dequant_kernel(const uint32_t* __restrict__ q_weight, const uint32_t* __restrict
     }
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p)
+{
+    asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
+}
+
 // ---- gemv: y [B, N] = x [B, K] @ W^T, B <= 8 ------------------------------------------------------
 //
 // Block (column tile of 128, K split): its slice of x, gathered through perm, sits in shared memory
@@ -226,7 +231,8 @@ __device__ __forceinline__ void gemv_dispatch(const uint32_t* __restrict__ q_wei
 }
 
 // x: fp16 [B, K]; y: fp16 [B, N]; partial: float32 [splits, B, N] (unused with one split);
-// counters: int32 [column tiles], zero at launch, left at zero (the last block resets its own).
+// counters: int32 [column tiles], zero at launch and left at zero (the last block of a tile resets
+// its counter), so that the host can keep one buffer per stream instead of clearing one per call.
 template <int B>
 __global__ void __launch_bounds__(THREADS)
 gemv_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ q_weight, const uint32_t* __restrict__ q_scale,
@@ -244,6 +250,18 @@ gemv_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ q_weight,
     const int c1 = min(chunks, c0 + chunks_per_split);
     const int row0 = c0 * CHUNK, rows = (c1 - c0) * CHUNK;
 
+    const int n0 = blockIdx.x * TILE + lane * COLS;
+    const bool live = n0 < N;
+    // start this warp's weights on their way to L2 now: the gather of x below waits on two
+    // dependent loads (perm, then x), which would otherwise come before any weight is requested
+    if (live)
+        for (int c = c0 + warp; c < c1; c += WARPS)
+        {
+            const ChunkInfo ch = load_chunk(map, c);
+            for (int j = 0; j < ch.rows * ch.bits / CHUNK; j++)
+                prefetch_l2(q_weight + (size_t)(ch.qrow + j) * N + n0);
+        }
+
     // the slice of x in stored row order: x_perm[j] = x[perm[j]]; rows past K read as zero
     for (int t = threadIdx.x; t < B * rows; t += THREADS)
     {
@@ -252,8 +270,6 @@ gemv_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ q_weight,
     }
     __syncthreads();
 
-    const int n0 = blockIdx.x * TILE + lane * COLS;
-    const bool live = n0 < N;
     float acc[B][COLS];
     #pragma unroll
     for (int b = 0; b < B; b++)

@@ -76,6 +76,21 @@ def test_gemv_is_within_its_bound(ext, name, rows):
     assert torch.equal(got, again)
 
 
+def test_gemv_split_counters_per_stream(ext):
+    """The split-K counters are kept per stream and left at zero: alternating streams and widths
+    (a wider linear after a narrower one grows nothing it should not) gives the same bits."""
+    results = {}
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            for name in ("attn_4096", "head_6bit", "down_11008"):
+                t = packed(name)
+                x = torch.ones(2, t["q_perm"].numel(), device="cuda", dtype=torch.float16)
+                y = ext.exl2_gemv(x, t["q_weight"], t["q_scale"], t["q_scale_max"], t["q_perm"], t["q_map"])
+                stream.synchronize()
+                assert torch.equal(results.setdefault(name, y), y), name
+
+
 def test_gemv_of_a_strided_batch(ext):
     """x as a non-contiguous view goes through ops.exl2_gemv (made contiguous there)."""
     t = packed("gptq_mixed")
