@@ -233,8 +233,10 @@ __device__ __forceinline__ void gemv_dispatch(const uint32_t* __restrict__ q_wei
 // x: fp16 [B, K]; y: fp16 [B, N]; partial: float32 [splits, B, N] (unused with one split);
 // counters: int32 [column tiles], zero at launch and left at zero (the last block of a tile resets
 // its counter), so that the host can keep one buffer per stream instead of clearing one per call.
+// At least 2 blocks per SM: the 8-row kernel fits 128 registers without spilling (it took 154, one
+// block of 8 warps per SM, too few loads in flight to cover the memory latency).
 template <int B>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 2)
 gemv_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ q_weight, const uint32_t* __restrict__ q_scale,
             const __half* __restrict__ q_scale_max, const int* __restrict__ perm, const int* __restrict__ map,
             int K, int N, int chunks, int chunks_per_split, float* __restrict__ partial, int* __restrict__ counters,
