@@ -233,10 +233,13 @@ __device__ __forceinline__ void gemv_dispatch(const uint32_t* __restrict__ q_wei
 // x: fp16 [B, K]; y: fp16 [B, N]; partial: float32 [splits, B, N] (unused with one split);
 // counters: int32 [column tiles], zero at launch and left at zero (the last block of a tile resets
 // its counter), so that the host can keep one buffer per stream instead of clearing one per call.
-// At least 2 blocks per SM: the 8-row kernel fits 128 registers without spilling (it took 154, one
-// block of 8 warps per SM, too few loads in flight to cover the memory latency).
+// Blocks per SM the register budget must allow: 2 for many rows (the 8-row kernel then fits 128
+// registers without spilling; unbounded it took 154, one block of 8 warps per SM, too few loads in
+// flight to cover the memory latency), 3 for 2 rows (80 registers), 4 for one row (64 registers;
+// with a bound of 2 blocks the 1-row kernel grew to 104 registers for nothing). None spills
+// (checked with -Xptxas -v for sm_90; 3 rows spill under a bound of 3).
 template <int B>
-__global__ void __launch_bounds__(THREADS, 2)
+__global__ void __launch_bounds__(THREADS, B == 1 ? 4 : B == 2 ? 3 : 2)
 gemv_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ q_weight, const uint32_t* __restrict__ q_scale,
             const __half* __restrict__ q_scale_max, const int* __restrict__ perm, const int* __restrict__ map,
             int K, int N, int chunks, int chunks_per_split, float* __restrict__ partial, int* __restrict__ counters,
