@@ -34,6 +34,7 @@ int check_packed(const at::Tensor& q_weight, const at::Tensor& q_scale, const at
     CHECK_CUDA_DTYPE(q_map, at::kInt, 2);
     const int64_t N = q_weight.size(1), K = q_perm.size(0), G = q_scale.size(0);
     TORCH_CHECK(N > 0 && N % 32 == 0, "q_weight: N = ", N, " must be a positive multiple of 32");
+    TORCH_CHECK(K > 0, "q_perm: a linear needs at least one input feature");
     TORCH_CHECK(q_scale.size(1) * 8 == N, "q_scale must be [G, N/8], got width ", q_scale.size(1), " for N = ", N);
     TORCH_CHECK(q_scale_max.size(0) == G, "q_scale_max must be [G] = [", G, "]");
     TORCH_CHECK(q_map.size(1) == 4 && q_map.size(0) == (K + exl2::CHUNK - 1) / exl2::CHUNK,
