@@ -41,6 +41,7 @@ int check_packed(const at::Tensor& q_weight, const at::Tensor& q_scale, const at
                 "q_map must be [ceil(K/32), 4] for K = ", K);
     // 16-byte loads of 4 columns: rows of N int32 are 128-byte multiples, the base must be aligned too
     TORCH_CHECK(reinterpret_cast<uintptr_t>(q_weight.data_ptr()) % 16 == 0, "q_weight must be 16-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(q_map.data_ptr()) % 16 == 0, "q_map must be 16-byte aligned");  // int4 rows
     TORCH_CHECK(q_weight.device() == q_scale.device() && q_weight.device() == q_scale_max.device() &&
                 q_weight.device() == q_perm.device() && q_weight.device() == q_map.device(),
                 "the packed tensors must be on one device");
