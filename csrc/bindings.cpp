@@ -16,6 +16,10 @@ std::vector<at::Tensor> params_finish(at::Tensor w, at::Tensor cidx, at::Tensor 
 void codes_of(at::Tensor q, at::Tensor scale, at::Tensor group, at::Tensor zero, at::Tensor codes);
 at::Tensor coded_delta(at::Tensor codes, at::Tensor zero, at::Tensor scale, at::Tensor group, at::Tensor invperm,
                        at::Tensor base);
+at::Tensor exl2_dequant(at::Tensor q_weight, at::Tensor q_scale, at::Tensor q_scale_max, at::Tensor q_perm,
+                        at::Tensor q_map);
+at::Tensor exl2_gemv(at::Tensor x, at::Tensor q_weight, at::Tensor q_scale, at::Tensor q_scale_max, at::Tensor q_perm,
+                     at::Tensor q_map);
 
 TORCH_LIBRARY(exl2conv, m)
 {
@@ -26,4 +30,6 @@ TORCH_LIBRARY(exl2conv, m)
     m.def("params_finish", &params_finish);    // and after it: best p, refined indices, scales written
     m.def("codes_of", &codes_of);              // a quantized weight's codes from its dequantized values
     m.def("coded_delta", &coded_delta);        // a coded candidate minus the unquantized weight, in bfloat16
+    m.def("exl2_dequant", &exl2_dequant);      // an EXL2 linear's fp16 W^T from its packed tensors
+    m.def("exl2_gemv", &exl2_gemv);            // x @ W^T for 1..8 rows, read from the packed tensors
 }

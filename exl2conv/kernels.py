@@ -33,7 +33,8 @@ def find_csrc() -> Path:
 
 CSRC = find_csrc()
 NAME = "exl2conv_ext"
-OPS = ("gptq_block", "pgrid_err_many", "refine_qs_many", "codes_of", "coded_delta", "params_start", "params_finish")
+OPS = ("gptq_block", "pgrid_err_many", "refine_qs_many", "codes_of", "coded_delta", "params_start", "params_finish",
+       "exl2_dequant", "exl2_gemv")
 _state: dict = {}
 log = logging.getLogger("exl2conv")
 
@@ -78,10 +79,16 @@ CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 
 
+def headers() -> list[Path]:
+    """The headers the sources include: a change to one must rebuild the library too."""
+    return sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
+
+
 def stamp(arch: str) -> str:
-    """What a built library was built from: the sources, the flags and the GPU architecture."""
+    """What a built library was built from: the sources and their headers, the flags and the GPU
+    architecture."""
     h = hashlib.sha256()
-    for src in sources():
+    for src in sources() + headers():
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     h.update(repr((CFLAGS, CUDA_CFLAGS, arch)).encode())
     return h.hexdigest()

@@ -1,7 +1,7 @@
 """The CUDA kernels' operations, each beside its torch reference, and the one place that picks one.
 
 Every kernel of csrc/ (:data:`exl2conv.kernels.OPS`) has here a function of the same name that
-GPTQ and the measurement call, and a named torch reference (``<name>_ref``) that defines the
+GPTQ, the measurement and the runtime's EXL2 linear call, and a named torch reference (``<name>_ref``) that defines the
 arithmetic the kernel reproduces; :data:`REGISTRY` maps each name to both. The kernel runs where
 the extension is loaded (:func:`exl2conv.kernels.get`), the tensors are on a GPU and, for the
 kernels that fuse a torch path's many small operations (:attr:`Op.fused`), the
@@ -23,7 +23,7 @@ import torch
 
 from exl2conv import kernels, settings
 from exl2conv.memory import device_constant
-from exl2conv.pack import dequant, dequant_scale, maxq, qzero
+from exl2conv.pack import QUANT_KEYS, decode_linear, dequant, dequant_scale, maxq, qzero
 
 BLOCK = 32  # rows of one gptq_block
 
@@ -334,6 +334,53 @@ def coded_delta_ref(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor
     return torch.sub(dense, base).to(torch.bfloat16)  # widens the float16 operand exactly
 
 
+# -- the EXL2 linear at run time: exl2_dequant, exl2_gemv (csrc/exl2_linear.cu) -------------------
+#
+# ``t``: one linear's packed tensors (docs/format.md: q_weight, q_scale, q_scale_max (float16),
+# q_groups, q_invperm) and the two the kernels derive from them at load, q_perm
+# (:func:`exl2conv.pack.q_perm`) and q_map (:func:`exl2conv.pack.chunk_map`);
+# :meth:`exl2conv.runtime.linear.Exl2Linear.packed` gives them so.
+
+GEMV_ROWS = 8  # the most rows exl2_gemv takes; more go through exl2_dequant and a matmul
+
+
+def _kernel_args(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return t["q_weight"], t["q_scale"], t["q_scale_max"], t["q_perm"], t["q_map"]
+
+
+def exl2_dequant(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float16 ``W^T`` ``[K, N]`` in the model's row order: see :func:`exl2_dequant_ref`."""
+    fn = kernel("exl2_dequant", t["q_weight"])
+    if fn is None:
+        return exl2_dequant_ref(t)
+    return fn(*_kernel_args(t))
+
+
+def exl2_dequant_ref(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Torch reference of ``exl2_dequant``: :func:`exl2conv.pack.decode_linear`, the weight the
+    runtime's reconstruct builds, bit for bit (the kernel must equal it exactly). Returns float16
+    ``[K, N]``, rows in the model's order, all N (padded) columns."""
+    return decode_linear({k: t[k] for k in QUANT_KEYS})
+
+
+def exl2_gemv(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``x @ W^T`` for float16 ``x`` ``[B, K]``, B = 1..8: see :func:`exl2_gemv_ref`."""
+    fn = kernel("exl2_gemv", x)
+    if fn is None or x.dtype != torch.float16 or x.dim() != 2 or not 1 <= x.shape[0] <= GEMV_ROWS:
+        return exl2_gemv_ref(x, t)
+    return fn(x.contiguous(), *_kernel_args(t))
+
+
+def exl2_gemv_ref(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Torch reference of ``exl2_gemv``: the decoded weight (:func:`exl2_dequant_ref`) times x
+    (``[B, K]``), summed in float64 (exact products of the fp16 operands; no TF32 on a GPU) and
+    rounded once to x's dtype: float16 ``[B, N]``, all N columns. The kernel sums in float32 and
+    applies each group's scale once per 32 rows, so it comes within ``2^-10 * (|x| @ |W|)`` plus
+    one float16 step of the result (tests/opcases.py)."""
+    w = exl2_dequant_ref(t)
+    return (x.to(torch.float64) @ w.to(torch.float64)).to(x.dtype)
+
+
 REGISTRY: dict[str, Op] = {
     "gptq_block": Op(gptq_block, gptq_block_ref, fused=False),
     "pgrid_err_many": Op(pgrid_err_many, pgrid_err_many_ref, fused=False),
@@ -342,4 +389,6 @@ REGISTRY: dict[str, Op] = {
     "coded_delta": Op(coded_delta, coded_delta_ref, fused=True),
     "params_start": Op(params_start, params_start_ref, fused=True),
     "params_finish": Op(params_finish, params_finish_ref, fused=True),
+    "exl2_dequant": Op(exl2_dequant, exl2_dequant_ref, fused=False),
+    "exl2_gemv": Op(exl2_gemv, exl2_gemv_ref, fused=True),
 }

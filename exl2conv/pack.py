@@ -435,6 +435,34 @@ def decode_linear(tensors: dict[str, torch.Tensor], name: str = "") -> torch.Ten
 _DECODE_BYTES = 32 << 20  # int32 codes decoded at a time (decode_linear)
 
 
+# -- what the CUDA kernels derive at load (csrc/exl2_linear_kernels.cuh) ----------------------------
+
+CHUNK_ROWS = 32  # every group but the last spans a multiple of 32 rows: 32 rows of b bits are b words
+
+
+def chunk_map(groups: list[Group]) -> torch.Tensor:
+    """int32 ``[ceil(K/32), 4]``: per 32-row chunk of the permuted rows, (first packed row, bits,
+    group, rows), where only the last chunk may hold fewer than 32 rows. The kernels' unit of work:
+    one bit width and one scale per column, ``bits`` consecutive words down each column. Built from
+    :func:`parse_q_groups`' layout, as ExLlamaV2 builds its q_group_map at load."""
+    rows: list[list[int]] = []
+    qrow = 0
+    for gi, g in enumerate(groups):
+        if gi < len(groups) - 1 and g.rows % CHUNK_ROWS:
+            raise ValueError(f"group {gi} spans {g.rows} rows; all but the last must span multiples of 32")
+        for r0 in range(0, g.rows, CHUNK_ROWS):
+            n = min(CHUNK_ROWS, g.rows - r0)
+            rows.append([qrow, g.bits, gi, n])
+            qrow += n * g.bits // 32
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
+
+
+def q_perm(q_invperm: torch.Tensor) -> torch.Tensor:
+    """int32 ``[K]``: the model row each permuted (stored) row holds, ``argsort(q_invperm)``; the
+    loader derives it (docs/format.md)."""
+    return torch.argsort(_to_uint(q_invperm)).to(torch.int32)
+
+
 def decoded_bits(tensors: dict[str, torch.Tensor], name: str = "") -> int:
     """Stored bits of one linear, from its tensors: weight bits + G*16 + G*32 + G*N*4 + K*32 (+16*N
     with a bias): the same count as QParams.total_bits."""

@@ -4,6 +4,7 @@ ways on a GPU; tests/unit/test_ops.py runs the references on the CPU, which chec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,8 +12,8 @@ import torch
 
 from exl2conv import gptq, ops
 from exl2conv.coded import Coded
-from exl2conv.pack import dequant_scale
-from exl2conv.qparams import qp
+from exl2conv.pack import chunk_map, dequant_scale, pack_linear, q_perm
+from exl2conv.qparams import Group, qp
 
 # one group of each of three candidates of a [3, 256, 200] weight: lengths, widths and a start row
 # off the first block; N = 200 is not a multiple of the kernels' column tiles
@@ -131,6 +132,62 @@ def _coded_delta_make(dev: str) -> tuple:
     return coded.codes, coded.zero, coded.scale, coded.group, coded.invperm, base
 
 
+# an EXL2 linear from exl2conv's own quantizer: all six bit widths in groups of 32, 64 and 128 rows,
+# K = 544 (17 chunks of 32 rows), N = 160 (not a multiple of the kernels' 128-column tiles), a
+# random act-order permutation. (GPTQ takes K in multiples of 32; the format's partial last chunk
+# is checked on hand-packed codes, tests/gpu/test_exl2_linear.py.)
+EXL2_PARTS = ((8, 32, 0.1), (6, 64, 0.1), (5, 128, 0.2), (4, 32, 0.2), (3, 64, 0.2), (2, 32, 0.2))
+
+
+@functools.lru_cache(maxsize=None)
+def exl2_linear(k: int = 544, n: int = 160, parts: tuple = EXL2_PARTS, seed: int = 9) -> dict[str, torch.Tensor]:
+    """One linear's packed tensors (CPU) with q_perm and q_map, as Exl2Linear.packed gives them:
+    GPTQ of a random weight ``[k, n]`` against a random Hessian, packed as the converter packs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, k, generator=g) * torch.linspace(0.1, 3, k)
+    prep = gptq.prepare(x.T @ x / 512)
+    res = gptq.quantize(torch.randn(k, n, generator=g) * 0.02, prep, qp(*parts))
+    t = pack_linear(res.codes, res.qs, res.qscale_max, res.groups, res.invperm)
+    return dict(t, q_perm=q_perm(t["q_invperm"]), q_map=chunk_map(res.groups))
+
+
+def hand_packed(k: int, n: int, groups: list[Group], seed: int, scale_max: float = 0.01) -> dict[str, torch.Tensor]:
+    """Random codes and scale indices packed by exl2conv's packer (CPU), with q_perm and q_map: layouts
+    GPTQ does not produce (a partial last chunk) and model-sized ones without a GPTQ run."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.cat([torch.randint(0, 1 << gr.bits, (gr.rows, n), generator=g) for gr in groups])
+    qs = torch.randint(1, 17, (len(groups), n), generator=g)
+    t = pack_linear(codes, qs, torch.rand(len(groups), generator=g) * scale_max + scale_max / 10, groups,
+                    torch.randperm(k, generator=g))
+    return dict(t, q_perm=q_perm(t["q_invperm"]), q_map=chunk_map(groups))
+
+
+def exl2_on(dev: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: v.to(dev) for key, v in t.items()}
+
+
+def gemv_bound(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 ``[B, N]``: how far exl2_gemv may come from its reference, ``2^-10 * (|x| @ |W|)``:
+    float32 sums of K products (K * 2^-24 relative each, well below 2^-11 here), each product of
+    the unrounded ``(code - zero) * scale`` rather than the fp16 weight (2^-11 relative), and the
+    two results' fp16 roundings (checked separately, one fp16 step)."""
+    w = ops.exl2_dequant_ref(t).to(torch.float64)
+    return (x.abs().to(torch.float64) @ w.abs() * 2.0**-10).to(torch.float32)
+
+
+def gemv_check(got: tuple, want: tuple) -> None:
+    (yg, bound), (yw, _) = got, want
+    assert yg.dtype == yw.dtype == torch.float16 and yg.shape == yw.shape
+    diff = (yg.float() - yw.float()).abs()
+    allowed = bound + yw.float().abs() * 2.0**-10 + 2.0**-24  # + one fp16 step of the result
+    assert bool((diff <= allowed).all()), f"max excess {(diff - allowed).max().item():.3g}"
+
+
+def _gemv_make(dev: str, rows: int = 5) -> tuple:
+    x = torch.randn(rows, 544, generator=torch.Generator().manual_seed(10)).half()
+    return x.to(dev), exl2_on(dev, exl2_linear())
+
+
 CASES: dict[str, Case] = {
     "gptq_block": Case(_gptq_block_make, lambda r, a: (a[0], a[6], a[7]), _gptq_block_check),
     "params_start": Case(lambda dev: (_weights(dev), _batch(dev), A), lambda r, a: tuple(r), _exact),
@@ -139,4 +196,6 @@ CASES: dict[str, Case] = {
     "params_finish": Case(_finish_make, lambda r, a: tuple(r) + (a[7],), _exact),
     "codes_of": Case(_codes_of_make, lambda r, a: (a[4],), _exact),
     "coded_delta": Case(_coded_delta_make, lambda r, a: (r,), _exact),
+    "exl2_dequant": Case(lambda dev: (exl2_on(dev, exl2_linear()),), lambda r, a: (r,), _exact),
+    "exl2_gemv": Case(_gemv_make, lambda r, a: (r, gemv_bound(*a)), gemv_check),
 }

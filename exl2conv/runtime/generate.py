@@ -22,8 +22,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=str, help="EXL2 model folder (config.json, output*.safetensors, tokenizer)")
     p.add_argument("--prompt", type=str, required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--device", type=str, default="cpu", help="torch device (default cpu; the CUDA kernels come "
-                   "later, until then cuda runs the same torch fallback)")
+    p.add_argument("--device", type=str, default="cpu", help="torch device (default cpu; on cuda with float16 the "
+                   "linears run exl2conv's CUDA kernels)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="activations' dtype (default: float32 on the CPU, "
                    "where half arithmetic is slow, float16 elsewhere)")
     return p

@@ -1,15 +1,19 @@
 """Exl2Linear: an EXL2 quantized linear that keeps its packed tensors and dequantizes on the fly.
 
-This is the torch path, which runs on any device: each forward decodes the packed tensors with
-:func:`exl2conv.pack.decode_linear` (the fp16 weight ExLlamaV2's reconstruct builds, bit for bit)
-and multiplies. CUDA kernels that read the packed tensors directly come later (issue 30).
+On a GPU with the CUDA extension and float16 activations, the kernels read the packed tensors
+directly (csrc/exl2_linear.cu, through :mod:`exl2conv.ops`): up to 8 rows (decoding) go through
+the fused dequantize + matrix-vector kernel ``exl2_gemv``; more rows (prefill) through
+``exl2_dequant`` (the fp16 weight, built per call and not kept) and a cuBLAS matmul. Everywhere
+else the torch path runs: :func:`exl2conv.pack.decode_linear` (the fp16 weight ExLlamaV2's
+reconstruct builds, bit for bit, which ``exl2_dequant`` equals) and a matmul.
 """
 
 from __future__ import annotations
 
 import torch
 
-from exl2conv.pack import QUANT_KEYS, check_linear, decode_linear
+from exl2conv import ops
+from exl2conv.pack import QUANT_KEYS, check_linear, chunk_map, q_perm
 
 
 class Exl2Linear(torch.nn.Module):
@@ -35,20 +39,30 @@ class Exl2Linear(torch.nn.Module):
         self.in_features, self.out_features = info.k, out_features
         for key in QUANT_KEYS:
             self.register_buffer(key, tensors[key].contiguous())
+        # what the kernels derive at load (ExLlamaV2 derives its q_perm and q_group_map so too);
+        # not saved with the module: the file's tensors define it
+        self.register_buffer("q_perm", q_perm(tensors["q_invperm"]), persistent=False)
+        self.register_buffer("q_map", chunk_map(info.groups), persistent=False)
         bias = tensors.get("bias")
         self.register_buffer("bias", None if bias is None else bias[:out_features].contiguous())
         self.cache = cache
         self._decoded: torch.Tensor | None = None
 
-    def decoded(self) -> torch.Tensor:
-        """fp16 Wt [in_features, out_features] in the model's row and column order."""
-        if self._decoded is not None:
-            return self._decoded
-        tensors = {k: getattr(self, k) for k in QUANT_KEYS}
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The packed tensors and the derived q_perm and q_map, as :mod:`exl2conv.ops`' EXL2
+        operations take them."""
+        tensors = {k: getattr(self, k) for k in QUANT_KEYS + ("q_perm", "q_map")}
         # model.float() / .to(dtype) casts every floating buffer; the fp16 scale maxima survive the
         # round trip exactly, and the decoder reads them as the file stores them
         tensors["q_scale_max"] = tensors["q_scale_max"].to(torch.float16)
-        wt = decode_linear(tensors, self.name)[:, :self.out_features]
+        return tensors
+
+    def decoded(self) -> torch.Tensor:
+        """fp16 Wt [in_features, out_features] in the model's row and column order (the dequantize
+        kernel on a GPU, the torch decoder elsewhere: the same bits)."""
+        if self._decoded is not None:
+            return self._decoded
+        wt = ops.exl2_dequant(self.packed())[:, :self.out_features]
         if self.cache:
             self._decoded = wt
         return wt
@@ -59,6 +73,8 @@ class Exl2Linear(torch.nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cache and x.dtype == torch.float16 and ops.kernel("exl2_dequant", x) is not None:
+            return self._forward_kernels(x)
         wt = self.decoded()
         # Half products on the CPU round as they go; float32 there (exact widening of the fp16
         # weight), rounded to the input's dtype once at the end. On CUDA, cuBLAS accumulates half
@@ -68,6 +84,19 @@ class Exl2Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(acc)
         return y.to(x.dtype)
+
+    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA path: exl2_gemv for up to 8 rows, else exl2_dequant and a cuBLAS matmul (which
+        accumulates half products in float32)."""
+        rows = x.reshape(-1, self.in_features)
+        t = self.packed()
+        if rows.shape[0] <= ops.GEMV_ROWS and ops.kernel("exl2_gemv", x) is not None:
+            y = ops.exl2_gemv(rows, t)[:, :self.out_features]
+        else:
+            y = torch.matmul(rows, ops.exl2_dequant(t)[:, :self.out_features])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         bits = self.q_groups[0::2].tolist()

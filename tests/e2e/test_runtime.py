@@ -82,15 +82,15 @@ def test_greedy_generate_follows_the_decoded_forward(out, ids):
 
 
 def _ignore_invperm(monkeypatch):
-    import exl2conv.runtime.linear as lin
+    from exl2conv import ops
 
-    real = lin.decode_linear
+    real = ops.exl2_dequant_ref  # the torch path's decoder (Exl2Linear.decoded, through ops.exl2_dequant)
 
-    def wrong(tensors, name=""):
+    def wrong(tensors):
         k = tensors["q_invperm"].numel()
-        return real(dict(tensors, q_invperm=torch.arange(k, dtype=torch.int32)), name)
+        return real(dict(tensors, q_invperm=torch.arange(k, dtype=torch.int32)))
 
-    monkeypatch.setattr(lin, "decode_linear", wrong)
+    monkeypatch.setattr(ops, "exl2_dequant_ref", wrong)
 
 
 def _bias_as_stored(monkeypatch):

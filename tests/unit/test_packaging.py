@@ -29,9 +29,11 @@ def test_the_wheel_carries_the_kernel_sources(tmp_path):
                     "-w", str(out)], check=True, capture_output=True, cwd=src, timeout=120)
     (wheel,) = out.glob("exl2conv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    want = {f"exl2conv/_csrc/{p.name}" for p in sorted((REPO / "csrc").iterdir()) if p.suffix in (".cpp", ".cu", ".h")}
+    want = {f"exl2conv/_csrc/{p.name}" for p in sorted((REPO / "csrc").iterdir()) if p.suffix in (".cpp", ".cu", ".h", ".cuh")}
     assert want and want <= names, sorted(want - names)
     assert "exl2conv/kernels.py" in names and "exl2conv/model/forward.py" in names
+    assert "exl2conv/_csrc/exl2_linear_kernels.cuh" in names  # the device code's header
+    assert "exl2conv/runtime/linear.py" in names
 
 
 def test_kernels_find_the_sources_in_either_layout(tmp_path, monkeypatch):

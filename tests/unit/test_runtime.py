@@ -37,9 +37,11 @@ def test_float32_forward_is_the_decoded_product():
     y = lin(x)
     assert y.shape == (2, 5, OUT) and y.dtype == torch.float32
     torch.testing.assert_close(y, _reference(t, x), rtol=1e-6, atol=1e-6)
-    # the packed tensors are what the module holds: no float weight among its buffers
+    # the packed tensors are what the module holds: no float weight among its buffers (q_perm and
+    # q_map: the kernels' int32 indices derived at load, not saved)
     assert {n for n, _ in lin.named_buffers()} == {"q_weight", "q_scale", "q_scale_max", "q_groups",
-                                                  "q_invperm", "bias"}
+                                                  "q_invperm", "bias", "q_perm", "q_map"}
+    assert set(lin.state_dict()) == {"q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "bias"}
 
 
 def test_half_forward_rounds_once_from_float32():
