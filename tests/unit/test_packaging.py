@@ -32,6 +32,7 @@ def test_the_wheel_carries_the_kernel_sources(tmp_path):
     want = {f"exl2conv/_csrc/{p.name}" for p in sorted((REPO / "csrc").iterdir()) if p.suffix in (".cpp", ".cu", ".h")}
     assert want and want <= names, sorted(want - names)
     assert "exl2conv/kernels.py" in names and "exl2conv/model/forward.py" in names
+    assert "exl2conv/runtime/model.py" in names and "exl2conv/hf_hook.py" in names
 
 
 def test_kernels_find_the_sources_in_either_layout(tmp_path, monkeypatch):
