@@ -67,6 +67,7 @@ class Exl2HfQuantizer(HfQuantizer):
     """Loads EXL2 folders through ``from_pretrained`` (pre-quantized only: exl2conv converts)."""
 
     requires_calibration = True  # transformers cannot quantize to EXL2 on load: `exl2conv` does that
+    folder: Path | None = None  # the EXL2 folder, known once update_attn_implementation has seen the config
 
     def update_attn_implementation(self, config):
         # The one hook that sees the config before transformers resolves the checkpoint files and
@@ -85,18 +86,19 @@ class Exl2HfQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.folder is None:  # a transformers whose from_pretrained skipped the hook above
+            raise Exl2Error("this transformers' from_pretrained did not show the quantizer the model's config "
+                            "first; load EXL2 folders with exl2conv.Exl2ForCausalLM.from_quantized")
         files = _files(self.folder)
         if checkpoint_files is not None:  # transformers resolved the first shard only (step 1)
             checkpoint_files.extend(str(f) for f in files[1:] if str(f) not in checkpoint_files)
         with ExitStack() as stack:
             where = _open(files, stack)
+            self._keys = set(where)
             for name in find_linears(where):
                 _replace(model, name, _skeleton(where, name, _linear_of(model, name).out_features))
             self._head_norms = _head_norms_as_stored(model, where)
-            missing = sorted(set(model.state_dict()) - set(where))
-        if missing:  # transformers would initialise them at random and only warn
-            raise FormatError(f"{self.folder}: {missing[0]} is missing from the EXL2 files"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            _check_against_files(model, where, self.folder)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -105,8 +107,9 @@ class Exl2HfQuantizer(HfQuantizer):
                 check_linear({k: getattr(mod, k) for k in QUANT_KEYS} | _bias(mod), name)
                 if mod.bias is not None:
                     down = down_invperm_key(name)
-                    if down is not None and isinstance(_sub(model, down.rpartition(".")[0]), Exl2Linear):
-                        mod.bias = model_order_bias(mod.bias, _sub(model, down.rpartition(".")[0]).q_invperm)
+                    down_mod = model.get_submodule(down.rpartition(".")[0]) if down in self._keys else None
+                    if isinstance(down_mod, Exl2Linear):
+                        mod.bias = model_order_bias(mod.bias, down_mod.q_invperm)
                     mod.bias = mod.bias[:mod.out_features].contiguous()
         for key, shape in self._head_norms.items():
             parent, _, short = key.rpartition(".")
@@ -185,6 +188,22 @@ def _head_norms_as_stored(model, where: dict) -> dict[str, torch.Size]:
                     torch.nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"), requires_grad=False))
             stored[key] = p.shape
     return stored
+
+
+def _check_against_files(model, where: dict, folder: Path) -> None:
+    """Every tensor the model now holds is in the files with its shape: transformers would
+    initialise a missing one at random, and one of another shape too, and only warn."""
+    missing = []
+    for key, t in model.state_dict().items():
+        if key not in where:
+            missing.append(key)
+            continue
+        shape = tuple(where[key].get_slice(key).get_shape())
+        if shape != tuple(t.shape):
+            raise FormatError(f"{key}: expected shape {list(t.shape)}, got {list(shape)}")
+    if missing:
+        raise FormatError(f"{folder}: {missing[0]} is missing from the EXL2 files"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def _bias(mod: Exl2Linear) -> dict:

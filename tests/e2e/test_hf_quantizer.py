@@ -134,3 +134,7 @@ def test_refusals_are_one_line(tiny_exl2, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, cut / "output.safetensors")
     with pytest.raises(Exl2Error, match="model.norm.weight is missing from the EXL2 files"):
         AutoModelForCausalLM.from_pretrained(cut)
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:-2].clone()
+    save_file(tensors, cut / "output.safetensors")
+    with pytest.raises(Exl2Error, match=r"model.embed_tokens.weight: expected shape \[258, 64\], got \[256, 64\]"):
+        AutoModelForCausalLM.from_pretrained(cut)
