@@ -3,8 +3,13 @@
 Nothing runs at import time and nothing heavy is imported: the command line lives in
 :mod:`exl2conv.cli`, the conversion job in :mod:`exl2conv.pipeline`, and the Python API
 (``exl2conv.convert(...)``, ``exl2conv.Exl2Quantizer``) is loaded from :mod:`exl2conv.api` on
-first use, and the runtime (``exl2conv.Exl2ForCausalLM``) from :mod:`exl2conv.runtime`.
+first use, and the runtime (``exl2conv.Exl2ForCausalLM``) from :mod:`exl2conv.runtime`. The one thing done at import: the
+``exl2`` quantization method is registered with transformers when transformers' quantizers load
+(:mod:`exl2conv.hf_hook`, standard library only), so that ``AutoModelForCausalLM.from_pretrained``
+loads EXL2 folders.
 """
+
+from exl2conv import hf_hook
 
 __version__ = "0.2.0"
 
@@ -25,3 +30,6 @@ def __getattr__(name: str):
 
         return runtime.Exl2ForCausalLM
     raise AttributeError(f"module 'exl2conv' has no attribute {name!r}")
+
+
+hf_hook.install()

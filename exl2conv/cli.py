@@ -95,8 +95,24 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--rows", type=int, default=20, help="number of windows (default 20)")
     p.add_argument("--device", type=str, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--runtime", action="store_true", help="also score the EXL2 folder through the exl2conv "
+                   "runtime (the model generate and from_pretrained load), and report how far its logits are from "
+                   "the float32 decoded forward's")
+    p.add_argument("--runtime-dtype", choices=("float16", "float32"), help="the runtime's activations (default: "
+                   "float32 on the CPU, float16 elsewhere, as generate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _runtime_dtype(args, device: str | None):
+    import torch
+
+    if not args.runtime:
+        if args.runtime_dtype:
+            raise Exl2Error("--runtime-dtype goes with --runtime")
+        return None
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    return getattr(torch, args.runtime_dtype or ("float32" if on_cpu else "float16"))
 
 
 def run_eval(argv: list[str]) -> int:
@@ -117,11 +133,13 @@ def run_eval(argv: list[str]) -> int:
         except OSError as exc:
             raise Exl2Error(f"--text {path}: cannot read it ({exc.strerror})") from None
         ids = text_windows(tok, text, args.ctx, args.rows)
-    scores = evaluate(Path(args.model_dir), fp16, ids, args.device)
+    scores = evaluate(Path(args.model_dir), fp16, ids, args.device, _runtime_dtype(args, args.device))
     bits = inspect(Path(args.model_dir))
     result = {"ppl": scores["ppl"], "kl": scores["kl"], "top1": scores["top1"],
               "decoder_bpw": bits["decoder_bpw"], "head_bpw": bits["head_bpw"],
               "fp16_ppl": scores["fp16_ppl"], "windows": int(ids.shape[0]), "ctx": int(ids.shape[1])}
+    if "runtime" in scores:
+        result["runtime"] = scores["runtime"]
     if args.json:
         print(json.dumps(result))
     else:
@@ -129,6 +147,11 @@ def run_eval(argv: list[str]) -> int:
         print(f"perplexity {result['ppl']:.4f} (FP16 {result['fp16_ppl']:.4f})")
         print(f"mean KL(FP16 || EXL2) {result['kl']:.5f} nats/token, top-1 agreement {100 * result['top1']:.2f} %")
         print(f"decoder {result['decoder_bpw']:.4f} bpw, head {result['head_bpw']:.4f} bpw")
+        if "runtime" in result:
+            rt = result["runtime"]
+            print(f"runtime ({rt['dtype']}): perplexity {rt['ppl']:.4f}, mean KL {rt['kl']:.5f} nats/token, "
+                  f"top-1 agreement {100 * rt['top1']:.2f} %; logits within {rt['logit_err']:.2e} of the largest "
+                  f"decoded logit ({rt['max_logit']:.2f}), same top-1 token {100 * rt['top1_vs_decoded']:.2f} %")
     return EXIT_OK
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 from exl2conv.errors import Exl2Error
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
+# What the converted model is asked at the end (the runtime's greedy answer, a sentence or so).
+QUESTION = "What is the capital of France?"
+ANSWER_TOKENS = 32
 # Rows must be a multiple of 128 tokens (calibration.md); 128 is the shortest. The built-in
 # dataset fixes the row counts at 19 (measurement) and 115 (quantization).
 CPU_LENGTH = 128
@@ -77,4 +80,31 @@ def run_demo(out: str | Path = "exl2conv-demo", bits: float = 4.0, full: bool = 
     ctx = CPU_LENGTH * 2 if p.reduced else 2048
     rows = 4 if p.reduced else 20
     print_(f"    exl2conv eval {p.out_dir} --fp16 {p.model_dir} --ctx {ctx} --rows {rows}")
+    print_(f'    exl2conv generate {p.out_dir} --prompt "..."')
+    answer(p.out_dir, dev, print_)
     return summary
+
+
+def answer(model_dir: Path, device, print_=print, question: str = QUESTION) -> str:
+    """Ask the converted model ``question`` through the exl2conv runtime (the torch path on a CPU),
+    in the tokenizer's chat format where it has one; prints and returns the greedy answer."""
+    import io
+
+    import torch
+
+    from exl2conv.runtime.generate import load, stream
+
+    dtype = torch.float32 if device.type == "cpu" else torch.float16  # half matmuls are slow on CPUs
+    # cache_decoded: decode each linear once, not once per new token (the torch path's cost)
+    model, tok = load(model_dir, device, dtype, cache_decoded=True)
+    prompt = question
+    if getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    buf = io.StringIO()
+    new, seconds = stream(model, tok, prompt, ANSWER_TOKENS, buf, skip_special=True)
+    text = buf.getvalue().strip()
+    print_(f"\n The EXL2 model answers, through the exl2conv runtime ({new} tokens in {seconds:.1f} s on {device}):")
+    print_(f"    {question}")
+    print_(f"    {' '.join(text.split())}")  # one line, whatever the model wrote
+    return text

@@ -86,9 +86,15 @@ def text_windows(tok, text: str, ctx: int, rows: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | None = None) -> dict:
-    """ids: ``[W, L]`` token windows. Returns ppl, kl, top1 (and fp16_ppl) as floats."""
+def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | None = None,
+             runtime_dtype: torch.dtype | None = None) -> dict:
+    """ids: ``[W, L]`` token windows. Returns ppl, kl, top1 (and fp16_ppl) as floats.
+
+    ``runtime_dtype``: also run the EXL2 folder through the runtime (:mod:`exl2conv.runtime`, its
+    activations in that dtype) and add ``runtime``: its ppl, kl and top1 against FP16 as above, and
+    how far its logits are from the decoded forward's (:func:`runtime_agreement`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runtime = _runtime_model(exl2_path, dev, runtime_dtype) if runtime_dtype is not None else None
     cfg = load_config(fp16_dir)
     ref = WeightIndex(fp16_dir)
     with ExitStack() as stack:
@@ -116,7 +122,7 @@ def evaluate(exl2_path: Path, fp16_dir: Path, ids: torch.Tensor, device: str | N
         head = arch.head_spec(cfg, ref)
         w_head_ref = forward.load_head(ref, cfg, dev)
         w_head_q = q.linear(head.name, head.out_features, dev)
-        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg)
+        return _scores(x_ref, x_q, w_head_ref, w_head_q, ids.to(dev), cfg, runtime)
 
 
 def quantized_weights(q: Exl2Weights, cfg, i: int, part: str, dev) -> dict[str, torch.Tensor]:
@@ -178,21 +184,74 @@ def _batched(fn, x: torch.Tensor, w: dict, cfg, rope, chunk: int = 4) -> torch.T
     return out
 
 
-def _scores(x_ref, x_q, w_ref, w_q, ids, cfg) -> dict:
+def _runtime_model(exl2_path: Path, dev, dtype: torch.dtype):
+    from exl2conv.runtime import Exl2ForCausalLM
+
+    if not Path(exl2_path).is_dir():
+        raise Exl2Error(f"{exl2_path}: --runtime loads an EXL2 model folder (config.json and its shards), "
+                        "not a single file")
+    return Exl2ForCausalLM.from_quantized(exl2_path, device=dev, dtype=dtype)
+
+
+class _Tally:
+    """Perplexity, KL(reference || other) and top-1 agreement, accumulated window by window."""
+
+    def __init__(self):
+        self.kl = self.nll = self.nll_ref = 0.0
+        self.agree = self.tokens = self.preds = 0
+
+    def add(self, lp_ref: torch.Tensor, lp: torch.Tensor, tgt: torch.Tensor) -> None:
+        """lp_ref, lp: f32 log-probabilities [L, vocab]; tgt: the next tokens [L - 1, 1]."""
+        self.kl += float((lp_ref.exp() * (lp_ref - lp)).sum(dim=-1).double().sum())
+        self.agree += int((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
+        self.nll -= float(lp[:-1].gather(-1, tgt).double().sum())
+        self.nll_ref -= float(lp_ref[:-1].gather(-1, tgt).double().sum())
+        self.tokens += lp.shape[0]
+        self.preds += tgt.shape[0]
+
+    def result(self) -> dict:
+        return {"ppl": math.exp(self.nll / self.preds), "fp16_ppl": math.exp(self.nll_ref / self.preds),
+                "kl": self.kl / self.tokens, "top1": self.agree / self.tokens}
+
+
+def _scores(x_ref, x_q, w_ref, w_q, ids, cfg, runtime=None) -> dict:
     vocab = cfg.vocab_size
-    kl_sum = nll_q = nll_ref = 0.0
-    agree = tokens = 0
+    decoded, through_runtime, agreement = _Tally(), _Tally(), RuntimeAgreement()
     for r in range(ids.shape[0]):
         lr = forward.logits(x_ref[r:r + 1], w_ref, cfg)[0, :, :vocab]
         lq = forward.logits(x_q[r:r + 1], w_q, cfg)[0, :, :vocab]
         lp_r = torch.log_softmax(lr, dim=-1)
-        lp_q = torch.log_softmax(lq, dim=-1)
-        kl_sum += float((lp_r.exp() * (lp_r - lp_q)).sum(dim=-1).double().sum())
-        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
         tgt = ids[r, 1:].unsqueeze(-1)
-        nll_q -= float(lp_q[:-1].gather(-1, tgt).double().sum())
-        nll_ref -= float(lp_r[:-1].gather(-1, tgt).double().sum())
-        tokens += lr.shape[0]
-    preds = tokens - ids.shape[0]
-    return {"ppl": math.exp(nll_q / preds), "fp16_ppl": math.exp(nll_ref / preds),
-            "kl": kl_sum / tokens, "top1": agree / tokens}
+        decoded.add(lp_r, torch.log_softmax(lq, dim=-1), tgt)
+        if runtime is not None:
+            lt = runtime(ids[r:r + 1]).logits[0, :, :vocab].float()
+            through_runtime.add(lp_r, torch.log_softmax(lt, dim=-1), tgt)
+            agreement.add(lq, lt)
+    out = decoded.result()
+    if runtime is not None:
+        rt = through_runtime.result()
+        out["runtime"] = {"ppl": rt["ppl"], "kl": rt["kl"], "top1": rt["top1"],
+                          "dtype": str(runtime.dtype).removeprefix("torch."), **agreement.result()}
+    return out
+
+
+class RuntimeAgreement:
+    """The runtime's logits against the float32 decoded forward's, on the same windows:
+    ``logit_err``, the largest difference relative to the largest decoded logit (FP16 noise is
+    ~5e-3 for fp16 activations, ~1e-6 for float32: tests/e2e/test_runtime.py), and ``top1_vs_decoded``,
+    how often both pick the same token."""
+
+    def __init__(self):
+        self.diff = self.scale = 0.0
+        self.agree = self.tokens = 0
+
+    def add(self, decoded: torch.Tensor, runtime: torch.Tensor) -> None:
+        """decoded, runtime: f32 logits [L, vocab] of one window."""
+        self.diff = max(self.diff, float((runtime - decoded).abs().max()))
+        self.scale = max(self.scale, float(decoded.abs().max()))
+        self.agree += int((decoded.argmax(-1) == runtime.argmax(-1)).sum())
+        self.tokens += decoded.shape[0]
+
+    def result(self) -> dict:
+        return {"logit_err": self.diff / self.scale, "max_logit": self.scale,
+                "top1_vs_decoded": self.agree / self.tokens}

@@ -29,20 +29,48 @@ def generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _streamer(tf, tok, out):
-    """transformers' TextStreamer, writing to ``out`` (tests capture it) instead of print's stdout."""
+def _streamer(tf, tok, out, skip_special: bool = False):
+    """transformers' TextStreamer, writing to ``out`` (tests capture it) instead of print's stdout;
+    ``skip_special`` leaves out special tokens (the end of a chat turn)."""
 
     class Streamer(tf.TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False):
             out.write(text + ("\n" if stream_end else ""))
             out.flush()
 
-    return Streamer(tok, skip_prompt=True)
+    return Streamer(tok, skip_prompt=True, skip_special_tokens=skip_special)
+
+
+def load(model_dir, device: torch.device, dtype: torch.dtype, cache_decoded: bool = False):
+    """(model, tokenizer) of an EXL2 folder, through the runtime; ``cache_decoded`` keeps each
+    decoded weight after the first forward (the torch path otherwise decodes every linear again
+    for every new token)."""
+    from exl2conv.runtime.model import Exl2ForCausalLM, _transformers
+
+    model = Exl2ForCausalLM.from_quantized(model_dir, device=device, dtype=dtype, cache_decoded=cache_decoded)
+    try:
+        tok = _transformers().AutoTokenizer.from_pretrained(str(Path(model_dir)))
+    except (OSError, ValueError) as exc:
+        raise Exl2Error(f"{model_dir}: no tokenizer transformers can load ({exc})") from None
+    return model, tok
+
+
+def stream(model, tok, prompt: str, max_new_tokens: int, out, skip_special: bool = False) -> tuple[int, float]:
+    """Greedy continuation of ``prompt`` written to ``out`` as it comes (the prompt not repeated;
+    special tokens left out with ``skip_special``); returns (new tokens, seconds)."""
+    from exl2conv.runtime.model import _transformers
+
+    ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        row = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, streamer=_streamer(_transformers(), tok, out, skip_special),
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return row.shape[1] - ids.shape[1], time.perf_counter() - start
 
 
 def run_generate(argv: list[str], out=None) -> int:
     from exl2conv.report import peak_rss_gib
-    from exl2conv.runtime.model import Exl2ForCausalLM, _transformers
 
     out = out or sys.stdout
     args = generate_parser().parse_args(argv)
@@ -50,21 +78,9 @@ def run_generate(argv: list[str], out=None) -> int:
         raise Exl2Error(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
-    model = Exl2ForCausalLM.from_quantized(args.model_dir, device=device, dtype=dtype)
-    tf = _transformers()
-    try:
-        tok = tf.AutoTokenizer.from_pretrained(str(Path(args.model_dir)))
-    except (OSError, ValueError) as exc:
-        raise Exl2Error(f"{args.model_dir}: no tokenizer transformers can load ({exc})") from None
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    model, tok = load(args.model_dir, device, dtype)
     out.write(args.prompt)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        row = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False, streamer=_streamer(tf, tok, out),
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    seconds = time.perf_counter() - start
-    new = row.shape[1] - ids.shape[1]
+    new, seconds = stream(model, tok, args.prompt, args.max_new_tokens, out)
     mem = f"peak RSS {peak_rss_gib():.2f} GiB"
     if device.type == "cuda":
         mem += f", GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"

@@ -67,14 +67,25 @@ def _open(files: list[Path], stack: ExitStack) -> dict[str, object]:
 
 def _linear_tensors(where: dict, name: str) -> dict[str, torch.Tensor]:
     tensors = {k: where[f"{name}.{k}"].get_tensor(f"{name}.{k}") for k in LINEAR_KEYS if f"{name}.{k}" in where}
-    parent, _, short = name.rpartition(".")
-    down = f"{parent}.down_proj.q_invperm"
-    if "bias" in tensors and short in MLP_INPUT_LINEARS and down in where:
-        # ExLlamaV2 0.3.2 stores a dense MLP's gate/up bias in its down projection's q_perm order
-        # (pack.mlp_bias_to_runtime_order; its mlp.py permutes the weights' columns to match at
-        # load). decode_linear gives the weights in the model's own order, so the bias goes back too.
-        tensors["bias"] = mlp_bias_from_runtime_order(tensors["bias"], where[down].get_tensor(down))
+    down = down_invperm_key(name)
+    if "bias" in tensors and down in where:
+        tensors["bias"] = model_order_bias(tensors["bias"], where[down].get_tensor(down))
     return tensors
+
+
+def down_invperm_key(name: str) -> str | None:
+    """The key of the q_invperm that orders linear ``name``'s stored bias: its MLP's down projection's
+    for a gate/up projection, else None (every other bias is stored in the model's order)."""
+    parent, _, short = name.rpartition(".")
+    return f"{parent}.down_proj.q_invperm" if short in MLP_INPUT_LINEARS else None
+
+
+def model_order_bias(bias: torch.Tensor, down_invperm: torch.Tensor) -> torch.Tensor:
+    """A dense MLP's gate/up bias [N] as stored back in the model's own column order. ExLlamaV2 0.3.2
+    stores it in its down projection's q_perm order (pack.mlp_bias_to_runtime_order; its mlp.py
+    permutes the weights' columns to match at load). decode_linear gives the weights in the model's
+    own order, so the bias goes back too."""
+    return mlp_bias_from_runtime_order(bias, down_invperm)
 
 
 def load_linears(model: torch.nn.Module, where: dict, device, cache: bool) -> set[str]:
@@ -98,15 +109,20 @@ def load_linears(model: torch.nn.Module, where: dict, device, cache: bool) -> se
 
 
 def _plain_tensor(where: dict, key: str, like: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-    t = where[key].get_tensor(key)
-    if t.shape != like.shape and t.dim() == like.dim() + 1 and t.shape[1:] == like.shape:
-        # q/k head norms, stored once per head for ExLlamaV2 (compile.py), one vector in transformers
-        if not bool((t == t[0]).all()):
-            raise FormatError(f"{key}: per-head norms differ; the transformers class holds one per layer")
-        t = t[0]
+    t = one_head_norm(key, where[key].get_tensor(key), like.shape)
     if t.shape != like.shape:
         raise FormatError(f"{key}: expected shape {list(like.shape)}, got {list(t.shape)}")
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def one_head_norm(key: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` as the class's ``shape``: q/k head norms are stored once per head for ExLlamaV2
+    ([heads, d], compile.py), one vector [d] in transformers. Other tensors pass unchanged."""
+    if t.shape != shape and t.dim() == len(shape) + 1 and t.shape[1:] == shape:
+        if not bool((t == t[0]).all()):
+            raise FormatError(f"{key}: per-head norms differ; the transformers class holds one per layer")
+        return t[0]
+    return t
 
 
 def _rebuild_meta_modules(model: torch.nn.Module, device) -> None:

@@ -10,12 +10,13 @@ import torch
 from exl2conv.cli import main
 from exl2conv.evaluate import decoded_logits
 from exl2conv.runtime import Exl2ForCausalLM
+from tests.e2e.conftest import TINY_ROWS
 from tests.tinymodel import make_tiny_llama
 
 pytest.importorskip("transformers")
 
 # Biased attention and MLP: the gate/up biases are stored in the down projection's q_perm order.
-ROWS = ["-b", "4.0", "-ml", "128", "-l", "128", "-mr", "4", "-r", "8", "--device", "cpu"]
+ROWS = TINY_ROWS
 # float32: the same float32 operations in another order (transformers' attention and norms) and
 # the same decoded weights: ~3e-7 of the largest logit measured; 1e-5 leaves room for other BLAS.
 F32_BOUND = 1e-5
@@ -27,11 +28,9 @@ F16_BOUND = 5e-3
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    base = tmp_path_factory.mktemp("rt")
-    src = make_tiny_llama(base / "src", seed=1, attention_bias=True, mlp_bias=True)
-    assert main(["-i", str(src), "-o", str(base / "w"), "-cf", str(base / "out"), *ROWS]) == 0
-    return base / "out"
+def out(tiny_exl2):
+    """The session's tiny biased Llama (tests/e2e/conftest.py: this recipe, converted once)."""
+    return tiny_exl2[0]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ def test_the_wheel_carries_the_kernel_sources(tmp_path):
     assert want and want <= names, sorted(want - names)
     assert "exl2conv/kernels.py" in names and "exl2conv/model/forward.py" in names
     assert "exl2conv/_csrc/exl2_linear_kernels.cuh" in names  # the device code's header
-    assert "exl2conv/runtime/linear.py" in names
+    assert "exl2conv/runtime/linear.py" in names and "exl2conv/runtime/model.py" in names
+    assert "exl2conv/hf_hook.py" in names
 
 
 def test_kernels_find_the_sources_in_either_layout(tmp_path, monkeypatch):
