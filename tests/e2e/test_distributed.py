@@ -124,7 +124,7 @@ def test_two_processes_agree_with_one_process(tiny, reference, two):
     accuracy, predicted = measurement_difference(two / "work" / "measurement.json",
                                                  reference / "work" / "measurement.json")
     print(f"\n2 processes vs 1: largest accuracy difference {accuracy:.3g}, predicted KL {predicted:.3g} (relative)")
-    assert accuracy < 1e-5 and predicted < 1e-3
+    assert accuracy < 1e-4 and predicted < 1e-3
     jobs = [json.loads((root / "work" / "job.json").read_text()) for root in (two, reference)]
     assert jobs[0]["strategy"] == jobs[1]["strategy"]  # the solver's choice
     assert [r.get("linears") for r in jobs[0]["quant_log"]] == [r.get("linears") for r in jobs[1]["quant_log"]]
@@ -143,7 +143,7 @@ def test_three_processes_measure_as_one_process(tiny, reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy, predicted = measurement_difference(tmp_path / "m.json", reference / "work" / "measurement.json")
     print(f"\n3 processes vs 1: largest accuracy difference {accuracy:.3g}, predicted KL {predicted:.3g} (relative)")
-    assert accuracy < 1e-5 and predicted < 1e-3
+    assert accuracy < 1e-4 and predicted < 1e-3
 
 
 def test_two_hosts_under_torchrun_measure_two_processes_bytes(tiny, two, tmp_path):
@@ -191,7 +191,7 @@ def test_a_killed_rank_stops_every_rank_with_one_line_and_the_command_resumes(ti
     else:
         accuracy, _ = measurement_difference(tmp_path / "work" / "measurement.json",
                                              reference / "work" / "measurement.json")
-        assert accuracy < 1e-5
+        assert accuracy < 1e-4
 
 
 @pytest.mark.parametrize("fault, who", [("module:1:enospc@1", "rank 1 of 2"), ("module:1:enospc", "rank 0 of 2")])

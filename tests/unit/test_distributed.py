@@ -359,7 +359,7 @@ def test_two_ranks_share_the_rows_and_candidates_and_measure_as_one_process(tmp_
     results = run_as_ranks(lambda: measure_as(distributed.active()))
     assert results[0][0] == results[1][0]  # every rank the same entries
     worst = max(abs(a["accuracy"] - b["accuracy"]) for a, b in zip(results[0][0], one[0]))
-    assert worst < 1e-5, worst
+    assert worst < 1e-4, worst  # a flipped GPTQ rounding moves an accuracy by ~1e-5 (docs/distributed.md)
     assert [e["total_bits"] for e in results[0][0]] == [e["total_bits"] for e in one[0]]
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), one[1], rtol=1e-5, atol=1e-6)
     # each rank ran its own rows and made a share of the candidates
