@@ -130,26 +130,39 @@ class World:
         self._collective(what, lambda: dist.all_gather(parts, x))
         return parts
 
-    def gather_tensors(self, t: torch.Tensor, what: str, to_main: bool = False) -> list[torch.Tensor] | None:
+    def gather_tensors(self, t: torch.Tensor, what: str, to_main: bool = False,
+                       step_bytes: int | None = None) -> list[torch.Tensor] | None:
         """Every rank's ``t`` ``[n_rank, ...]`` (the first dimension may differ between ranks, the
         others may not), in rank order, on ``t``'s device: tensors through the process group (no
-        pickling), each padded to the longest. ``to_main``: rank 0 alone gets them, the others None."""
+        pickling), padded to the longest. ``to_main``: rank 0 alone gets them, the others None.
+        ``step_bytes``: at most this much of each rank's rows at a time goes through the wire
+        device (a GPU under NCCL), for rows that live in host memory because they do not fit it."""
         if not self.shared:
             return [t]
         sizes = [int(n) for n in self._gather_equal(torch.tensor([t.shape[0]], dtype=torch.int64), what)]
         longest = max(sizes)
-        padded = t
-        if t.shape[0] < longest:
-            padded = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
-        parts = self._gather_equal(padded, what, to_main)
-        if parts is None:
+        row_bytes = max(1, t[0].numel() * t.element_size()) if t.dim() > 0 and t.shape[0] else 1
+        step = longest if step_bytes is None else max(1, step_bytes // row_bytes)
+        pieces: list[list[torch.Tensor]] = [[] for _ in range(self.size)]
+        for r0 in range(0, max(longest, 1), max(step, 1)):
+            n = min(step, longest - r0)
+            piece = t[r0:r0 + n]
+            if piece.shape[0] < n:
+                piece = torch.cat([piece, t.new_zeros((n - piece.shape[0], *t.shape[1:]))])
+            parts = self._gather_equal(piece, what, to_main)
+            if parts is not None:
+                for r, p in enumerate(parts):
+                    pieces[r].append(p[:max(0, min(n, sizes[r] - r0))].to(t.device))
+        if to_main and not self.is_main:
             return None
-        return [p[:n].to(t.device) for p, n in zip(parts, sizes)]
+        return [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
 
-    def gather_rows(self, t: torch.Tensor, what: str, to_main: bool = False) -> torch.Tensor | None:
+    def gather_rows(self, t: torch.Tensor, what: str, to_main: bool = False,
+                    step_bytes: int | None = None) -> torch.Tensor | None:
         """The ranks' rows ``t`` ``[n_rank, ...]`` one after another in rank order: the whole set's
-        ``[sum n_rank, ...]`` (rank 0 alone with ``to_main``)."""
-        parts = self.gather_tensors(t, what, to_main)
+        ``[sum n_rank, ...]`` (rank 0 alone with ``to_main``; ``step_bytes``: see
+        :meth:`gather_tensors`)."""
+        parts = self.gather_tensors(t, what, to_main, step_bytes)
         return None if parts is None else torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def sum_in_order(self, t: torch.Tensor, what: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:

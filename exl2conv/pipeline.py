@@ -128,13 +128,20 @@ def load_checkpoint(ctx: Context, pass_: str, home: torch.device | None = None) 
     return index, states
 
 
+# A checkpoint's rows go through the process group (a GPU's memory under NCCL) this much of each
+# rank's at a time: the states may be in host memory because they do not fit the GPU.
+GATHER_BYTES = 256 << 20
+
+
 def save_states(ctx: Context, pass_: str, index: int, states: torch.Tensor | None, **fields) -> None:
     """The checkpoint of ``pass_`` after module ``index``, written by rank 0 alone. With several
-    ranks, every rank calls it: rank 0 gathers the others' rows (into host memory, a rank's rows at a
-    time through the process group) to write the whole set, as one process writes it."""
+    ranks, every rank calls it: rank 0 gathers the others' rows into its host memory (through the
+    process group :data:`GATHER_BYTES` of each rank's rows at a time) to write the whole set, as one
+    process writes it."""
     world = distributed.active()
     if world.shared and states is not None:
-        states = world.gather_rows(states.cpu(), f"the checkpoint after module {index}", to_main=True)
+        states = world.gather_rows(states.cpu(), f"the checkpoint after module {index}", to_main=True,
+                                   step_bytes=GATHER_BYTES)
     if world.is_main:
         ctx.folder.save_checkpoint(pass_, index, states, **fields)
 

@@ -286,7 +286,7 @@ def test_tensor_gathers_and_sums_in_rank_order():
         world = distributed.active()
         mine = torch.full((world.rank + 1, 3), float(world.rank))
         rows = world.gather_rows(mine, "rows")
-        to_main = world.gather_rows(mine, "rows", to_main=True)
+        to_main = world.gather_rows(mine, "rows", to_main=True, step_bytes=12)  # a row (3 floats) at a time
         # 1 + 2^-24 + 2^-24 in float32: rank order decides the bits; a sliced sum gives the same
         total = torch.tensor([[1.0, 2.0 ** -24][world.rank]] * 4, dtype=torch.float32).view(4, 1)
         world.sum_in_order(total, "sum", chunk_bytes=4)
