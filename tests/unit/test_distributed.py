@@ -302,8 +302,9 @@ def test_tensor_gathers_and_sums_in_rank_order():
 def test_each_rank_holds_only_its_share_of_the_states(tmp_path):
     """A pass's states, embedded from the ids or read from a checkpoint: each rank gets only its
     rows (a contiguous slice, weighed by -dr), and the slices in rank order are one process's."""
-    from exl2conv import pipeline
+    from exl2conv import noise_rows, pipeline
     from exl2conv.job import Job, new_job_data
+    from exl2conv.model import arch
     from exl2conv.report import Reporter
 
     src = make_tiny_llama(tmp_path / "m", seed=1, hidden=64, intermediate=96, layers=1)
@@ -311,7 +312,10 @@ def test_each_rank_holds_only_its_share_of_the_states(tmp_path):
     (tmp_path / "w").mkdir()
     job = Job(tmp_path / "w", new_job_data({"in_dir": str(src)}))
     ctx = pipeline.Context(job, cfg, index, torch.device("cpu"), Reporter(quiet=True))
-    ctx.folder.save_ids("measure", torch.randint(0, cfg.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0)))
+    # the last 2 rows are noise rows (Qwen2-VL's), seeded by their row in the set, not in a rank's share
+    ids = noise_rows.append(torch.randint(0, cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0)), 2)
+    table = index.get(arch.embedding_tensor(cfg), dtype=torch.float32)
+    ctx.folder.save_ids("measure", ids, noise_rows.statistics(ids, table, cfg.embed_scale))
     ctx.folder.save_checkpoint("measure", 0, None, last_module_idx=0)
     whole = pipeline.load_checkpoint(ctx, "measure")[1]
     for ratios, counts in (((1.0, 1.0), [3, 2]), ((1.0, 3.0), [2, 3])):
