@@ -299,6 +299,33 @@ def test_tensor_gathers_and_sums_in_rank_order():
     assert torch.equal(out[0][1], out[0][0]) and out[1][1] is None
 
 
+def test_hessians_and_expert_coverage_are_summed_over_the_ranks():
+    from exl2conv import shared_rows
+    from exl2conv.gptq import Hessian
+    from exl2conv.moe import ExpertCoverage
+
+    x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    counts = torch.tensor([[4, 0], [1, 3], [2, 2]])
+
+    def reduced():
+        rank = distributed.active().rank
+        mine = slice(0, 1) if rank == 0 else slice(1, 3)
+        h, cov = Hessian(8), ExpertCoverage("moe", 2, 4)
+        h.add_rows(x[mine])
+        cov.add_rows(counts[mine])
+        shared_rows.reduce_hessians(distributed.active(), {"x": h}, "a module")
+        shared_rows.reduce_coverage(distributed.active(), cov, "a module")
+        return h, cov
+
+    one = Hessian(8)
+    one.add_rows(x)
+    ranks = run_as_ranks(reduced)
+    for h, cov in ranks.values():
+        assert h.rows == 3 and torch.equal(h.h, ranks[0][0].h)  # every rank the same bits
+        torch.testing.assert_close(h.h, one.h, rtol=1e-6, atol=1e-6)  # one process's, but for the float order
+        assert cov.rows == 3 and cov.tokens.tolist() == [7, 5]
+
+
 def test_each_rank_holds_only_its_share_of_the_states(tmp_path):
     """A pass's states, embedded from the ids or read from a checkpoint: each rank gets only its
     rows (a contiguous slice, weighed by -dr), and the slices in rank order are one process's."""
