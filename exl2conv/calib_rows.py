@@ -46,11 +46,11 @@ def tokenize(ctx, which: str) -> torch.Tensor:
     return ids
 
 
-def embedded_rows(ctx, ids: torch.Tensor, step: int, which: str | None = None):
+def embedded_rows(ctx, ids: torch.Tensor, step: int, which: str | None = None, first_row: int = 0):
     """The token embeddings of ``ids`` ``[R, L]`` (with the learned positions where the model has
     them) on ``ctx.device``, ``step`` rows at a time: yields ``(first row, [<=step, L, H]
-    float32)``; the table is read once. ``ids`` are the first rows of pass ``which``'s set, whose
-    noise rows (if any) get their noise (exl2conv.noise_rows)."""
+    float32)``; the table is read once. ``ids`` are rows ``first_row..`` of pass ``which``'s set,
+    whose noise rows (if any) get their noise (exl2conv.noise_rows)."""
     table = ctx.weights.get(arch.embedding_tensor(ctx.cfg), dtype=torch.float32, device=ctx.device)
     positions = forward.load_positions(ctx.weights, ctx.cfg, ctx.device)
     noise = None
@@ -60,16 +60,17 @@ def embedded_rows(ctx, ids: torch.Tensor, step: int, which: str | None = None):
             raise ValueError("noise rows need the statistics of their set: name it with which=")
     for r in range(0, ids.shape[0], step):
         x = forward.embed(ids[r:r + step].to(ctx.device), table, ctx.cfg.embed_scale, positions)
-        yield r, x if noise is None else noise_rows.fill(x, ids[r:r + step], r, noise)
+        yield r, x if noise is None else noise_rows.fill(x, ids[r:r + step], first_row + r, noise)
 
 
-def embed_states(ctx, ids: torch.Tensor, home: torch.device | None = None, which: str | None = None) -> torch.Tensor:
-    """The token embeddings of ``ids`` ``[R, L]`` (:func:`embedded_rows`): ``[R, L, H]`` float32 on
-    ``ctx.device``, or computed there a row at a time into pinned host memory when ``home`` is the
-    CPU and the device is not."""
+def embed_states(ctx, ids: torch.Tensor, home: torch.device | None = None, which: str | None = None,
+                 first_row: int = 0) -> torch.Tensor:
+    """The token embeddings of ``ids`` ``[R, L]`` (rows ``first_row..`` of the set:
+    :func:`embedded_rows`): ``[R, L, H]`` float32 on ``ctx.device``, or computed there a row at a
+    time into pinned host memory when ``home`` is the CPU and the device is not."""
     if home is None or home == ctx.device:
-        return next(embedded_rows(ctx, ids, ids.shape[0], which))[1]
+        return next(embedded_rows(ctx, ids, ids.shape[0], which, first_row))[1]
     out = torch.empty((*ids.shape, ctx.cfg.hidden_size), dtype=torch.float32, pin_memory=True)
-    for r, x in embedded_rows(ctx, ids, 1, which):
+    for r, x in embedded_rows(ctx, ids, 1, which, first_row):
         out[r:r + 1] = x
     return out

@@ -79,21 +79,19 @@ class World:
             out.append(rank)
         return out
 
-    def share_rows(self, count: int, compute: Callable[[list[int]], torch.Tensor], what: str) -> torch.Tensor:
-        """Rows ``0 .. count - 1`` of equal cost divided among the ranks (:meth:`owners`): each rank
-        computes its own with ``compute(indices)`` (a tensor ``[len(indices), ...]`` on the CPU), and
-        every rank gets all of them, ``[count, ...]`` in row order. One process computes them all."""
+    def row_range(self, count: int) -> range:
+        """This rank's calibration rows of a set of ``count``: a contiguous slice, the slices in
+        rank order and sized by the ratios (each rank at least one row: :class:`Exl2Error` when
+        there are fewer rows than ranks). A fixed function of ``count`` and the ratios."""
         if not self.shared:
-            return compute(list(range(count)))
-        owner = self.owners([1.0] * count)
-        mine = [i for i, r in enumerate(owner) if r == self.rank]
-        shares = self.all_gather(compute(mine) if mine else None, what)
-        taken = [0] * self.size
-        rows = []
-        for r in owner:
-            rows.append(shares[r][taken[r]])
-            taken[r] += 1
-        return torch.stack(rows)
+            return range(count)
+        if count < self.size:
+            raise Exl2Error(f"{count} calibration rows for {self.size} ranks: each rank needs at least one; give "
+                            "more rows (-mr, -r) or fewer devices")
+        total = sum(self.ratios)
+        spare = count - self.size  # one row each, then the rest by the ratios
+        ends = [r + 1 + round(spare * sum(self.ratios[:r + 1]) / total) for r in range(self.size)]
+        return range(ends[self.rank - 1] if self.rank else 0, ends[self.rank])
 
     # -- collectives ------------------------------------------------------------------------------
 
@@ -113,6 +111,76 @@ class World:
         out: list[Any] = [None] * self.size
         self._collective(what, lambda: dist.all_gather_object(out, obj))
         return out
+
+    def _wire(self) -> torch.device:
+        """Where tensors go through the process group: the CUDA device under NCCL, else the CPU."""
+        return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
+
+    def _gather_equal(self, x: torch.Tensor, what: str, to_main: bool = False) -> list[torch.Tensor] | None:
+        """Every rank's ``x`` (all of one shape), in rank order, on the wire device (rank 0 alone
+        with ``to_main``: the others get None)."""
+        import torch.distributed as dist
+
+        x = x.to(self._wire()).contiguous()
+        if to_main:
+            parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_main else None
+            self._collective(what, lambda: dist.gather(x, parts, dst=0))
+            return parts
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self._collective(what, lambda: dist.all_gather(parts, x))
+        return parts
+
+    def gather_tensors(self, t: torch.Tensor, what: str, to_main: bool = False,
+                       step_bytes: int | None = None) -> list[torch.Tensor] | None:
+        """Every rank's ``t`` ``[n_rank, ...]`` (the first dimension may differ between ranks, the
+        others may not), in rank order, on ``t``'s device: tensors through the process group (no
+        pickling), padded to the longest. ``to_main``: rank 0 alone gets them, the others None.
+        ``step_bytes``: at most this much of each rank's rows at a time goes through the wire
+        device (a GPU under NCCL), for rows that live in host memory because they do not fit it."""
+        if not self.shared:
+            return [t]
+        sizes = [int(n) for n in self._gather_equal(torch.tensor([t.shape[0]], dtype=torch.int64), what)]
+        longest = max(sizes)
+        row_bytes = max(1, t[0].numel() * t.element_size()) if t.dim() > 0 and t.shape[0] else 1
+        step = longest if step_bytes is None else max(1, step_bytes // row_bytes)
+        pieces: list[list[torch.Tensor]] = [[] for _ in range(self.size)]
+        for r0 in range(0, max(longest, 1), max(step, 1)):
+            n = min(step, longest - r0)
+            piece = t[r0:r0 + n]
+            if piece.shape[0] < n:
+                piece = torch.cat([piece, t.new_zeros((n - piece.shape[0], *t.shape[1:]))])
+            parts = self._gather_equal(piece, what, to_main)
+            if parts is not None:
+                for r, p in enumerate(parts):
+                    pieces[r].append(p[:max(0, min(n, sizes[r] - r0))].to(t.device))
+        if to_main and not self.is_main:
+            return None
+        return [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
+
+    def gather_rows(self, t: torch.Tensor, what: str, to_main: bool = False,
+                    step_bytes: int | None = None) -> torch.Tensor | None:
+        """The ranks' rows ``t`` ``[n_rank, ...]`` one after another in rank order: the whole set's
+        ``[sum n_rank, ...]`` (rank 0 alone with ``to_main``; ``step_bytes``: see
+        :meth:`gather_tensors`)."""
+        parts = self.gather_tensors(t, what, to_main, step_bytes)
+        return None if parts is None else torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def sum_in_order(self, t: torch.Tensor, what: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+        """``t`` replaced, in place, by the sum of every rank's ``t`` (all of one shape), added in
+        rank order in ``t``'s dtype: the same bits on every rank and in every run, whatever the
+        timing (a backend's all-reduce promises no order). A slice of rows at a time, so that the
+        gathered copies take ``size x chunk_bytes``, not ``size`` whole matrices."""
+        if not self.shared:
+            return t
+        flat = t.view(t.shape[0], -1) if t.dim() > 1 else t.view(-1, 1)
+        step = max(1, chunk_bytes // max(1, flat.shape[1] * flat.element_size()))
+        for r0 in range(0, flat.shape[0], step):
+            parts = self._gather_equal(flat[r0:r0 + step], what)
+            acc = parts[0].clone()
+            for p in parts[1:]:
+                acc += p
+            flat[r0:r0 + step] = acc.to(flat.device)
+        return t
 
     def broadcast(self, obj: Any, what: str) -> Any:
         """Rank 0's ``obj`` on every rank (the others' ``obj`` is ignored)."""

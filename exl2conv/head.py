@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from exl2conv import calib_rows, calibration, tweak
+from exl2conv import calib_rows, calibration, distributed, shared_rows, tweak
 from exl2conv.gptq import Hessian, prepare
 from exl2conv.job import Job
 from exl2conv.memory import release_unused
@@ -37,6 +37,8 @@ def quantize_head(ctx, states: torch.Tensor, save, stream: torch.Tensor | None =
     h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
         h.add(forward.final_norm(states[r].to(dev), g, cfg, bias))
+    world = distributed.active()
+    shared_rows.reduce_hessians(world, {"head": h}, spec.name)  # several ranks: each added its own rows
     prep = prepare(h, spec.name)
     del h
     tensors, decoded, rep = quantize_linear(w, None, spec, prep, HEAD_OPTIONS[int(ctx.job["head_bits"])])
@@ -45,8 +47,8 @@ def quantize_head(ctx, states: torch.Tensor, save, stream: torch.Tensor | None =
     release_unused(dev)  # GPTQ's and the packing's buffers, before the tweak's
     out: dict[str, Any] = {}
     if stream is not None:
-        g, before, after = tweak.tweak_final_norm(states[:stream.shape[0]].to(dev), stream, g, w, decoded, cfg,
-                                                  bias=bias)
+        first = shared_rows.first_rows(world, states, stream.shape[0], spec.name)
+        g, before, after = tweak.tweak_final_norm(first.to(dev), stream, g, w, decoded, cfg, bias=bias)
         tweak.save_norm(save, arch.final_norm_tensor(cfg), g, cfg)
         out["tweak"] = [before, after]
     del w
@@ -55,16 +57,22 @@ def quantize_head(ctx, states: torch.Tensor, save, stream: torch.Tensor | None =
     release_unused(dev)
     ids = ctx.folder.load_ids("quant").to(dev)
     rows = perplexity_rows(ctx.job, ids.shape[0], calib_rows.noise_count(cfg, "measure"))
-    ppl = perplexity(states[:rows], ids[:rows], lambda x: forward.final_norm(x.to(dev), g, cfg, bias), head, cfg)
+    # several ranks: each takes its own rows of the first ``rows`` and the sums are added in rank order
+    mine = world.row_range(ids.shape[0])
+    ids = ids[mine.start:max(mine.start, min(mine.stop, rows))]
+    nll, count = log_likelihood(states[:ids.shape[0]], ids, lambda x: forward.final_norm(x.to(dev), g, cfg, bias),
+                                head, cfg)
+    nll, count = shared_rows.sum_values(world, [nll, float(count)], "the calibration perplexity")
+    ppl = math.exp(nll / max(count, 1))
     return {**out, "ppl": ppl, "ppl_rows": rows, "ppl_length": int(ids.shape[1]),
             "linears": [[rep.name, rep.desc, rep.total_bits, rep.numel]]}
 
 
-def perplexity(states: torch.Tensor, ids: torch.Tensor, norm, head: torch.Tensor, cfg) -> float:
-    """The perplexity of the next tokens of ``ids`` ``[R, L]`` under the model whose residual
-    stream before the final norm is ``states`` ``[R, L, H]``; ``norm(x)``: the final norm on the
-    head's device. Each row is taken :data:`PPL_TOKENS` positions at a time, the log-likelihood
-    summed in float64."""
+def log_likelihood(states: torch.Tensor, ids: torch.Tensor, norm, head: torch.Tensor, cfg) -> tuple[float, int]:
+    """The negative log-likelihood of the next tokens of ``ids`` ``[R, L]`` under the model whose
+    residual stream before the final norm is ``states`` ``[R, L, H]`` (``norm(x)``: the final norm
+    on the head's device), and the tokens' count: the calibration perplexity is ``exp(nll / count)``.
+    Each row is taken :data:`PPL_TOKENS` positions at a time, the log-likelihood summed in float64."""
     vocab = cfg.vocab_size
     nll = torch.zeros((), dtype=torch.float64, device=head.device)
     count = 0
@@ -77,7 +85,7 @@ def perplexity(states: torch.Tensor, ids: torch.Tensor, norm, head: torch.Tensor
             logp = torch.log_softmax(logits + 1e-10, dim=-1)
             nll -= logp.gather(-1, target[t0:t1].unsqueeze(-1)).sum(dtype=torch.float64)
         count += target.numel()
-    return math.exp(float(nll) / max(count, 1))
+    return float(nll), count
 
 
 def perplexity_rows(job: Job, available: int, noise: int = 0) -> int:

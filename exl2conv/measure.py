@@ -14,7 +14,7 @@ import torch
 
 from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
-from exl2conv import distributed, gptq, memory, moe_measure
+from exl2conv import distributed, gptq, memory, moe_measure, shared_rows
 from exl2conv.coded import Coded
 from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
 from exl2conv.layers import MOE_MODE, Module, ModuleRun, module_linears, padded_wt, run_block
@@ -98,6 +98,11 @@ def reference_pass(run: ModuleRun, states: torch.Tensor, name: str, on_coverage=
                          finite=finite if keep_output else None)
     if y_ref is not None and not bool(torch.stack(finite).all()):  # checked chunk by chunk on the device
         raise nonfinite_error(f"{name} output" if name else f"{run.kind} output")
+    # several ranks: each ran its own rows, and the sums over rows are summed over the ranks
+    world = distributed.active()
+    shared_rows.reduce_hessians(world, hess, name or run.kind)
+    if cov is not None:
+        shared_rows.reduce_coverage(world, cov, name or run.kind)
     if cov is not None and on_coverage is not None:
         on_coverage(cov)
     if device is not None and device != states.device:  # all but the first wait in host memory for their turn
@@ -270,7 +275,7 @@ def measure_module(run: ModuleRun, states: torch.Tensor, part: str | None = None
                                  host_codes, arena, err_weight, fisher)
     del factors
     entries, predicted = [], []
-    tokens = states.shape[0] * states.shape[1]
+    tokens = all_errs.shape[1] * states.shape[1]  # the whole set's rows (several ranks: not this rank's)
     for row, errs, total_bits in zip(rows, all_errs, entry_bits(kind, specs)):
         if fisher is not None:
             predicted.append(predicted_kl(errs[:, 1], tokens))
@@ -290,15 +295,15 @@ def _scored_table(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, fac
     """A dense module's table: every candidate made (:func:`_candidates`), then every row scored
     (:func:`_table_errors`)."""
     world = distributed.active()
-    if world.shared:  # the candidates, then the rows, divided among the ranks
+    if world.shared:  # the candidates divided among the ranks, then gathered
         candidates = _shared_candidates(world, run, factors, settings, numel, large, host_codes, arena)
     else:
         candidates = _candidates(run, factors, settings, numel, large, host_codes, arena)
     if large:
         memory.release_unused(run.device)  # the GPTQ passes' buffers, before the scoring's
-    if world.shared:
-        return _shared_table_errors(world, run, states, y_ref, candidates, choices, err_weight, fisher)
-    return _table_errors(run, states, y_ref, candidates, choices, err_weight, fisher)
+    # several ranks: every row of the table on this rank's calibration rows, the errors gathered
+    return shared_rows.gather_errors(world, _table_errors(run, states, y_ref, candidates, choices, err_weight, fisher),
+                                     module_name(run.specs), dim=1)
 
 
 def _pass_buffer(dev: torch.device, factors: Factors, numel: int, large: bool) -> torch.Tensor | None:
@@ -372,13 +377,3 @@ def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factor
         candidates[key].append(got)
     return candidates
 
-
-def _shared_table_errors(world: distributed.World, run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor,
-                         candidates: dict[str, list], choices: list[dict[str, int]],
-                         err_weight: torch.Tensor | None, fisher: torch.Tensor | None) -> torch.Tensor:
-    """:func:`_table_errors` with the table's rows divided among the ranks (all of equal cost) and
-    their errors gathered back in row order. A row's errors do not depend on the other rows
-    scored in the same call (:meth:`CandidateScorer.errors_table`), so they are the same bits."""
-    return world.share_rows(len(choices), lambda idx: _table_errors(run, states, y_ref, candidates,
-                                                                    [choices[i] for i in idx], err_weight, fisher),
-                            f"the errors of {module_name(run.specs)}")

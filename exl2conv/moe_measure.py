@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from exl2conv import distributed, gptq, stop
+from exl2conv import distributed, gptq, shared_rows, stop
 from exl2conv.gptq import Filler, Prepared, quantize_batches
 from exl2conv.layers import ModuleRun, padded_wt
 from exl2conv.metrics import delta_errors
@@ -88,12 +88,11 @@ def table_errors(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, fact
     dtype); states, y_ref: ``[R, L, H]`` inputs and reference outputs; factors: the reference
     pass's :class:`measure.Factors` (each let go once its last use is done); columns: each
     column's ("w1", "w3", "w2") distinct settings; rows: the table, each row a setting index per
-    column. Where several ranks share the job, each scores its share of the rows: a row's errors
-    are summed over the experts in the same order whichever rank and row group hold it, so they
-    are the same bits."""
-    return distributed.active().share_rows(
-        len(rows), lambda idx: _rows_errors(run, states, y_ref, factors, columns, [rows[i] for i in idx], err_weight,
-                                            fisher), "an MoE block's errors")
+    column. Where several ranks share the job, ``states`` are this rank's calibration rows: it
+    scores every row of the table on them (quantizing every expert with every setting the table
+    uses, as one process does) and the errors are gathered into the whole set's row order."""
+    errs = _rows_errors(run, states, y_ref, factors, columns, rows, err_weight, fisher)
+    return shared_rows.gather_errors(distributed.active(), errs, "an MoE block", dim=1)
 
 
 def _rows_errors(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, factors, columns: dict[str, list],

@@ -9,12 +9,13 @@ state before it; one requested between modules lets the module finish and checkp
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
 import torch
 
-from exl2conv import faults, stop
+from exl2conv import distributed, faults, stop
 from exl2conv.errors import Interrupted
 from exl2conv.layers import Module
 
@@ -27,16 +28,25 @@ def run_modules(ctx, label: str, mods: list[Module], start: int, states: torch.T
     """Run ``step`` over ``mods[start + 1:]`` (``ctx``: the job's :class:`pipeline.Context`),
     checkpointing after the final module, every -cpi seconds, and when a stop is requested."""
     last_cp = time.monotonic()
+    world = distributed.active()
+    # Several ranks: a checkpoint gathers every rank's rows, so all ranks must take it together.
+    # Rank 0 decides when (its clock, its Ctrl-C) and tells the others after each module; a stop
+    # waits for the end of the module (no rank can gather while the others are inside one).
+    whole = stop.held if world.shared else contextlib.nullcontext
     with ctx.rep.progress(label, len(mods) - 1, label, initial=start) as bar:
         for mod in mods[start + 1:]:
             try:
-                after = step(mod, states, bar)
+                with whole():
+                    after = step(mod, states, bar)
             except stop.StopRequested:
                 raise _stopped_in(ctx, mod, lambda index: checkpoint(index, states)) from None
             states = after
             final = mod.index == len(mods) - 1
             faults.point("module")
-            if final or _checkpoint_due(ctx, last_cp):
+            due = final or _checkpoint_due(ctx, last_cp)
+            if world.shared:
+                due = world.broadcast(due, f"the checkpoint after {mod.meas_key}")
+            if due:
                 checkpoint(mod.index, states)
                 last_cp = time.monotonic()
                 if stop.requested() and not final:

@@ -116,11 +116,34 @@ class Context:
 def load_checkpoint(ctx: Context, pass_: str, home: torch.device | None = None) -> tuple[int, torch.Tensor | None]:
     """The module index and the calibration states of the job's checkpoint of ``pass_``, on
     ``home`` (default: the compute device; pinned when the CPU stands in for a GPU); the
-    embeddings (module 0) are recomputed from the saved token ids, not stored."""
-    index, states = ctx.folder.load_checkpoint(pass_, ctx.device, home)
+    embeddings (module 0) are recomputed from the saved token ids, not stored. With several
+    ranks, this rank's rows only (:meth:`World.row_range`): it never holds the others'."""
+    ids = ctx.folder.load_ids(pass_)
+    world = distributed.active()
+    rows = world.row_range(ids.shape[0]) if world.shared else None
+    index, states = ctx.folder.load_checkpoint(pass_, ctx.device, home, rows)
     if states is None and index == 0:
-        states = calib_rows.embed_states(ctx, ctx.folder.load_ids(pass_), home, pass_)
+        rows = rows or range(ids.shape[0])
+        states = calib_rows.embed_states(ctx, ids[rows.start:rows.stop], home, pass_, rows.start)
     return index, states
+
+
+# A checkpoint's rows go through the process group (a GPU's memory under NCCL) this much of each
+# rank's at a time: the states may be in host memory because they do not fit the GPU.
+GATHER_BYTES = 256 << 20
+
+
+def save_states(ctx: Context, pass_: str, index: int, states: torch.Tensor | None, **fields) -> None:
+    """The checkpoint of ``pass_`` after module ``index``, written by rank 0 alone. With several
+    ranks, every rank calls it: rank 0 gathers the others' rows into its host memory (through the
+    process group :data:`GATHER_BYTES` of each rank's rows at a time) to write the whole set, as one
+    process writes it."""
+    world = distributed.active()
+    if world.shared and states is not None:
+        states = world.gather_rows(states.cpu(), f"the checkpoint after module {index}", to_main=True,
+                                   step_bytes=GATHER_BYTES)
+    if world.is_main:
+        ctx.folder.save_checkpoint(pass_, index, states, **fields)
 
 
 # -- stages ------------------------------------------------------------------------------------------
@@ -155,8 +178,10 @@ STATES_GPU_BYTES = 1 << 30
 
 
 def states_bytes(ctx: Context, which: str) -> int:
-    """The size of a pass's float32 calibration states (``which``: "measure" or "quant")."""
+    """The size of a pass's float32 calibration states (``which``: "measure" or "quant"): this
+    rank's rows' (every row's in one process)."""
     rows, length = ctx.folder.load_ids(which).shape
+    rows = len(distributed.active().row_range(rows))
     return rows * length * ctx.cfg.hidden_size * 4
 
 
@@ -270,11 +295,11 @@ def stage_measure(ctx: Context) -> None:
     arena = codes_arena(ctx.cfg, ctx.device, mods[start + 1:]) if home != ctx.device else None
     distributed.active().barrier("the start of the measurement")  # every rank has read the folder
 
-    @distributed.main_only
     def checkpoint(index: int, states) -> None:
-        ctx.folder.write_measurement(meas, index, predicted)
-        faults.point("measurement")
-        ctx.folder.save_checkpoint("measure", index, states if index else None, last_module_idx=index)
+        if distributed.active().is_main:
+            ctx.folder.write_measurement(meas, index, predicted)
+            faults.point("measurement")
+        save_states(ctx, "measure", index, states if index else None, last_module_idx=index)
 
     def step(mod: Module, states, bar):
         return _measure_one(ctx, mod, states, rope, length, meas, predicted, fisher, arena, bar)
@@ -350,9 +375,8 @@ def stage_quant(ctx: Context) -> None:
     stream = unquantized_stream(ctx, mods[1:start + 1]) if tweak.enabled() else None
     distributed.active().barrier("the start of the quantization")  # every rank has read the folder
 
-    @distributed.main_only
     def checkpoint(index: int, states) -> None:
-        ctx.folder.save_checkpoint("quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
+        save_states(ctx, "quant", index, states if index else None, q_last_module_idx=index, quant_log=log)
 
     def step(mod: Module, states, bar):
         nonlocal stream

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import distributed, stop, tweak
+from exl2conv import distributed, shared_rows, stop, tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, quantize_batches
 from exl2conv.layers import ModuleRun, grad_rows, padded_bias, padded_wt, run_block
@@ -156,15 +156,20 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
         limit = grad_rows(cfg, states.shape[1], dev) if kind in ("attn", "parallel") else None
         rows = rows if limit is None else min(rows, limit)
         rows = -(-target.shape[0] // -(-target.shape[0] // rows))  # calls of equal size: 8 + 8, not 11 + 5
-        g, before, after = tweak.tweak_norm(run.replace(weights=quantized, chunk=rows),
-                                            states[:target.shape[0]].to(dev), target, err_weight)
+        # several ranks: the tweak's rows gathered from the ranks that hold them, and each rank
+        # runs the whole tweak (its rows are few; the same inputs give the same norm everywhere)
+        first = shared_rows.first_rows(world, states, target.shape[0], module_name(specs, cfg))
+        g, before, after = tweak.tweak_norm(run.replace(weights=quantized, chunk=rows), first.to(dev), target,
+                                            err_weight)
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
     with stop.held():  # the outputs replace the inputs: a checkpoint of the inputs needs all or none
         y_q, errs = run_block(run.replace(weights=quantized), states, ref_weights=w, err_weight=err_weight,
                               out=states)
     # a NaN or Inf anywhere in a row's outputs makes its relative error NaN or Inf: the check
-    # needs no second pass over the outputs (which may be in host memory)
+    # needs no second pass over the outputs (which may be in host memory); with several ranks, each
+    # rank's rows' errors, gathered in row order (the mean is then one process's of the same values)
+    errs = shared_rows.gather_errors(world, errs, module_name(specs, cfg))
     check_finite(errs, f"{module_name(specs, cfg)} output")
     return y_q, float(errs.mean()), reports, tweaked
 

@@ -100,11 +100,12 @@ class WorkFolder:
         if old and old != fname:
             atomic.remove(self.path / old)
 
-    def load_checkpoint(self, pass_: str, device: torch.device,
-                        home: torch.device | None = None) -> tuple[int, torch.Tensor | None]:
+    def load_checkpoint(self, pass_: str, device: torch.device, home: torch.device | None = None,
+                        rows: range | None = None) -> tuple[int, torch.Tensor | None]:
         """The module index of the job's checkpoint of ``pass_`` and its calibration states on
         ``home`` (default ``device``; pinned when the CPU stands in for a GPU), or None for
-        states the checkpoint does not store (module 0: the caller embeds the token ids)."""
+        states the checkpoint does not store (module 0: the caller embeds the token ids).
+        ``rows``: only these rows are read (a rank's share of a job on several devices)."""
         cp = self.job["checkpoint"]
         if not cp or cp.get("pass") != pass_:
             raise Exl2Error(f"{self.job.path}: no {pass_} checkpoint to resume from; start afresh with -nr")
@@ -113,7 +114,8 @@ class WorkFolder:
         path = self.path / cp["file"]
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                states = f.get_tensor("hidden_states")
+                states = (f.get_tensor("hidden_states") if rows is None else
+                          f.get_slice("hidden_states")[rows.start:rows.stop])
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
             raise Exl2Error(f"{path}: checkpoint unreadable ({exc.__class__.__name__}); start afresh "
                             "with -nr") from None
