@@ -37,10 +37,16 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.pack import QUANT_KEYS, check_linear, find_linears
 from exl2conv.runtime.linear import Exl2Linear
-from exl2conv.runtime.model import (SUPPORTED, _files, _open, down_invperm_key, model_order_bias,
+from exl2conv.runtime.model import (_files, _open, down_invperm_key, model_order_bias,
                                     one_head_norm)
 
 METHOD = "exl2"
+# transformers' own loader reads the files by the class's names and applies none of the runtime's
+# renames, fused linears or expert modules (runtime/architectures.py), and this quantizer moves a
+# gate/up bias back by the Llama family's down_proj name alone: so from_pretrained takes the
+# architectures whose EXL2 names are the class's and whose biases are named so, the others load
+# through Exl2ForCausalLM.from_quantized.
+FROM_PRETRAINED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Read for real while the model is on the meta device: Exl2Linear checks them at construction
 # (check_linear reads their values), and they are small (K + 3G numbers per linear).
 SMALL_KEYS = ("q_scale_max", "q_groups", "q_invperm")
@@ -73,9 +79,10 @@ class Exl2HfQuantizer(HfQuantizer):
         # The one hook that sees the config before transformers resolves the checkpoint files and
         # builds the model (get_hf_quantizer), so the file name and the head's tying are set here.
         arch = (getattr(config, "architectures", None) or ["(none)"])[0]
-        if arch not in SUPPORTED:
-            raise Exl2Error(f"architecture {arch} is not supported by the EXL2 runtime yet "
-                            f"(supported so far: {', '.join(SUPPORTED)})")
+        if arch not in FROM_PRETRAINED:
+            raise Exl2Error(f"architecture {arch}: AutoModelForCausalLM.from_pretrained loads EXL2 models of "
+                            f"{', '.join(FROM_PRETRAINED)}; load this one with exl2conv.Exl2ForCausalLM."
+                            "from_quantized(path)")
         folder = Path(getattr(config, "_name_or_path", "") or "")
         if not folder.is_dir():
             raise Exl2Error(f"{folder}: from_pretrained loads EXL2 models from a local folder; download "

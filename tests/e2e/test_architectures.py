@@ -493,3 +493,30 @@ def test_a_parallel_block_model_killed_and_rerun_resumes_to_the_same_bytes(tmp_p
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming job" in resumed.stdout
     assert digest(tmp_path / "run" / "out") == digest(tmp_path / "ref" / "out")
+
+
+# -- the runtime (issue 30) -------------------------------------------------------------------------
+
+def test_the_runtime_runs_it_or_refuses_it(converted, monkeypatch):
+    """exl2conv.runtime on the output: logits within 1e-5 of the decoded forward's in float32,
+    greedy generate() following it, each check failing on the architecture's wrong variant of the
+    loader (tests.runtime_checks); the remote-code families, which have no transformers class,
+    refused in one line."""
+    pytest.importorskip("transformers")
+    from exl2conv.errors import Exl2Error
+    from exl2conv.runtime import Exl2ForCausalLM
+    from tests.runtime_checks import check_runtime
+
+    arch, _, out = converted
+    if arch in REMOTE_ARCHS:
+        with pytest.raises(Exl2Error, match=f"{arch}: .* no transformers class"):
+            Exl2ForCausalLM.from_quantized(out)
+        return
+    check_runtime(out, arch, monkeypatch)
+
+
+def test_the_runtime_runs_mixtral(mixtral, monkeypatch):
+    """As above, for Mixtral: each expert's three linears in place of the class's 3D expert tensors."""
+    from tests.runtime_checks import check_runtime
+
+    check_runtime(mixtral[2], "MixtralForCausalLM", monkeypatch)

@@ -123,7 +123,7 @@ def test_refusals_are_one_line(tiny_exl2, tmp_path):
     cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
            "quantization_config": json.loads((out / "config.json").read_text())["quantization_config"]}
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exl2Error, match="GPT2LMHeadModel is not supported by the EXL2 runtime yet"):
+    with pytest.raises(Exl2Error, match="architecture GPT2LMHeadModel: .*load this one with exl2conv.Exl2ForCausalLM.from_quantized"):
         AutoModelForCausalLM.from_pretrained(bad)
     cut = tmp_path / "cut"
     cut.mkdir()

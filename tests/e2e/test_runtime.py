@@ -11,20 +11,14 @@ from exl2conv.cli import main
 from exl2conv.evaluate import decoded_logits
 from exl2conv.runtime import Exl2ForCausalLM
 from tests.e2e.conftest import TINY_ROWS
+from tests.runtime_checks import (F16_BOUND, F32_BOUND, _bias_as_stored, _ignore_invperm, check_generate,
+                                  check_logits, greedy_reference)
 from tests.tinymodel import make_tiny_llama
 
 pytest.importorskip("transformers")
 
 # Biased attention and MLP: the gate/up biases are stored in the down projection's q_perm order.
 ROWS = TINY_ROWS
-# float32: the same float32 operations in another order (transformers' attention and norms) and
-# the same decoded weights: ~3e-7 of the largest logit measured; 1e-5 leaves room for other BLAS.
-F32_BOUND = 1e-5
-# float16: activations between the modules round to fp16 (2^-11 = 4.9e-4 relative each); about
-# ten roundings lie on any path to a logit (embedding, per layer: norm, q/k/v, attention, o_proj,
-# residual, norm, gate/up, down, residual; final norm, head), so FP16 noise reaches ~10 * 2^-11 =
-# 5e-3 of the logits' scale. Measured: 8e-4.
-F16_BOUND = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +37,6 @@ def reference(out, ids):
     return decoded_logits(out, ids)
 
 
-def check_logits(model, ids, reference, bound):
-    """Largest logit difference, relative to the largest logit, within ``bound``."""
-    with torch.no_grad():
-        got = model(ids).logits.float()
-    assert got.shape == reference.shape
-    err = float((got - reference).abs().max() / reference.abs().max())
-    assert err < bound, f"logits off by {err:.2e} of the largest, bound {bound:.0e}"
-
-
-def greedy_reference(out, prompt, steps):
-    """Greedy tokens from the decoded forward, the whole row again for each one."""
-    row = prompt.clone()
-    for _ in range(steps):
-        nxt = decoded_logits(out, row)[:, -1].argmax(-1, keepdim=True)
-        row = torch.cat((row, nxt), dim=-1)
-    return row
-
-
-def check_generate(model, out, prompt, steps=8):
-    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    first = model.generate(prompt, **kw)
-    assert torch.equal(model.generate(prompt, **kw), first)  # deterministic
-    assert torch.equal(first, greedy_reference(out, prompt, steps))
-
-
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, F32_BOUND), (torch.float16, F16_BOUND)])
 def test_logits_match_the_decoded_forward(out, ids, reference, dtype, bound):
     model = Exl2ForCausalLM.from_quantized(out, device="cpu", dtype=dtype)
@@ -78,24 +47,6 @@ def test_logits_match_the_decoded_forward(out, ids, reference, dtype, bound):
 def test_greedy_generate_follows_the_decoded_forward(out, ids):
     model = Exl2ForCausalLM.from_quantized(out, dtype=torch.float32)
     check_generate(model, out, ids[:1, :6])
-
-
-def _ignore_invperm(monkeypatch):
-    from exl2conv import ops
-
-    real = ops.exl2_dequant_ref  # the torch path's decoder (Exl2Linear.decoded, through ops.exl2_dequant)
-
-    def wrong(tensors):
-        k = tensors["q_invperm"].numel()
-        return real(dict(tensors, q_invperm=torch.arange(k, dtype=torch.int32)))
-
-    monkeypatch.setattr(ops, "exl2_dequant_ref", wrong)
-
-
-def _bias_as_stored(monkeypatch):
-    import exl2conv.runtime.model as m
-
-    monkeypatch.setattr(m, "mlp_bias_from_runtime_order", lambda bias, invperm: bias)
 
 
 @pytest.mark.parametrize("wrong", [_ignore_invperm, _bias_as_stored])
@@ -110,10 +61,12 @@ def test_checks_fail_on_a_wrong_loader(out, ids, reference, monkeypatch, wrong):
         check_generate(model, out, ids[:1, :6])
 
 
-@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM"])
 def test_the_other_supported_architectures(tmp_path, ids, arch):
-    """Qwen2's q/k/v biases, Qwen3's q/k norms (stored once per head, compile.py), the Qwens
-    written by transformers itself (tests.tinymodel.make_tiny_hf): converted, loaded, checked as above."""
+    """Qwen2's q/k/v biases, a Qwen2 written by transformers itself (tests.tinymodel.make_tiny_hf)
+    with its generation_config.json: converted, loaded, checked as above. Every other architecture
+    (Qwen3's q/k norms, stored once per head, among them) is checked on the outputs
+    test_architectures.py and test_moe_architectures.py convert (tests.runtime_checks.check_runtime)."""
     from tests.tinymodel import make_tiny_hf
 
     if arch == "MistralForCausalLM":  # a Llama under another name, written as tests write Llamas

@@ -94,12 +94,15 @@ def test_inconsistent_tensors_and_widths_are_refused():
         Exl2Linear(t, N + 1, "lin")
 
 
-def test_unsupported_architecture_is_refused_in_one_line(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+@pytest.mark.parametrize("arch, why", [("YiForCausalLM", "no transformers class"),
+                                       ("BertForMaskedLM", "not supported")])
+def test_unsupported_architecture_is_refused_in_one_line(tmp_path, arch, why):
+    """A remote-code architecture exl2conv converts (no transformers class), and one it does not."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
     with pytest.raises(Exl2Error) as exc:
         Exl2ForCausalLM.from_quantized(tmp_path)
     msg = str(exc.value)
-    assert "\n" not in msg and "GPT2LMHeadModel" in msg and "LlamaForCausalLM, MistralForCausalLM" in msg
+    assert "\n" not in msg and arch in msg and why in msg and "LlamaForCausalLM, MistralForCausalLM" in msg
 
 
 def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
@@ -115,3 +118,31 @@ def test_package_exports_the_loader():
     import exl2conv
 
     assert exl2conv.Exl2ForCausalLM is Exl2ForCausalLM
+
+
+def test_every_architecture_exl2conv_writes_is_run_or_refused():
+    """The runtime's table and its refusals cover the architectures' output layouts (a
+    Gemma3ForCausalLM is written as a Gemma3ForConditionalGeneration), and each class it names
+    is transformers'."""
+    tf = pytest.importorskip("transformers")
+    from exl2conv.model.arch import ARCHS
+    from exl2conv.runtime.architectures import NO_CLASS, RUNTIME
+
+    written = {spec.out_arch or name for name, spec in ARCHS.items()}
+    assert written == set(RUNTIME) | set(NO_CLASS) and not set(RUNTIME) & set(NO_CLASS)
+    entries = list(RUNTIME.values()) + [e.no_vision for e in RUNTIME.values() if e.no_vision]
+    assert all(hasattr(tf, e.cls) for e in entries)
+    assert not any(hasattr(tf, name) for name in NO_CLASS)
+
+
+def test_names_map_to_the_class_and_fused_parts():
+    from exl2conv.runtime.architectures import RUNTIME, class_name
+
+    gpt2, dbrx = RUNTIME["GPT2LMHeadModel"], RUNTIME["DbrxForCausalLM"]
+    assert class_name(gpt2, "model.layers.3.self_attn.k_proj") == "transformer.h.3.attn.c_attn#1"
+    assert class_name(gpt2, "model.layers.3.self_attn.o_proj") == "transformer.h.3.attn.c_proj"
+    assert class_name(gpt2, "model.norm.bias") == "transformer.ln_f.bias"
+    assert class_name(dbrx, "model.layers.0.block_sparse_moe.experts.2.v1") == "transformer.blocks.0.ffn.experts.2.v1"
+    assert class_name(RUNTIME["LlavaForConditionalGeneration"], "language_model.lm_head") == "lm_head"
+    assert class_name(RUNTIME["Qwen2VLForConditionalGeneration"], "visual.merger.mlp.0.weight") == \
+        "model.visual.merger.mlp.0.weight"
