@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from exl2conv import settings, stop
-from exl2conv.gptq import Hessian
+from exl2conv.gptq import GPTQ_BYTES, Filler, Hessian, Prepared, quantize_batches
 from exl2conv.memory import Copier
 from exl2conv.metrics import feed, relative_errors
 from exl2conv.model import attention_kernels, forward
@@ -113,6 +113,20 @@ def padded_wt(w: torch.Tensor, spec: LinearSpec, perm: torch.Tensor | None = Non
     for r0 in range(0, spec.in_features, step):
         wt[r0:r0 + step, : spec.out_features] = w[:, perm[r0:r0 + step]].T
     return wt
+
+
+def gptq_passes(w: torch.Tensor, spec: LinearSpec, prep: Prepared, settings: list,
+                buffer: torch.Tensor | None = None) -> Iterator[list]:
+    """GPTQ of every one of ``settings`` on one linear (``w``: its ``[out, in]`` weight), a pass of
+    :data:`gptq.GPTQ_BYTES` at a time: yields each pass's results (``QuantResult``, rows in
+    ``prep.perm`` order, padded columns), in the settings' order. Each pass starts from the padded
+    weight in permuted row order (written into ``buffer`` when given). The caller drops a pass's
+    list before asking for the next, so that one pass's results at a time are held."""
+    perm = prep.perm.to(w.device)
+    source = Filler((spec.in_features, spec.padded_out), w.device, lambda out: padded_wt(w, spec, perm, out), buffer)
+    for batch in quantize_batches(source, prep, settings, keep_codes=False, max_bytes=GPTQ_BYTES):
+        yield batch
+        del batch
 
 
 def padded_bias(b: torch.Tensor, spec: LinearSpec) -> torch.Tensor:

@@ -16,8 +16,8 @@ from exl2conv.candidates import CandidateScorer
 from exl2conv.errors import Exl2Error
 from exl2conv import distributed, gptq, memory, moe_measure, shared_rows
 from exl2conv.coded import Coded
-from exl2conv.gptq import Filler, Hessian, Prepared, prepare, quantize_batches
-from exl2conv.layers import MOE_MODE, Module, ModuleRun, module_linears, padded_wt, run_block
+from exl2conv.gptq import Hessian, Prepared, prepare
+from exl2conv.layers import MOE_MODE, Module, ModuleRun, gptq_passes, module_linears, run_block
 from exl2conv.model.arch import LinearSpec, layer_linears, output_name, spec_of
 from exl2conv.model.forward import EXPERT_TOKENS
 from exl2conv.model.weights import all_finite
@@ -199,15 +199,10 @@ def quantized_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, qpar
     quarter of float32; with ``host_codes`` their codes in pinned host memory, in ``arena`` when
     given). An MoE block's experts go through :func:`moe_measure.dense_candidates` instead."""
     out = []
-    out_features = spec.out_features
-    perm = prep.perm.to(w.device)
-    invperm = torch.argsort(perm)
-    # each pass fills its candidates with the padded weight in permuted row order
-    source = Filler((spec.in_features, spec.padded_out), w.device, lambda out: padded_wt(w, spec, perm, out),
-                    buffer)
-    for batch in quantize_batches(source, prep, qparams, keep_codes=False, max_bytes=gptq.GPTQ_BYTES):
+    invperm = torch.argsort(prep.perm.to(w.device))
+    for batch in gptq_passes(w, spec, prep, qparams, buffer):
         for res in batch:
-            coded = Coded.of(res, out_features, invperm)
+            coded = Coded.of(res, spec.out_features, invperm)
             out.append(coded.to_host(arena) if host_codes else coded)
         del batch, res  # frees the pass before the next one starts
     return out

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from exl2conv import distributed, gptq, shared_rows, stop
-from exl2conv.gptq import Filler, Prepared, quantize_batches
-from exl2conv.layers import ModuleRun, padded_wt
+from exl2conv import distributed, shared_rows, stop
+from exl2conv.gptq import Prepared
+from exl2conv.layers import ModuleRun, gptq_passes
 from exl2conv.metrics import delta_errors
 from exl2conv.model.arch import LinearSpec, spec_of
 from exl2conv.model.forward import ACTIVATIONS, moe_routes
@@ -39,10 +39,8 @@ CPU_BUFFER_BYTES = 4 << 30
 def dense_candidates(w: torch.Tensor, spec: LinearSpec, prep: Prepared, settings: list) -> list[torch.Tensor]:
     """Each of ``settings`` applied to one linear (``w``: its ``[out, in]`` weight) by GPTQ, as
     float32 ``[out, in]`` weights on ``w``'s device (the dequantized values, exact in float16)."""
-    perm = prep.perm.to(w.device)
-    source = Filler((spec.in_features, spec.padded_out), w.device, lambda out: padded_wt(w, spec, perm, out))
     out = []
-    for batch in quantize_batches(source, prep, settings, keep_codes=False, max_bytes=gptq.GPTQ_BYTES):
+    for batch in gptq_passes(w, spec, prep, settings):
         out.extend(res.weight[:, :spec.out_features].T.contiguous() for res in batch)
         del batch
     return out
