@@ -13,13 +13,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.model import arch, forward
 from exl2conv.qparams import MLP_INPUT_LINEARS
 from exl2conv.model.config import load_config
-from exl2conv.model.weights import WeightIndex
+from exl2conv.model.weights import WeightIndex, open_tensors
 from exl2conv.pack import LINEAR_KEYS, decode_linear, mlp_bias_from_runtime_order
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "eval" / "lcet10.txt"
@@ -37,14 +36,7 @@ class Exl2Weights:
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         if not files:
             raise Exl2Error(f"{path}: no .safetensors files; give an EXL2 model folder or file")
-        self.where: dict[str, object] = {}
-        for f in files:
-            try:
-                h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            except Exception as exc:  # noqa: BLE001
-                raise FormatError(f"{f}: not a readable safetensors file ({exc})") from None
-            for k in h.keys():
-                self.where[k] = h
+        self.where = open_tensors(files, stack)
         self.fallback = fallback
 
     def linear(self, name: str, out_features: int, device) -> torch.Tensor:

@@ -244,16 +244,21 @@ def output_name(cfg: "ModelConfig", name: str) -> str:
     architecture's keymap applied (a module key is matched as if its tensors' "." followed it),
     then its output prefix."""
     spec = spec_of(cfg)
-    if spec.keymap:
-        name = name + "."
-        for old, new in spec.keymap:
-            if old.startswith("$"):
-                if name.startswith(old[1:]):
-                    name = new + name[len(old) - 1:]
-            else:
-                name = name.replace(old, new)
-        name = name[:-1]
-    return spec.out_prefix + name
+    return spec.out_prefix + apply_renames(name, spec.keymap)
+
+
+def apply_renames(name: str, pairs) -> str:
+    """``name`` with each (old, new) pair applied in order: ``old`` replaced wherever it occurs, or
+    only at the start where it begins with "$"; a module's name is matched as if "." followed it
+    (so ".mlp." finds a module ending in "mlp")."""
+    name = name + "."
+    for old, new in pairs:
+        if old.startswith("$"):
+            if name.startswith(old[1:]):
+                name = new + name[len(old) - 1:]
+        else:
+            name = name.replace(old, new)
+    return name[:-1]
 
 
 def layer_prefix(cfg: "ModelConfig", i: int) -> str:

@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def all_finite(t: torch.Tensor) -> bool:
     for a in range(0, flat.numel(), step):
         ok &= torch.isfinite(flat[a:a + step]).all()
     return bool(ok)
+
+
+def open_tensors(files: list[Path], stack: ExitStack) -> dict[str, object]:
+    """Tensor name -> the open safetensors handle holding it, over ``files`` (opened lazily on the
+    CPU, kept open by ``stack``): how the EXL2 readers (eval's decoded forward, the runtime's
+    loaders) reach a folder's tensors one at a time. A file that is not safetensors: FormatError."""
+    where: dict[str, object] = {}
+    for f in files:
+        try:
+            h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own type for every bad header)
+            raise FormatError(f"{f}: not a readable safetensors file ({exc})") from None
+        for k in h.keys():
+            where[k] = h
+    return where
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exl2conv.errors import Exl2Error
+from exl2conv.model.arch import apply_renames
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,4 @@ def runtime_arch(arch: str, raw_config: dict) -> RuntimeArch:
 
 def class_name(entry: RuntimeArch, name: str) -> str:
     """The class's name of EXL2 tensor or module ``name`` (``<module>#<i>``: a fused linear's part)."""
-    name = name + "."
-    for old, new in entry.rename:
-        if old.startswith("$"):
-            if name.startswith(old[1:]):
-                name = new + name[len(old) - 1:]
-        else:
-            name = name.replace(old, new)
-    return name[:-1]
+    return apply_renames(name, entry.rename)

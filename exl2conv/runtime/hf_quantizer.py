@@ -37,7 +37,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.pack import QUANT_KEYS, check_linear, find_linears
 from exl2conv.runtime.linear import Exl2Linear
-from exl2conv.runtime.model import (_files, _open, down_invperm_key, model_order_bias,
+from exl2conv.model.weights import open_tensors
+from exl2conv.runtime.model import (_files, down_invperm_key, model_order_bias,
                                     one_head_norm)
 
 METHOD = "exl2"
@@ -100,7 +101,7 @@ class Exl2HfQuantizer(HfQuantizer):
         if checkpoint_files is not None:  # transformers resolved the first shard only (step 1)
             checkpoint_files.extend(str(f) for f in files[1:] if str(f) not in checkpoint_files)
         with ExitStack() as stack:
-            where = _open(files, stack)
+            where = open_tensors(files, stack)
             self._keys = set(where)
             for name in find_linears(where):
                 _replace(model, name, _skeleton(where, name, _linear_of(model, name).out_features))

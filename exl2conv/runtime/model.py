@@ -16,8 +16,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from exl2conv.model.weights import open_tensors
 from exl2conv.errors import Exl2Error, FormatError
 from exl2conv.pack import LINEAR_KEYS, find_linears, mlp_bias_from_runtime_order
 from exl2conv.qparams import MLP_INPUT_LINEARS
@@ -50,18 +50,6 @@ def _config_json(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise Exl2Error(f"{path / 'config.json'}: not readable ({exc})") from None
-
-
-def _open(files: list[Path], stack: ExitStack) -> dict[str, object]:
-    where: dict[str, object] = {}
-    for f in files:
-        try:
-            h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-        except Exception as exc:  # noqa: BLE001
-            raise FormatError(f"{f}: not a readable safetensors file ({exc})") from None
-        for k in h.keys():
-            where[k] = h
-    return where
 
 
 def _linear_specs(path: Path) -> dict:
@@ -259,7 +247,7 @@ class Exl2ForCausalLM:
         tf = _transformers()
         device = torch.device(device)
         with ExitStack() as stack:
-            where = _open(_files(path), stack)
+            where = open_tensors(_files(path), stack)
             specs = _linear_specs(path)
             model = _build(tf, path, entry)
             _install_experts(model, entry, specs)
