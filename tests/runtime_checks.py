@@ -105,9 +105,49 @@ def _head_norms_shared(monkeypatch):
     _wrong_plain(monkeypatch, lambda key, t: t[:1].expand_as(t).clone() if t.dim() == 2 and "_norm" in key else t)
 
 
+def _entry_changed(monkeypatch, arch: str, **changes):
+    """The runtime table's entry for ``arch`` with ``changes`` (dataclasses.replace)."""
+    import dataclasses
+
+    from exl2conv.runtime.architectures import RUNTIME
+
+    monkeypatch.setitem(RUNTIME, arch, dataclasses.replace(RUNTIME[arch], **changes))
+
+
+def _renames_swapped(arch: str, a: str, b: str):
+    """``arch``'s renames with the targets of the sources containing ``a`` and ``b`` exchanged
+    (Yi's two norms, InternLM2's gate and up)."""
+    def variant(monkeypatch):
+        from exl2conv.runtime.architectures import RUNTIME
+
+        rename = dict(RUNTIME[arch].rename)
+        (ka, va), (kb, vb) = [next((k, v) for k, v in rename.items() if x in k) for x in (a, b)]
+        _entry_changed(monkeypatch, arch, rename=tuple((rename | {ka: vb, kb: va}).items()))
+    return variant
+
+
+def _orion_norm_biases_dropped(monkeypatch):
+    """Orion's LayerNorms without their biases (as if an RMSNorm-like class ran it)."""
+    _wrong_plain(monkeypatch, lambda key, t: torch.zeros_like(t) if key.endswith("norm.bias") else t)
+
+
+def _minicpm_multipliers_dropped(monkeypatch):
+    """MiniCPM run as Granite with neutral multipliers (as Llama would run it)."""
+    from exl2conv.runtime.architectures import _llama_config
+
+    _entry_changed(monkeypatch, "MiniCPMForCausalLM", config=lambda cfg: (
+        "GraniteConfig", _llama_config(cfg)[1] | dict(attention_multiplier=cfg.head_dim ** -0.5)))
+
+
+def _gemma_steps_not_folded(monkeypatch):
+    """Gemmoe's norms and embedding scale not folded into Mixtral's tensors."""
+    _entry_changed(monkeypatch, "GemmoeForCausalLM", plain=None)
+
+
 # The wrong variant each architecture's check is shown to fail on: the part of its mapping it has
 # of its own (fused linears split by the converter, experts, Gemma's stored norms, Cohere's per-head
-# norms, the biases of an ungated MLP in runtime order), else the packed weights' permutation.
+# norms, the biases of an ungated MLP in runtime order; a remote-code family's renames, config or
+# folded tensors), else the packed weights' permutation.
 WRONG_VARIANTS = {
     **dict.fromkeys(("Phi3ForCausalLM", "Glm4ForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM"),
                     _fused_parts_reversed),
@@ -116,6 +156,11 @@ WRONG_VARIANTS = {
                     _norm_offset_removed),
     "CohereForCausalLM": _head_norms_shared,
     "Starcoder2ForCausalLM": _bias_as_stored,
+    "YiForCausalLM": _renames_swapped("YiForCausalLM", ".ln1.", ".ln2."),
+    "InternLM2ForCausalLM": _renames_swapped("InternLM2ForCausalLM", ".w1.", ".w3."),
+    "OrionForCausalLM": _orion_norm_biases_dropped,
+    "MiniCPMForCausalLM": _minicpm_multipliers_dropped,
+    "GemmoeForCausalLM": _gemma_steps_not_folded,
 }
 
 

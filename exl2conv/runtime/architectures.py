@@ -14,10 +14,15 @@ the file stores them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from exl2conv.errors import Exl2Error
-from exl2conv.model.arch import apply_renames
+from exl2conv.model.arch import ARCHS, apply_renames
+from exl2conv.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,13 @@ class RuntimeArch:
     ``experts``: the EXL2 short names of each expert's gate, up and down linears; ``experts_act``
     the attribute path of the activation inside the class's experts module. ``no_vision``: the
     entry used instead when config.json has no vision_config (a Gemma3ForCausalLM, converted to
-    Gemma3ForConditionalGeneration's layout with no vision tower: exl2conv.model.arch)."""
+    Gemma3ForConditionalGeneration's layout with no vision tower: exl2conv.model.arch).
+
+    A family with no transformers class of its own (remote code on the hub) runs as a class that
+    computes the same model: ``config`` builds that class's config (its name and arguments) from
+    exl2conv's reading of config.json (:class:`exl2conv.model.config.ModelConfig`, which reads it
+    as ExLlamaV2 0.3.2 does), and ``plain``, where the class computes a step differently, takes
+    each unquantized tensor (its EXL2 name, the tensor, the config) to what the class expects."""
 
     cls: str
     text_config: bool = False
@@ -39,6 +50,8 @@ class RuntimeArch:
     experts: tuple[str, str, str] | None = None
     experts_act: str = "act_fn"
     no_vision: "RuntimeArch | None" = None
+    config: Callable[[ModelConfig], tuple[str, dict]] | None = None
+    plain: Callable[[str, torch.Tensor, ModelConfig], torch.Tensor] | None = None
 
 
 def _fused(old: str, new: str, parts: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -58,6 +71,67 @@ _LANGUAGE_MODEL_VL = (("$language_model.model.", "model.language_model."), ("$la
                       ("$vision_tower.", "model.vision_tower."),
                       ("$multi_modal_projector.", "model.multi_modal_projector."))
 _QWEN2_VL = (("$model.", "model.language_model."), ("$visual.", "model.visual."))
+
+
+
+# -- the remote-code families, as transformers classes that compute them ----------------------------
+
+def _decoder_config(cfg: ModelConfig) -> dict:
+    """The arguments every decoder config of transformers takes, from exl2conv's reading."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+                rope_scaling=cfg.rope_scaling, hidden_act=ARCHS[cfg.arch].act, bos_token_id=cfg.bos_token_id,
+                eos_token_id=list(cfg.eos_token_ids) or None, tie_word_embeddings=False)
+
+
+def _llama_config(cfg: ModelConfig) -> tuple[str, dict]:
+    """Yi, Index and InternLM2 are Llama's arithmetic under other names (Index's norm_head is
+    applied to the head before it is quantized: exl2conv.model.forward.load_head)."""
+    return "LlamaConfig", _decoder_config(cfg) | dict(rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attention_bias,
+                                                      mlp_bias=cfg.mlp_bias)
+
+
+def _stablelm_config(cfg: ModelConfig) -> tuple[str, dict]:
+    """Orion is Llama with LayerNorms (weight and bias) in place of RMSNorms: StableLM's
+    arithmetic with full rotary, no q/k norms and sequential residuals. StableLM derives its
+    head size from hidden_size / heads; a model whose head_dim differs is refused."""
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise Exl2Error(f"architecture {cfg.arch}: head_dim {cfg.head_dim} x {cfg.num_heads} heads is not "
+                        f"hidden_size {cfg.hidden_size}; the EXL2 runtime runs {cfg.arch} only where it is")
+    return "StableLmConfig", _decoder_config(cfg) | dict(
+        layer_norm_eps=cfg.norm_eps, use_qkv_bias=cfg.attention_bias, partial_rotary_factor=cfg.partial_rotary_factor,
+        qk_layernorm=False, use_parallel_residual=False)
+
+
+def _granite_config(cfg: ModelConfig) -> tuple[str, dict]:
+    """MiniCPM is Granite's arithmetic: embeddings times scale_emb, each block's output times
+    scale_depth / sqrt(layers) before the residual, logits divided by hidden / dim_model_base
+    (ModelConfig's embedding_multiplier, residual_scale and logit_scale)."""
+    return "GraniteConfig", _llama_config(cfg)[1] | dict(
+        embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_scale,
+        logits_scaling=1.0 / cfg.logit_scale, attention_multiplier=cfg.attn_scale or cfg.head_dim ** -0.5)
+
+
+def _mixtral_config(cfg: ModelConfig) -> tuple[str, dict]:
+    """Gemmoe's layers are Mixtral's with Gemma's norms, embeddings and GELU (:func:`_gemma_tensor`)."""
+    return "MixtralConfig", _decoder_config(cfg) | dict(
+        rms_norm_eps=cfg.norm_eps, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+        sliding_window=None)
+
+
+def _gemma_tensor(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Gemma's steps folded into a Llama-style class's tensors: an RMSNorm multiplies by 1 + w
+    (the files hold w), and the embeddings are scaled by sqrt(hidden) in their own dtype, as
+    Gemma scales the rows it looks up (the head is its own quantized linear, so the table may
+    carry the factor)."""
+    if name.endswith("norm.weight"):
+        return t + cfg.norm_offset
+    if name == "model.embed_tokens.weight":
+        return t * torch.tensor(math.sqrt(cfg.hidden_size), dtype=t.dtype)
+    return t
+
 
 RUNTIME: dict[str, RuntimeArch] = {
     # the tensors keep the class's own names
@@ -89,11 +163,19 @@ RUNTIME: dict[str, RuntimeArch] = {
         *_fused("self_attn.", "norm_attn_norm.attn.Wqkv", _QKV),
         (".self_attn.o_proj.", ".norm_attn_norm.attn.out_proj."), (".block_sparse_moe.gate.", ".ffn.router.layer."),
         (".block_sparse_moe.experts.", ".ffn.experts."))),
+    # Remote-code families (no transformers class of their own), each as a class that computes it
+    "YiForCausalLM": RuntimeArch("LlamaForCausalLM", config=_llama_config, rename=(
+        (".ln1.", ".input_layernorm."), (".ln2.", ".post_attention_layernorm."))),
+    "IndexForCausalLM": RuntimeArch("LlamaForCausalLM", config=_llama_config),
+    "InternLM2ForCausalLM": RuntimeArch("LlamaForCausalLM", config=_llama_config, rename=(
+        (".attention_norm.", ".input_layernorm."), (".ffn_norm.", ".post_attention_layernorm."),
+        (".feed_forward.w1.", ".mlp.gate_proj."), (".feed_forward.w3.", ".mlp.up_proj."),
+        (".feed_forward.w2.", ".mlp.down_proj."))),
+    "OrionForCausalLM": RuntimeArch("StableLmForCausalLM", config=_stablelm_config),
+    "MiniCPMForCausalLM": RuntimeArch("GraniteForCausalLM", config=_granite_config),
+    "GemmoeForCausalLM": RuntimeArch("MixtralForCausalLM", config=_mixtral_config, plain=_gemma_tensor,
+                                     rename=((".block_sparse_moe.", ".mlp."),), experts=("w1", "w3", "w2")),
 }
-
-# Architectures exl2conv converts that transformers 5 has no class for (remote code on the hub)
-NO_CLASS = ("YiForCausalLM", "OrionForCausalLM", "IndexForCausalLM", "MiniCPMForCausalLM", "InternLM2ForCausalLM",
-            "GemmoeForCausalLM")
 
 
 def runtime_arch(arch: str, raw_config: dict) -> RuntimeArch:
@@ -101,9 +183,7 @@ def runtime_arch(arch: str, raw_config: dict) -> RuntimeArch:
     Exl2Error of one line naming what the runtime supports."""
     entry = RUNTIME.get(arch)
     if entry is None:
-        why = "it has no transformers class (remote code)" if arch in NO_CLASS else "it is not supported"
-        raise Exl2Error(f"architecture {arch}: the EXL2 runtime cannot load it, {why}; "
-                        f"supported: {', '.join(RUNTIME)}")
+        raise Exl2Error(f"architecture {arch}: the EXL2 runtime cannot load it; supported: {', '.join(RUNTIME)}")
     if entry.no_vision is not None and "vision_config" not in raw_config:
         return entry.no_vision
     return entry

@@ -52,12 +52,12 @@ def _config_json(path: Path) -> dict:
         raise Exl2Error(f"{path / 'config.json'}: not readable ({exc})") from None
 
 
-def _linear_specs(path: Path) -> dict:
-    """EXL2 name -> exl2conv.model's LinearSpec of every layer linear in the folder (the head is not
-    among them): the real output width of each (the files pad it to 32) and its role."""
-    from exl2conv.model import arch, load_config
+def _linear_specs(cfg) -> dict:
+    """EXL2 name -> exl2conv.model's LinearSpec of every layer linear in the folder of ``cfg``
+    (the head is not among them): the real output width of each (the files pad it to 32) and its
+    role."""
+    from exl2conv.model import arch
 
-    cfg = load_config(path)
     return {arch.output_name(cfg, s.name): s
             for i in range(cfg.num_layers) for s in arch.layer_linears(cfg, i).values()}
 
@@ -214,9 +214,14 @@ def _plain_tensor(where: dict, key: str, like: torch.Tensor, dtype: torch.dtype,
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def _build(tf, path: Path, entry: RuntimeArch):
-    """The class of ``entry``, its parameters on the meta device, configured from ``path``."""
-    config = tf.AutoConfig.from_pretrained(str(path))
+def _build(tf, path: Path, entry: RuntimeArch, cfg):
+    """The class of ``entry``, its parameters on the meta device, configured from ``path`` (a
+    remote-code family: from ``cfg``, exl2conv's reading of it, through ``entry.config``)."""
+    if entry.config is not None:
+        config_class, kwargs = entry.config(cfg)
+        config = getattr(tf, config_class)(**kwargs)
+    else:
+        config = tf.AutoConfig.from_pretrained(str(path))
     if entry.text_config:
         config = config.text_config
     # The head is its own quantized linear even in a tied model (ExLlamaV2 quantizes the
@@ -246,10 +251,13 @@ class Exl2ForCausalLM:
         entry = runtime_arch((raw.get("architectures") or ["(none)"])[0], raw)
         tf = _transformers()
         device = torch.device(device)
+        from exl2conv.model import load_config
+
         with ExitStack() as stack:
             where = open_tensors(_files(path), stack)
-            specs = _linear_specs(path)
-            model = _build(tf, path, entry)
+            cfg = load_config(path)
+            specs = _linear_specs(cfg)
+            model = _build(tf, path, entry, cfg)
             _install_experts(model, entry, specs)
             load_linears(model, where, device, cache_decoded, entry, specs)
             names = {class_name(entry, k): k for k in where}
@@ -260,6 +268,8 @@ class Exl2ForCausalLM:
                 if key not in names:
                     raise FormatError(f"{path}: {key} is missing from the EXL2 files")
                 state[key] = _plain_tensor(where, names[key], t, dtype, device)
+                if entry.plain is not None:
+                    state[key] = entry.plain(names[key], state[key], cfg)
             model.load_state_dict(state, strict=False, assign=True)
         model.to(device)
         model.config.dtype = dtype

@@ -497,21 +497,15 @@ def test_a_parallel_block_model_killed_and_rerun_resumes_to_the_same_bytes(tmp_p
 
 # -- the runtime (issue 30) -------------------------------------------------------------------------
 
-def test_the_runtime_runs_it_or_refuses_it(converted, monkeypatch):
+def test_the_runtime_runs_it(converted, monkeypatch):
     """exl2conv.runtime on the output: logits within 1e-5 of the decoded forward's in float32,
     greedy generate() following it, each check failing on the architecture's wrong variant of the
-    loader (tests.runtime_checks); the remote-code families, which have no transformers class,
-    refused in one line."""
+    loader (tests.runtime_checks); the remote-code families as the transformers classes that
+    compute them (exl2conv.runtime.architectures)."""
     pytest.importorskip("transformers")
-    from exl2conv.errors import Exl2Error
-    from exl2conv.runtime import Exl2ForCausalLM
     from tests.runtime_checks import check_runtime
 
     arch, _, out = converted
-    if arch in REMOTE_ARCHS:
-        with pytest.raises(Exl2Error, match=f"{arch}: .* no transformers class"):
-            Exl2ForCausalLM.from_quantized(out)
-        return
     check_runtime(out, arch, monkeypatch)
 
 

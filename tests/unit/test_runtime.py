@@ -94,15 +94,39 @@ def test_inconsistent_tensors_and_widths_are_refused():
         Exl2Linear(t, N + 1, "lin")
 
 
-@pytest.mark.parametrize("arch, why", [("YiForCausalLM", "no transformers class"),
-                                       ("BertForMaskedLM", "not supported")])
-def test_unsupported_architecture_is_refused_in_one_line(tmp_path, arch, why):
-    """A remote-code architecture exl2conv converts (no transformers class), and one it does not."""
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+def test_unsupported_architecture_is_refused_in_one_line(tmp_path):
+    """An architecture exl2conv does not convert."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
     with pytest.raises(Exl2Error) as exc:
         Exl2ForCausalLM.from_quantized(tmp_path)
     msg = str(exc.value)
-    assert "\n" not in msg and arch in msg and why in msg and "LlamaForCausalLM, MistralForCausalLM" in msg
+    assert "\n" not in msg and "BertForMaskedLM" in msg and "cannot load" in msg
+    assert "LlamaForCausalLM, MistralForCausalLM" in msg and "GemmoeForCausalLM" in msg
+
+
+def test_orion_with_a_head_size_stablelm_cannot_hold_is_refused():
+    """StableLM derives head_dim from hidden / heads; an Orion whose head_dim differs is refused
+    in one line rather than built with the wrong attention shapes."""
+    import dataclasses
+
+    from exl2conv.runtime.architectures import RUNTIME
+
+    cfg = _orion_like(head_dim=16, hidden=64, heads=4)
+    assert RUNTIME["OrionForCausalLM"].config(cfg)[0] == "StableLmConfig"
+    with pytest.raises(Exl2Error, match="head_dim 8 x 4 heads is not hidden_size 64"):
+        RUNTIME["OrionForCausalLM"].config(dataclasses.replace(cfg, head_dim=8))
+
+
+def _orion_like(head_dim: int, hidden: int, heads: int):
+    from pathlib import Path
+
+    from exl2conv.model.config import ModelConfig
+
+    return ModelConfig(model_dir=Path("."), arch="OrionForCausalLM", hidden_size=hidden, intermediate_size=128,
+                       num_layers=1, num_heads=heads, num_kv_heads=heads, head_dim=head_dim, vocab_size=32,
+                       norm_eps=1e-5, rope_theta=1e4, rope_scaling=None, max_position_embeddings=64,
+                       tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=None,
+                       eos_token_ids=(), sliding_window=None)
 
 
 def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
@@ -120,19 +144,23 @@ def test_package_exports_the_loader():
     assert exl2conv.Exl2ForCausalLM is Exl2ForCausalLM
 
 
-def test_every_architecture_exl2conv_writes_is_run_or_refused():
-    """The runtime's table and its refusals cover the architectures' output layouts (a
-    Gemma3ForCausalLM is written as a Gemma3ForConditionalGeneration), and each class it names
-    is transformers'."""
+def test_every_architecture_exl2conv_writes_is_run():
+    """The runtime's table covers the architectures' output layouts (a Gemma3ForCausalLM is
+    written as a Gemma3ForConditionalGeneration), and each class it names is transformers'; an
+    architecture transformers has no class for (remote code) names the class and config that
+    compute it."""
     tf = pytest.importorskip("transformers")
     from exl2conv.model.arch import ARCHS
-    from exl2conv.runtime.architectures import NO_CLASS, RUNTIME
+    from exl2conv.runtime.architectures import RUNTIME
 
     written = {spec.out_arch or name for name, spec in ARCHS.items()}
-    assert written == set(RUNTIME) | set(NO_CLASS) and not set(RUNTIME) & set(NO_CLASS)
+    assert written == set(RUNTIME)
     entries = list(RUNTIME.values()) + [e.no_vision for e in RUNTIME.values() if e.no_vision]
     assert all(hasattr(tf, e.cls) for e in entries)
-    assert not any(hasattr(tf, name) for name in NO_CLASS)
+    remote = {name for name in RUNTIME if not hasattr(tf, name)}
+    assert remote == {"YiForCausalLM", "OrionForCausalLM", "IndexForCausalLM", "MiniCPMForCausalLM",
+                      "InternLM2ForCausalLM", "GemmoeForCausalLM"}
+    assert all(RUNTIME[name].config is not None for name in remote)
 
 
 def test_names_map_to_the_class_and_fused_parts():
