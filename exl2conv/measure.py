@@ -350,7 +350,7 @@ def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factor
     """:func:`_candidates` with the candidates divided among the ranks: the module's (linear,
     setting) pairs, in the linears' and the settings' order, go to ranks by :meth:`World.owners`
     (each weighed by its linear's size), each rank makes its own, and all are gathered so that
-    every rank holds every candidate. A candidate's arithmetic does not depend on the others made
+    every rank holds every candidate (:meth:`World.share`: tensor collectives). A candidate's arithmetic does not depend on the others made
     in its GPTQ pass (:func:`gptq.quantize_batches`), so it is the same bits whichever rank makes it."""
     dev = run.device
     items = [(key, i) for key in run.specs for i in range(len(settings[key]))]
@@ -363,7 +363,9 @@ def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factor
             mine += quantized_candidates(run.weights[key], spec, factors.get(spec), chosen, host_codes, buffer, arena)
         factors.done(key)
     del buffer
-    shares = world.all_gather([c.payload() for c in mine], f"the candidates of {module_name(run.specs)}")
+    # through host memory where the codes live there (a GPU then holds a slice of a rank's at a time)
+    shares = world.share([c.payload() for c in mine], f"the candidates of {module_name(run.specs)}",
+                         torch.device("cpu") if host_codes else dev)
     taken = [0] * world.size
     candidates: dict[str, list] = {key: [] for key in run.specs}
     for (key, _), r in zip(items, owner):

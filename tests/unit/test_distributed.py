@@ -226,8 +226,8 @@ def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
 
 class ThreadWorld(distributed.World):
     """A rank whose collectives meet the other ranks' threads in this process: the tensor
-    collectives (:meth:`World.gather_tensors`, :meth:`World.sum_in_order`) run their own code on
-    top of this gather."""
+    collectives (:meth:`World.gather_tensors`, :meth:`World.sum_in_order`, :meth:`World.share`)
+    run their own code on top of this gather."""
 
     def __init__(self, rank: int, size: int, slots: list, barrier: threading.Barrier, ratios=None):
         super().__init__(rank, size, ratios=tuple(ratios or (1.0,) * size))
@@ -246,6 +246,11 @@ class ThreadWorld(distributed.World):
 
     def broadcast(self, obj, what):
         return self.all_gather(obj, what)[0]
+
+    def _broadcast_bytes(self, buf, src, what):
+        sent = self.all_gather(buf.clone() if self.rank == src else None, what)[src]
+        if self.rank != src:
+            buf.copy_(sent)
 
 
 def run_as_ranks(fn, size: int = 2, ratios=None) -> dict:
@@ -297,6 +302,32 @@ def test_tensor_gathers_and_sums_in_rank_order():
         assert out[r][0].tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3]
         assert torch.equal(out[r][2], torch.full((4, 1), 1.0 + 2.0 ** -24))
     assert torch.equal(out[0][1], out[0][0]) and out[1][1] is None
+
+
+def test_items_of_tensors_are_shared_in_rank_order_through_byte_buffers():
+    """World.share: every rank's items (tensors of any dtype and shape, and plain values), in rank
+    order and bit for bit, a rank with none included, in slices of a few bytes through the wire."""
+    g = torch.Generator().manual_seed(0)
+    items = {0: [[torch.randn(3, 5, generator=g).half(), "q", torch.tensor(7, dtype=torch.int64)],
+                 [torch.rand(4, generator=g) > 0.5, torch.empty(0, 2), torch.randint(-9, 9, (3,), dtype=torch.int16)]],
+             1: [],
+             2: [[torch.randn(2, 2, 2, generator=g), None, torch.arange(5, dtype=torch.uint8)]]}
+
+    def shared():
+        world = distributed.active()
+        return world.share(items[world.rank], "items", torch.device("cpu"), step_bytes=24)
+
+    results = run_as_ranks(shared, size=3)
+    assert sorted(results) == [0, 1, 2]  # no rank failed
+    for got in results.values():
+        assert len(got) == 3 and [len(r) for r in got] == [2, 0, 1]
+        for r in range(3):
+            for want_item, got_item in zip(items[r], got[r]):
+                for want, x in zip(want_item, got_item):
+                    if isinstance(want, torch.Tensor):
+                        assert x.dtype == want.dtype and x.shape == want.shape and torch.equal(x, want)
+                    else:
+                        assert x == want
 
 
 def test_hessians_and_expert_coverage_are_summed_over_the_ranks():
