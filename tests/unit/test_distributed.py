@@ -193,6 +193,31 @@ def test_a_bad_device_is_refused_by_the_command_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_fewer_rows_than_ranks_are_refused_before_any_work(tmp_path, capsys):
+    """-d with more devices than a pass has calibration rows: one line naming -d and the row
+    count, before any process starts or the working folder is made (not at the measurement)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from exl2conv.calib_rows import planned_rows
+    from exl2conv.cli import main
+
+    model = make_tiny_llama(tmp_path / "m", seed=1, layers=1)
+    data = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["some calibration text " * 40] * 8}), data)
+    args = ["-i", str(model), "-o", str(tmp_path / "w"), "-c", str(data), "-ml", "128", "-l", "128", "-b", "4.0"]
+    assert main([*args, "-mr", "2", "-r", "8", "-d", "cpu,cpu,cpu"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "## Error: -d cpu,cpu,cpu: 3 ranks, but the measurement calibration set has 2 rows and each rank needs at "
+        "least one; give more rows (-mr) or fewer devices"], err
+    assert not (tmp_path / "w").exists()
+    # the built-in set fixes its own counts; a pass the job will not run is not counted
+    assert planned_rows({"in_dir": str(model)}, tmp_path / "w") == {"measure": 19, "quant": 115}
+    assert planned_rows({"cal_dataset": str(data), "measurement_rows": 2, "dataset_rows": 8,
+                         "output_measurement": "m.json"}, tmp_path / "w") == {"measure": 2}
+
+
 def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
     class Done:
         def __init__(self, code):
