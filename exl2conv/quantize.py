@@ -161,11 +161,16 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
         limit = grad_rows(cfg, states.shape[1], dev) if kind in ("attn", "parallel") else None
         rows = rows if limit is None else min(rows, limit)
         rows = -(-target.shape[0] // -(-target.shape[0] // rows))  # calls of equal size: 8 + 8, not 11 + 5
-        # several ranks: the tweak's rows gathered from the ranks that hold them, and each rank
-        # runs the whole tweak (its rows are few; the same inputs give the same norm everywhere)
-        first = shared_rows.first_rows(world, states, target.shape[0], module_name(specs, cfg))
-        g, before, after = tweak.tweak_norm(run.replace(weights=quantized, chunk=rows), first.to(dev), target,
-                                            err_weight)
+        # several ranks: rank 0 alone runs the tweak, on its rows gathered from the ranks that
+        # hold them, and shares the norm (its gradient sums over those rows in one process's
+        # order: divided, the bits would change; every rank would only wait for it anyway)
+        first = shared_rows.first_rows(world, states, target.shape[0], module_name(specs, cfg), to_main=True)
+        mine = []
+        if world.is_main:
+            mine = [list(tweak.tweak_norm(run.replace(weights=quantized, chunk=rows), first.to(dev), target,
+                                          err_weight))]
+        del first
+        g, before, after = world.share(mine, f"the tweaked norm of {module_name(specs, cfg)}", dev)[0][0]
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
     with stop.held():  # the outputs replace the inputs: a checkpoint of the inputs needs all or none
