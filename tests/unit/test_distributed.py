@@ -465,14 +465,19 @@ def test_two_ranks_share_a_modules_rows_and_linears_and_quantize_as_one_process(
     states = torch.randn(4, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0)
     entry = measure.measure_module(run, states)[0][3]
-    made = {}
-    real = quantize.quantize_linear
+    made, tweaked_on = {}, []
+    real, real_tweak = quantize.quantize_linear, quantize.tweak.tweak_norm
 
     def spy(*args, **kwargs):
         made.setdefault(threading.current_thread().name, []).append(args[2].name)
         return real(*args, **kwargs)
 
+    def spy_tweak(*args, **kwargs):
+        tweaked_on.append(threading.current_thread().name)
+        return real_tweak(*args, **kwargs)
+
     monkeypatch.setattr(quantize, "quantize_linear", spy)
+    monkeypatch.setattr(quantize.tweak, "tweak_norm", spy_tweak)
 
     def quantized():
         saved, rows = {}, distributed.active().row_range(states.shape[0])
@@ -493,3 +498,4 @@ def test_two_ranks_share_a_modules_rows_and_linears_and_quantize_as_one_process(
     torch.testing.assert_close(ranks[0][4], one[4], rtol=1e-4, atol=1e-6)
     assert sorted(made) == ["rank0", "rank1"]
     assert sorted(made["rank0"] + made["rank1"]) == sorted(names)
+    assert tweaked_on == ["MainThread", "rank0"]  # rank 0 alone tweaks; rank 1 gets its norm
