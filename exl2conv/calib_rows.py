@@ -6,11 +6,14 @@ and those rows' embeddings, recomputed from the saved ids wherever a pass needs 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from exl2conv import calibration, noise_rows
+from exl2conv.errors import Exl2Error
+from exl2conv.job import ARG_BY_FIELD, JOB_FILE, ROWS_USED, STAGE_ORDER, Stage
 from exl2conv.model import arch, forward
 
 
@@ -18,6 +21,54 @@ def noise_count(cfg, which: str) -> int:
     """The noise rows the built-in set of pass ``which`` ("measure" or "quant") gets for this
     architecture (``ArchSpec.calib_noise``; 0 for most)."""
     return arch.spec_of(cfg).calib_noise[which == "quant"]
+
+
+def planned_rows(values: dict, out_dir: str | Path, no_resume: bool = False) -> dict[str, int]:
+    """The calibration rows of each pass the job is still to run (``{"measure": n, "quant": n}``),
+    known before any work: what the working folder's job recorded (a resume), else -mr / -r with a
+    parquet dataset or the built-in set's own count (and the architecture's noise rows) without
+    one. ``values``: the command's job fields (None where not given: then the saved job's, else the
+    default). A pass the job will not run (-m reuses a measurement, -om ends after it, the job is
+    past it) is left out, and so is the built-in set of a model whose config cannot be read (the
+    job refuses that model itself, with its own line)."""
+    saved: dict = {}
+    job_file = Path(out_dir).expanduser() / JOB_FILE
+    if not no_resume and job_file.is_file():
+        try:
+            saved = json.loads(job_file.read_text())
+        except (OSError, ValueError):
+            saved = {}  # the job's own opening says what is wrong with it
+
+    def value(field: str):
+        given = values.get(field)
+        given = saved.get(field) if given is None else given
+        return ARG_BY_FIELD[field].default if given is None else given
+
+    try:
+        stage = STAGE_ORDER.index(Stage(saved.get("progress", Stage.BEGIN.value)))
+    except ValueError:
+        stage = 0
+    passes = []
+    if not value("reuse_measurement") and stage <= STAGE_ORDER.index(Stage.MEASURE):
+        passes.append("measure")
+    if not value("output_measurement") and stage <= STAGE_ORDER.index(Stage.QUANT):
+        passes.append("quant")
+    used = saved.get(ROWS_USED) or {}
+    out: dict[str, int] = {}
+    for which in passes:
+        if which in used:
+            out[which] = int(used[which])
+        elif value("cal_dataset"):
+            out[which] = int(value("measurement_rows" if which == "measure" else "dataset_rows"))
+        else:
+            try:
+                from exl2conv.model import load_config
+
+                noise = noise_count(load_config(Path(value("in_dir")).expanduser()), which) if value("in_dir") else 0
+            except (Exl2Error, OSError, ValueError):
+                continue
+            out[which] = calibration.builtin_row_count(which) + noise
+    return out
 
 
 def tokenize(ctx, which: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ size, decoded on demand with the runtime's float16 arithmetic."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -48,18 +49,23 @@ class Coded:
         ops.codes_of(res.q, scale, group, zero, codes)
         return cls(codes=codes, zero=zero, scale=scale, group=group, invperm=invperm, out_features=out_features)
 
-    def payload(self) -> tuple:
-        """The weight's tensors on the CPU, to send to another rank (:meth:`from_payload`)."""
-        return (self.codes.cpu(), self.zero.cpu(), self.scale.cpu(), self.group.cpu(), self.invperm.cpu(),
-                self.out_features)
+    def payload(self) -> list:
+        """The weight's tensors where they are and its size, to send to another rank
+        (:meth:`World.share`; :meth:`from_payload` makes the weight again)."""
+        return [self.codes, self.zero, self.scale, self.group, self.invperm, self.out_features]
 
     @classmethod
-    def from_payload(cls, payload: tuple, device: torch.device, host_codes: bool = False,
+    def from_payload(cls, payload: Sequence, device: torch.device, host_codes: bool = False,
                      arena: HostArena | None = None) -> "Coded":
         """A weight another rank sent (:meth:`payload`), where this rank's own would be: on
-        ``device``, with ``host_codes`` its codes in (pinned) host memory as :meth:`to_host` puts them."""
+        ``device``, with ``host_codes`` its codes in (pinned) host memory as :meth:`to_host` puts
+        them (codes that came in host memory go there directly, not through the GPU)."""
         codes, zero, scale, group, invperm, out_features = payload
-        made = cls(codes=codes.to(device), zero=zero.to(device), scale=scale.to(device), group=group.to(device),
+        if host_codes and codes.device.type == "cpu":
+            codes = arena.copy_of(codes) if arena is not None else pinned_copy(codes, non_blocking=False)
+        else:
+            codes = codes.to(device)
+        made = cls(codes=codes, zero=zero.to(device), scale=scale.to(device), group=group.to(device),
                    invperm=invperm.to(device), out_features=out_features)
         return made.to_host(arena) if host_codes else made
 

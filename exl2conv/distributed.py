@@ -182,6 +182,39 @@ class World:
             flat[r0:r0 + step] = acc.to(flat.device)
         return t
 
+    def _broadcast_bytes(self, buf: torch.Tensor, src: int, what: str) -> None:
+        """Rank ``src``'s bytes ``buf`` (uint8, 1-D, of one length on every rank) into every rank's ``buf``."""
+        import torch.distributed as dist
+
+        wire = buf if buf.device == self._wire() else buf.to(self._wire())
+        self._collective(what, lambda: dist.broadcast(wire, src=src))
+        if wire is not buf and self.rank != src:
+            buf.copy_(wire)
+
+    def share(self, mine: Sequence[Sequence[Any]], what: str, device: torch.device,
+              step_bytes: int = 256 << 20) -> list[list[list[Any]]]:
+        """Every rank's items, in rank order: ``mine`` is this rank's, each item a list of tensors
+        and small picklable values. The tensors travel through tensor collectives (no pickling:
+        each rank's packed into one byte buffer on ``device`` and broadcast from it, ``step_bytes``
+        at a time through the wire device, so that a GPU under NCCL never holds a whole buffer
+        from host memory); the other values and the tensors' shapes and dtypes go in one small
+        object gather first. This rank's items come back as given; another rank's tensors as
+        contiguous views of one buffer on ``device`` (clone one to keep it apart from the others)."""
+        if not self.shared:
+            return [[list(item) for item in mine]]
+        layout, nbytes = _layout(mine)
+        layouts = self.all_gather((layout, nbytes), what)
+        out: list[list[list[Any]]] = []
+        for r, (lay, n) in enumerate(layouts):
+            if r == self.rank:
+                buf = _packed(mine, lay, n, device) if n else None
+            else:
+                buf = torch.empty(n, dtype=torch.uint8, device=device) if n else None
+            for a in range(0, n, step_bytes):
+                self._broadcast_bytes(buf[a:a + step_bytes], r, what)
+            out.append([list(item) for item in mine] if r == self.rank else _unpacked(buf, lay, device))
+        return out
+
     def broadcast(self, obj: Any, what: str) -> Any:
         """Rank 0's ``obj`` on every rank (the others' ``obj`` is ignored)."""
         if not self.shared:
@@ -220,6 +253,53 @@ def _reason(exc: BaseException) -> str:
     ("[.../pair.cc:553] Connection closed by peer [127.0.0.1]:3504. This is typically ...")."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
     return text.split(". ")[0][:160] or exc.__class__.__name__
+
+
+# -- items of tensors packed into one byte buffer (World.share) ----------------------------------------
+
+_ALIGN = 16  # each tensor's bytes start at a multiple of this, so that a view of any dtype is allowed
+
+
+def _layout(items: Sequence[Sequence[Any]]) -> tuple[list[list[Any]], int]:
+    """Each item's entries as ("t", shape, dtype, offset, nbytes) for a tensor or ("v", value),
+    and the buffer's length."""
+    out, pos = [], 0
+    for item in items:
+        entries = []
+        for x in item:
+            if isinstance(x, torch.Tensor):
+                n = x.numel() * x.element_size()
+                entries.append(("t", tuple(x.shape), x.dtype, pos, n))
+                pos += -(-n // _ALIGN) * _ALIGN
+            else:
+                entries.append(("v", x))
+        out.append(entries)
+    return out, pos
+
+
+def _packed(items: Sequence[Sequence[Any]], layout: list[list[Any]], nbytes: int, device: torch.device
+            ) -> torch.Tensor:
+    buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)  # zeros: the alignment gaps too are fixed bytes
+    for item, entries in zip(items, layout):
+        for x, e in zip(item, entries):
+            if e[0] == "t" and e[4]:
+                buf[e[3]:e[3] + e[4]].copy_(x.contiguous().reshape(-1).view(torch.uint8))
+    return buf
+
+
+def _unpacked(buf: torch.Tensor | None, layout: list[list[Any]], device: torch.device) -> list[list[Any]]:
+    out = []
+    for entries in layout:
+        item = []
+        for e in entries:
+            if e[0] == "v":
+                item.append(e[1])
+            elif e[4] == 0:
+                item.append(torch.empty(e[1], dtype=e[2], device=device))
+            else:
+                item.append(buf[e[3]:e[3] + e[4]].view(e[2]).view(e[1]))
+        out.append(item)
+    return out
 
 
 SINGLE = World()

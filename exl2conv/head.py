@@ -31,24 +31,39 @@ def quantize_head(ctx, states: torch.Tensor, save, stream: torch.Tensor | None =
     cfg, dev = ctx.cfg, ctx.device
     spec = arch.head_spec(cfg, ctx.weights)
     g, bias = forward.load_final_norm(ctx.weights, cfg, dev)
+    world = distributed.active()
     # on a GPU in its own 2-byte dtype (a 7B head is 0.5 GiB in float32): GPTQ and the forwards
-    # widen it exactly where they need float32
-    w = forward.load_head(ctx.weights, cfg, dev, ctx.weights.held_dtype(spec.tensor, dev.type == "cuda"))
+    # widen it exactly where they need float32; read by the head's GPTQ and the final norm's
+    # tweak, both rank 0's alone (below)
+    w = forward.load_head(ctx.weights, cfg, dev, ctx.weights.held_dtype(spec.tensor, dev.type == "cuda")) \
+        if world.is_main else None
     h = Hessian(spec.in_features, dev)
     for r in range(states.shape[0]):
         h.add(forward.final_norm(states[r].to(dev), g, cfg, bias))
-    world = distributed.active()
     shared_rows.reduce_hessians(world, {"head": h}, spec.name)  # several ranks: each added its own rows
-    prep = prepare(h, spec.name)
-    del h
-    tensors, decoded, rep = quantize_linear(w, None, spec, prep, HEAD_OPTIONS[int(ctx.job["head_bits"])])
-    save(spec.name, tensors)
-    del tensors, prep
+    # several ranks: rank 0 alone runs the head's GPTQ (one linear; its scales share a per-group
+    # maximum over all columns, so it cannot be split without other bits) and saves it, the others
+    # get its decoded weight, which their rows' tweak and perplexity need
+    mine = []
+    if world.is_main:
+        prep = prepare(h, spec.name)
+        del h
+        tensors, decoded, rep = quantize_linear(w, None, spec, prep, HEAD_OPTIONS[int(ctx.job["head_bits"])])
+        save(spec.name, tensors)
+        del tensors, prep
+        mine = [[decoded, rep]]
+    else:
+        del h
+    if world.shared:
+        decoded, rep = world.share(mine, f"the quantized {spec.name}", dev)[0][0]
     release_unused(dev)  # GPTQ's and the packing's buffers, before the tweak's
     out: dict[str, Any] = {}
-    if stream is not None:
-        first = shared_rows.first_rows(world, states, stream.shape[0], spec.name)
-        g, before, after = tweak.tweak_final_norm(first.to(dev), stream, g, w, decoded, cfg, bias=bias)
+    if stream is not None:  # several ranks: rank 0's alone, as the modules' (quantize.quantize_module)
+        first = shared_rows.first_rows(world, states, stream.shape[0], spec.name, to_main=True)
+        mine = [list(tweak.tweak_final_norm(first.to(dev), stream, g, w, decoded, cfg, bias=bias))] \
+            if world.is_main else []
+        del first
+        g, before, after = world.share(mine, f"the tweaked {arch.final_norm_tensor(cfg)}", dev)[0][0]
         tweak.save_norm(save, arch.final_norm_tensor(cfg), g, cfg)
         out["tweak"] = [before, after]
     del w

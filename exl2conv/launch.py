@@ -103,6 +103,19 @@ def parse_ratios(ratios: str | None, count: int, what: str) -> tuple[float, ...]
     return values
 
 
+def check_rows(ranks: int, what: str, rows: dict[str, int], dataset: bool) -> None:
+    """Refuse, before any work, a job whose calibration set has fewer rows than it has ranks: each
+    rank holds at least one row of every pass (:meth:`World.row_range`). ``what``: the flag that
+    made the ranks (``-d cpu,cpu``, ``WORLD_SIZE=4``); ``rows``: :func:`calib_rows.planned_rows`."""
+    for which, count in rows.items():
+        if count < ranks:
+            flag = "-mr" if which == "measure" else "-r"
+            more = f"more rows ({flag})" if dataset else f"a parquet dataset with more rows (-c, {flag})"
+            raise Exl2Error(f"{what}: {ranks} ranks, but the {'measurement' if which == 'measure' else 'quantization'} "
+                            f"calibration set has {count} rows and each rank needs at least one; give {more} or "
+                            "fewer devices")
+
+
 # -- the launcher --------------------------------------------------------------------------------
 
 

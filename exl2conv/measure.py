@@ -138,10 +138,11 @@ class Factors:
             self.preps[src] = prepare(self.hess.pop(src).to(self.device), self.label(spec))
         return self.preps[src]
 
-    def prepare_all(self) -> None:
-        """Every factor now, in the linears' order."""
-        for spec in self.specs.values():
-            self.get(spec)
+    def prepare_all(self, keys=None) -> None:
+        """Every factor now (or those of the linears ``keys``), in the linears' order."""
+        for key, spec in self.specs.items():
+            if keys is None or key in keys:
+                self.get(spec)
 
     def done(self, key: str) -> None:
         """Linear ``key`` has used its factor: it goes if no later linear reads it (with its
@@ -301,13 +302,14 @@ def _scored_table(run: ModuleRun, states: torch.Tensor, y_ref: torch.Tensor, fac
                                      module_name(run.specs), dim=1)
 
 
-def _pass_buffer(dev: torch.device, factors: Factors, numel: int, large: bool) -> torch.Tensor | None:
-    """On a GPU, every factor first, then one pass buffer of ``numel`` floats for all the linears'
-    GPTQ passes: no [K, K] temporaries made between passes, nothing taking the place of a freed
-    pass. None on the CPU (each pass allocates its own)."""
+def _pass_buffer(dev: torch.device, factors: Factors, numel: int, large: bool, keys=None) -> torch.Tensor | None:
+    """On a GPU, every factor first (those of the linears ``keys``, where given: a rank's), then
+    one pass buffer of ``numel`` floats for all the linears' GPTQ passes: no [K, K] temporaries
+    made between passes, nothing taking the place of a freed pass. None on the CPU (each pass
+    allocates its own)."""
     if dev.type != "cuda":
         return None
-    factors.prepare_all()
+    factors.prepare_all(keys)
     if large:
         memory.release_unused(dev)
     return torch.empty(numel, dtype=torch.float32, device=dev)
@@ -350,12 +352,15 @@ def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factor
     """:func:`_candidates` with the candidates divided among the ranks: the module's (linear,
     setting) pairs, in the linears' and the settings' order, go to ranks by :meth:`World.owners`
     (each weighed by its linear's size), each rank makes its own, and all are gathered so that
-    every rank holds every candidate. A candidate's arithmetic does not depend on the others made
+    every rank holds every candidate (:meth:`World.share`: tensor collectives). A candidate's arithmetic does not depend on the others made
     in its GPTQ pass (:func:`gptq.quantize_batches`), so it is the same bits whichever rank makes it."""
     dev = run.device
     items = [(key, i) for key in run.specs for i in range(len(settings[key]))]
     owner = world.owners([float(run.specs[key].in_features * run.specs[key].padded_out) for key, _ in items])
-    buffer = _pass_buffer(dev, factors, numel, large)
+    # a rank prepares only the factors of the linears it makes candidates of: scoring needs the
+    # candidates, not the factors (the owners spread each linear's settings over the ranks, so
+    # this spares a factor only where a rank's share misses a linear: docs/distributed.md)
+    buffer = _pass_buffer(dev, factors, numel, large, {key for (key, _), r in zip(items, owner) if r == world.rank})
     mine: list = []
     for key, spec in run.specs.items():
         chosen = [settings[key][i] for (k, i), r in zip(items, owner) if k == key and r == world.rank]
@@ -363,7 +368,9 @@ def _shared_candidates(world: distributed.World, run: ModuleRun, factors: Factor
             mine += quantized_candidates(run.weights[key], spec, factors.get(spec), chosen, host_codes, buffer, arena)
         factors.done(key)
     del buffer
-    shares = world.all_gather([c.payload() for c in mine], f"the candidates of {module_name(run.specs)}")
+    # through host memory where the codes live there (a GPU then holds a slice of a rank's at a time)
+    shares = world.share([c.payload() for c in mine], f"the candidates of {module_name(run.specs)}",
+                         torch.device("cpu") if host_codes else dev)
     taken = [0] * world.size
     candidates: dict[str, list] = {key: [] for key in run.specs}
     for (key, _), r in zip(items, owner):

@@ -80,22 +80,27 @@ def _each_linear(run: ModuleRun, entry: dict, factors):
 def _shared_linears(world: distributed.World, run: ModuleRun, entry: dict, factors):
     """:func:`_each_linear` with the linears divided among the ranks (:meth:`World.owners`, each
     weighed by its size): each rank quantizes its own, and every rank gets every linear's packed
-    tensors and decoded weight (the next states need them all), in the linears' order. A linear's
-    GPTQ and packing do not depend on the others, so they are the same bits whichever rank runs them."""
+    tensors and decoded weight (the next states need them all; :meth:`World.share`: tensor
+    collectives), in the linears' order. A linear's GPTQ and packing do not depend on the others,
+    so they are the same bits whichever rank runs them."""
     specs = run.specs
     owner = world.owners([float(spec.in_features * spec.padded_out) for spec in specs.values()])
-    mine = {}
+    mine = []
     for (key, spec), r in zip(specs.items(), owner):
         if r == world.rank:
             tensors, decoded, rep = quantize_linear(run.weights[key], run.weights.get(f"{key}.bias"), spec,
                                                     factors.get(spec), QParams.from_dict(entry[spec.short]))
-            mine[key] = ({k: t.cpu() for k, t in tensors.items()}, decoded.cpu(), rep)
+            mine.append([rep, tuple(tensors), decoded, *tensors.values()])
         factors.done(key)
-    shares = world.all_gather(mine, f"the quantized linears of {module_name(specs, run.cfg)}")
     dev = run.device
+    shares = world.share(mine, f"the quantized linears of {module_name(specs, run.cfg)}", dev)
+    taken = [0] * world.size
     for (key, spec), r in zip(specs.items(), owner):
-        tensors, decoded, rep = shares[r][key]
-        yield key, spec, (tensors, decoded.to(dev), rep)
+        rep, names, decoded, *packed = shares[r][taken[r]]
+        taken[r] += 1
+        # the packed tensors apart from the buffer they came in: saved, each is a file's tensor of its own
+        tensors = {k: t if r == world.rank else t.clone() for k, t in zip(names, packed)}
+        yield key, spec, (tensors, decoded, rep)
 
 
 @dataclass
@@ -156,11 +161,16 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
         limit = grad_rows(cfg, states.shape[1], dev) if kind in ("attn", "parallel") else None
         rows = rows if limit is None else min(rows, limit)
         rows = -(-target.shape[0] // -(-target.shape[0] // rows))  # calls of equal size: 8 + 8, not 11 + 5
-        # several ranks: the tweak's rows gathered from the ranks that hold them, and each rank
-        # runs the whole tweak (its rows are few; the same inputs give the same norm everywhere)
-        first = shared_rows.first_rows(world, states, target.shape[0], module_name(specs, cfg))
-        g, before, after = tweak.tweak_norm(run.replace(weights=quantized, chunk=rows), first.to(dev), target,
-                                            err_weight)
+        # several ranks: rank 0 alone runs the tweak, on its rows gathered from the ranks that
+        # hold them, and shares the norm (its gradient sums over those rows in one process's
+        # order: divided, the bits would change; every rank would only wait for it anyway)
+        first = shared_rows.first_rows(world, states, target.shape[0], module_name(specs, cfg), to_main=True)
+        mine = []
+        if world.is_main:
+            mine = [list(tweak.tweak_norm(run.replace(weights=quantized, chunk=rows), first.to(dev), target,
+                                          err_weight))]
+        del first
+        g, before, after = world.share(mine, f"the tweaked norm of {module_name(specs, cfg)}", dev)[0][0]
         tweaked = Tweak(tweak.norm_key(kind, cfg), g, before, after)
         quantized[tweaked.key] = g
     with stop.held():  # the outputs replace the inputs: a checkpoint of the inputs needs all or none

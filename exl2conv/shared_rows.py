@@ -8,7 +8,7 @@ rows is summed over the ranks here, in rank order, so that no result depends on 
   into the whole set's row order (:func:`gather_errors`), so that their means are one process's
   means of the same values;
 - the first rows of the set (norm tweaking's rows): gathered from the ranks that hold them
-  (:func:`first_rows`);
+  (:func:`first_rows`), for rank 0, which alone tweaks;
 - float64 sums (the calibration perplexity's log-likelihood): :func:`sum_values`.
 
 Under one process (:data:`distributed.SINGLE`) every function returns its input unchanged.
@@ -53,12 +53,15 @@ def gather_errors(world: distributed.World, errs: torch.Tensor, what: str, dim: 
     return world.gather_rows(moved, f"the errors of {what}").movedim(0, dim)
 
 
-def first_rows(world: distributed.World, states: torch.Tensor, count: int, what: str) -> torch.Tensor:
-    """The set's first ``count`` rows ``[count, L, H]`` on every rank, from this rank's rows
-    ``states``: each rank sends at most ``count`` of its own (the slices are in rank order)."""
+def first_rows(world: distributed.World, states: torch.Tensor, count: int, what: str,
+               to_main: bool = False) -> torch.Tensor | None:
+    """The set's first ``count`` rows ``[count, L, H]`` on every rank (rank 0 alone with
+    ``to_main``: the others get None), from this rank's rows ``states``: each rank sends at most
+    ``count`` of its own (the slices are in rank order)."""
     if not world.shared:
         return states[:count]
-    return world.gather_rows(states[:count].contiguous(), f"the first rows of {what}")[:count]
+    rows = world.gather_rows(states[:count].contiguous(), f"the first rows of {what}", to_main=to_main)
+    return None if rows is None else rows[:count]
 
 
 def sum_values(world: distributed.World, values: list[float], what: str) -> list[float]:

@@ -193,6 +193,31 @@ def test_a_bad_device_is_refused_by_the_command_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_fewer_rows_than_ranks_are_refused_before_any_work(tmp_path, capsys):
+    """-d with more devices than a pass has calibration rows: one line naming -d and the row
+    count, before any process starts or the working folder is made (not at the measurement)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from exl2conv.calib_rows import planned_rows
+    from exl2conv.cli import main
+
+    model = make_tiny_llama(tmp_path / "m", seed=1, layers=1)
+    data = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["some calibration text " * 40] * 8}), data)
+    args = ["-i", str(model), "-o", str(tmp_path / "w"), "-c", str(data), "-ml", "128", "-l", "128", "-b", "4.0"]
+    assert main([*args, "-mr", "2", "-r", "8", "-d", "cpu,cpu,cpu"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "## Error: -d cpu,cpu,cpu: 3 ranks, but the measurement calibration set has 2 rows and each rank needs at "
+        "least one; give more rows (-mr) or fewer devices"], err
+    assert not (tmp_path / "w").exists()
+    # the built-in set fixes its own counts; a pass the job will not run is not counted
+    assert planned_rows({"in_dir": str(model)}, tmp_path / "w") == {"measure": 19, "quant": 115}
+    assert planned_rows({"cal_dataset": str(data), "measurement_rows": 2, "dataset_rows": 8,
+                         "output_measurement": "m.json"}, tmp_path / "w") == {"measure": 2}
+
+
 def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
     class Done:
         def __init__(self, code):
@@ -226,8 +251,8 @@ def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
 
 class ThreadWorld(distributed.World):
     """A rank whose collectives meet the other ranks' threads in this process: the tensor
-    collectives (:meth:`World.gather_tensors`, :meth:`World.sum_in_order`) run their own code on
-    top of this gather."""
+    collectives (:meth:`World.gather_tensors`, :meth:`World.sum_in_order`, :meth:`World.share`)
+    run their own code on top of this gather."""
 
     def __init__(self, rank: int, size: int, slots: list, barrier: threading.Barrier, ratios=None):
         super().__init__(rank, size, ratios=tuple(ratios or (1.0,) * size))
@@ -246,6 +271,11 @@ class ThreadWorld(distributed.World):
 
     def broadcast(self, obj, what):
         return self.all_gather(obj, what)[0]
+
+    def _broadcast_bytes(self, buf, src, what):
+        sent = self.all_gather(buf.clone() if self.rank == src else None, what)[src]
+        if self.rank != src:
+            buf.copy_(sent)
 
 
 def run_as_ranks(fn, size: int = 2, ratios=None) -> dict:
@@ -297,6 +327,32 @@ def test_tensor_gathers_and_sums_in_rank_order():
         assert out[r][0].tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3]
         assert torch.equal(out[r][2], torch.full((4, 1), 1.0 + 2.0 ** -24))
     assert torch.equal(out[0][1], out[0][0]) and out[1][1] is None
+
+
+def test_items_of_tensors_are_shared_in_rank_order_through_byte_buffers():
+    """World.share: every rank's items (tensors of any dtype and shape, and plain values), in rank
+    order and bit for bit, a rank with none included, in slices of a few bytes through the wire."""
+    g = torch.Generator().manual_seed(0)
+    items = {0: [[torch.randn(3, 5, generator=g).half(), "q", torch.tensor(7, dtype=torch.int64)],
+                 [torch.rand(4, generator=g) > 0.5, torch.empty(0, 2), torch.randint(-9, 9, (3,), dtype=torch.int16)]],
+             1: [],
+             2: [[torch.randn(2, 2, 2, generator=g), None, torch.arange(5, dtype=torch.uint8)]]}
+
+    def shared():
+        world = distributed.active()
+        return world.share(items[world.rank], "items", torch.device("cpu"), step_bytes=24)
+
+    results = run_as_ranks(shared, size=3)
+    assert sorted(results) == [0, 1, 2]  # no rank failed
+    for got in results.values():
+        assert len(got) == 3 and [len(r) for r in got] == [2, 0, 1]
+        for r in range(3):
+            for want_item, got_item in zip(items[r], got[r]):
+                for want, x in zip(want_item, got_item):
+                    if isinstance(want, torch.Tensor):
+                        assert x.dtype == want.dtype and x.shape == want.shape and torch.equal(x, want)
+                    else:
+                        assert x == want
 
 
 def test_hessians_and_expert_coverage_are_summed_over_the_ranks():
@@ -409,14 +465,19 @@ def test_two_ranks_share_a_modules_rows_and_linears_and_quantize_as_one_process(
     states = torch.randn(4, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     run = ModuleRun(part, w, specs, cfg, forward.RotaryCache(cfg), 2, 0)
     entry = measure.measure_module(run, states)[0][3]
-    made = {}
-    real = quantize.quantize_linear
+    made, tweaked_on = {}, []
+    real, real_tweak = quantize.quantize_linear, quantize.tweak.tweak_norm
 
     def spy(*args, **kwargs):
         made.setdefault(threading.current_thread().name, []).append(args[2].name)
         return real(*args, **kwargs)
 
+    def spy_tweak(*args, **kwargs):
+        tweaked_on.append(threading.current_thread().name)
+        return real_tweak(*args, **kwargs)
+
     monkeypatch.setattr(quantize, "quantize_linear", spy)
+    monkeypatch.setattr(quantize.tweak, "tweak_norm", spy_tweak)
 
     def quantized():
         saved, rows = {}, distributed.active().row_range(states.shape[0])
@@ -437,3 +498,4 @@ def test_two_ranks_share_a_modules_rows_and_linears_and_quantize_as_one_process(
     torch.testing.assert_close(ranks[0][4], one[4], rtol=1e-4, atol=1e-6)
     assert sorted(made) == ["rank0", "rank1"]
     assert sorted(made["rank0"] + made["rank1"]) == sorted(names)
+    assert tweaked_on == ["MainThread", "rank0"]  # rank 0 alone tweaks; rank 1 gets its norm
