@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,8 +24,15 @@ def noise_count(cfg, which: str) -> int:
     return arch.spec_of(cfg).calib_noise[which == "quant"]
 
 
-def planned_rows(values: dict, out_dir: str | Path, no_resume: bool = False) -> dict[str, int]:
-    """The calibration rows of each pass the job is still to run (``{"measure": n, "quant": n}``),
+class PlannedRows(NamedTuple):
+    """A pass's calibration row count and where it comes from: "job" (recorded by the job being
+    resumed: fixed), "dataset" (-mr / -r of a parquet dataset) or "builtin" (the built-in set's)."""
+    count: int
+    source: str
+
+
+def planned_rows(values: dict, out_dir: str | Path, no_resume: bool = False) -> dict[str, PlannedRows]:
+    """The calibration rows of each pass the job is still to run (``{"measure": .., "quant": ..}``),
     known before any work: what the working folder's job recorded (a resume), else -mr / -r with a
     parquet dataset or the built-in set's own count (and the architecture's noise rows) without
     one. ``values``: the command's job fields (None where not given: then the saved job's, else the
@@ -57,9 +65,9 @@ def planned_rows(values: dict, out_dir: str | Path, no_resume: bool = False) -> 
     out: dict[str, int] = {}
     for which in passes:
         if which in used:
-            out[which] = int(used[which])
+            out[which] = PlannedRows(int(used[which]), "job")
         elif value("cal_dataset"):
-            out[which] = int(value("measurement_rows" if which == "measure" else "dataset_rows"))
+            out[which] = PlannedRows(int(value("measurement_rows" if which == "measure" else "dataset_rows")), "dataset")
         else:
             try:
                 from exl2conv.model import load_config
@@ -67,7 +75,7 @@ def planned_rows(values: dict, out_dir: str | Path, no_resume: bool = False) -> 
                 noise = noise_count(load_config(Path(value("in_dir")).expanduser()), which) if value("in_dir") else 0
             except (Exl2Error, OSError, ValueError):
                 continue
-            out[which] = calibration.builtin_row_count(which) + noise
+            out[which] = PlannedRows(calibration.builtin_row_count(which) + noise, "builtin")
     return out
 
 

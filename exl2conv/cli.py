@@ -184,7 +184,7 @@ def run_convert(argv: list[str]) -> int:
         from exl2conv.calib_rows import planned_rows
 
         launch.check_rows(ranks, f"-d {args.devices}" if args.devices else f"WORLD_SIZE={ranks}",
-                          planned_rows(_values(args), args.out_dir, args.no_resume), bool(args.cal_dataset))
+                          planned_rows(_values(args), args.out_dir, args.no_resume))
     if env is not None and env.world_size > 1:  # a rank (started by the launcher below, or by torchrun)
         device = launch.rank_device(devs, args.device, env.local_rank)
         return launch.run_rank(env, device, devs.ratios, lambda world: _convert_rank(world, args))

@@ -103,17 +103,19 @@ def parse_ratios(ratios: str | None, count: int, what: str) -> tuple[float, ...]
     return values
 
 
-def check_rows(ranks: int, what: str, rows: dict[str, int], dataset: bool) -> None:
+def check_rows(ranks: int, what: str, rows: dict) -> None:
     """Refuse, before any work, a job whose calibration set has fewer rows than it has ranks: each
     rank holds at least one row of every pass (:meth:`World.row_range`). ``what``: the flag that
     made the ranks (``-d cpu,cpu``, ``WORLD_SIZE=4``); ``rows``: :func:`calib_rows.planned_rows`."""
-    for which, count in rows.items():
-        if count < ranks:
-            flag = "-mr" if which == "measure" else "-r"
-            more = f"more rows ({flag})" if dataset else f"a parquet dataset with more rows (-c, {flag})"
-            raise Exl2Error(f"{what}: {ranks} ranks, but the {'measurement' if which == 'measure' else 'quantization'} "
-                            f"calibration set has {count} rows and each rank needs at least one; give {more} or "
-                            "fewer devices")
+    for which, (count, source) in rows.items():
+        if count >= ranks:
+            continue
+        flag = "-mr" if which == "measure" else "-r"
+        more = {"job": f"resume it on at most {count} devices (the job being resumed fixed its rows)",
+                "dataset": f"give more rows ({flag}) or fewer devices",
+                "builtin": f"give a parquet dataset with more rows (-c, {flag}) or fewer devices"}[source]
+        raise Exl2Error(f"{what}: {ranks} ranks, but the {'measurement' if which == 'measure' else 'quantization'} "
+                        f"calibration set has {count} rows and each rank needs at least one; {more}")
 
 
 # -- the launcher --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The pieces of a job on several processes: dividing work (World.owners), -d / -dr, the rank
 environment, and failing fast (a rank that raises or is SIGKILLed ends every rank, with one line)."""
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -213,9 +214,18 @@ def test_fewer_rows_than_ranks_are_refused_before_any_work(tmp_path, capsys):
         "least one; give more rows (-mr) or fewer devices"], err
     assert not (tmp_path / "w").exists()
     # the built-in set fixes its own counts; a pass the job will not run is not counted
-    assert planned_rows({"in_dir": str(model)}, tmp_path / "w") == {"measure": 19, "quant": 115}
+    assert planned_rows({"in_dir": str(model)}, tmp_path / "w") == {"measure": (19, "builtin"),
+                                                                     "quant": (115, "builtin")}
     assert planned_rows({"cal_dataset": str(data), "measurement_rows": 2, "dataset_rows": 8,
-                         "output_measurement": "m.json"}, tmp_path / "w") == {"measure": 2}
+                         "output_measurement": "m.json"}, tmp_path / "w") == {"measure": (2, "dataset")}
+    # a job being resumed has fixed its rows: -c need not be repeated, and more rows cannot be given
+    from exl2conv.job import JOB_FILE, ROWS_USED, Stage
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / JOB_FILE).write_text(json.dumps({"progress": Stage.MEASURE.value, ROWS_USED: {"measure": 2, "quant": 8}}))
+    assert planned_rows({"in_dir": str(model)}, tmp_path / "w") == {"measure": (2, "job"), "quant": (8, "job")}
+    with pytest.raises(Exl2Error, match="has 2 rows and each rank needs at least one; resume it on at most 2 devices"):
+        launch.check_rows(3, "-d cpu,cpu,cpu", planned_rows({"in_dir": str(model)}, tmp_path / "w"))
 
 
 def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
