@@ -96,7 +96,9 @@ def descend(wt: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, top: torc
                 continue
             best = torch.clamp(torch.round(c[k] - g[k] / (diag[k] * s[k])), min=0.0).minimum(hi[k])
             step = (best - c[k]) * s[k]
-            if bool(step.any()):
+            # on a GPU a zero update costs less than the host sync that would skip it (and
+            # adds exact zeros); on a CPU skipping saves the product
+            if c.is_cuda or bool(step.any()):
                 g.addr_(h[:, k], step)
                 c[k] = best
     out = c.to(torch.int16)
