@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exl2conv import distributed, shared_rows, stop, tweak
+from exl2conv import asymmetric, distributed, shared_rows, stop, tweak
 from exl2conv.errors import Exl2Error
 from exl2conv.gptq import Prepared, quantize_batches
 from exl2conv.layers import ModuleRun, grad_rows, padded_bias, padded_wt, run_block
@@ -34,13 +34,16 @@ class LinearReport:
 
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, spec: LinearSpec, prep: Prepared,
-                    qparams: QParams) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearReport]:
+                    qparams: QParams, refine=None) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearReport]:
     """GPTQ + packing of one linear. w: ``[out, in]``; returns the packed tensors (no key prefix),
     the decoded weight ``[out, in]`` as the runtime will compute it (float16, in which its values
     are exact: the forwards widen it per product, as a weight held in its source dtype), and a
-    report."""
+    report. refine: takes GPTQ's :class:`QuantResult` and returns it with other codes on the same
+    grid (:func:`exl2conv.asymmetric.fitted`); the decode check holds it to that."""
     # the padded weight in permuted row order, handed over: GPTQ works in it (no second copy)
     res = next(quantize_batches(padded_wt(w, spec, prep.perm.to(w.device)), prep, [qparams], permuted=True))[0]
+    if refine is not None:
+        res = refine(res)
     tensors = pack_linear(res.codes, res.qs, res.qscale_max, res.groups, res.invperm,
                           padded_bias(bias, spec) if bias is not None else None)
     decoded = decode_linear(tensors, spec.name)  # float16 [K, N], original row order
@@ -67,13 +70,21 @@ def check_decodes(decoded: torch.Tensor, res, name: str, chunk_bytes: int = 64 <
                             f"(max diff {diff:.3g}); this is a bug in exl2conv, please report it")
 
 
-def _each_linear(run: ModuleRun, entry: dict, factors):
+def _each_linear(run: ModuleRun, entry: dict, factors, states: torch.Tensor, quantized: dict):
     """Each linear of ``run.specs`` quantized (:func:`quantize_linear`), in order: yields ``(key,
-    spec, (tensors, decoded, report))``; a linear's factor is let go once the caller is done with it."""
+    spec, (tensors, decoded, report))``; a linear's factor is let go once the caller is done with it.
+    quantized: the module's weights, each linear's decoded weight put in by the caller before the
+    next is asked for (the asymmetric mode's second linear reads them: :mod:`exl2conv.asymmetric`)."""
+    fit = asymmetric.enabled()
     for key, spec in run.specs.items():
         qparams = QParams.from_dict(entry[spec.short])
-        yield key, spec, quantize_linear(run.weights[key], run.weights.get(f"{key}.bias"), spec, factors.get(spec),
-                                         qparams)
+        if fit and asymmetric.applies(run, spec):
+            prep, refine = asymmetric.prepared(run, states, quantized, key, spec)
+        else:
+            prep, refine = factors.get(spec), None
+        yield key, spec, quantize_linear(run.weights[key], run.weights.get(f"{key}.bias"), spec, prep, qparams,
+                                         refine)
+        del prep, refine
         factors.done(key)
 
 
@@ -142,7 +153,10 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
     reports = []
     in_runtime_order: dict[str, dict] = {}  # biased gate/up, saved once down_proj's q_invperm is known
     world = distributed.active()
-    linears = _shared_linears(world, run, entry, factors) if world.shared else _each_linear(run, entry, factors)
+    if world.shared and asymmetric.enabled():
+        raise Exl2Error("EXL2CONV_ASYMMETRIC=1 quantizes in one process only; leave it unset with several devices")
+    linears = (_shared_linears(world, run, entry, factors) if world.shared
+               else _each_linear(run, entry, factors, states, quantized))
     for key, spec, (tensors, decoded, rep) in linears:
         if spec.short in MLP_INPUT_LINEARS and spec.expert is None and "bias" in tensors:
             in_runtime_order[spec.name] = tensors

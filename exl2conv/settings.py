@@ -42,6 +42,7 @@ class Settings:
     tf32: bool = True                 # EXL2CONV_NO_TF32=1: GPU module matmuls in full float32
     half_attention: bool = False      # EXL2CONV_HALF_ATTENTION=1: float16 flash attention in grad passes
     grad_attention: str = "blocked"   # EXL2CONV_GRAD_ATTENTION: blocked or math
+    asymmetric: bool = False          # EXL2CONV_ASYMMETRIC=1: o_proj/down_proj fitted to the unquantized outputs
     # -- speed settings (not recorded: the same bytes either way) --
     kernels: bool = True              # EXL2CONV_NO_KERNELS=1: no CUDA extension, torch paths only
     fused_kernels: bool = True        # EXL2CONV_FUSED_KERNELS=0: the fused kernels' torch paths
@@ -92,6 +93,7 @@ class Settings:
             tf32=not switch("NO_TF32"),
             half_attention=switch("HALF_ATTENTION"),
             grad_attention=choice("GRAD_ATTENTION", GRAD_ATTENTION_MODES),
+            asymmetric=switch("ASYMMETRIC"),
             kernels=not switch("NO_KERNELS"),
             fused_kernels=fused != "0",
             read_ahead=read_ahead != "0",
@@ -102,7 +104,8 @@ class Settings:
         """What job.json keeps of these settings for a job computing on ``device_type`` ("cuda"
         or "cpu"): the exl2conv version, the device type and every output setting, each as it acts
         there (TF32 and the attention kernels only exist on CUDA: on a CPU they change nothing and
-        are recorded as their defaults, so a CPU job does not refuse to resume over them)."""
+        are recorded as their defaults, so a CPU job does not refuse to resume over them). The
+        asymmetric mode is recorded only when on: a job made before it existed resumes as it was."""
         cuda = device_type == "cuda"
         default = Settings()
         return {
@@ -115,7 +118,7 @@ class Settings:
             "half_attention": self.half_attention if cuda else default.half_attention,
             "grad_attention": (self.grad_attention if cuda and not self.half_attention
                                else default.grad_attention),
-        }
+        } | ({"asymmetric": True} if self.asymmetric else {})
 
 
 # How each recorded field is set, for the refusal's message.
@@ -128,6 +131,7 @@ SOURCES = {
     "tf32": "TF32 matmuls (EXL2CONV_NO_TF32)",
     "half_attention": "float16 attention (EXL2CONV_HALF_ATTENTION)",
     "grad_attention": "attention kernels (EXL2CONV_GRAD_ATTENTION)",
+    "asymmetric": "asymmetric calibration (EXL2CONV_ASYMMETRIC)",
 }
 
 
@@ -135,8 +139,9 @@ def differences(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list
     """Recorded settings that differ, as ``what: saved X, now Y``; a job without recorded settings
     (made by an exl2conv before they were recorded) differs in its version."""
     saved = dict(saved or {})
-    return [f"{SOURCES.get(key, key)}: saved {saved.get(key)!r}, now {value!r}"
-            for key, value in now.items() if saved.get(key) != value]
+    keys = list(now) + [key for key in saved if key not in now]  # a field recorded only when on
+    return [f"{SOURCES.get(key, key)}: saved {saved.get(key)!r}, now {now.get(key)!r}"
+            for key in keys if saved.get(key) != now.get(key)]
 
 
 # The settings in force: set by :func:`use` for a conversion; otherwise parsed from the
