@@ -228,6 +228,20 @@ def test_fewer_rows_than_ranks_are_refused_before_any_work(tmp_path, capsys):
         launch.check_rows(3, "-d cpu,cpu,cpu", planned_rows({"in_dir": str(model)}, tmp_path / "w"))
 
 
+def test_the_asymmetric_mode_with_several_ranks_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """EXL2CONV_ASYMMETRIC=1 runs in one process only: with -d of two devices, one line at the
+    command's start, no working folder made (not a refusal at the quantization pass)."""
+    from exl2conv.cli import main
+
+    model = make_tiny_llama(tmp_path / "m", seed=1, layers=1)
+    monkeypatch.setenv("EXL2CONV_ASYMMETRIC", "1")
+    assert main(["-i", str(model), "-o", str(tmp_path / "w"), "-d", "cpu,cpu"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["## Error: EXL2CONV_ASYMMETRIC=1 quantizes in one process only, and -d / "
+                                        "WORLD_SIZE gives 2: leave it unset, or run on one device"], err
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_launcher_names_a_killed_rank_and_returns_non_zero(capsys):
     class Done:
         def __init__(self, code):
