@@ -186,7 +186,6 @@ def run_convert(argv: list[str]) -> int:
         if settings.active().asymmetric:
             raise Exl2Error(f"EXL2CONV_ASYMMETRIC=1 quantizes in one process only, and -d / WORLD_SIZE gives {ranks}: "
                             "leave it unset, or run on one device")
-
         launch.check_rows(ranks, f"-d {args.devices}" if args.devices else f"WORLD_SIZE={ranks}",
                           planned_rows(_values(args), args.out_dir, args.no_resume))
     if env is not None and env.world_size > 1:  # a rank (started by the launcher below, or by torchrun)

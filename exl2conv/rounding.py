@@ -57,12 +57,6 @@ def damped(h: torch.Tensor, cross: torch.Tensor | None = None, damp: float = DAM
     return out[0], out[1]
 
 
-def output_error(wt: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((Q - W)^T H (Q - W))``: the squared output error of the rows ``H`` sums (float64)."""
-    d = q.to(torch.float64) - wt.to(torch.float64)
-    return float((d * (h.to(torch.float64) @ d)).sum())
-
-
 def descend(wt: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, top: torch.Tensor, scale: torch.Tensor,
             h: torch.Tensor, cross: torch.Tensor | None = None, sweeps: int = SWEEPS
             ) -> tuple[torch.Tensor, torch.Tensor, float, float]:

@@ -48,8 +48,8 @@ def test_descent_lowers_gptqs_error_on_the_same_grid():
     # the same grid: codes within each row's range, the decoded weight as the runtime decodes it
     assert codes.dtype == torch.int16 and (codes >= 0).all() and (codes.int() <= top).all()
     assert torch.equal(q, dequant(codes, zero, scale).float())
-    assert before == pytest.approx(rounding.output_error(wt[prep.perm], res.q, hp), rel=1e-9)
-    assert after == pytest.approx(rounding.output_error(wt[prep.perm], q, hp), rel=1e-9)
+    assert before == pytest.approx(gptq.proxy_error(wt[prep.perm], res.q, hp), rel=1e-9)
+    assert after == pytest.approx(gptq.proxy_error(wt[prep.perm], q, hp), rel=1e-9)
 
 
 def test_descent_is_deterministic_and_never_worse():
@@ -75,10 +75,10 @@ def test_descent_reaches_the_exact_optimum_of_a_tiny_column():
     top = torch.full((k, 1), 3, dtype=torch.int32)
     scale = torch.full((k, 1), 0.5, dtype=torch.float16)
     best = min(itertools.product(range(4), repeat=k),
-               key=lambda c: rounding.output_error(wt, (torch.tensor(c).view(k, 1) - 2) * 0.5, h))
+               key=lambda c: gptq.proxy_error(wt, (torch.tensor(c).view(k, 1) - 2) * 0.5, h))
     start = torch.full((k, 1), 2, dtype=torch.int16)
     codes, _, _, after = rounding.descend(wt, start, zero, top, scale, h, sweeps=20)
-    optimum = rounding.output_error(wt, (torch.tensor(best).view(k, 1) - 2) * 0.5, h)
+    optimum = gptq.proxy_error(wt, (torch.tensor(best).view(k, 1) - 2) * 0.5, h)
     # coordinate descent finds a local optimum; on this problem it is the global one
     assert after == pytest.approx(optimum, rel=1e-6)
 
