@@ -11,9 +11,11 @@ For each folder and runtime, in a process of its own (so that its peak GPU memor
   forwards (greedy input, the argmax of each step): new tokens per second;
 * prefill: one forward of ``--prefill`` tokens (2048) into an empty cache, logits of the last
   position only: prompt tokens per second;
-* exl2conv also: the decode step's quantized linears alone (every Exl2Linear once on one row, in
-  model order): the tokens per second the linears would allow, which separates the kernels from
-  the transformers model's own per-token overhead (attention, norms, Python);
+* exl2conv also: the same decode through a static cache, each step replayed as a CUDA graph
+  (exl2conv.runtime.graphed.StaticDecoder); and the decode step's quantized linears alone (every
+  Exl2Linear once on one row, in model order): the tokens per second the linears would allow,
+  which separates the kernels from the transformers model's own per-token overhead (attention,
+  norms, Python);
 * peak GPU memory (torch's max allocated) after loading and after the runs.
 
 The random Llama-2-7B folder is packed directly (tests/randexl2.py: random codes and scales, 10 %
@@ -116,8 +118,29 @@ def run_exl2conv(folder: Path, decode_tokens: int, prefill: int) -> dict:
 
     linears_once()
     lin_s = _timed(lambda: [linears_once() for _ in range(10)]) / 10
-    return {"decode_tok_s": decode_tokens / decode_s, "prefill_tok_s": prefill / prefill_s,
-            "linears_only_tok_s": 1 / lin_s, "gpu_gib_loaded": loaded, "gpu_gib_peak": _gib()}
+    res = {"decode_tok_s": decode_tokens / decode_s, "prefill_tok_s": prefill / prefill_s,
+           "linears_only_tok_s": 1 / lin_s, "gpu_gib_loaded": loaded}
+
+    # the same decode through a static cache, each step replayed as a CUDA graph; last, so that a
+    # failed capture loses no other figure
+    try:
+        from exl2conv.runtime.graphed import StaticDecoder
+
+        dec = StaticDecoder(model, PROMPT + decode_tokens + 8, graph=True)
+
+        def graphed(steps):
+            nxt = dec.prefill(ids[:, :PROMPT]).argmax(-1)
+            for _ in range(steps):
+                nxt = dec.step(nxt).argmax(-1)
+                nxt.cpu()
+
+        graphed(4)  # captures the graph
+        g_prompt_s = _timed(lambda: graphed(0))
+        res["graphed_decode_tok_s"] = decode_tokens / (_timed(lambda: graphed(decode_tokens)) - g_prompt_s)
+    except Exception as exc:  # reported, not fatal: the eager figures stand
+        res["graphed_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    res["gpu_gib_peak"] = _gib()
+    return res
 
 
 def run_exllamav2(folder: Path, decode_tokens: int, prefill: int) -> dict:
@@ -179,7 +202,8 @@ def spawn(runtime: str, folder: Path, args) -> dict | None:
 
 # -- the table --------------------------------------------------------------------------------------
 
-FIELDS = (("decode_tok_s", "decode tok/s (batch 1)"), ("linears_only_tok_s", "  linears alone, tok/s"),
+FIELDS = (("decode_tok_s", "decode tok/s (batch 1)"), ("graphed_decode_tok_s", "  CUDA graph, tok/s"),
+          ("linears_only_tok_s", "  linears alone, tok/s"),
           ("prefill_tok_s", "prefill tok/s"), ("gpu_gib_loaded", "GPU GiB after load"),
           ("gpu_gib_peak", "GPU GiB peak"))
 
@@ -227,6 +251,9 @@ def main() -> None:
     for folder in folders:
         results = {r: spawn(r, folder, args) for r in runtimes}
         print(table(folder, results), flush=True)
+        for name, res in results.items():
+            if res and res.get("graphed_error"):
+                print(f"{name}: the CUDA-graph decode failed: {res['graphed_error']}", flush=True)
 
 
 if __name__ == "__main__":
