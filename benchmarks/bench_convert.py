@@ -174,9 +174,14 @@ def bench(model: Path, layers: int, work: Path, extra: list[str], names: list[st
                 w.parent / f"{name}_m.log")
         row = {"measure_s": m["wall"], "measure_per_layer": m["wall"] / layers, "gpu_gib": m["gpu_gib"],
                "rss_gib": m["rss_gib"]}
+        # each job's figures as it ends: a bench stopped by a time limit still shows the jobs it finished
+        print(f"  {name} measurement job: {m['wall']:.2f} s, GPU {m['gpu_gib']:.2f} GiB, RSS {m['rss_gib']:.2f} GiB",
+              flush=True)
         if quant:
             q = run(module, ["-i", str(model), "-o", str(w / "q"), "-m", str(w / "measurement.json"), "-b", "4.0",
                              *flags], w.parent / f"{name}_q.log")
+            print(f"  {name} quantization job: {q['wall']:.2f} s, GPU {q['gpu_gib']:.2f} GiB, "
+                  f"RSS {q['rss_gib']:.2f} GiB", flush=True)
             row.update(quant_s=q["wall"], quant_per_layer=q["wall"] / layers, gpu_gib=max(m["gpu_gib"], q["gpu_gib"]),
                        rss_gib=max(m["rss_gib"], q["rss_gib"]))
         rows[name] = row

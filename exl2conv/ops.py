@@ -344,7 +344,8 @@ def coded_delta_ref(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor
 GEMV_ROWS = 8  # the most rows exl2_gemv takes; more go through exl2_dequant and a matmul
 
 
-def _kernel_args(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def kernel_args(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The packed tensors of ``t`` in the order exl2_dequant and exl2_gemv take them."""
     return t["q_weight"], t["q_scale"], t["q_scale_max"], t["q_perm"], t["q_map"]
 
 
@@ -353,7 +354,7 @@ def exl2_dequant(t: dict[str, torch.Tensor]) -> torch.Tensor:
     fn = kernel("exl2_dequant", t["q_weight"])
     if fn is None:
         return exl2_dequant_ref(t)
-    return fn(*_kernel_args(t))
+    return fn(*kernel_args(t))
 
 
 def exl2_dequant_ref(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -368,7 +369,7 @@ def exl2_gemv(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
     fn = kernel("exl2_gemv", x)
     if fn is None or x.dtype != torch.float16 or x.dim() != 2 or not 1 <= x.shape[0] <= GEMV_ROWS:
         return exl2_gemv_ref(x, t)
-    return fn(x.contiguous(), *_kernel_args(t))
+    return fn(x.contiguous(), *kernel_args(t))
 
 
 def exl2_gemv_ref(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:

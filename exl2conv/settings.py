@@ -148,13 +148,25 @@ def differences(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list
 # environment as it is (cached per value of the variables, so a test that sets a variable is seen).
 _in_use: list[Settings] = []
 _parsed: dict[tuple, Settings] = {}
+_PREFIX_BYTES = PREFIX.encode()
+
+
+def _environment_key() -> tuple:
+    """The EXL2CONV_ variables and their values, as a cache key. On POSIX CPython os.environ keeps
+    the raw bytes in ``_data``; scanning those is ~10x cheaper than os.environ.items(), which
+    decodes every variable (~30 us with a few dozen), and the runtime's linears ask for the
+    settings on every forward, hundreds of times per decoded token."""
+    raw = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(raw, dict):
+        return tuple(sorted((k, v) for k, v in raw.items() if k.startswith(_PREFIX_BYTES)))
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX)))
 
 
 def active() -> Settings:
     """The settings code should act on now."""
     if _in_use:
         return _in_use[-1]
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX)))
+    key = _environment_key()
     if key not in _parsed:
         _parsed.clear()
         _parsed[key] = Settings.from_env()

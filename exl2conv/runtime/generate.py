@@ -55,16 +55,38 @@ def load(model_dir, device: torch.device, dtype: torch.dtype, cache_decoded: boo
     return model, tok
 
 
+def eos_ids(model, tok) -> set[int]:
+    """The token ids that end a continuation: the generation config's (as generate() reads
+    them), else the tokenizer's end of sequence."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    return {eos} if isinstance(eos, int) else set(eos or ())
+
+
 def stream(model, tok, prompt: str, max_new_tokens: int, out, skip_special: bool = False) -> tuple[int, float]:
     """Greedy continuation of ``prompt`` written to ``out`` as it comes (the prompt not repeated;
-    special tokens left out with ``skip_special``); returns (new tokens, seconds)."""
+    special tokens left out with ``skip_special``); returns (new tokens, seconds).
+
+    Where the model's step allows it (:func:`exl2conv.runtime.graphed.capturable`), through a
+    static cache, each step replayed as a CUDA graph on a GPU (StaticDecoder); otherwise through
+    transformers' generate(). Both give the same greedy tokens."""
+    from exl2conv.runtime.graphed import StaticDecoder, capturable
     from exl2conv.runtime.model import _transformers
 
     ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+    streamer = _streamer(_transformers(), tok, out, skip_special)
     start = time.perf_counter()
+    if capturable(model) is None:
+        decoder = StaticDecoder(model, ids.shape[1] + max_new_tokens)
+        streamer.put(ids.cpu())  # the prompt: skipped by the streamer, as generate() hands it over first
+        tokens = decoder.greedy(ids, max_new_tokens, eos_ids(model, tok),
+                                on_token=lambda t: streamer.put(torch.tensor([t])))
+        streamer.end()
+        return len(tokens), time.perf_counter() - start
     with torch.inference_mode():
         row = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, streamer=_streamer(_transformers(), tok, out, skip_special),
+                             do_sample=False, streamer=streamer,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return row.shape[1] - ids.shape[1], time.perf_counter() - start
 

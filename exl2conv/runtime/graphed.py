@@ -20,6 +20,7 @@ runs eagerly, which is what the tests check the cache, positions and mask with.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -32,6 +33,8 @@ def capturable(model) -> str | None:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if any(isinstance(m, Exl2Experts) for m in model.modules()):
         return "its experts are chosen per token by value"
+    if getattr(cfg, "vision_config", None) is not None:
+        return "a vision-language model places its tokens by more than one position each"
     if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
         return "its sliding-window layers keep caches of another length"
     return None
@@ -108,24 +111,34 @@ class StaticDecoder:
         self.mask[..., self.length] = 0
         if not self.use_graph:
             logits = self._forward(self.ids, self.pos, self.mask)
+        elif self.graph is None and not self._capture():
+            logits = self._forward(self.ids, self.pos, self.mask)
         else:
-            if self.graph is None:
-                self._capture()
             self.graph.replay()
             logits = self.logits
         self.length += 1
         return logits
 
-    def _capture(self) -> None:
+    def _capture(self) -> bool:
+        """Capture the step at the current position; False (and eager steps from then on) when
+        something in the model's step cannot be captured: the step is still right, only slower."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # kernels built and loaded, cuBLAS workspaces, allocator pools
                 self._forward(self.ids, self.pos, self.mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward(self.ids, self.pos, self.mask)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self._forward(self.ids, self.pos, self.mask)
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warnings.warn(f"decoding without a CUDA graph: this model's step could not be captured ({first})")
+            self.use_graph, self.logits = False, None
+            return False
+        self.graph = graph
+        return True
 
     @torch.inference_mode()
     def greedy(self, ids: torch.Tensor, new_tokens: int, eos: set[int] | None = None, on_token=None) -> list[int]:

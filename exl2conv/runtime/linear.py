@@ -47,6 +47,7 @@ class Exl2Linear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias[:out_features].contiguous())
         self.cache = cache
         self._decoded: torch.Tensor | None = None
+        self._args: tuple[torch.Tensor, ...] | None = None
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The packed tensors and the derived q_perm and q_map, as :mod:`exl2conv.ops`' EXL2
@@ -67,14 +68,28 @@ class Exl2Linear(torch.nn.Module):
             self._decoded = wt
         return wt
 
+    def kernel_args(self) -> tuple[torch.Tensor, ...]:
+        """The packed tensors as the kernels take them (:func:`exl2conv.ops.kernel_args`), made once:
+        a decode step calls hundreds of linears, and their host-side cost is the step's."""
+        if self._args is None:
+            self._args = ops.kernel_args(self.packed())
+        return self._args
+
     def _apply(self, fn, recurse=True):
-        # .to()/.cuda() move the buffers; a cached decode on the old device is dropped, not moved
-        self._decoded = None
+        # .to()/.cuda() move the buffers; a cached decode or argument tuple on the old device is
+        # dropped, not moved
+        self._decoded = self._args = None
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._decoded = self._args = None  # new buffers (load_state_dict may assign them)
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cache and x.dtype == torch.float16 and ops.kernel("exl2_dequant", x) is not None:
-            return self._forward_kernels(x)
+        # the kernels are looked up once per call (each lookup reads the settings)
+        dequant = ops.kernel("exl2_dequant", x) if not self.cache and x.dtype == torch.float16 else None
+        if dequant is not None:
+            return self._forward_kernels(x, dequant)
         wt = self.decoded()
         # Half products on the CPU round as they go; float32 there (exact widening of the fp16
         # weight), rounded to the input's dtype once at the end. On CUDA, cuBLAS accumulates half
@@ -85,15 +100,16 @@ class Exl2Linear(torch.nn.Module):
             y = y + self.bias.to(acc)
         return y.to(x.dtype)
 
-    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_kernels(self, x: torch.Tensor, dequant) -> torch.Tensor:
         """The CUDA path: exl2_gemv for up to 8 rows, else exl2_dequant and a cuBLAS matmul (which
         accumulates half products in float32)."""
         rows = x.reshape(-1, self.in_features)
-        t = self.packed()
-        if rows.shape[0] <= ops.GEMV_ROWS and ops.kernel("exl2_gemv", x) is not None:
-            y = ops.exl2_gemv(rows, t)[:, :self.out_features]
+        args = self.kernel_args()
+        gemv = ops.kernel("exl2_gemv", x) if 1 <= rows.shape[0] <= ops.GEMV_ROWS else None
+        if gemv is not None:
+            y = gemv(rows.contiguous(), *args)[:, :self.out_features]
         else:
-            y = torch.matmul(rows, ops.exl2_dequant(t)[:, :self.out_features])
+            y = torch.matmul(rows, dequant(*args)[:, :self.out_features])
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

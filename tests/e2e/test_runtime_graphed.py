@@ -77,3 +77,26 @@ def test_limits_and_capture_rules(model, prompt):
     assert not dec.use_graph  # the CPU runs the step eagerly
     with pytest.raises(ValueError, match="not on a CUDA device"):
         StaticDecoder(model, 8, graph=True)
+
+
+def test_stream_stops_at_the_generation_configs_eos_as_generate_does(model, tiny_exl2):
+    """exl2conv generate's stream() goes through StaticDecoder for this model; with the third greedy
+    token made the end of sequence it stops there, as transformers' generate() does."""
+    import io
+
+    from transformers import AutoTokenizer
+
+    from exl2conv.runtime.generate import stream
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_exl2[0]))
+    ids = tok("Hello", return_tensors="pt").input_ids
+    free = StaticDecoder(model, 64).greedy(ids, 8)
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [free[2]]
+    try:
+        new, _ = stream(model, tok, "Hello", 8, io.StringIO())
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert new == ref.shape[1] - ids.shape[1] == free.index(free[2]) + 1

@@ -93,6 +93,8 @@ def test_two_ranks_score_their_own_rows_and_measure_as_one_process(block, monkey
     one = errors()
     results = run_as_ranks(errors)
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
-    torch.testing.assert_close(results[0], one, rtol=1e-4, atol=1e-7)
+    # float32 Hessians summed from other row splits: seen within 4e-4 relative on one CPU (AVX-512
+    # kernels block the sums differently); a rank scoring the wrong rows is off by far more
+    torch.testing.assert_close(results[0], one, rtol=2e-3, atol=1e-6)
     assert seen == {"MainThread": (3, len(table)), "rank0": (1, len(table)), "rank1": (2, len(table))}
     assert distributed.active() is distributed.SINGLE

@@ -66,3 +66,16 @@ def test_active_follows_the_environment_unless_a_conversion_fixed_it(monkeypatch
     with settings.use(Settings()):
         assert settings.active().tweak  # a variable changed during a conversion changes nothing
     assert not settings.active().tweak
+
+
+def test_active_sees_a_changed_value_and_a_removed_variable(monkeypatch):
+    """The settings are cached per value of the EXL2CONV_ variables (read from os.environ's raw
+    bytes on POSIX): a new value and a removed variable are each seen at the next call."""
+    monkeypatch.setenv("EXL2CONV_NO_TWEAK", "1")
+    assert not settings.active().tweak
+    monkeypatch.setenv("EXL2CONV_NO_TWEAK", "0")
+    assert settings.active().tweak
+    monkeypatch.setenv("EXL2CONV_NO_TWEAK", "1")
+    assert not settings.active().tweak
+    monkeypatch.delenv("EXL2CONV_NO_TWEAK")
+    assert settings.active().tweak
