@@ -2,17 +2,18 @@
 the CPU (docs/quality.md, "Session 23").
 
     python benchmarks/stream_study.py [--modules 15.attn 15.mlp] [--rows 40] [--held 8] [--fit 32]
-                                      [--length 512] [--settings 4] [--prior gptq]
+                                      [--spread] [--length 512] [--settings 4] [--prior gptq]
                                       [--methods gptq asym stream stream2]
 
 Rows evenly spaced over the built-in quantization set; the last ``--held`` are held back (the
-set's random-token and technical rows: session 22's convention), ``--fit`` rows spread over the
-others fit. Two streams run to each studied module: the unquantized model's (``x``) and the
-model whose earlier modules are quantized by ``--prior`` (``x_q``, the proxy of the quantization
-pass's states; Hessians of each earlier module from its own quantized inputs on all non-held
-rows, as the pass computes them; no norm tweak): "gptq" (every linear GPTQ'd), "asym" (today's
-``EXL2CONV_ASYMMETRIC=1``: the second linears as ``asym`` below) or "none" (``x_q = x``). The
-studied module's linears, at one row of ExLlamaV2's option tables, always read ``x_q``:
+set's random-token and technical rows: session 22's convention; ``--spread``: spread over the
+spaced rows instead), ``--fit`` rows spread over the others fit. Two streams run to each studied
+module: the unquantized model's (``x``) and the model whose earlier modules are quantized by
+``--prior`` (``x_q``, the proxy of the quantization pass's states; Hessians of each earlier module
+from its own quantized inputs on all non-held rows, as the pass computes them; no norm tweak):
+"gptq" (every linear GPTQ'd), "asym" (today's ``EXL2CONV_ASYMMETRIC=1``: the second linears as
+``asym`` below) or "none" (``x_q = x``). The studied module's linears, at one row of
+ExLlamaV2's option tables, always read ``x_q``:
 
 * ``gptq``: GPTQ on ``X_q^T X_q`` (the pass today);
 * ``asym``: the first linears as ``gptq``; o_proj / down_proj GPTQ'd on its inputs as the
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--held", type=int, default=8)
     ap.add_argument("--fit", type=int, nargs="+", default=[32], help="fit sizes (each spread over the others)")
+    ap.add_argument("--spread", action="store_true", help="held-back rows spread over the set, not its last")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--settings", type=int, nargs="+", default=[4])
     ap.add_argument("--prior", choices=("gptq", "asym", "none"), default="gptq")
@@ -216,10 +218,12 @@ def main() -> None:
     cfg, index = load_config(src), WeightIndex(src)
     ids = builtin_rows(load_tokenizer(src), args.length, "quant")
     ids = ids[torch.linspace(0, ids.shape[0] - 1, args.rows).round().long()]
-    pool_n = args.rows - args.held
-    pool = torch.arange(pool_n)
-    held = torch.arange(pool_n, args.rows)
-    fits = [pool[torch.linspace(0, pool_n - 1, f).round().long()] for f in args.fit]
+    if args.spread:  # every source in both: the held-back rows spread over the spaced rows
+        held = torch.linspace(0, args.rows - 1, args.held).round().long()
+    else:
+        held = torch.arange(args.rows - args.held, args.rows)
+    pool = torch.tensor([r for r in range(args.rows) if r not in set(held.tolist())])
+    fits = [pool[torch.linspace(0, len(pool) - 1, f).round().long()] for f in args.fit]
     studied = [(int(s.split(".")[0]), s.split(".")[1]) for s in args.modules]
     rope = forward.RotaryCache(cfg)
     with torch.no_grad():
