@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's exl2conv, not another installed one
 from rounding_study import next_norm  # noqa: E402
 
 from exl2conv import gptq, rounding  # noqa: E402
