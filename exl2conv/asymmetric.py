@@ -32,8 +32,8 @@ DAMP = gptq.PERCDAMP  # the descent's ridge, as GPTQ's own damping (the study's 
 # down_proj's ridge at level 2. At DAMP its many inputs (1536 in SmolLM2) overfit few fit rows:
 # up to +10 % module error against plain GPTQ on held-back rows unlike the fit rows. 0.5 did
 # better than DAMP on those in all six studied cases and was within 1.2 points of it on like
-# rows; 2.0 was up to 7.6 points worse there (docs/quality.md, session 23). o_proj's did not
-# move with it.
+# rows; 2.0 was up to 7.6 points worse there (docs/quality.md, session 23). o_proj (576 inputs)
+# did not overfit; 0.5 moved its error by under a point on like rows, so it keeps DAMP.
 DOWN_DAMP = 0.5
 DOWN_INPUT = "pre_down"
 
