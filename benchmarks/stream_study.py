@@ -25,6 +25,8 @@ ExLlamaV2's option tables, always read ``x_q``:
   unquantized stream's normed input (GPTQ on ``X_q^T X_q``, then ``cross = X_q^T X``);
 * ``stream2``: ``stream`` with the second linear's target also from the unquantized stream (the
   unquantized module's intermediate on ``x``);
+* ``asymx``: ``asym`` with the second linear's target from the unquantized stream (``stream2``
+  without the first linears' descent);
 * ``asymho``: ``asym`` with a held-out check for the second linear: the descent runs on three
   quarters of the fit rows and is kept (redone on all of them) only if it lowers the objective on
   the last quarter, else GPTQ's codes stay.
@@ -124,7 +126,7 @@ def quantize_module(method, part, x_fit, xq_fit, w, cfg, rope, layer, setting, d
             q, k = fit_linear(wt, qp, gram(captured(part, xq_fit, w, cfg, rope, layer, spec.hessian_input)))
         else:
             a = captured(part, xq_fit, out, cfg, rope, layer, spec.hessian_input)
-            ref = x_fit if method == "stream2" else xq_fit
+            ref = x_fit if method in ("stream2", "asymx") else xq_fit
             b = captured(part, ref, w, cfg, rope, layer, spec.hessian_input)
             check = None
             if method == "asymho":
