@@ -183,9 +183,10 @@ def run_convert(argv: list[str]) -> int:
     if ranks > 1:  # refused before any process starts or anything is written
         from exl2conv.calib_rows import planned_rows
 
-        if settings.active().asymmetric:
-            raise Exl2Error(f"EXL2CONV_ASYMMETRIC=1 quantizes in one process only, and -d / WORLD_SIZE gives {ranks}: "
-                            "leave it unset, or run on one device")
+        level = settings.active().asymmetric
+        if level:
+            raise Exl2Error(f"EXL2CONV_ASYMMETRIC={level} quantizes in one process only, and -d / WORLD_SIZE gives "
+                            f"{ranks}: leave it unset, or run on one device")
         launch.check_rows(ranks, f"-d {args.devices}" if args.devices else f"WORLD_SIZE={ranks}",
                           planned_rows(_values(args), args.out_dir, args.no_resume))
     if env is not None and env.world_size > 1:  # a rank (started by the launcher below, or by torchrun)

@@ -154,7 +154,8 @@ def quantize_module(run: ModuleRun, states: torch.Tensor, entry: dict, save, err
     in_runtime_order: dict[str, dict] = {}  # biased gate/up, saved once down_proj's q_invperm is known
     world = distributed.active()
     if world.shared and asymmetric.enabled():
-        raise Exl2Error("EXL2CONV_ASYMMETRIC=1 quantizes in one process only; leave it unset with several devices")
+        raise Exl2Error(f"EXL2CONV_ASYMMETRIC={asymmetric.level()} quantizes in one process only; leave it unset "
+                        "with several devices")
     linears = (_shared_linears(world, run, entry, factors) if world.shared
                else _each_linear(run, entry, factors, states, quantized))
     for key, spec, (tensors, decoded, rep) in linears:

@@ -31,6 +31,7 @@ PREFIX = "EXL2CONV_"
 GRAD_ATTENTION_MODES = ("blocked", "math")
 STATES_MODES = ("auto", "gpu", "host")
 OBJECTIVES = ("kl", "error")
+ASYMMETRIC_LEVELS = 2  # EXL2CONV_ASYMMETRIC takes 0 .. this
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class Settings:
     tf32: bool = True                 # EXL2CONV_NO_TF32=1: GPU module matmuls in full float32
     half_attention: bool = False      # EXL2CONV_HALF_ATTENTION=1: float16 flash attention in grad passes
     grad_attention: str = "blocked"   # EXL2CONV_GRAD_ATTENTION: blocked or math
-    asymmetric: bool = False          # EXL2CONV_ASYMMETRIC=1: o_proj/down_proj fitted to the unquantized outputs
+    # EXL2CONV_ASYMMETRIC=1: o_proj/down_proj fitted to the unquantized outputs; 2: the same with
+    # down_proj's descent damped more (exl2conv.asymmetric.DOWN_DAMP); 0: off
+    asymmetric: int = 0
     # -- speed settings (not recorded: the same bytes either way) --
     kernels: bool = True              # EXL2CONV_NO_KERNELS=1: no CUDA extension, torch paths only
     fused_kernels: bool = True        # EXL2CONV_FUSED_KERNELS=0: the fused kernels' torch paths
@@ -64,6 +67,14 @@ class Settings:
             if value not in ("", "0", "1"):
                 raise Exl2Error(f"{PREFIX}{name}={value}: give 1 (on) or 0 (off), or leave it unset")
             return value == "1"
+
+        def level(name: str, top: int) -> int:
+            """A 0..top variable: unset or empty is 0."""
+            value = raw(name)
+            if value not in ("",) + tuple(str(i) for i in range(top + 1)):
+                raise Exl2Error(f"{PREFIX}{name}={value}: give one of {', '.join(str(i) for i in range(top + 1))}, "
+                                "or leave it unset")
+            return int(value or 0)
 
         def choice(name: str, allowed: tuple[str, ...]) -> str:
             value = raw(name) or allowed[0]
@@ -93,7 +104,7 @@ class Settings:
             tf32=not switch("NO_TF32"),
             half_attention=switch("HALF_ATTENTION"),
             grad_attention=choice("GRAD_ATTENTION", GRAD_ATTENTION_MODES),
-            asymmetric=switch("ASYMMETRIC"),
+            asymmetric=level("ASYMMETRIC", ASYMMETRIC_LEVELS),
             kernels=not switch("NO_KERNELS"),
             fused_kernels=fused != "0",
             read_ahead=read_ahead != "0",
@@ -105,7 +116,8 @@ class Settings:
         or "cpu"): the exl2conv version, the device type and every output setting, each as it acts
         there (TF32 and the attention kernels only exist on CUDA: on a CPU they change nothing and
         are recorded as their defaults, so a CPU job does not refuse to resume over them). The
-        asymmetric mode is recorded only when on: a job made before it existed resumes as it was."""
+        asymmetric mode is recorded only when on, level 1 as ``True`` (its first form): a job made
+        before it existed, or before level 2, resumes as it was."""
         cuda = device_type == "cuda"
         default = Settings()
         return {
@@ -118,7 +130,7 @@ class Settings:
             "half_attention": self.half_attention if cuda else default.half_attention,
             "grad_attention": (self.grad_attention if cuda and not self.half_attention
                                else default.grad_attention),
-        } | ({"asymmetric": True} if self.asymmetric else {})
+        } | ({"asymmetric": True if self.asymmetric == 1 else self.asymmetric} if self.asymmetric else {})
 
 
 # How each recorded field is set, for the refusal's message.
