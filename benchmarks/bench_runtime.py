@@ -16,7 +16,9 @@ For each folder and runtime, in a process of its own (so that its peak GPU memor
   Exl2Linear once on one row, in model order): the tokens per second the linears would allow,
   which separates the kernels from the transformers model's own per-token overhead (attention,
   norms, Python);
-* peak GPU memory (torch's max allocated) after loading and after the runs.
+* peak GPU memory (torch's max allocated) after loading and after the runs;
+* with ``--profile``, torch.profiler's table of 8 decode steps of each runtime (where a host-bound
+  loop spends its time).
 
 The random Llama-2-7B folder is packed directly (tests/randexl2.py: random codes and scales, 10 %
 5-bit + 90 % 4-bit in groups of 32 for the layers, the default 6-bit head layout), not converted:
@@ -74,7 +76,17 @@ def _gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def run_exl2conv(folder: Path, decode_tokens: int, prefill: int) -> dict:
+def _profile(fn) -> str:
+    """torch.profiler's table of ``fn`` (a short decode), the 20 entries of most host time: where
+    a host-bound loop spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
+
+
+def run_exl2conv(folder: Path, decode_tokens: int, prefill: int, profile: bool = False) -> dict:
     import torch
 
     from exl2conv import kernels
@@ -106,6 +118,7 @@ def run_exl2conv(folder: Path, decode_tokens: int, prefill: int) -> dict:
     decode(4)  # warm-up: kernels built and loaded, cuBLAS handles, allocator
     prompt_s = _timed(lambda: decode(0))
     decode_s = _timed(lambda: decode(decode_tokens)) - prompt_s
+    profiled = _profile(lambda: decode(8)) if profile else None
     prefill_once()
     prefill_s = _timed(prefill_once)
     linears = [m for m in model.modules() if isinstance(m, Exl2Linear)]
@@ -119,7 +132,7 @@ def run_exl2conv(folder: Path, decode_tokens: int, prefill: int) -> dict:
     linears_once()
     lin_s = _timed(lambda: [linears_once() for _ in range(10)]) / 10
     res = {"decode_tok_s": decode_tokens / decode_s, "prefill_tok_s": prefill / prefill_s,
-           "linears_only_tok_s": 1 / lin_s, "gpu_gib_loaded": loaded}
+           "linears_only_tok_s": 1 / lin_s, "gpu_gib_loaded": loaded, "profile": profiled}
 
     # the same decode through a static cache, each step replayed as a CUDA graph; last, so that a
     # failed capture loses no other figure
@@ -143,7 +156,7 @@ def run_exl2conv(folder: Path, decode_tokens: int, prefill: int) -> dict:
     return res
 
 
-def run_exllamav2(folder: Path, decode_tokens: int, prefill: int) -> dict:
+def run_exllamav2(folder: Path, decode_tokens: int, prefill: int, profile: bool = False) -> dict:
     import torch
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
@@ -175,23 +188,26 @@ def run_exllamav2(folder: Path, decode_tokens: int, prefill: int) -> dict:
     decode(4)
     prompt_s = _timed(lambda: decode(0))
     decode_s = _timed(lambda: decode(decode_tokens)) - prompt_s
+    profiled = _profile(lambda: decode(8)) if profile else None
     prefill_once()
     prefill_s = _timed(prefill_once)
     return {"decode_tok_s": decode_tokens / decode_s, "prefill_tok_s": prefill / prefill_s,
-            "gpu_gib_loaded": loaded, "gpu_gib_peak": _gib()}
+            "gpu_gib_loaded": loaded, "gpu_gib_peak": _gib(), "profile": profiled}
 
 
 RUNNERS = {"exl2conv": run_exl2conv, "exllamav2": run_exllamav2}
 
 
 def child(args) -> None:
-    res = RUNNERS[args.child](Path(args.model[0]), args.decode_tokens, args.prefill)
+    res = RUNNERS[args.child](Path(args.model[0]), args.decode_tokens, args.prefill, args.profile)
     print("BENCH_RESULT " + json.dumps(res), flush=True)
 
 
 def spawn(runtime: str, folder: Path, args) -> dict | None:
     cmd = [sys.executable, __file__, "--child", runtime, "--model", str(folder),
            "--decode-tokens", str(args.decode_tokens), "--prefill", str(args.prefill)]
+    if args.profile:
+        cmd.append("--profile")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
@@ -229,6 +245,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--only", choices=tuple(RUNNERS), help="one runtime only")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's table of 8 decode steps of each runtime (host time per op)")
     ap.add_argument("--child", choices=tuple(RUNNERS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -252,6 +270,8 @@ def main() -> None:
         results = {r: spawn(r, folder, args) for r in runtimes}
         print(table(folder, results), flush=True)
         for name, res in results.items():
+            if res and res.get("profile"):
+                print(f"\n{name}, 8 decode steps under torch.profiler:\n{res['profile']}", flush=True)
             if res and res.get("graphed_error"):
                 print(f"{name}: the CUDA-graph decode failed: {res['graphed_error']}", flush=True)
 
