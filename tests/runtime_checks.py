@@ -47,6 +47,20 @@ def check_generate(model, out, prompt, steps=8):
     assert torch.equal(model.generate(prompt, **kw), first)  # deterministic
     assert first.shape[1] > prompt.shape[1]
     assert torch.equal(first, greedy_reference(out, prompt, steps)[:, :first.shape[1]])
+    check_static_decoder(model, prompt, first[0, prompt.shape[1]:].tolist(), steps)
+
+
+def check_static_decoder(model, prompt, want: list[int], steps: int) -> None:
+    """Where `exl2conv generate` decodes through StaticDecoder (exl2conv/runtime/graphed.py), its
+    greedy tokens are generate()'s, stopping at the same EOS."""
+    from exl2conv.runtime.graphed import StaticDecoder, capturable
+
+    if capturable(model) is not None:
+        return
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    got = StaticDecoder(model, prompt.shape[1] + steps).greedy(prompt, steps, eos)
+    assert got == want, f"StaticDecoder's tokens {got}, generate()'s {want}"
 
 
 def _ignore_invperm(monkeypatch):
