@@ -71,19 +71,17 @@ class Exl2Linear(torch.nn.Module):
     def kernel_args(self) -> tuple[torch.Tensor, ...]:
         """The packed tensors as the kernels take them (:func:`exl2conv.ops.kernel_args`), made once:
         a decode step calls hundreds of linears, and their host-side cost is the step's."""
-        if self._args is None:
-            self._args = ops.kernel_args(self.packed())
-        return self._args
+        args = self._args
+        # made again when a buffer was replaced (loaders may assign buffers without a hook)
+        if args is None or args[0] is not self.q_weight or args[1] is not self.q_scale or args[3] is not self.q_perm:
+            args = self._args = ops.kernel_args(self.packed())
+        return args
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() move the buffers; a cached decode or argument tuple on the old device is
         # dropped, not moved
         self._decoded = self._args = None
         return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._decoded = self._args = None  # new buffers (load_state_dict may assign them)
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the kernels are looked up once per call (each lookup reads the settings)

@@ -76,6 +76,22 @@ def test_cache_keeps_the_decode_and_a_move_drops_it():
     assert torch.equal(off(x), y) and off._decoded is None
 
 
+def test_kernel_arguments_are_kept_and_follow_replaced_buffers():
+    """The kernels' argument tuple is made once (a decode step's host cost), again after a move or
+    cast, and again when a loader assigns new buffers directly."""
+    lin = Exl2Linear(_tensors(6), OUT)
+    args = lin.kernel_args()
+    assert lin.kernel_args() is args
+    assert args[2].dtype == torch.float16  # q_scale_max as the kernels read it
+    other = _tensors(9)
+    lin.q_weight = other["q_weight"]  # a buffer replaced by assignment, as a loader may do
+    lin.q_scale = other["q_scale"]
+    assert lin.kernel_args() is not args and lin.kernel_args()[0] is other["q_weight"]
+    args = lin.kernel_args()
+    lin.double()
+    assert lin.kernel_args() is not args and lin.kernel_args()[2].dtype == torch.float16
+
+
 def test_a_cast_module_decodes_the_same():
     """model.float() (or .double()) casts floating buffers, q_scale_max included."""
     t = _tensors(8)
