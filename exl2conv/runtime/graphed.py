@@ -51,7 +51,8 @@ class StaticDecoder:
 
     ``graph``: replay each step as a CUDA graph (default: on CUDA when :func:`capturable`). The
     graph is captured at the first step, after two eager warm-up runs of that same step (they write
-    the same keys and values at the same position, so running it again changes nothing).
+    the same keys and values at the same position once the cache's counters are put back, so
+    running it again changes nothing).
     """
 
     def __init__(self, model, max_len: int, graph: bool | None = None):
@@ -119,14 +120,39 @@ class StaticDecoder:
         self.length += 1
         return logits
 
+    def _counters(self) -> list[tuple[object, str, object]]:
+        """The cache layers' own position counters (transformers 5's StaticLayer writes at its
+        ``cumulative_length``, a device tensor it advances in place, not at ``cache_position``):
+        (layer, attribute, a copy of its value)."""
+        saved = []
+        for layer in getattr(self.cache, "layers", ()):
+            for name, value in vars(layer).items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+                    saved.append((layer, name, value.clone()))
+                elif isinstance(value, int) and not isinstance(value, bool) and "length" in name:
+                    saved.append((layer, name, value))
+        return saved
+
+    def _warm_up(self, runs: int = 2) -> None:
+        """Run the current step ``runs`` times eagerly (kernels built and loaded, cuBLAS
+        workspaces, allocator pools), then put the cache's counters back: each run advanced them,
+        and the step that follows must write where this one does."""
+        saved = self._counters()
+        for _ in range(runs):
+            self._forward(self.ids, self.pos, self.mask)
+        for layer, name, value in saved:
+            if isinstance(value, torch.Tensor):
+                getattr(layer, name).copy_(value)
+            else:
+                setattr(layer, name, value)
+
     def _capture(self) -> bool:
         """Capture the step at the current position; False (and eager steps from then on) when
         something in the model's step cannot be captured: the step is still right, only slower."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # kernels built and loaded, cuBLAS workspaces, allocator pools
-                self._forward(self.ids, self.pos, self.mask)
+            self._warm_up()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:

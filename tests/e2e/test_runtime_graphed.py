@@ -100,3 +100,24 @@ def test_stream_stops_at_the_generation_configs_eos_as_generate_does(model, tiny
     finally:
         model.generation_config.eos_token_id = old
     assert new == ref.shape[1] - ids.shape[1] == free.index(free[2]) + 1
+
+
+def test_warm_up_runs_leave_the_cache_as_they_found_it(model, prompt):
+    """The graph's capture runs the first step eagerly twice before capturing it; the steps after
+    must still give a full forward's logits (transformers' StaticLayer advances its own counter at
+    every run: without putting it back they would write and read the wrong cache slots)."""
+    tokens = StaticDecoder(model, 32).greedy(prompt, 8)
+    with torch.inference_mode():
+        full = model(input_ids=torch.cat([prompt, torch.tensor([tokens])], 1)).logits[0]
+    n = prompt.shape[1]
+    dec = StaticDecoder(model, 32)
+    rows = [dec.prefill(prompt)[0].clone()]
+    for i, t in enumerate(tokens[:-1]):
+        if i == 0:  # what _capture does before capturing, here on the CPU
+            dec.ids.copy_(torch.tensor([[t]]))
+            dec.pos.fill_(dec.length)
+            dec.mask[..., dec.length] = 0
+            with torch.inference_mode():
+                dec._warm_up()
+        rows.append(dec.step(torch.tensor([t]))[0].clone())
+    assert (torch.stack(rows) - full[n - 1:n - 1 + len(tokens)]).abs().max() < 1e-4
