@@ -37,6 +37,9 @@ def capturable(model) -> str | None:
         return "a vision-language model places its tokens by more than one position each"
     if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
         return "its sliding-window layers keep caches of another length"
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in ("dynamic", "longrope"):
+        return "its rotary embedding is chosen by the sequence's length on the host"
     return None
 
 
